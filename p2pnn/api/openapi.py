@@ -1,0 +1,108 @@
+"""The OpenAPI 3.1 description of every route (a test checks it against the app's routes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from p2pnn.tasks import KINDS, State
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_TASK = {"$ref": "#/components/schemas/Task"}
+_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+
+
+def _resp(description: str, schema: dict[str, Any] | None = None, content_type: str = "application/json") -> dict:
+    out: dict[str, Any] = {"description": description}
+    if schema is not None:
+        out["content"] = {content_type: {"schema": schema}}
+    return out
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "invalid request", 401: "missing or invalid token", 403: "role too low",
+            404: "not found", 409: "idempotency key reused with another body", 413: "body too large",
+            503: "store unavailable"}
+    return {str(c): _resp(text[c], _ERROR) for c in codes}
+
+
+_LIST_PARAMS = [
+    {"name": "state", "in": "query", "schema": {"type": "string", "enum": [s.value for s in State]}},
+    {"name": "kind", "in": "query", "schema": {"type": "string", "enum": list(KINDS)}},
+    {"name": "owner", "in": "query", "schema": {"type": "string"}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"}, "description": "next_cursor of the previous page"},
+]
+
+
+def openapi() -> dict[str, Any]:
+    secured = [{"bearer": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "p2pnn node API", "version": "1"},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {
+                    "error": {"type": "string"}, "detail": {"type": "string"}, "field": {"type": "string"}}},
+                "Spec": {"type": "object", "required": ["kind"], "description": "a task spec (see README)",
+                         "properties": {"kind": {"type": "string", "enum": list(KINDS)}}},
+                "Task": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "kind": {"type": "string"}, "spec": {"type": "object"},
+                    "state": {"type": "string", "enum": [s.value for s in State]}, "owner": {"type": "string"},
+                    "attempts": {"type": "integer"}, "max_attempts": {"type": "integer"},
+                    "created_at": {"type": "number"}, "updated_at": {"type": "number"},
+                    "started_at": {"type": ["number", "null"]}, "finished_at": {"type": ["number", "null"]},
+                    "progress": {"type": ["object", "null"]}, "result": {"type": ["object", "null"]},
+                    "error": {"type": ["string", "null"]}, "artifacts": {"type": "array", "items": {"type": "string"}},
+                    "cancel_requested": {"type": "boolean"}}},
+            },
+        },
+        "paths": {
+            "/tasks": {
+                "get": {"summary": "List tasks (original route)", "security": secured,
+                        "responses": {"200": _resp("tasks, newest first", {"type": "array", "items": _TASK}), **_errors(401, 403)}},
+                "post": {"summary": "Submit a task (original route): task_data is a spec, or a string for an echo task",
+                         "security": secured,
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                             "type": "object", "required": ["task_data"],
+                             "properties": {"task_data": {"oneOf": [{"type": "string"}, {"$ref": "#/components/schemas/Spec"}]}}}}}},
+                         "responses": {"201": _resp("the task", _TASK), **_errors(400, 401, 403, 413)}},
+            },
+            "/tasks/{task_id}": {
+                "delete": {"summary": "Cancel a task (original route)", "security": secured, "parameters": [_ID],
+                           "responses": {"200": _resp("the task", _TASK), **_errors(401, 403, 404)}},
+            },
+            "/api/v1/tasks": {
+                "post": {"summary": "Submit one spec or a list of specs", "security": secured,
+                         "parameters": [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 200}}],
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+                             {"$ref": "#/components/schemas/Spec"},
+                             {"type": "array", "items": {"$ref": "#/components/schemas/Spec"}}]}}}},
+                         "responses": {"201": _resp("created: the task, or {tasks: [...]} for a list"),
+                                       "200": _resp("repeat of an Idempotency-Key: the tasks made the first time"),
+                                       **_errors(400, 401, 403, 409, 413)}},
+                "get": {"summary": "List tasks, filtered and paginated", "security": secured, "parameters": _LIST_PARAMS,
+                        "responses": {"200": _resp("a page", {"type": "object", "properties": {
+                            "tasks": {"type": "array", "items": _TASK}, "next_cursor": {"type": ["string", "null"]}}}),
+                            **_errors(400, 401, 403)}},
+            },
+            "/api/v1/tasks/{task_id}": {
+                "get": {"summary": "One task: state, attempts, progress, result, error", "security": secured,
+                        "parameters": [_ID], "responses": {"200": _resp("the task", _TASK), **_errors(401, 403, 404)}},
+                "delete": {"summary": "Cancel a task; a running one is stopped", "security": secured, "parameters": [_ID],
+                           "responses": {"200": _resp("the task", _TASK), **_errors(401, 403, 404)}},
+            },
+            "/api/v1/tasks/{task_id}/artifacts/{name}": {
+                "get": {"summary": "Download an artifact (model.safetensors of a train task)", "security": secured,
+                        "parameters": [_ID, {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                        "responses": {"200": _resp("the bytes", {"type": "string", "format": "binary"}, "application/octet-stream"),
+                                      **_errors(401, 403, 404)}},
+            },
+            "/health": {"get": {"summary": "Liveness", "responses": {"200": _resp("alive")}}},
+            "/ready": {"get": {"summary": "Readiness: store reachable, workers up",
+                               "responses": {"200": _resp("ready"), "503": _resp("not ready")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics",
+                                 "responses": {"200": _resp("text exposition format", {"type": "string"}, "text/plain")}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _resp("OpenAPI 3.1")}}},
+        },
+    }

@@ -1,0 +1,106 @@
+"""A small async client for a node's REST API (httpx; works under trio).
+
+Used by ``p2pnn-node demo``, the benchmarks and the tests, exactly as any
+other client would talk to a node.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import httpx
+import trio
+
+from p2pnn.tasks import TERMINAL, State
+
+POLL_SECONDS = 0.05  # how often wait() asks; small tasks finish in milliseconds
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        detail = body.get("detail") if isinstance(body, dict) else body
+        error = body.get("error") if isinstance(body, dict) else ""
+        super().__init__(f"HTTP {status}: {error}: {detail}")
+        self.status = status
+        self.body = body
+
+
+class Client:
+    """Resource handling: use as ``async with Client(url, token) as c``; the connection pool closes on exit."""
+
+    def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = await self._http.request(method, path, **kwargs)
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = resp.text
+            raise ApiError(resp.status_code, body)
+        if resp.headers.get("content-type", "").startswith("application/json"):
+            return resp.json()
+        return resp.content
+
+    async def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return await self._call("POST", "/api/v1/tasks", json=spec, headers=headers)
+
+    async def submit_many(self, specs: list[dict[str, Any]], *, idempotency_key: str | None = None) -> list[dict[str, Any]]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return (await self._call("POST", "/api/v1/tasks", json=specs, headers=headers))["tasks"]
+
+    async def get(self, task_id: str) -> dict[str, Any]:
+        return await self._call("GET", f"/api/v1/tasks/{task_id}")
+
+    async def list(self, **params: Any) -> dict[str, Any]:
+        return await self._call("GET", "/api/v1/tasks", params=params)
+
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        return await self._call("DELETE", f"/api/v1/tasks/{task_id}")
+
+    async def artifact(self, task_id: str, name: str) -> bytes:
+        return await self._call("GET", f"/api/v1/tasks/{task_id}/artifacts/{name}")
+
+    async def wait(
+        self,
+        task_id: str,
+        *,
+        timeout: float = 600.0,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the task is terminal; raises TimeoutError past ``timeout``."""
+        with trio.fail_after(timeout):
+            while True:
+                task = await self.get(task_id)
+                if on_update is not None:
+                    on_update(task)
+                if State(task["state"]) in TERMINAL:
+                    return task
+                await trio.sleep(POLL_SECONDS)
+
+    async def wait_all(self, task_ids: list[str], *, timeout: float = 600.0) -> dict[str, dict[str, Any]]:
+        """Wait for many tasks by paging through the list of terminal ones; returns id -> task."""
+        pending = set(task_ids)
+        done: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} tasks not terminal after {timeout} s")
+            for task_id in list(pending)[:200]:
+                task = await self.get(task_id)
+                if State(task["state"]) in TERMINAL:
+                    done[task_id] = task
+                    pending.discard(task_id)
+            if pending:
+                await trio.sleep(POLL_SECONDS)
+        return done

@@ -1,0 +1,521 @@
+"""KiPool: a Ki's worker processes, seen from the daemon's trio loop.
+
+One ``python -m p2pnn.compute.worker`` process per slot, started once and
+reused, so torch is imported once per slot rather than once per task. This
+module imports neither torch nor numpy: the daemon stays light and its event
+loop never runs a training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+
+from p2pnn import logs
+from p2pnn.tasks import Limits
+
+log = logs.get(__name__)
+
+WORKER_MODULE = "p2pnn.compute.worker"
+# The worker imports torch lazily, so it is ready in well under a second; the
+# margin covers a machine busy with other workers importing torch.
+READY_TIMEOUT = 60.0
+# How long a worker gets to exit on SIGTERM before SIGKILL: it holds nothing that needs flushing.
+TERM_GRACE = 2.0
+# Pause between failed worker starts, so a broken environment does not spin the CPU.
+RESTART_BACKOFF = 1.0
+# Failed starts in a row before the pool gives up and raises: the environment is broken.
+MAX_START_FAILURES = 5
+# A protocol line longer than this is a broken or hostile worker, not a result.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+_READ_CHUNK = 65536
+# Passed to the worker, which arms PR_SET_PDEATHSIG and checks it still has this parent.
+PARENT_PID_ENV = "P2PNN_PARENT_PID"
+# How often to check for exit where pidfd_open is missing (not Linux, or old kernels).
+_EXIT_POLL = 0.05
+
+Status = Literal["succeeded", "failed", "crashed", "cancelled", "timeout"]
+OnProgress = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One attempt at one task, as the pool receives it."""
+
+    task_id: str
+    attempt: int
+    spec: dict[str, Any]
+    # Bytes of the model task's weights artifact (evaluate, infer); written to a file for the worker.
+    model_file: bytes | None = None
+    # The normalised train spec of the model task (evaluate, infer).
+    source_spec: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended. ``artifacts`` maps name to content; the files are gone from disk."""
+
+    status: Status
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    retryable: bool = False
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+
+
+class KiPool:
+    """A fixed number of worker processes that run jobs one at a time each.
+
+    ``async with trio.open_nursery() as n: await n.start(pool.run)`` returns
+    once every worker is ready; then :meth:`execute` from any task.
+
+    Resource handling: owns its worker processes and ``workdir`` (one
+    sub-directory per attempt, removed when the attempt ends). When ``run`` is
+    cancelled every worker gets SIGTERM, then SIGKILL after ``TERM_GRACE``;
+    each worker also asks the kernel to SIGKILL it when this process dies, so
+    no worker outlives the daemon. A pool runs once.
+    Error handling: a worker that dies is replaced; a job it was running ends
+    ``crashed`` (retryable). ``run`` raises RuntimeError if workers fail to
+    start ``MAX_START_FAILURES`` times in a row.
+    """
+
+    def __init__(
+        self,
+        slots: int,
+        torch_threads: int,
+        limits: Limits,
+        workdir: Path,
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        self._slots = slots
+        self._torch_threads = torch_threads
+        self._limits = limits
+        self._workdir = Path(workdir)
+        self._python = python
+        self._env = env
+        # Unbuffered: execute() blocks until a slot with an idle worker takes the job.
+        self._send_request, self._receive_request = trio.open_memory_channel[_Request](0)
+        self._workers: list[_Worker | None] = [None] * slots
+        self._idle = 0
+        self._requests: dict[str, _Request] = {}
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def free_slots(self) -> int:
+        """Slots whose worker is alive and waiting for a job."""
+        return self._idle
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self._workers if w is not None and w.returncode is None]
+
+    def pid_of(self, task_id: str) -> int | None:
+        request = self._requests.get(task_id)
+        return request.worker.pid if request is not None and request.worker is not None else None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the workers, report started when all are ready, keep them alive until cancelled.
+
+        Resource handling: every worker is stopped before this returns or raises.
+        Error handling: raises RuntimeError when workers cannot be started.
+        """
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in range(self._slots):
+                    await nursery.start(self._serve_slot, index)
+                log.info("pool.ready", slots=self._slots, pids=self.worker_pids())
+                task_status.started()
+        finally:
+            # Jobs still waiting for a slot now get an answer instead of hanging.
+            self._receive_request.close()
+
+    async def execute(self, job: Job, on_progress: OnProgress) -> Outcome:
+        """Run ``job`` on the next free worker, awaiting ``on_progress`` for each progress report.
+
+        Resource handling: if the caller is cancelled, or ``on_progress``
+        raises, the job's worker is killed (and replaced) before this returns.
+        Error handling: every way a job can end is an Outcome; raises
+        ValueError if ``job.task_id`` is already executing in this pool.
+        """
+        if job.task_id in self._requests:
+            raise ValueError(f"task {job.task_id} is already executing in this pool")
+        request = _Request(job)
+        self._requests[job.task_id] = request
+        try:
+            with trio.CancelScope() as request.wait_scope:
+                try:
+                    await self._send_request.send(request)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return Outcome("crashed", error="the worker pool is not running", retryable=True)
+            if request.wait_scope.cancelled_caught:
+                return Outcome("cancelled", error="cancelled before it started")
+            request.wait_scope = None
+            async for kind, payload in request.receive_events:
+                if kind == "outcome":
+                    return payload
+                await on_progress(payload)
+            return Outcome("crashed", error="the worker pool stopped before the task finished", retryable=True)
+        finally:
+            if not request.done:
+                # The caller is gone: the job must not run (or keep running) for nobody.
+                request.cancelled = True
+                self._kill(request)
+            request.receive_events.close()
+            del self._requests[job.task_id]
+
+    def cancel(self, task_id: str) -> bool:
+        """Stop ``task_id``: its ``execute`` returns ``cancelled``. False if it is not here."""
+        request = self._requests.get(task_id)
+        if request is None or request.done:
+            return False
+        request.cancelled = True
+        self._kill(request)
+        return True
+
+    # --- slots -------------------------------------------------------------
+
+    def _kill(self, request: _Request) -> None:
+        if request.wait_scope is not None:
+            request.wait_scope.cancel()
+        if request.worker is not None:
+            request.worker.kill()
+
+    async def _serve_slot(self, index: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        worker = await self._start_worker()
+        self._workers[index] = worker
+        task_status.started()
+        request: _Request | None = None
+        try:
+            while True:
+                request = await self._next_request(worker)
+                if request is not None and worker.poll() is None:
+                    outcome = await self._attempt(worker, request)
+                    request.finish(outcome)
+                    request = None
+                if worker.poll() is not None:
+                    log.warning("pool.worker_replaced", slot=index, pid=worker.pid, reason=worker.describe_exit())
+                    worker.close()
+                    self._workers[index] = None
+                    worker = await self._start_worker()
+                    self._workers[index] = worker
+                    if request is not None:
+                        # Died while idle, just as this job arrived: run it on the replacement.
+                        request.finish(await self._attempt(worker, request))
+                        request = None
+        finally:
+            with trio.CancelScope(shield=True):
+                if request is not None and not request.done:
+                    request.finish(Outcome("crashed", error="the worker pool stopped", retryable=True))
+                await worker.stop(TERM_GRACE)
+                worker.close()
+                self._workers[index] = None
+
+    async def _next_request(self, worker: _Worker) -> _Request | None:
+        """The next job, or None if the idle worker died first."""
+        request = None
+        self._idle += 1
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    await worker.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                request = await self._receive_request.receive()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._idle -= 1
+        return request
+
+    async def _start_worker(self) -> _Worker:
+        failures = 0
+        while True:
+            try:
+                return await self._spawn()
+            except (OSError, RuntimeError, trio.TooSlowError) as exc:
+                failures += 1
+                log.error("pool.worker_start_failed", error=str(exc), failures=failures)
+                if failures >= MAX_START_FAILURES:
+                    raise RuntimeError(f"worker processes fail to start: {exc}") from exc
+                await trio.sleep(RESTART_BACKOFF)
+
+    async def _spawn(self) -> _Worker:
+        env = dict(os.environ if self._env is None else self._env)
+        env[PARENT_PID_ENV] = str(os.getpid())
+        worker = _Worker.start([self._python, "-m", WORKER_MODULE], env)
+        try:
+            with trio.fail_after(READY_TIMEOUT):
+                ready = await worker.receive()
+            if ready is None or ready.get("type") != "ready":
+                raise RuntimeError(f"worker {worker.describe_exit()} before it was ready")
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await worker.stop(0)
+            worker.close()
+            raise
+        return worker
+
+    # --- one attempt -------------------------------------------------------
+
+    async def _attempt(self, worker: _Worker, request: _Request) -> Outcome:
+        job = request.job
+        if request.cancelled:
+            return Outcome("cancelled", error="cancelled before it started")
+        # Set before the first checkpoint, so a cancel from now on kills this worker.
+        request.worker = worker
+        jobdir = self._workdir / f"{_safe_name(job.task_id)}-{job.attempt}-{uuid.uuid4().hex[:8]}"
+        try:
+            await trio.to_thread.run_sync(jobdir.mkdir)
+            model_path = None
+            if job.model_file is not None:
+                model_path = jobdir / "source.safetensors"
+                await trio.to_thread.run_sync(model_path.write_bytes, job.model_file)
+            message = {
+                "task_id": job.task_id,
+                "attempt": job.attempt,
+                "spec": job.spec,
+                "limits": dataclasses.asdict(self._limits),
+                "workdir": str(jobdir),
+                "model_file": None if model_path is None else str(model_path),
+                "source_spec": job.source_spec,
+                "torch_threads": self._torch_threads,
+            }
+            reply = None
+            with trio.move_on_after(self._limits.max_wall_seconds) as deadline:
+                reply = await self._converse(worker, request, message)
+            if deadline.cancelled_caught:
+                worker.kill()
+                await worker.wait()
+                return Outcome(
+                    "timeout",
+                    error=f"exceeded the limit of max_wall_seconds={self._limits.max_wall_seconds:g}; its worker was killed",
+                )
+            if reply is None:
+                await worker.wait()
+                if request.cancelled:
+                    return Outcome("cancelled", error="cancelled while running")
+                return Outcome("crashed", error=f"worker {worker.describe_exit()}", retryable=True)
+            if reply["type"] == "error":
+                return Outcome(
+                    "failed", error=str(reply.get("error")), retryable=bool(reply.get("retryable", False))
+                )
+            try:
+                artifacts = await trio.to_thread.run_sync(_collect, jobdir, reply.get("artifacts") or {})
+            except (OSError, ValueError) as exc:
+                return Outcome("failed", error=f"could not read the task's artifacts: {exc}", retryable=True)
+            return Outcome("succeeded", result=reply.get("result"), artifacts=artifacts)
+        finally:
+            request.worker = None
+            await trio.to_thread.run_sync(shutil.rmtree, jobdir, True)
+
+    async def _converse(self, worker: _Worker, request: _Request, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Send the job, relay progress; the final result/error message, or None if the worker died."""
+        try:
+            await worker.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        while True:
+            reply = await worker.receive()
+            if reply is None:
+                return None
+            if reply.get("task_id") != request.job.task_id:
+                log.warning("pool.stray_message", pid=worker.pid, type=reply.get("type"))
+            elif reply.get("type") == "progress":
+                request.event("progress", reply.get("progress") or {})
+            elif reply.get("type") in ("result", "error"):
+                return reply
+
+
+def _collect(jobdir: Path, named: dict[str, str]) -> dict[str, bytes]:
+    """Read each artifact into memory; only files inside the job's directory are accepted."""
+    out = {}
+    root = jobdir.resolve()
+    for name, path in named.items():
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(root):
+            raise ValueError(f"artifact {name} is outside the job directory: {path}")
+        out[name] = resolved.read_bytes()
+        resolved.unlink()
+    return out
+
+
+def _safe_name(task_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", task_id)[:64] or "task"
+
+
+class _Request:
+    """A job from ``execute`` to the slot that runs it, and its events back."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.send_events, self.receive_events = trio.open_memory_channel[tuple[str, Any]](math.inf)
+        self.wait_scope: trio.CancelScope | None = None
+        self.worker: _Worker | None = None
+        self.cancelled = False
+        self.done = False
+
+    def event(self, kind: str, payload: Any) -> None:
+        try:
+            self.send_events.send_nowait((kind, payload))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # execute() has already returned: nobody is listening any more
+
+    def finish(self, outcome: Outcome) -> None:
+        self.done = True
+        self.event("outcome", outcome)
+        self.send_events.close()
+
+
+class _Worker:
+    """One worker process: its pipes, its JSON lines, and its exit.
+
+    Started with ``subprocess.Popen`` on the trio thread rather than
+    ``trio.lowlevel.open_process``, which forks in a cached helper thread: the
+    kernel's parent-death signal follows the forking *thread*, so a worker
+    forked there was SIGKILLed ten seconds later, when the idle thread exited.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], stdin: trio.lowlevel.FdStream, stdout: trio.lowlevel.FdStream) -> None:
+        self._popen = popen
+        self._stdin = stdin
+        self._stdout = stdout
+        self._buffer = bytearray()
+        self._scanned = 0
+        self._wait_lock = trio.Lock()
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):
+            pass  # no pidfd here: wait() polls instead
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    @classmethod
+    def start(cls, command: list[str], env: dict[str, str]) -> _Worker:
+        child_in, parent_out = os.pipe()
+        parent_in, child_out = os.pipe()
+        try:
+            # stderr is inherited: the worker's tracebacks land in the daemon's log.
+            popen = subprocess.Popen(command, stdin=child_in, stdout=child_out, env=env, close_fds=True)
+        except BaseException:
+            for fd in (parent_out, parent_in):
+                os.close(fd)
+            raise
+        finally:
+            os.close(child_in)
+            os.close(child_out)
+        return cls(popen, trio.lowlevel.FdStream(parent_out), trio.lowlevel.FdStream(parent_in))
+
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
+    def kill(self) -> None:
+        if self._popen.poll() is None:
+            self._popen.kill()
+
+    def describe_exit(self) -> str:
+        code = self._popen.returncode
+        if code is None:
+            return f"process {self.pid} is still running"
+        if code < 0:
+            try:
+                return f"process {self.pid} exited with signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"process {self.pid} exited with signal {-code}"
+        return f"process {self.pid} exited with code {code}"
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self._stdin.send_all(json.dumps(message).encode() + b"\n")
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next JSON object the worker wrote, or None at end of stream (the worker is gone).
+
+        Error handling: a line that is not a JSON object is logged and skipped;
+        a line over MAX_LINE_BYTES gets the worker killed (then None).
+        """
+        while True:
+            line = await self._line()
+            if line is None:
+                return None
+            try:
+                message = json.loads(line)
+            except ValueError:
+                message = None
+            if isinstance(message, dict):
+                return message
+            log.warning("pool.bad_worker_line", pid=self.pid, line=line[:200].decode(errors="replace"))
+
+    async def _line(self) -> bytes | None:
+        while True:
+            end = self._buffer.find(b"\n", self._scanned)
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                self._scanned = 0
+                return line
+            self._scanned = len(self._buffer)
+            if len(self._buffer) > MAX_LINE_BYTES:
+                log.error("pool.worker_line_too_long", pid=self.pid, limit=MAX_LINE_BYTES)
+                self.kill()
+                return None
+            chunk = await self._stdout.receive_some(_READ_CHUNK)
+            if not chunk:
+                return None
+            self._buffer += chunk
+
+    async def wait(self) -> int:
+        async with self._wait_lock:
+            while self._popen.poll() is None:
+                if self._pidfd is not None:
+                    await trio.lowlevel.wait_readable(self._pidfd)
+                else:
+                    await trio.sleep(_EXIT_POLL)
+        return self._popen.returncode
+
+    async def stop(self, grace: float) -> None:
+        """End the process: close its input, SIGTERM, SIGKILL after ``grace`` seconds; reap it."""
+        await self._stdin.aclose()
+        if self._popen.poll() is None:
+            self._popen.terminate()
+            with trio.move_on_after(grace):
+                await self.wait()
+        self.kill()
+        await self.wait()
+
+    def close(self) -> None:
+        """Release the pipes and the pidfd; the process must already be reaped."""
+        if self._pidfd is not None:
+            trio.lowlevel.notify_closing(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        for stream in (self._stdin, self._stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass

@@ -1,0 +1,143 @@
+"""One node: its services wired together in one trio nursery.
+
+Start-up order is the order of ``nursery.start`` calls below: the store
+first (migrations), then the bus, the worker pool, the runner that feeds it,
+the sweeper, and last the API, so a node that answers HTTP is ready to work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from p2pnn import identity, logs
+from p2pnn.api.app import ApiContext, create_app
+from p2pnn.api.auth import Authenticator
+from p2pnn.bus import LocalBus
+from p2pnn.compute.pool import KiPool
+from p2pnn.config import Config
+from p2pnn.dispatch import KiRunner, Sweeper
+from p2pnn.metrics import Metrics
+from p2pnn.service import TaskService
+from p2pnn.store import StoreError, TaskStore, open_store
+from p2pnn.tasks import Limits
+
+log = logs.get(__name__)
+
+GRACEFUL_HTTP_SECONDS = 2.0  # requests in flight at shutdown get this long to finish
+
+
+@dataclass(frozen=True)
+class NodeHandle:
+    node_id: str
+    api_url: str
+
+
+def limits_of(config: Config) -> Limits:
+    c = config.compute
+    return Limits(
+        max_epochs=c.max_epochs, max_wall_seconds=c.max_wall_seconds,
+        max_tensor_elements=c.max_tensor_elements, max_samples=c.max_samples,
+    )
+
+
+def store_of(config: Config) -> TaskStore:
+    s = config.store
+    return open_store(
+        s.backend,
+        sqlite_path=Path(s.path).expanduser() if s.path else config.data_dir / "p2pnn.sqlite3",
+        url=s.url or None, schema=s.schema, pool_size=s.pool_size,
+    )
+
+
+def _public_url(bound: str) -> str:
+    # hypercorn reports the wildcard address it bound; a client reaches it through loopback.
+    return bound.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+
+
+async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run one node until cancelled.
+
+    Resource handling: on cancellation, running tasks are handed back to the
+    store, worker processes are killed, the API stops and the store closes;
+    nothing is left running. ``task_status.started`` gets a NodeHandle once
+    the API accepts requests.
+
+    Error handling: a key or store problem at start raises (IdentityError,
+    StoreError) before anything listens.
+    """
+    made = identity.init_data_dir(config.data_dir)
+    ident = identity.load_identity(config.data_dir)
+    logs.bind(node=ident.node_id[:12])
+    if made:
+        log.info("node.initialised", data_dir=str(config.data_dir), created=",".join(made))
+    authenticator = None if config.api.insecure else Authenticator.from_config(config)
+    host = config.api.host
+    if config.api.insecure:
+        host = "127.0.0.1"
+        log.warning("api.insecure", detail="authentication is OFF; the API listens on 127.0.0.1 only")
+
+    store = store_of(config)
+    await store.open()
+    try:
+        metrics = Metrics()
+        bus = LocalBus()
+        workdir = config.data_dir / "work"
+        workdir.mkdir(parents=True, exist_ok=True)
+        pool = KiPool(
+            slots=config.compute.slots, torch_threads=config.compute.torch_threads,
+            limits=limits_of(config), workdir=workdir,
+        )
+        runner = KiRunner(
+            node_id=ident.node_id, store=store, bus=bus, pool=pool, metrics=metrics,
+            lease_seconds=config.compute.lease_seconds,
+        )
+        service = TaskService(
+            store, bus, limits=limits_of(config), max_attempts=config.compute.max_attempts,
+            cancel_local=runner.cancel_local,
+        )
+        sweeper = Sweeper(
+            store=store, publish=service.publish, metrics=metrics,
+            interval=config.sweeper.interval_seconds, pending_after=config.sweeper.pending_after_seconds,
+            republish_queued=True,
+        )
+
+        async def ready() -> tuple[bool, dict[str, Any]]:
+            try:
+                version = await store.schema_version()
+            except StoreError as exc:
+                return False, {"store": f"unreachable: {exc}"}
+            metrics.free_slots.set(pool.free_slots)
+            metrics.queue_depth.set(bus.depth())
+            return True, {"store": "ok", "schema_version": version, "slots": pool.slots, "free_slots": pool.free_slots}
+
+        app = create_app(ApiContext(
+            service=service, metrics=metrics, authenticator=authenticator, node_id=ident.node_id,
+            max_body_bytes=config.api.max_body_bytes, ready=ready,
+        ))
+        hconf = hypercorn.config.Config()
+        hconf.bind = [f"[{host}]:{config.api.port}" if ":" in host else f"{host}:{config.api.port}"]
+        hconf.graceful_timeout = GRACEFUL_HTTP_SECONDS
+        hconf.accesslog = None
+        hconf.loglevel = "WARNING"  # hypercorn's start-up banner would bypass our event format
+        hconf.max_app_queue_size = 100
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus.run)
+            await nursery.start(pool.run)
+            await nursery.start(runner.run)
+            await nursery.start(sweeper.run)
+            bound = await nursery.start(partial(hypercorn.trio.serve, app, hconf, shutdown_trigger=trio.sleep_forever))
+            url = _public_url(bound[0]) if bound else f"http://{host}:{config.api.port}"
+            log.info("node.ready", api=url, node_id=ident.node_id, store=config.store.backend, slots=pool.slots, insecure=config.api.insecure)
+            task_status.started(NodeHandle(node_id=ident.node_id, api_url=url))
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.close()
+        log.info("node.stopped")

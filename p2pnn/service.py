@@ -1,0 +1,116 @@
+"""Tasks as a user sees them: submit, read, cancel, whichever node is asked.
+
+The API routes are thin over this; the rules (validation, ownership,
+publish-after-commit) live here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Any, Callable
+
+from p2pnn import logs
+from p2pnn.api.auth import Caller
+from p2pnn.bus import TaskBus
+from p2pnn.store import NewTask, TaskStore
+from p2pnn.tasks import Limits, SpecError, State, Task, check_against_model, validate_spec
+
+log = logs.get(__name__)
+MAX_BATCH = 1000  # specs in one submission; keeps a single transaction and response bounded
+
+
+class Forbidden(Exception):
+    """The caller may not touch this task."""
+
+
+def request_hash(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class TaskService:
+    def __init__(
+        self,
+        store: TaskStore,
+        bus: TaskBus,
+        *,
+        limits: Limits,
+        max_attempts: int,
+        cancel_local: Callable[[str], bool] = lambda task_id: False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.limits = limits
+        self.max_attempts = max_attempts
+        self._cancel_local = cancel_local
+        self._clock = clock
+
+    async def submit(
+        self, raw_specs: list[Any], caller: Caller, *, idempotency_key: str | None = None, body_hash: str | None = None
+    ) -> tuple[list[Task], bool]:
+        """Validate, store as ``pending``, publish, mark ``queued``.
+
+        Error handling: raises SpecError (path names the spec and field) before
+        anything is stored; a failed publish is logged and left to the sweeper,
+        so an accepted task is never lost.
+        """
+        if not raw_specs:
+            raise SpecError("spec", "a submission needs at least one spec")
+        if len(raw_specs) > MAX_BATCH:
+            raise SpecError("spec", f"at most {MAX_BATCH} specs per submission, got {len(raw_specs)}")
+        batch = len(raw_specs) > 1
+        specs = []
+        for i, raw in enumerate(raw_specs):
+            try:
+                spec = validate_spec(raw, self.limits)
+                if spec["kind"] in ("evaluate", "infer"):
+                    check_against_model(spec, await self.store.get(spec["model_task"]))
+            except SpecError as exc:
+                if batch:
+                    raise SpecError(f"spec[{i}]{exc.path[4:]}", exc.message) from None
+                raise
+            specs.append(spec)
+        new = [
+            NewTask(kind=s["kind"], spec=s, owner=caller.sub, max_attempts=s.get("max_attempts", self.max_attempts))
+            for s in specs
+        ]
+        tasks, created = await self.store.create(
+            new, now=self._clock(), idempotency_key=idempotency_key, request_hash=body_hash
+        )
+        if created:
+            for task in tasks:
+                log.info("task.submitted", task_id=task.id, kind=task.kind, owner=task.owner)
+            if await self.publish([t.id for t in tasks]):
+                tasks = [dataclasses.replace(t, state=State.QUEUED) for t in tasks]
+        return tasks, created
+
+    async def publish(self, task_ids: list[str]) -> bool:
+        """Hand pending tasks to the bus, then mark them queued; False when the bus refused."""
+        try:
+            await self.bus.publish(task_ids)
+        except Exception as exc:  # the sweeper re-publishes whatever stayed pending
+            log.warning("bus.publish_failed", tasks=len(task_ids), error=str(exc))
+            return False
+        await self.store.mark_queued(task_ids, now=self._clock())
+        return True
+
+    async def get(self, task_id: str) -> Task | None:
+        return await self.store.get(task_id)
+
+    async def cancel(self, task_id: str, caller: Caller) -> Task | None:
+        """Cancel a task; an operator only its own. A task running here is stopped at once;
+        elsewhere its Ki sees ``cancel_requested`` when it next renews the lease."""
+        task = await self.store.get(task_id)
+        if task is None:
+            return None
+        if not caller.at_least("admin") and task.owner != caller.sub:
+            raise Forbidden(f"task {task_id} belongs to another user; cancelling it needs the admin role")
+        task = await self.store.request_cancel(task_id, now=self._clock())
+        if task is not None and task.state is State.RUNNING:
+            self._cancel_local(task_id)
+        if task is not None:
+            log.info("task.cancel_requested", task_id=task_id, state=task.state.value)
+        return task

@@ -1,0 +1,137 @@
+"""Versioned migrations shared by both backends, and the step that applies them.
+
+A migration is a version number and the statements that reach it, written once
+with ``{uuid}``, ``{json}`` and ``{blob}`` where the dialects differ. Applied
+versions are rows of ``schema_migrations``; a database is migrated inside the
+caller's transaction, the version row first, so that two nodes opening the same
+fresh database at once collide on that row's primary key instead of applying
+the DDL twice.
+
+Only statements CockroachDB also accepts appear here: no sequences or SERIAL
+(ids are uuid4 made by the client), no triggers, no stored procedures, partial
+indexes and ``CHECK`` constraints only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from p2pnn.store._sql import Db
+from p2pnn.store.base import StoreError
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "tasks, idempotency keys and artifacts",
+        (
+            """
+            CREATE TABLE tasks (
+                id {uuid} PRIMARY KEY,
+                kind TEXT NOT NULL,
+                spec {json} NOT NULL,
+                state TEXT NOT NULL
+                    CHECK (state IN ('pending', 'queued', 'running', 'succeeded', 'failed', 'cancelled')),
+                owner TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                max_attempts INTEGER NOT NULL CHECK (max_attempts >= 1),
+                created_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL,
+                started_at DOUBLE PRECISION,
+                finished_at DOUBLE PRECISION,
+                lease_owner TEXT,
+                lease_expires_at DOUBLE PRECISION,
+                cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
+                progress {json},
+                result {json},
+                error TEXT,
+                idempotency_key TEXT,
+                batch_index INTEGER NOT NULL DEFAULT 0
+            )
+            """,
+            "CREATE INDEX tasks_by_created ON tasks (created_at, id)",
+            "CREATE INDEX tasks_by_owner_created ON tasks (owner, created_at, id)",
+            "CREATE INDEX tasks_by_state_updated ON tasks (state, updated_at)",
+            "CREATE INDEX tasks_by_state_lease ON tasks (state, lease_expires_at)",
+            """
+            CREATE UNIQUE INDEX tasks_by_idempotency_key ON tasks (owner, idempotency_key, batch_index)
+                WHERE idempotency_key IS NOT NULL
+            """,
+            # One row per (owner, key), whatever the batch size: the row that
+            # makes a repeat of a batch submission find the first one.
+            """
+            CREATE TABLE idempotency_keys (
+                owner TEXT NOT NULL,
+                idempotency_key TEXT NOT NULL,
+                request_hash TEXT,
+                created_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (owner, idempotency_key)
+            )
+            """,
+            """
+            CREATE TABLE artifacts (
+                task_id {uuid} NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+                name TEXT NOT NULL,
+                data {blob} NOT NULL,
+                size INTEGER NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (task_id, name)
+            )
+            """,
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+_CREATE_MIGRATIONS_TABLE = """
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+        version INTEGER PRIMARY KEY,
+        description TEXT NOT NULL,
+        applied_at DOUBLE PRECISION NOT NULL
+    )
+"""
+
+
+def current_version(db: Db) -> int:
+    """The highest applied migration (0 for a database that has none)."""
+    row = db.one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+    return int(row[0]) if row else 0
+
+
+def migrate(db: Db, *, now: float) -> int:
+    """Bring the database to LATEST_VERSION inside the caller's transaction; returns the version.
+
+    Opening an already-migrated database reads one row and changes nothing.
+
+    Error handling: a database newer than this code raises StoreError naming
+    both versions; a concurrent migrator makes the ``schema_migrations``
+    insert fail with a unique violation, which the backend retries (by then the
+    other node's migration is visible and there is nothing left to do).
+    """
+    db.run(_CREATE_MIGRATIONS_TABLE)
+    version = current_version(db)
+    if version > LATEST_VERSION:
+        raise StoreError(
+            f"the database schema is at version {version}, but this p2pnn only knows versions up to "
+            f"{LATEST_VERSION}: upgrade p2pnn on this node instead of pointing it at a newer database"
+        )
+    for migration in MIGRATIONS:
+        if migration.version <= version:
+            continue
+        db.run(
+            "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+            (migration.version, migration.description, now),
+        )
+        for statement in migration.statements:
+            db.run(db.dialect.ddl(statement))
+        version = migration.version
+    return version
+

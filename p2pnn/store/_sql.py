@@ -1,0 +1,554 @@
+"""The queries both backends run, written once against a thin connection wrapper.
+
+A backend supplies one thing: ``_transact(fn, write=...)``, which runs ``fn(db)``
+in a worker thread inside a database transaction (SQLite: ``BEGIN IMMEDIATE``
+for writes, one connection behind a trio lock; PostgreSQL/CockroachDB: a pooled
+connection, retried on serialization failures). Everything else, every
+conditional update included, lives here so the two backends cannot drift apart.
+
+SQL is written with ``?`` placeholders and only the constructs SQLite,
+PostgreSQL and CockroachDB all accept: ``UPDATE ... RETURNING``,
+``INSERT ... ON CONFLICT``, row-value comparisons, ``CASE``, ``IN (...)`` lists
+rather than ``= ANY(array)`` (a text array does not compare with a UUID column).
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import binascii
+import json
+import math
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from p2pnn.store.base import MAX_ARTIFACT_BYTES, IdempotencyConflict, NewTask, Page, StoreError, TaskStore
+from p2pnn.tasks import State, Task
+
+T = TypeVar("T")
+
+MAX_PAGE = 1000  # one page of a listing; a larger limit is clamped so a client cannot ask for the whole table
+MAX_ARTIFACT_NAME = 200  # artifact names travel in URLs and file names
+LEASE_EXPIRED_ERROR = "lease expired on the last attempt"  # the error a task gets when its final lease lapses
+
+TASK_COLUMNS = (
+    "id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, started_at, finished_at, "
+    "lease_owner, lease_expires_at, cancel_requested, progress, result, error, idempotency_key"
+)
+
+# What an attempt that ended without a result leads to: a requested cancel wins,
+# then the attempt budget decides between another try and giving up.
+_STATE_AFTER_LOST_ATTEMPT = (
+    "CASE WHEN cancel_requested THEN 'cancelled' WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END"
+)
+_TERMINAL_AFTER_LOST_ATTEMPT = "(cancel_requested OR attempts >= max_attempts)"
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the SQL databases: placeholders and three column types."""
+
+    name: str
+    placeholder: str
+    uuid_type: str
+    json_type: str
+    blob_type: str
+
+    def sql(self, text: str) -> str:
+        """``text`` with ``?`` placeholders in this dialect's style (no query here contains a literal ``?``)."""
+        return text if self.placeholder == "?" else _translate(text, self.placeholder)
+
+    def ddl(self, text: str) -> str:
+        return text.format(uuid=self.uuid_type, json=self.json_type, blob=self.blob_type)
+
+
+@lru_cache(maxsize=256)  # the queries are a fixed set, plus IN lists of a few lengths
+def _translate(text: str, placeholder: str) -> str:
+    return text.replace("?", placeholder)
+
+
+# SQLite: TEXT for ids and JSON because a type name without TEXT in it gives a
+# column NUMERIC affinity, which would try to turn strings into numbers.
+SQLITE = Dialect("sqlite", "?", uuid_type="TEXT", json_type="TEXT", blob_type="BLOB")
+POSTGRES = Dialect("postgres", "%s", uuid_type="UUID", json_type="JSONB", blob_type="BYTEA")
+
+
+class Db:
+    """A DB-API connection (``sqlite3`` or ``psycopg``) with the dialect's placeholders applied.
+
+    Resource handling: owns nothing; the backend opens, closes and wraps the
+    transaction around every use.
+    """
+
+    def __init__(self, conn: Any, dialect: Dialect) -> None:
+        self.conn = conn
+        self.dialect = dialect
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Execute a statement; returns the number of rows it changed."""
+        cur = self.conn.execute(self.dialect.sql(sql), tuple(params))
+        try:
+            return cur.rowcount
+        finally:
+            cur.close()
+
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        cur = self.conn.cursor()
+        try:
+            cur.executemany(self.dialect.sql(sql), [tuple(r) for r in rows])
+        finally:
+            cur.close()
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cur = self.conn.execute(self.dialect.sql(sql), tuple(params))
+        try:
+            return list(cur.fetchall())
+        finally:
+            cur.close()
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        found = self.rows(sql, params)
+        return found[0] if found else None
+
+
+# --- values in and out -------------------------------------------------------
+
+
+def parse_id(task_id: Any) -> str | None:
+    """The canonical form of a task id, or None when it is not a UUID (such an id names no task)."""
+    if isinstance(task_id, uuid.UUID):
+        return str(task_id)
+    if not isinstance(task_id, str):
+        return None
+    try:
+        return str(uuid.UUID(task_id))
+    except ValueError:
+        return None
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dump_json(value: dict[str, Any] | None) -> str | None:
+    """JSON text for a spec, progress or result.
+
+    JSON has no NaN or Infinity (and PostgreSQL's JSONB refuses them), so a
+    non-finite float, such as the loss of a diverged run, is stored as null on
+    both backends rather than failing the report.
+    """
+    if value is None:
+        return None
+    return json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
+
+
+def load_json(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value).decode()
+    return json.loads(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def task_from_row(row: Sequence[Any], artifacts: list[str] | None = None) -> Task:
+    """A Task from a row selected as TASK_COLUMNS."""
+    (
+        id_, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, started_at, finished_at,
+        lease_owner, lease_expires_at, cancel_requested, progress, result, error, idempotency_key,
+    ) = row
+    return Task(
+        id=str(id_),
+        kind=kind,
+        spec=load_json(spec),
+        state=State(state),
+        owner=owner,
+        attempts=int(attempts),
+        max_attempts=int(max_attempts),
+        created_at=float(created_at),
+        updated_at=float(updated_at),
+        started_at=_opt_float(started_at),
+        finished_at=_opt_float(finished_at),
+        lease_owner=lease_owner,
+        lease_expires_at=_opt_float(lease_expires_at),
+        cancel_requested=bool(cancel_requested),
+        progress=load_json(progress),
+        result=load_json(result),
+        error=error,
+        idempotency_key=idempotency_key,
+        artifacts=sorted(artifacts or []),
+    )
+
+
+def encode_cursor(created_at: float, task_id: str) -> str:
+    """An opaque cursor: the (created_at, id) of the last task on a page."""
+    raw = json.dumps([created_at, task_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Error handling: a cursor this store did not make raises ValueError("malformed cursor")."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, task_id = json.loads(raw)
+        canonical = parse_id(task_id)
+        if isinstance(created_at, bool) or not isinstance(created_at, (int, float)) or canonical is None:
+            raise ValueError
+        return float(created_at), canonical
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise ValueError("malformed cursor") from None
+
+
+def _in_list(count: int) -> str:
+    return "(" + ", ".join("?" * count) + ")"
+
+
+# --- the store ---------------------------------------------------------------
+
+
+class SqlTaskStore(TaskStore):
+    """TaskStore over any SQL backend that can run ``fn(db)`` inside a transaction.
+
+    Error handling: refused transitions return None/False; the backend turns
+    driver errors into StoreError; misuse by the caller (a non-terminal state
+    given to ``finish``, an idempotency key over tasks of several owners, a
+    malformed cursor) raises ValueError.
+    """
+
+    @abc.abstractmethod
+    async def _transact(self, fn: Callable[[Db], T], *, write: bool) -> T:
+        """Run ``fn(db)`` in one transaction in a worker thread and return its result."""
+
+    # --- creation and reading ---
+
+    async def create(
+        self, tasks: list[NewTask], *, now: float, idempotency_key: str | None = None, request_hash: str | None = None
+    ) -> tuple[list[Task], bool]:
+        owners = {t.owner for t in tasks}
+        if idempotency_key is not None and len(owners) > 1:
+            raise ValueError("an idempotency key belongs to one owner; the tasks have several")
+        new = [
+            Task(
+                id=str(uuid.uuid4()),
+                kind=t.kind,
+                spec=load_json(dump_json(t.spec)),
+                state=State.PENDING,
+                owner=t.owner,
+                attempts=0,
+                max_attempts=t.max_attempts,
+                created_at=float(now),
+                updated_at=float(now),
+                idempotency_key=idempotency_key,
+            )
+            for t in tasks
+        ]
+        key_owner = next(iter(owners), "")
+
+        def create(db: Db) -> tuple[list[Task], bool]:
+            if idempotency_key is not None:
+                claimed = db.rows(
+                    "INSERT INTO idempotency_keys (owner, idempotency_key, request_hash, created_at) "
+                    "VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (owner, idempotency_key) DO NOTHING RETURNING owner",
+                    (key_owner, idempotency_key, request_hash, now),
+                )
+                if not claimed:
+                    return _repeat(db, key_owner, idempotency_key, request_hash)
+            db.run_many(
+                "INSERT INTO tasks (id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, "
+                "idempotency_key, batch_index) VALUES (?, ?, ?, 'pending', ?, 0, ?, ?, ?, ?, ?)",
+                [
+                    (t.id, t.kind, dump_json(t.spec), t.owner, t.max_attempts, now, now, idempotency_key, i)
+                    for i, t in enumerate(new)
+                ],
+            )
+            return new, True
+
+        return await self._transact(create, write=True)
+
+    async def get(self, task_id: str) -> Task | None:
+        tid = parse_id(task_id)
+        if tid is None:
+            return None
+        return await self._transact(lambda db: _get(db, tid), write=False)
+
+    async def list(
+        self,
+        *,
+        state: State | None = None,
+        kind: str | None = None,
+        owner: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        limit = min(limit, MAX_PAGE)
+        where: list[str] = []
+        params: list[Any] = []
+        state_value = State(state).value if state is not None else None
+        for column, value in (("state", state_value), ("kind", kind), ("owner", owner)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if cursor is not None:
+            after_created, after_id = decode_cursor(cursor)
+            where.append("(created_at, id) < (?, ?)")
+            params += [after_created, after_id]
+        sql = f"SELECT {TASK_COLUMNS} FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        # One row more than the page tells whether another page exists.
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        params.append(limit + 1)
+
+        rows = await self._transact(lambda db: db.rows(sql, params), write=False)
+        tasks = [task_from_row(r) for r in rows[:limit]]
+        next_cursor = encode_cursor(tasks[-1].created_at, tasks[-1].id) if len(rows) > limit else None
+        return Page(tasks=tasks, next_cursor=next_cursor)
+
+    async def ids_in_state(self, state: State, *, older_than: float, limit: int = 1000) -> list[str]:
+        rows = await self._transact(
+            lambda db: db.rows(
+                "SELECT id FROM tasks WHERE state = ? AND updated_at < ? ORDER BY updated_at, id LIMIT ?",
+                (State(state).value, older_than, limit),
+            ),
+            write=False,
+        )
+        return [str(r[0]) for r in rows]
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        rows = await self._transact(
+            lambda db: db.rows("SELECT state, kind, COUNT(*) FROM tasks GROUP BY state, kind"), write=False
+        )
+        return {(state, kind): int(n) for state, kind, n in rows}
+
+    # --- transitions ---
+
+    async def mark_queued(self, task_ids: list[str], *, now: float) -> int:
+        ids = sorted({tid for tid in map(parse_id, task_ids) if tid is not None})
+        if not ids:
+            return 0
+        return await self._transact(
+            lambda db: db.run(
+                "UPDATE tasks SET state = 'queued', updated_at = ? "
+                f"WHERE state = 'pending' AND id IN {_in_list(len(ids))}",
+                (now, *ids),
+            ),
+            write=True,
+        )
+
+    async def claim(self, task_id: str, *, worker: str, now: float, lease_seconds: float) -> Task | None:
+        tid = parse_id(task_id)
+        if tid is None:
+            return None
+
+        # progress belongs to an attempt: a new attempt starts without one.
+        return await self._transact(
+            lambda db: _updated_task(
+                db,
+                tid,
+                "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_expires_at = ?, "
+                "started_at = ?, updated_at = ?, progress = NULL WHERE id = ? AND state = 'queued'",
+                (worker, now + lease_seconds, now, now, tid),
+            ),
+            write=True,
+        )
+
+    async def _transition(
+        self, task_id: str, assignments: str, set_params: Sequence[Any], *, attempt: int, worker: str | None = None
+    ) -> str | None:
+        """One conditional UPDATE of a running attempt; the task's new state, or None when it was not current."""
+        tid = parse_id(task_id)
+        if tid is None:
+            return None
+        where = "id = ? AND state = 'running' AND attempts = ?" + (" AND lease_owner = ?" if worker is not None else "")
+        where_params = (tid, attempt) + ((worker,) if worker is not None else ())
+        row = await self._transact(
+            lambda db: db.one(
+                f"UPDATE tasks SET {assignments} WHERE {where} RETURNING state", (*set_params, *where_params)
+            ),
+            write=True,
+        )
+        return None if row is None else row[0]
+
+    async def renew(self, task_id: str, *, worker: str, attempt: int, now: float, lease_seconds: float) -> bool:
+        changed = await self._transition(
+            task_id, "lease_expires_at = ?, updated_at = ?", (now + lease_seconds, now), attempt=attempt, worker=worker
+        )
+        return changed is not None
+
+    async def progress(self, task_id: str, *, worker: str, attempt: int, progress: dict[str, Any], now: float) -> bool:
+        changed = await self._transition(
+            task_id, "progress = ?, updated_at = ?", (dump_json(progress), now), attempt=attempt, worker=worker
+        )
+        return changed is not None
+
+    async def finish(
+        self,
+        task_id: str,
+        *,
+        attempt: int,
+        state: State,
+        now: float,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> bool:
+        state = State(state)
+        if not state.terminal:
+            raise ValueError(f"finish needs a terminal state, got {state.value}")
+        # The lease owner stays as a record of who ran the winning attempt.
+        changed = await self._transition(
+            task_id,
+            "state = ?, result = ?, error = ?, finished_at = ?, updated_at = ?, lease_expires_at = NULL",
+            (state.value, dump_json(result), error, now, now),
+            attempt=attempt,
+        )
+        return changed is not None
+
+    async def retry_or_fail(self, task_id: str, *, attempt: int, error: str, now: float) -> State | None:
+        """As TaskStore's; a task whose cancel was requested meanwhile becomes ``cancelled``, not queued again."""
+        new_state = await self._transition(
+            task_id,
+            f"state = {_STATE_AFTER_LOST_ATTEMPT}, error = ?, "
+            f"finished_at = CASE WHEN {_TERMINAL_AFTER_LOST_ATTEMPT} THEN ? ELSE NULL END, "
+            "lease_owner = NULL, lease_expires_at = NULL, updated_at = ?",
+            (error, now, now),
+            attempt=attempt,
+        )
+        return None if new_state is None else State(new_state)
+
+    async def release(self, task_id: str, *, attempt: int, now: float) -> bool:
+        """As TaskStore's; a task whose cancel was requested is ``cancelled`` instead of queued again.
+
+        The released attempt's number is handed out again by the next claim, so
+        a worker must stop touching the task once it has released it.
+        """
+        changed = await self._transition(
+            task_id,
+            "state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END, "
+            "attempts = CASE WHEN cancel_requested THEN attempts ELSE attempts - 1 END, "
+            "finished_at = CASE WHEN cancel_requested THEN ? ELSE NULL END, "
+            "lease_owner = NULL, lease_expires_at = NULL, updated_at = ?",
+            (now, now),
+            attempt=attempt,
+        )
+        return changed is not None
+
+    async def request_cancel(self, task_id: str, *, now: float) -> Task | None:
+        tid = parse_id(task_id)
+        if tid is None:
+            return None
+
+        def cancel(db: Db) -> Task | None:
+            changed = _updated_task(
+                db,
+                tid,
+                "UPDATE tasks SET "
+                "state = CASE WHEN state = 'running' THEN 'running' ELSE 'cancelled' END, "
+                "finished_at = CASE WHEN state = 'running' THEN finished_at ELSE ? END, "
+                "cancel_requested = TRUE, updated_at = ? "
+                "WHERE id = ? AND (state IN ('pending', 'queued') OR (state = 'running' AND NOT cancel_requested))",
+                (now, now, tid),
+            )
+            # None: unknown, finished, or a cancel already requested; the task is returned as it is.
+            return changed if changed is not None else _get(db, tid)
+
+        return await self._transact(cancel, write=True)
+
+    async def expire_leases(self, *, now: float, limit: int = 1000) -> list[tuple[str, State]]:
+        # The outer WHERE repeats the inner one: under READ COMMITTED a row the
+        # subquery picked may have been finished or renewed meanwhile, and only
+        # the outer condition is re-checked against the latest row version.
+        rows = await self._transact(
+            lambda db: db.rows(
+                f"UPDATE tasks SET state = {_STATE_AFTER_LOST_ATTEMPT}, "
+                f"finished_at = CASE WHEN {_TERMINAL_AFTER_LOST_ATTEMPT} THEN ? ELSE NULL END, "
+                "error = CASE WHEN NOT cancel_requested AND attempts >= max_attempts THEN ? ELSE error END, "
+                "lease_owner = CASE WHEN cancel_requested OR attempts >= max_attempts THEN lease_owner ELSE NULL END, "
+                "lease_expires_at = NULL, updated_at = ? "
+                "WHERE state = 'running' AND lease_expires_at < ? AND id IN ("
+                "SELECT id FROM tasks WHERE state = 'running' AND lease_expires_at < ? "
+                "ORDER BY lease_expires_at LIMIT ?) RETURNING id, state",
+                (now, LEASE_EXPIRED_ERROR, now, now, now, limit),
+            ),
+            write=True,
+        )
+        return [(str(tid), State(state)) for tid, state in rows]
+
+    # --- artifacts ---
+
+    async def put_artifact(self, task_id: str, name: str, data: bytes, *, now: float) -> None:
+        """As TaskStore's. Error handling: StoreError over MAX_ARTIFACT_BYTES or for an unknown task;
+        ValueError for an empty or overlong name."""
+        if not name or len(name) > MAX_ARTIFACT_NAME:
+            raise ValueError(f"an artifact name has 1 to {MAX_ARTIFACT_NAME} characters")
+        if len(data) > MAX_ARTIFACT_BYTES:
+            raise StoreError(f"artifact {name!r} has {len(data)} bytes, more than the limit of {MAX_ARTIFACT_BYTES}")
+        tid = parse_id(task_id)
+        if tid is None:
+            raise StoreError(f"no task {task_id!r} to attach artifact {name!r} to")
+        payload = bytes(data)
+
+        def put(db: Db) -> None:
+            if db.one("SELECT 1 FROM tasks WHERE id = ?", (tid,)) is None:
+                raise StoreError(f"no task {tid} to attach artifact {name!r} to")
+            db.run(
+                "INSERT INTO artifacts (task_id, name, data, size, created_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (task_id, name) DO UPDATE SET data = excluded.data, size = excluded.size, "
+                "created_at = excluded.created_at",
+                (tid, name, payload, len(payload), now),
+            )
+
+        await self._transact(put, write=True)
+
+    async def get_artifact(self, task_id: str, name: str) -> bytes | None:
+        tid = parse_id(task_id)
+        if tid is None:
+            return None
+        row = await self._transact(
+            lambda db: db.one("SELECT data FROM artifacts WHERE task_id = ? AND name = ?", (tid, name)), write=False
+        )
+        return None if row is None else bytes(row[0])
+
+
+def _artifact_names(db: Db, tid: str) -> list[str]:
+    # Sorted in Python: PostgreSQL's collation and SQLite's byte order disagree.
+    return sorted(r[0] for r in db.rows("SELECT name FROM artifacts WHERE task_id = ?", (tid,)))
+
+
+def _updated_task(db: Db, tid: str, update: str, params: Sequence[Any]) -> Task | None:
+    """Run an UPDATE of task ``tid`` and return the task as it changed, or None when the UPDATE matched nothing."""
+    row = db.one(f"{update} RETURNING {TASK_COLUMNS}", params)
+    return None if row is None else task_from_row(row, _artifact_names(db, tid))
+
+
+def _get(db: Db, tid: str) -> Task | None:
+    row = db.one(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (tid,))
+    return None if row is None else task_from_row(row, _artifact_names(db, tid))
+
+
+def _repeat(db: Db, owner: str, key: str, request_hash: str | None) -> tuple[list[Task], bool]:
+    """The answer to a repeated idempotent create: the first request's tasks, as they are now."""
+    row = db.one(
+        "SELECT request_hash FROM idempotency_keys WHERE owner = ? AND idempotency_key = ?", (owner, key)
+    )
+    if row is not None and row[0] != request_hash:
+        raise IdempotencyConflict(f"Idempotency-Key {key!r} was already used with a different request")
+    rows = db.rows(
+        f"SELECT {TASK_COLUMNS} FROM tasks WHERE owner = ? AND idempotency_key = ? ORDER BY batch_index",
+        (owner, key),
+    )
+    return [task_from_row(r) for r in rows], False

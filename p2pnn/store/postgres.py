@@ -1,0 +1,219 @@
+"""PostgresTaskStore: the shared store on CockroachDB or PostgreSQL, and the transaction runner it uses.
+
+psycopg's async API needs asyncio, so this module is the edge where trio meets
+the sync driver: every transaction runs in a worker thread on a connection from
+a ``psycopg_pool.ConnectionPool``, and nothing outside this file knows it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TypeVar
+
+import psycopg
+import trio
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.string import TextLoader
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from p2pnn.store import _schema
+from p2pnn.store._sql import POSTGRES, Db, SqlTaskStore
+from p2pnn.store.base import StoreError
+
+T = TypeVar("T")
+
+# 40001 serialization_failure: CockroachDB's "restart transaction" and PostgreSQL
+# SERIALIZABLE conflicts; 40P01 deadlock_detected. Both roll the whole
+# transaction back, so running it again from the start is safe.
+RETRYABLE_SQLSTATES: frozenset[str] = frozenset({"40001", "40P01"})
+# Two nodes creating the same schema or migrations table at once collide on a
+# catalog unique index (23505) or see the table appear (42P07, 42P06); the
+# retry then finds the work done.
+MIGRATION_RACE_SQLSTATES: frozenset[str] = frozenset({"23505", "42P07", "42P06"})
+TX_MAX_ATTEMPTS = 10  # CockroachDB restarts contended transactions; ten failures in a row is a hot spot, not bad luck
+TX_BACKOFF_FIRST = 0.005  # seconds; the first retry waits up to this, doubling after each failure (full jitter)
+TX_BACKOFF_MAX = 1.0  # seconds; no single back-off waits longer, so a burst of conflicts stays interactive
+CONNECT_TIMEOUT = 10  # seconds for one TCP+auth handshake; a reachable database answers far sooner
+POOL_TIMEOUT = 30.0  # seconds a transaction waits for a free pooled connection before it is an error
+CANCEL_TIMEOUT = 5.0  # seconds to deliver a cancel request for an abandoned query
+
+
+class _Attempt:
+    """One transaction attempt shared between the trio task and its worker thread.
+
+    The lock makes "cancel the query" and "hand the connection back to the pool"
+    mutually exclusive, so a cancel can never reach a query that another
+    transaction started on the same pooled connection.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conn: psycopg.Connection | None = None
+        self.abandoned = False
+
+    def cancel_in_flight(self) -> None:
+        """Runs in a thread of its own: cancel_safe blocks while it reaches the server."""
+        with self.lock:
+            if self.conn is not None:
+                try:
+                    self.conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+                except psycopg.Error:
+                    pass  # the query ends on its own; the connection goes back to the pool either way
+
+
+class _Abandoned(Exception):
+    """The trio side gave up before this attempt got a connection: do not run it at all."""
+
+
+async def _attempt(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T]) -> T:
+    state = _Attempt()
+
+    def work() -> T:
+        with pool.connection() as conn:
+            with state.lock:
+                if state.abandoned:
+                    raise _Abandoned
+                state.conn = conn
+            try:
+                with conn.transaction():  # commits on return, rolls back on any exception
+                    return fn(conn)
+            finally:
+                with state.lock:
+                    state.conn = None
+
+    try:
+        return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+    except trio.Cancelled:
+        with state.lock:
+            state.abandoned = True
+        # The abandoned thread's query gets QueryCanceled, its transaction rolls
+        # back and its connection returns to the pool idle; nobody waits for it.
+        trio.lowlevel.start_thread_soon(state.cancel_in_flight, lambda _outcome: None)
+        raise
+
+
+async def run_transaction(
+    pool: ConnectionPool,
+    fn: Callable[[psycopg.Connection], T],
+    *,
+    max_attempts: int = TX_MAX_ATTEMPTS,
+    retry_sqlstates: Iterable[str] = RETRYABLE_SQLSTATES,
+) -> T:
+    """Run ``fn(conn)`` in one transaction on a pooled connection in a worker thread; return its result.
+
+    ``fn`` must be safe to run again from the start: a transaction that fails
+    with a SQLSTATE in ``retry_sqlstates`` (by default serialization failure
+    40001 and deadlock 40P01) is rolled back and run again, at most
+    ``max_attempts`` times, after a jittered, doubling back-off.
+
+    Resource handling: the connection is back in the pool, idle, when this
+    returns or raises. On cancellation the worker thread is abandoned and its
+    query cancelled server-side; its transaction rolls back.
+
+    Error handling: driver errors, and running out of attempts, raise StoreError
+    (chained to the psycopg error); exceptions raised by ``fn`` itself propagate
+    unchanged.
+    """
+    retryable = frozenset(retry_sqlstates)
+    for attempt in range(1, max_attempts + 1):
+        try:
+            return await _attempt(pool, fn)
+        except psycopg.Error as exc:
+            if exc.sqlstate not in retryable:
+                raise StoreError(f"database error ({exc.sqlstate or type(exc).__name__}): {exc}") from exc
+            if attempt == max_attempts:
+                raise StoreError(
+                    f"transaction still conflicting after {max_attempts} attempts (SQLSTATE {exc.sqlstate}): {exc}"
+                ) from exc
+        await trio.sleep(random.uniform(0, min(TX_BACKOFF_MAX, TX_BACKOFF_FIRST * 2 ** (attempt - 1))))
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def describe_url(url: str) -> str:
+    """The database address without its password, for error messages and logs."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparsable database URL>"
+    host = params.get("host", "localhost")
+    return f"{params.get('user', '')}@{host}:{params.get('port', 5432)}/{params.get('dbname', '')}"
+
+
+class PostgresTaskStore(SqlTaskStore):
+    """Tasks in CockroachDB or PostgreSQL, in the tables of one schema.
+
+    Resource handling: ``open`` starts a pool of up to ``pool_size``
+    connections, creates ``schema`` if it is missing and migrates it; every
+    pooled connection has its ``search_path`` set to that schema. ``close``
+    closes the pool and its threads.
+
+    Error handling: an unreachable database raises StoreError from ``open``
+    after CONNECT_TIMEOUT; every other driver error raises StoreError.
+    Serialization failures are retried (see run_transaction).
+    """
+
+    def __init__(self, url: str, *, schema: str = "public", pool_size: int = 4) -> None:
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        self._url = url
+        self._schema = schema
+        self._pool_size = pool_size
+        self._pool: ConnectionPool | None = None
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        # JSON comes back as text, to be decoded by the code SQLite's rows share.
+        conn.adapters.register_loader("jsonb", TextLoader)
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self._schema)))
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        pool = ConnectionPool(
+            self._url,
+            min_size=1,
+            max_size=self._pool_size,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "p2pnn"},
+            configure=self._configure,
+            check=ConnectionPool.check_connection,
+            timeout=POOL_TIMEOUT,
+            name=f"p2pnn-store-{self._schema}",
+            open=False,
+        )
+        try:
+            await trio.to_thread.run_sync(partial(pool.open, wait=True, timeout=CONNECT_TIMEOUT))
+            await run_transaction(
+                pool, self._migrate, retry_sqlstates=RETRYABLE_SQLSTATES | MIGRATION_RACE_SQLSTATES
+            )
+        except PoolTimeout as exc:
+            await trio.to_thread.run_sync(pool.close)
+            raise StoreError(f"cannot reach the database at {describe_url(self._url)}: {exc}") from exc
+        except BaseException:
+            await trio.to_thread.run_sync(pool.close)
+            raise
+        self._pool = pool
+
+    def _migrate(self, conn: psycopg.Connection) -> int:
+        exists = conn.execute(
+            "SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (self._schema,)
+        ).fetchone()
+        if exists is None:  # skipped when present: creating even "IF NOT EXISTS" needs a privilege a user may lack
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self._schema)))
+        return _schema.migrate(Db(conn, POSTGRES), now=time.time())
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await trio.to_thread.run_sync(pool.close)
+
+    async def schema_version(self) -> int:
+        return await self._transact(_schema.current_version, write=False)
+
+    async def _transact(self, fn: Callable[[Db], T], *, write: bool) -> T:
+        if self._pool is None:
+            raise StoreError("the PostgreSQL store is not open")
+        return await run_transaction(self._pool, lambda conn: fn(Db(conn, POSTGRES)))

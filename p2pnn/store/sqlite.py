@@ -1,0 +1,105 @@
+"""SqliteTaskStore: the embedded single-node store, one SQLite file in WAL mode."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from p2pnn.store import _schema
+from p2pnn.store._sql import SQLITE, Db, SqlTaskStore
+from p2pnn.store.base import StoreError
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000  # another process (a CLI, a second node on the same file) may hold the write lock that long
+
+
+class SqliteTaskStore(SqlTaskStore):
+    """Tasks in one SQLite file, reached through one connection.
+
+    Every call runs in a worker thread while holding a trio lock, so the
+    connection is never used by two threads at once; SQLite serialises writers
+    anyway, so a second connection would buy nothing in one process. Writes
+    run in ``BEGIN IMMEDIATE`` transactions: the write lock is taken up front,
+    so two processes on the same file wait (``busy_timeout``) instead of
+    failing half-way with SQLITE_BUSY on lock upgrade.
+
+    Resource handling: ``open`` creates the file (and its directory) and
+    migrates it; ``close`` closes the connection. A call is not abandoned on
+    cancellation: it finishes (milliseconds) before the cancel is delivered,
+    because an abandoned thread would still own the connection.
+
+    Error handling: sqlite3 errors become StoreError.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self._path = str(path)
+        self._conn: sqlite3.Connection | None = None
+        self._lock = trio.Lock()
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+
+        def connect() -> sqlite3.Connection:
+            if self._path != ":memory:":
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: the module's implicit transactions are off; we issue BEGIN ourselves.
+            conn = sqlite3.connect(
+                self._path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+            )
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                conn.execute("PRAGMA foreign_keys=ON")
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            self._conn = await trio.to_thread.run_sync(connect)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite database {self._path}: {exc}") from exc
+        try:
+            await self._transact(lambda db: _schema.migrate(db, now=time.time()), write=True)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await trio.to_thread.run_sync(conn.close)
+
+    async def schema_version(self) -> int:
+        return await self._transact(_schema.current_version, write=False)
+
+    async def _transact(self, fn: Callable[[Db], T], *, write: bool) -> T:
+        async with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StoreError("the SQLite store is not open")
+            db = Db(conn, SQLITE)
+
+            def run() -> T:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    out = fn(db)
+                    conn.execute("COMMIT")
+                    return out
+                except BaseException:
+                    if conn.in_transaction:  # a failed COMMIT leaves the transaction open
+                        conn.execute("ROLLBACK")
+                    raise
+
+            try:
+                return await trio.to_thread.run_sync(run)
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite ({self._path}): {exc}") from exc

@@ -1,0 +1,375 @@
+"""Tasks: the record that travels, its states, and the validation of task specs.
+
+Nothing here imports torch: the daemon validates every spec before it is
+stored, so a worker process only ever sees specs that passed these checks.
+A spec that fails raises :class:`SpecError`, whose ``path`` names the field.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class State(str, enum.Enum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
+
+KINDS = ("train", "evaluate", "infer", "echo")
+MODELS = ("mlp", "cnn", "transformer")
+DATASETS = ("digits", "synthetic", "inline")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+DEVICES = ("cpu", "cuda", "auto")
+PROBLEMS = ("classification", "regression")
+
+# scikit-learn's bundled digits: 1,797 images of 8x8 pixels, ten classes.
+DIGITS_SHAPE = (8, 8)
+DIGITS_CLASSES = 10
+
+
+class SpecError(ValueError):
+    """A task spec is invalid; ``path`` names the offending field (``spec.lr``)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource caps enforced at submission and again in the worker."""
+
+    max_epochs: int = 200
+    max_wall_seconds: float = 3600.0
+    max_tensor_elements: int = 1_000_000
+    max_samples: int = 100_000
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    kind: str
+    spec: dict[str, Any]
+    state: State
+    owner: str
+    attempts: int
+    max_attempts: int
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    cancel_requested: bool = False
+    progress: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    idempotency_key: str | None = None
+    artifacts: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["state"] = self.state.value
+        return out
+
+
+# --- spec validation -------------------------------------------------------
+
+
+def _number(value: Any, path: str, *, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise SpecError(path, f"must be a finite number, got {value!r}")
+    if not lo <= value <= hi:
+        raise SpecError(path, f"must be between {lo} and {hi}, got {value}")
+    return float(value)
+
+
+def _integer(value: Any, path: str, *, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(path, f"must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise SpecError(path, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _choice(value: Any, path: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SpecError(path, f"must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _object(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SpecError(path, f"must be an object, got {type(value).__name__}")
+    return value
+
+
+def _no_extra(obj: dict[str, Any], path: str, allowed: set[str]) -> None:
+    extra = sorted(set(obj) - allowed)
+    if extra:
+        raise SpecError(f"{path}.{extra[0]}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+
+
+def _int_list(value: Any, path: str, *, lo: int, hi: int, max_len: int) -> list[int]:
+    if not isinstance(value, list) or not value or len(value) > max_len:
+        raise SpecError(path, f"must be a list of 1 to {max_len} integers")
+    return [_integer(v, f"{path}[{i}]", lo=lo, hi=hi) for i, v in enumerate(value)]
+
+
+def tensor_shape(value: Any, path: str, limits: Limits) -> tuple[int, ...]:
+    """The shape of a nested list of numbers; refuses ragged, empty, non-numeric or oversized data.
+
+    Error handling: raises SpecError naming the first offending element.
+    """
+    shape: list[int] = []
+    probe = value
+    while isinstance(probe, list):
+        if not probe:
+            raise SpecError(path, "must not contain empty lists")
+        shape.append(len(probe))
+        probe = probe[0]
+    if not shape:
+        raise SpecError(path, "must be a (nested) list of numbers")
+    elements = math.prod(shape)
+    if elements > limits.max_tensor_elements:
+        raise SpecError(
+            path, f"has {elements} elements, more than the limit of {limits.max_tensor_elements}"
+        )
+
+    def walk(node: Any, depth: int, where: str) -> None:
+        if depth == len(shape):
+            if isinstance(node, bool) or not isinstance(node, numbers.Real) or not math.isfinite(node):
+                raise SpecError(where, f"must be a finite number, got {node!r}")
+            return
+        if not isinstance(node, list) or len(node) != shape[depth]:
+            raise SpecError(where, f"is ragged: expected a list of {shape[depth]} at depth {depth}")
+        for i, child in enumerate(node):
+            walk(child, depth + 1, f"{where}[{i}]")
+
+    walk(value, 0, path)
+    return tuple(shape)
+
+
+def _dataset(raw: Any, path: str, limits: Limits) -> dict[str, Any]:
+    ds = _object(raw, path)
+    name = _choice(ds.get("name"), f"{path}.name", DATASETS)
+    if name == "digits":
+        _no_extra(ds, path, {"name", "test_fraction"})
+        return {
+            "name": "digits",
+            "problem": "classification",
+            "test_fraction": _number(ds.get("test_fraction", 0.2), f"{path}.test_fraction", lo=0.05, hi=0.5),
+            "sample_shape": list(DIGITS_SHAPE),
+            "classes": DIGITS_CLASSES,
+        }
+    if name == "synthetic":
+        _no_extra(ds, path, {"name", "problem", "samples", "features", "classes", "shape", "noise", "seed", "test_fraction"})
+        problem = _choice(ds.get("problem", "classification"), f"{path}.problem", PROBLEMS)
+        samples = _integer(ds.get("samples", 1000), f"{path}.samples", lo=10, hi=limits.max_samples)
+        features = _integer(ds.get("features", 20), f"{path}.features", lo=1, hi=4096)
+        if samples * features > limits.max_tensor_elements:
+            raise SpecError(f"{path}.samples", f"samples x features exceeds the limit of {limits.max_tensor_elements} elements")
+        shape = [features]
+        if "shape" in ds:
+            shape = _int_list(ds["shape"], f"{path}.shape", lo=1, hi=4096, max_len=3)
+            if math.prod(shape) != features:
+                raise SpecError(f"{path}.shape", f"product {math.prod(shape)} must equal features {features}")
+        out = {
+            "name": "synthetic",
+            "problem": problem,
+            "samples": samples,
+            "features": features,
+            "sample_shape": shape,
+            "noise": _number(ds.get("noise", 0.1), f"{path}.noise", lo=0.0, hi=10.0),
+            "seed": _integer(ds.get("seed", 0), f"{path}.seed", lo=0, hi=2**31 - 1),
+            "test_fraction": _number(ds.get("test_fraction", 0.2), f"{path}.test_fraction", lo=0.05, hi=0.5),
+        }
+        if problem == "classification":
+            out["classes"] = _integer(ds.get("classes", 2), f"{path}.classes", lo=2, hi=1000)
+            if out["classes"] > 2 ** features:  # the generator needs 2**informative >= classes
+                raise SpecError(f"{path}.classes", f"at most {2 ** features} classes with {features} features")
+        return out
+    # inline
+    _no_extra(ds, path, {"name", "problem", "x", "y", "test_fraction"})
+    problem = _choice(ds.get("problem", "classification"), f"{path}.problem", PROBLEMS)
+    if "x" not in ds or "y" not in ds:
+        raise SpecError(path, "an inline dataset needs both x and y")
+    x_shape = tensor_shape(ds["x"], f"{path}.x", limits)
+    if len(x_shape) < 2:
+        raise SpecError(f"{path}.x", "must be a list of samples (at least two dimensions)")
+    if len(x_shape) > 4:
+        raise SpecError(f"{path}.x", "must have at most four dimensions (samples x up to three)")
+    y_shape = tensor_shape(ds["y"], f"{path}.y", limits)
+    if len(y_shape) != 1 or y_shape[0] != x_shape[0]:
+        raise SpecError(f"{path}.y", f"must be a flat list of {x_shape[0]} targets, one per sample of x")
+    if x_shape[0] < 4:
+        raise SpecError(f"{path}.x", "needs at least 4 samples")
+    out = {
+        "name": "inline",
+        "problem": problem,
+        "x": ds["x"],
+        "y": ds["y"],
+        "sample_shape": list(x_shape[1:]),
+        "test_fraction": _number(ds.get("test_fraction", 0.25), f"{path}.test_fraction", lo=0.05, hi=0.5),
+    }
+    if problem == "classification":
+        labels = ds["y"]
+        if any(float(v) != int(v) or v < 0 for v in labels):
+            raise SpecError(f"{path}.y", "classification targets must be non-negative integers")
+        out["classes"] = max(2, int(max(labels)) + 1)
+    return out
+
+
+def _model(raw: Any, path: str, sample_shape: list[int]) -> dict[str, Any]:
+    m = _object(raw, path)
+    name = _choice(m.get("name"), f"{path}.name", MODELS)
+    dropout = _number(m.get("dropout", 0.0), f"{path}.dropout", lo=0.0, hi=0.9)
+    if name == "mlp":
+        _no_extra(m, path, {"name", "hidden", "dropout", "activation"})
+        return {
+            "name": "mlp",
+            "hidden": _int_list(m.get("hidden", [128]), f"{path}.hidden", lo=1, hi=8192, max_len=8),
+            "dropout": dropout,
+            "activation": _choice(m.get("activation", "relu"), f"{path}.activation", ("relu", "gelu", "tanh")),
+        }
+    if name == "cnn":
+        _no_extra(m, path, {"name", "channels", "kernel_size", "hidden", "dropout"})
+        side = math.isqrt(sample_shape[0]) if len(sample_shape) == 1 else 0
+        if not (len(sample_shape) in (2, 3) or (len(sample_shape) == 1 and side * side == sample_shape[0])):
+            raise SpecError(
+                f"{path}.name",
+                f"cnn needs image-shaped samples ([H, W], [C, H, W] or a square number of features), got {sample_shape}",
+            )
+        return {
+            "name": "cnn",
+            "channels": _int_list(m.get("channels", [16, 32]), f"{path}.channels", lo=1, hi=512, max_len=4),
+            "kernel_size": _integer(m.get("kernel_size", 3), f"{path}.kernel_size", lo=1, hi=7),
+            "hidden": _integer(m.get("hidden", 64), f"{path}.hidden", lo=1, hi=8192),
+            "dropout": dropout,
+        }
+    _no_extra(m, path, {"name", "d_model", "heads", "layers", "ff", "dropout"})
+    if len(sample_shape) != 2:
+        raise SpecError(f"{path}.name", f"transformer needs sequence samples [T, F], got {sample_shape}")
+    d_model = _integer(m.get("d_model", 32), f"{path}.d_model", lo=4, hi=1024)
+    heads = _integer(m.get("heads", 4), f"{path}.heads", lo=1, hi=32)
+    if d_model % heads:
+        raise SpecError(f"{path}.heads", f"must divide d_model ({d_model})")
+    return {
+        "name": "transformer",
+        "d_model": d_model,
+        "heads": heads,
+        "layers": _integer(m.get("layers", 2), f"{path}.layers", lo=1, hi=12),
+        "ff": _integer(m.get("ff", 64), f"{path}.ff", lo=4, hi=8192),
+        "dropout": dropout,
+    }
+
+
+def _train(spec: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    _no_extra(
+        spec, "spec",
+        {"kind", "model", "dataset", "optimizer", "lr", "epochs", "batch_size", "seed", "weight_decay", "device", "max_attempts"},
+    )
+    dataset = _dataset(spec.get("dataset", {"name": "digits"}), "spec.dataset", limits)
+    model = _model(spec.get("model", {"name": "mlp"}), "spec.model", dataset["sample_shape"])
+    return {
+        "kind": "train",
+        "model": model,
+        "dataset": dataset,
+        "optimizer": _choice(spec.get("optimizer", "adam"), "spec.optimizer", OPTIMIZERS),
+        "lr": _number(spec.get("lr", 1e-3), "spec.lr", lo=1e-7, hi=10.0),
+        "weight_decay": _number(spec.get("weight_decay", 0.0), "spec.weight_decay", lo=0.0, hi=1.0),
+        "epochs": _integer(spec.get("epochs", 20), "spec.epochs", lo=1, hi=limits.max_epochs),
+        "batch_size": _integer(spec.get("batch_size", 64), "spec.batch_size", lo=1, hi=65536),
+        "seed": _integer(spec.get("seed", 0), "spec.seed", lo=0, hi=2**31 - 1),
+        "device": _choice(spec.get("device", "cpu"), "spec.device", DEVICES),
+    }
+
+
+def _model_task(spec: dict[str, Any]) -> str:
+    ref = spec.get("model_task")
+    if not isinstance(ref, str) or not ref:
+        raise SpecError("spec.model_task", "must be the id of a succeeded train task")
+    return ref
+
+
+def validate_spec(raw: Any, limits: Limits) -> dict[str, Any]:
+    """Check a submitted spec and return it normalised, with every default filled in.
+
+    Shapes that depend on another task (``infer`` inputs against the model's
+    input shape) are checked by :func:`check_against_model`, once the model
+    task has been read from the store.
+
+    Error handling: raises SpecError; never anything else for any JSON value.
+    """
+    spec = _object(raw, "spec")
+    kind = _choice(spec.get("kind"), "spec.kind", KINDS)
+    if kind == "echo":
+        _no_extra(spec, "spec", {"kind", "payload", "sleep", "max_attempts"})
+        out: dict[str, Any] = {
+            "kind": "echo",
+            "payload": spec.get("payload"),
+            "sleep": _number(spec.get("sleep", 0.0), "spec.sleep", lo=0.0, hi=limits.max_wall_seconds),
+        }
+    elif kind == "train":
+        out = _train(spec, limits)
+    elif kind == "evaluate":
+        _no_extra(spec, "spec", {"kind", "model_task", "dataset", "batch_size", "device", "max_attempts"})
+        out = {
+            "kind": "evaluate",
+            "model_task": _model_task(spec),
+            "dataset": _dataset(spec["dataset"], "spec.dataset", limits) if "dataset" in spec else None,
+            "batch_size": _integer(spec.get("batch_size", 256), "spec.batch_size", lo=1, hi=65536),
+            "device": _choice(spec.get("device", "cpu"), "spec.device", DEVICES),
+        }
+    else:
+        _no_extra(spec, "spec", {"kind", "model_task", "inputs", "device", "max_attempts"})
+        if "inputs" not in spec:
+            raise SpecError("spec.inputs", "is required: a list of samples")
+        shape = tensor_shape(spec["inputs"], "spec.inputs", limits)
+        if len(shape) < 2:
+            raise SpecError("spec.inputs", "must be a list of samples (at least two dimensions)")
+        out = {
+            "kind": "infer",
+            "model_task": _model_task(spec),
+            "inputs": spec["inputs"],
+            "device": _choice(spec.get("device", "cpu"), "spec.device", DEVICES),
+        }
+    if "max_attempts" in spec:
+        out["max_attempts"] = _integer(spec["max_attempts"], "spec.max_attempts", lo=1, hi=20)
+    return out
+
+
+def check_against_model(spec: dict[str, Any], model_task: Task | None) -> None:
+    """Refuse an evaluate/infer spec whose model task is missing, unfinished or of the wrong shape."""
+    if model_task is None:
+        raise SpecError("spec.model_task", f"no task {spec['model_task']}")
+    if model_task.kind != "train" or model_task.state is not State.SUCCEEDED:
+        raise SpecError("spec.model_task", f"task {model_task.id} is not a succeeded train task")
+    expected = list(model_task.spec["dataset"]["sample_shape"])
+    if spec["kind"] == "infer":
+        got = list(tensor_shape(spec["inputs"], "spec.inputs", Limits(max_tensor_elements=2**62))[1:])
+        if got != expected:
+            raise SpecError("spec.inputs", f"each sample must have shape {expected}, got {got}")
+    elif spec.get("dataset") is not None:
+        ds, trained_on = spec["dataset"], model_task.spec["dataset"]
+        if list(ds["sample_shape"]) != expected:
+            raise SpecError("spec.dataset", f"samples must have shape {expected}, got {list(ds['sample_shape'])}")
+        if ds["problem"] != trained_on["problem"]:
+            raise SpecError("spec.dataset.problem", f"the model was trained for {trained_on['problem']}")
+        if ds.get("classes", 0) > trained_on.get("classes", 0):
+            raise SpecError("spec.dataset", f"has {ds['classes']} classes; the model knows {trained_on['classes']}")

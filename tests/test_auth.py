@@ -1,0 +1,114 @@
+"""API tokens: pinned algorithm, required claims, roles."""
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+
+import jwt
+import pytest
+
+from p2pnn import config, identity
+from p2pnn.api.auth import Authenticator, AuthError, Caller, require
+
+
+@pytest.fixture
+def hs256(tmp_path):
+    identity.init_data_dir(tmp_path)
+    return Authenticator.from_config(config.load(env={}).replace("node", data_dir=str(tmp_path)))
+
+
+@pytest.fixture
+def eddsa(tmp_path):
+    identity.init_data_dir(tmp_path)
+    cfg = config.load(env={}).replace("node", data_dir=str(tmp_path)).replace("auth", algorithm="EdDSA")
+    return Authenticator.from_config(cfg)
+
+
+def _claims(**over):
+    now = int(time.time())
+    return {"sub": "mallory", "role": "admin", "iss": "p2pnn", "aud": "p2pnn-api", "exp": now + 60, **over}
+
+
+@pytest.mark.parametrize("auth_name", ["hs256", "eddsa"])
+def test_minted_token_verifies_with_its_role(request, auth_name):
+    auth = request.getfixturevalue(auth_name)
+    token = auth.mint("alice", "operator", 60)
+    assert auth.verify(f"Bearer {token}") == Caller("alice", "operator")
+
+
+def test_alg_none_is_refused(hs256):
+    token = jwt.encode(_claims(), None, algorithm="none")
+    with pytest.raises(AuthError) as err:
+        hs256.verify(f"Bearer {token}")
+    assert err.value.status == 401
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_hs256_token_signed_with_the_eddsa_public_key_is_refused(eddsa, tmp_path):
+    # Algorithm confusion: an attacker HMACs the token with the (public) verify key as the secret.
+    public_pem = (tmp_path / identity.API_PUBLIC_KEY).read_bytes()
+    signing_input = f"{_b64(json.dumps({'alg': 'HS256', 'typ': 'JWT'}).encode())}.{_b64(json.dumps(_claims()).encode())}"
+    sig = _b64(hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest())
+    with pytest.raises(AuthError, match="algorithm refused"):
+        eddsa.verify(f"Bearer {signing_input}.{sig}")
+
+
+def test_token_of_another_secret_is_refused(hs256):
+    token = jwt.encode(_claims(), "another-secret-that-is-long-enough-32b", algorithm="HS256")
+    with pytest.raises(AuthError, match="invalid token"):
+        hs256.verify(f"Bearer {token}")
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"exp": int(time.time()) - 3600}, "expired"),
+        ({"aud": "someone-else"}, "audience"),
+        ({"iss": "someone-else"}, "issuer"),
+        ({"role": "root"}, "role"),
+    ],
+)
+def test_bad_claims_are_refused(hs256, tmp_path, over, message):
+    secret = (tmp_path / identity.API_SECRET).read_bytes().strip()
+    token = jwt.encode(_claims(**over), secret, algorithm="HS256")
+    with pytest.raises(AuthError, match=message):
+        hs256.verify(f"Bearer {token}")
+
+
+def test_missing_exp_is_refused(hs256, tmp_path):
+    secret = (tmp_path / identity.API_SECRET).read_bytes().strip()
+    claims = _claims()
+    del claims["exp"]
+    with pytest.raises(AuthError, match="exp"):
+        hs256.verify("Bearer " + jwt.encode(claims, secret, algorithm="HS256"))
+
+
+@pytest.mark.parametrize("header", [None, "", "Basic abc", "Bearer ", "Bearer not.a.jwt"])
+def test_malformed_headers_are_401(hs256, header):
+    with pytest.raises(AuthError) as err:
+        hs256.verify(header)
+    assert err.value.status == 401
+
+
+def test_roles_are_ordered():
+    require(Caller("a", "admin"), "operator")
+    require(Caller("a", "operator"), "viewer")
+    with pytest.raises(AuthError) as err:
+        require(Caller("a", "viewer"), "operator")
+    assert err.value.status == 403
+
+
+def test_node_key_gives_a_160_bit_node_id(tmp_path):
+    identity.init_data_dir(tmp_path)
+    ident = identity.load_identity(tmp_path)
+    assert len(ident.node_id) == 40
+    assert ident.node_id == identity.node_id_of(ident.public_key)
+    assert (tmp_path / identity.NODE_KEY).stat().st_mode & 0o077 == 0
+    # init again keeps the same identity
+    assert identity.init_data_dir(tmp_path) == []
+    assert identity.load_identity(tmp_path).node_id == ident.node_id

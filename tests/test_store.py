@@ -1,0 +1,501 @@
+"""TaskStore: the same specification, run against SQLite and PostgreSQL (the ``store`` fixture)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from p2pnn.store import IdempotencyConflict, NewTask, StoreError, TaskStore, open_store
+from p2pnn.store._schema import LATEST_VERSION
+from p2pnn.store.postgres import run_transaction
+from p2pnn.tasks import State
+
+T0 = 1_700_000_000.0  # a fixed "now": the store takes time from its caller
+LEASE = 30.0
+
+
+def new(owner: str = "alice", kind: str = "echo", max_attempts: int = 3, payload: object = None) -> NewTask:
+    return NewTask(kind=kind, spec={"kind": kind, "payload": payload}, owner=owner, max_attempts=max_attempts)
+
+
+async def running(store: TaskStore, *, max_attempts: int = 3, worker: str = "ki-1", now: float = T0):
+    """A task claimed by ``worker``: (task id, attempt)."""
+    (task,), _ = await store.create([new(max_attempts=max_attempts)], now=now)
+    assert await store.mark_queued([task.id], now=now) == 1
+    claimed = await store.claim(task.id, worker=worker, now=now, lease_seconds=LEASE)
+    assert claimed is not None
+    return task.id, claimed.attempts
+
+
+# --- creation and reading -------------------------------------------------------
+
+
+async def test_created_tasks_are_pending_and_readable(store: TaskStore) -> None:
+    tasks, created = await store.create([new(payload={"x": [1, 2.5]}), new(kind="train")], now=T0)
+    assert created is True
+    assert [t.state for t in tasks] == [State.PENDING, State.PENDING]
+    got = await store.get(tasks[0].id)
+    assert got == tasks[0]
+    assert got.spec == {"kind": "echo", "payload": {"x": [1, 2.5]}}
+    assert (got.attempts, got.max_attempts, got.created_at, got.artifacts) == (0, 3, T0, [])
+
+
+async def test_get_of_an_unknown_or_malformed_id_is_none(store: TaskStore) -> None:
+    assert await store.get("00000000-0000-4000-8000-000000000000") is None
+    for bad in ("not-a-uuid", "", "'; DROP TABLE tasks; --", "1" * 100):
+        assert await store.get(bad) is None
+        assert await store.claim(bad, worker="w", now=T0, lease_seconds=LEASE) is None
+        assert await store.request_cancel(bad, now=T0) is None
+        assert await store.get_artifact(bad, "model") is None
+
+
+async def test_list_filters_by_state_kind_and_owner(store: TaskStore) -> None:
+    a, _ = await store.create([new(owner="alice", kind="echo"), new(owner="alice", kind="train")], now=T0)
+    b, _ = await store.create([new(owner="bob", kind="echo")], now=T0 + 1)
+    await store.mark_queued([a[1].id], now=T0 + 2)
+
+    def ids(page) -> set[str]:
+        return {t.id for t in page.tasks}
+
+    assert ids(await store.list()) == {a[0].id, a[1].id, b[0].id}
+    assert ids(await store.list(owner="alice")) == {a[0].id, a[1].id}
+    assert ids(await store.list(kind="echo")) == {a[0].id, b[0].id}
+    assert ids(await store.list(state=State.QUEUED)) == {a[1].id}
+    assert ids(await store.list(state=State.PENDING, kind="echo", owner="bob")) == {b[0].id}
+    assert (await store.list(owner="carol")).tasks == []
+
+
+async def test_list_pages_newest_first_without_duplicates_or_gaps(store: TaskStore) -> None:
+    # Batches share a created_at, so the pages must break ties by id.
+    made = []
+    for i in range(5):
+        tasks, _ = await store.create([new() for _ in range(5)], now=T0 + i)
+        made += tasks
+    seen = []
+    cursor = None
+    while True:
+        page = await store.list(limit=7, cursor=cursor)
+        seen += page.tasks
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert len(seen) == 25
+    assert {t.id for t in seen} == {t.id for t in made}
+    keys = [(t.created_at, t.id) for t in seen]
+    assert keys == sorted(keys, reverse=True)
+    assert (await store.list(limit=25)).next_cursor is None
+
+
+async def test_a_malformed_cursor_is_a_value_error(store: TaskStore) -> None:
+    for bad in ("garbage", "W10", "WyJ4IiwieSJd"):
+        with pytest.raises(ValueError, match="cursor"):
+            await store.list(cursor=bad)
+
+
+async def test_an_idempotent_repeat_returns_the_first_tasks(store: TaskStore) -> None:
+    first, created = await store.create([new(), new()], now=T0, idempotency_key="k1", request_hash="h1")
+    await store.mark_queued([first[0].id], now=T0 + 1)
+    again, created_again = await store.create([new(), new()], now=T0 + 2, idempotency_key="k1", request_hash="h1")
+    assert created and not created_again
+    assert [t.id for t in again] == [t.id for t in first]
+    assert again[0].state is State.QUEUED  # the tasks as they are now
+    assert again[0].idempotency_key == "k1"
+    assert len((await store.list()).tasks) == 2
+
+
+async def test_an_idempotency_key_reused_with_another_body_conflicts(store: TaskStore) -> None:
+    await store.create([new()], now=T0, idempotency_key="k1", request_hash="h1")
+    with pytest.raises(IdempotencyConflict):
+        await store.create([new(payload=2)], now=T0, idempotency_key="k1", request_hash="h2")
+    assert len((await store.list()).tasks) == 1
+
+
+async def test_concurrent_repeats_of_an_idempotent_create_make_the_tasks_once(
+    store: TaskStore, make_store: Callable[[], TaskStore]
+) -> None:
+    other = make_store()
+    await other.open()
+    answers = []
+
+    async def submit(i: int) -> None:
+        s = (store, other)[i % 2]
+        answers.append(await s.create([new(), new()], now=T0, idempotency_key="k", request_hash="h"))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(submit, i)
+    finally:
+        await other.close()
+    assert sorted(created for _, created in answers) == [False] * 9 + [True]
+    assert len({tuple(t.id for t in tasks) for tasks, _ in answers}) == 1
+    assert len((await store.list()).tasks) == 2
+
+
+async def test_idempotency_keys_belong_to_their_owner(store: TaskStore) -> None:
+    (a,), _ = await store.create([new(owner="alice")], now=T0, idempotency_key="k", request_hash="h")
+    (b,), created = await store.create([new(owner="bob")], now=T0, idempotency_key="k", request_hash="other")
+    assert created and a.id != b.id
+
+
+# --- transitions ------------------------------------------------------------------
+
+
+async def test_a_task_goes_pending_queued_running_succeeded(store: TaskStore) -> None:
+    (task,), _ = await store.create([new()], now=T0)
+    assert await store.mark_queued([task.id, "not-a-uuid"], now=T0 + 1) == 1
+    assert (await store.get(task.id)).state is State.QUEUED
+    claimed = await store.claim(task.id, worker="ki-1", now=T0 + 2, lease_seconds=LEASE)
+    assert claimed.state is State.RUNNING
+    assert (claimed.attempts, claimed.lease_owner, claimed.lease_expires_at, claimed.started_at) == (
+        1, "ki-1", T0 + 2 + LEASE, T0 + 2,
+    )
+    assert await store.renew(task.id, worker="ki-1", attempt=1, now=T0 + 3, lease_seconds=LEASE)
+    assert (await store.get(task.id)).lease_expires_at == T0 + 3 + LEASE
+    assert await store.finish(task.id, attempt=1, state=State.SUCCEEDED, now=T0 + 4, result={"accuracy": 0.97})
+    done = await store.get(task.id)
+    assert (done.state, done.result, done.finished_at, done.error) == (
+        State.SUCCEEDED, {"accuracy": 0.97}, T0 + 4, None,
+    )
+
+
+async def test_only_pending_tasks_are_marked_queued(store: TaskStore) -> None:
+    (task,), _ = await store.create([new()], now=T0)
+    assert await store.mark_queued([task.id], now=T0) == 1
+    assert await store.mark_queued([task.id], now=T0) == 0
+    assert await store.mark_queued([], now=T0) == 0
+
+
+async def test_claim_refuses_a_task_that_is_not_queued(store: TaskStore) -> None:
+    (task,), _ = await store.create([new()], now=T0)
+    assert await store.claim(task.id, worker="ki-1", now=T0, lease_seconds=LEASE) is None  # still pending
+    await store.mark_queued([task.id], now=T0)
+    assert await store.claim(task.id, worker="ki-1", now=T0, lease_seconds=LEASE) is not None
+    assert await store.claim(task.id, worker="ki-2", now=T0, lease_seconds=LEASE) is None  # taken
+    assert (await store.get(task.id)).lease_owner == "ki-1"
+
+
+async def test_a_stale_attempt_cannot_finish_renew_or_report(store: TaskStore) -> None:
+    task_id, attempt = await running(store)
+    assert await store.retry_or_fail(task_id, attempt=attempt, error="oom", now=T0 + 1) is State.QUEUED
+    second = await store.claim(task_id, worker="ki-2", now=T0 + 2, lease_seconds=LEASE)
+    assert second.attempts == 2
+    assert not await store.finish(task_id, attempt=1, state=State.SUCCEEDED, now=T0 + 3, result={"old": True})
+    assert not await store.renew(task_id, worker="ki-1", attempt=1, now=T0 + 3, lease_seconds=LEASE)
+    assert not await store.progress(task_id, worker="ki-1", attempt=1, progress={"epoch": 9}, now=T0 + 3)
+    assert not await store.progress(task_id, worker="ki-1", attempt=2, progress={"epoch": 9}, now=T0 + 3)
+    now = await store.get(task_id)
+    assert (now.state, now.result, now.progress) == (State.RUNNING, None, None)
+
+
+async def test_the_first_terminal_result_wins(store: TaskStore) -> None:
+    task_id, attempt = await running(store)
+    assert await store.finish(task_id, attempt=attempt, state=State.SUCCEEDED, now=T0 + 1, result={"n": 1})
+    assert not await store.finish(task_id, attempt=attempt, state=State.FAILED, now=T0 + 2, error="late")
+    assert not await store.finish(task_id, attempt=attempt, state=State.SUCCEEDED, now=T0 + 2, result={"n": 2})
+    assert await store.retry_or_fail(task_id, attempt=attempt, error="late", now=T0 + 2) is None
+    assert not await store.release(task_id, attempt=attempt, now=T0 + 2)
+    done = await store.get(task_id)
+    assert (done.state, done.result, done.error, done.finished_at) == (State.SUCCEEDED, {"n": 1}, None, T0 + 1)
+
+
+async def test_finish_needs_a_terminal_state(store: TaskStore) -> None:
+    task_id, attempt = await running(store)
+    with pytest.raises(ValueError):
+        await store.finish(task_id, attempt=attempt, state=State.QUEUED, now=T0)
+
+
+async def test_retry_or_fail_requeues_until_the_attempts_run_out(store: TaskStore) -> None:
+    task_id, attempt = await running(store, max_attempts=2)
+    assert await store.retry_or_fail(task_id, attempt=attempt, error="first", now=T0 + 1) is State.QUEUED
+    again = await store.get(task_id)
+    assert (again.state, again.lease_owner, again.error) == (State.QUEUED, None, "first")
+    second = await store.claim(task_id, worker="ki-1", now=T0 + 2, lease_seconds=LEASE)
+    assert await store.retry_or_fail(task_id, attempt=second.attempts, error="second", now=T0 + 3) is State.FAILED
+    failed = await store.get(task_id)
+    assert (failed.state, failed.attempts, failed.error, failed.finished_at) == (State.FAILED, 2, "second", T0 + 3)
+
+
+async def test_release_hands_the_task_back_without_counting_the_attempt(store: TaskStore) -> None:
+    task_id, attempt = await running(store, max_attempts=1)
+    assert await store.release(task_id, attempt=attempt, now=T0 + 1)
+    back = await store.get(task_id)
+    assert (back.state, back.attempts, back.lease_owner) == (State.QUEUED, 0, None)
+    again = await store.claim(task_id, worker="ki-2", now=T0 + 2, lease_seconds=LEASE)
+    assert again.attempts == 1  # still within max_attempts=1
+
+
+async def test_request_cancel_in_every_state(store: TaskStore) -> None:
+    pending, queued = (await store.create([new(), new()], now=T0))[0]
+    await store.mark_queued([queued.id], now=T0)
+    for task in (pending, queued):
+        cancelled = await store.request_cancel(task.id, now=T0 + 1)
+        assert (cancelled.state, cancelled.finished_at) == (State.CANCELLED, T0 + 1)
+        assert await store.claim(task.id, worker="ki-1", now=T0 + 2, lease_seconds=LEASE) is None
+
+    task_id, attempt = await running(store)
+    marked = await store.request_cancel(task_id, now=T0 + 1)
+    assert (marked.state, marked.cancel_requested) == (State.RUNNING, True)
+    assert (await store.request_cancel(task_id, now=T0 + 2)).cancel_requested  # a repeat is harmless
+    assert await store.finish(task_id, attempt=attempt, state=State.CANCELLED, now=T0 + 3)
+
+    finished_id, finished_attempt = await running(store)
+    await store.finish(finished_id, attempt=finished_attempt, state=State.SUCCEEDED, now=T0 + 1, result={})
+    unchanged = await store.request_cancel(finished_id, now=T0 + 2)
+    assert (unchanged.state, unchanged.cancel_requested, unchanged.updated_at) == (State.SUCCEEDED, False, T0 + 1)
+    assert await store.request_cancel("00000000-0000-4000-8000-000000000000", now=T0) is None
+
+
+async def test_a_failed_or_released_attempt_of_a_cancelled_task_is_not_requeued(store: TaskStore) -> None:
+    failing, attempt = await running(store)
+    await store.request_cancel(failing, now=T0 + 1)
+    assert await store.retry_or_fail(failing, attempt=attempt, error="killed", now=T0 + 2) is State.CANCELLED
+    releasing, attempt = await running(store)
+    await store.request_cancel(releasing, now=T0 + 1)
+    assert await store.release(releasing, attempt=attempt, now=T0 + 2)
+    assert (await store.get(releasing)).state is State.CANCELLED
+
+
+async def test_expired_leases_requeue_fail_or_cancel(store: TaskStore) -> None:
+    requeued, _ = await running(store, max_attempts=3)
+    exhausted, _ = await running(store, max_attempts=1)
+    cancelling, _ = await running(store, max_attempts=3)
+    await store.request_cancel(cancelling, now=T0 + 1)
+    alive, attempt = await running(store, now=T0 + LEASE)  # its lease runs until T0 + 2 * LEASE
+
+    outcome = dict(await store.expire_leases(now=T0 + LEASE + 1))
+    assert outcome == {requeued: State.QUEUED, exhausted: State.FAILED, cancelling: State.CANCELLED}
+    assert (await store.get(requeued)).lease_owner is None
+    assert (await store.get(exhausted)).error
+    assert (await store.get(alive)).state is State.RUNNING
+    assert await store.expire_leases(now=T0 + LEASE + 1) == []
+    # The expired attempt's late result loses to the expiry.
+    assert not await store.finish(requeued, attempt=1, state=State.SUCCEEDED, now=T0 + LEASE + 2)
+    assert await store.finish(alive, attempt=attempt, state=State.SUCCEEDED, now=T0 + LEASE + 2)
+
+
+async def test_progress_is_recorded_for_the_current_attempt_only(store: TaskStore) -> None:
+    task_id, attempt = await running(store)
+    assert await store.progress(task_id, worker="ki-1", attempt=attempt, progress={"epoch": 1, "loss": 0.5}, now=T0)
+    assert not await store.progress(task_id, worker="ki-2", attempt=attempt, progress={"epoch": 7}, now=T0)
+    assert (await store.get(task_id)).progress == {"epoch": 1, "loss": 0.5}
+    # JSON has no NaN: a diverged loss is stored as null instead of failing the report.
+    assert await store.progress(task_id, worker="ki-1", attempt=attempt, progress={"loss": float("nan")}, now=T0)
+    assert (await store.get(task_id)).progress == {"loss": None}
+    await store.retry_or_fail(task_id, attempt=attempt, error="x", now=T0 + 1)
+    second = await store.claim(task_id, worker="ki-2", now=T0 + 2, lease_seconds=LEASE)
+    assert second.progress is None
+
+
+async def test_ids_in_state_lists_the_oldest_first(store: TaskStore) -> None:
+    old, _ = await store.create([new()], now=T0)
+    newer, _ = await store.create([new()], now=T0 + 10)
+    await store.create([new()], now=T0 + 100)
+    assert await store.ids_in_state(State.PENDING, older_than=T0 + 50) == [old[0].id, newer[0].id]
+    assert await store.ids_in_state(State.PENDING, older_than=T0 + 50, limit=1) == [old[0].id]
+    assert await store.ids_in_state(State.QUEUED, older_than=T0 + 500) == []
+
+
+async def test_counts_by_state_and_kind(store: TaskStore) -> None:
+    tasks, _ = await store.create([new(kind="echo"), new(kind="echo"), new(kind="train")], now=T0)
+    await store.mark_queued([tasks[0].id], now=T0)
+    assert await store.counts() == {("queued", "echo"): 1, ("pending", "echo"): 1, ("pending", "train"): 1}
+
+
+# --- artifacts --------------------------------------------------------------------
+
+
+async def test_artifacts_round_trip_byte_for_byte(store: TaskStore) -> None:
+    (task,), _ = await store.create([new()], now=T0)
+    blob = bytes(range(256)) * 4096 + b"\x00"
+    await store.put_artifact(task.id, "model.safetensors", blob, now=T0)
+    await store.put_artifact(task.id, "Metrics.json", b"{}", now=T0)
+    assert await store.get_artifact(task.id, "model.safetensors") == blob
+    await store.put_artifact(task.id, "Metrics.json", b'{"a":1}', now=T0 + 1)  # replaced
+    assert await store.get_artifact(task.id, "Metrics.json") == b'{"a":1}'
+    assert await store.get_artifact(task.id, "missing") is None
+    assert (await store.get(task.id)).artifacts == ["Metrics.json", "model.safetensors"]
+
+
+async def test_an_artifact_needs_an_existing_task(store: TaskStore) -> None:
+    for task_id in ("00000000-0000-4000-8000-000000000000", "not-a-uuid"):
+        with pytest.raises(StoreError):
+            await store.put_artifact(task_id, "model", b"x", now=T0)
+
+
+# --- lifetime, migrations and concurrency -----------------------------------------
+
+
+async def test_a_reopened_store_keeps_its_data_and_schema_version(
+    store: TaskStore, make_store: Callable[[], TaskStore]
+) -> None:
+    (task,), _ = await store.create([new()], now=T0)
+    assert await store.schema_version() == LATEST_VERSION
+    await store.close()
+    await store.open()
+    assert (await store.get(task.id)).id == task.id
+    assert await store.schema_version() == LATEST_VERSION
+    other = make_store()
+    await other.open()
+    try:
+        assert (await other.get(task.id)).id == task.id
+        assert await other.schema_version() == LATEST_VERSION
+    finally:
+        await other.close()
+
+
+async def test_twenty_concurrent_claims_have_exactly_one_winner(
+    store: TaskStore, make_store: Callable[[], TaskStore]
+) -> None:
+    # Several stores on the same database: the race is decided by the database, not by one process's lock.
+    others = [make_store() for _ in range(3)]
+    for other in others:
+        await other.open()
+    stores = [store, *others]
+    try:
+        (task,), _ = await store.create([new()], now=T0)
+        await store.mark_queued([task.id], now=T0)
+        winners = []
+
+        async def claim(i: int) -> None:
+            got = await stores[i % len(stores)].claim(task.id, worker=f"ki-{i}", now=T0, lease_seconds=LEASE)
+            if got is not None:
+                winners.append(got)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(claim, i)
+        assert len(winners) == 1
+        final = await store.get(task.id)
+        assert (final.attempts, final.lease_owner) == (1, winners[0].lease_owner)
+    finally:
+        for other in others:
+            await other.close()
+
+
+async def test_a_sqlite_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.sqlite3"
+    first = open_store("sqlite", sqlite_path=path)
+    await first.open()
+    await first.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (999, 'from the future', 0)")
+    conn.close()
+    with pytest.raises(StoreError, match="version 999"):
+        await open_store("sqlite", sqlite_path=path).open()
+
+
+@pytest.mark.postgres
+async def test_a_postgres_database_newer_than_the_code_is_refused(postgres_url: str, pg_schema: str) -> None:
+    first = open_store("postgres", url=postgres_url, schema=pg_schema)
+    await first.open()
+    await first.close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("INSERT INTO {} VALUES (999, 'from the future', 0)").format(
+                sql.Identifier(pg_schema, "schema_migrations")
+            )
+        )
+    with pytest.raises(StoreError, match="version 999"):
+        await open_store("postgres", url=postgres_url, schema=pg_schema).open()
+
+
+@pytest.mark.postgres
+async def test_nodes_opening_a_fresh_database_together_migrate_it_once(postgres_url: str, pg_schema: str) -> None:
+    stores = [open_store("postgres", url=postgres_url, schema=pg_schema, pool_size=1) for _ in range(4)]
+    try:
+        async with trio.open_nursery() as nursery:
+            for s in stores:
+                nursery.start_soon(s.open)
+        assert [await s.schema_version() for s in stores] == [LATEST_VERSION] * 4
+    finally:
+        for s in stores:
+            await s.close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT version FROM {}").format(sql.Identifier(pg_schema, "schema_migrations"))
+        ).fetchall()
+    assert sorted(r[0] for r in rows) == list(range(1, LATEST_VERSION + 1))
+
+
+# --- PostgreSQL serialization failures (SQLSTATE 40001) ---------------------------
+
+
+@pytest.fixture
+def counter_pool(postgres_url: str, pg_schema: str) -> Iterator[ConnectionPool]:
+    """A pool on a one-row table ``counter(k=1, v=0)`` in the test's own schema."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(pg_schema)))
+        conn.execute(sql.SQL("CREATE TABLE {} (k INT PRIMARY KEY, v INT)").format(sql.Identifier(pg_schema, "counter")))
+        conn.execute(sql.SQL("INSERT INTO {} VALUES (1, 0)").format(sql.Identifier(pg_schema, "counter")))
+    pool = ConnectionPool(postgres_url, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False)
+    pool.open(wait=True, timeout=10)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def _conflicting_increment(url: str, table: sql.Composable, conflict_on: Callable[[int], bool]):
+    """An increment in a SERIALIZABLE transaction that, on the calls ``conflict_on`` picks, lets a
+    second SERIALIZABLE transaction update the row between its read and its write."""
+    calls = []
+
+    def increment(conn: psycopg.Connection) -> int:
+        calls.append(1)
+        conn.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        (value,) = conn.execute(sql.SQL("SELECT v FROM {} WHERE k = 1").format(table)).fetchone()
+        if conflict_on(len(calls)):
+            with psycopg.connect(url) as other:
+                other.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+                other.execute(sql.SQL("UPDATE {} SET v = v + 100 WHERE k = 1").format(table))
+                other.commit()
+        conn.execute(sql.SQL("UPDATE {} SET v = %s WHERE k = 1").format(table), (value + 1,))
+        return value
+
+    return increment, calls
+
+
+@pytest.mark.postgres
+async def test_a_serialization_failure_is_retried(
+    postgres_url: str, pg_schema: str, counter_pool: ConnectionPool
+) -> None:
+    table = sql.Identifier(pg_schema, "counter")
+    increment, calls = _conflicting_increment(postgres_url, table, lambda call: call == 1)
+    seen = await run_transaction(counter_pool, increment)
+    assert (len(calls), seen) == (2, 100)  # the first try hit 40001; the retry read the other's write
+    with counter_pool.connection() as conn:
+        assert conn.execute(sql.SQL("SELECT v FROM {}").format(table)).fetchone() == (101,)
+
+
+@pytest.mark.postgres
+async def test_serialization_failures_give_up_after_max_attempts(
+    postgres_url: str, pg_schema: str, counter_pool: ConnectionPool
+) -> None:
+    table = sql.Identifier(pg_schema, "counter")
+    increment, calls = _conflicting_increment(postgres_url, table, lambda call: True)
+    with pytest.raises(StoreError, match="40001"):
+        await run_transaction(counter_pool, increment, max_attempts=3)
+    assert len(calls) == 3
+
+
+@pytest.mark.postgres
+async def test_a_cancelled_transaction_is_abandoned_and_its_connection_reused(postgres_url: str) -> None:
+    pool = ConnectionPool(postgres_url, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False)
+    pool.open(wait=True, timeout=10)
+    try:
+        with trio.move_on_after(0.2) as scope:
+            await run_transaction(pool, lambda conn: conn.execute("SELECT pg_sleep(30)"))
+        assert scope.cancelled_caught
+        # The only connection comes back, idle and usable, only if the server-side cancel reached the sleep.
+        with trio.fail_after(5):
+            assert await run_transaction(pool, lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)
+    finally:
+        pool.close()

@@ -1,0 +1,78 @@
+"""Spec validation: defaults filled in, every wrong field named, no torch needed."""
+
+import pytest
+
+from p2pnn.tasks import Limits, SpecError, State, Task, check_against_model, validate_spec
+
+LIMITS = Limits()
+
+
+def test_defaults_make_the_demo_training():
+    spec = validate_spec({"kind": "train"}, LIMITS)
+    assert spec["model"]["name"] == "mlp" and spec["dataset"]["name"] == "digits"
+    assert (spec["optimizer"], spec["lr"], spec["epochs"], spec["batch_size"], spec["seed"]) == ("adam", 1e-3, 20, 64, 0)
+    assert spec["dataset"]["sample_shape"] == [8, 8]
+
+
+@pytest.mark.parametrize(
+    "raw, path",
+    [
+        (None, "spec"),
+        ({"kind": 3}, "spec.kind"),
+        ({"kind": "train", "epochs": 1.5}, "spec.epochs"),
+        ({"kind": "train", "epochs": True}, "spec.epochs"),
+        ({"kind": "train", "lr": float("nan")}, "spec.lr"),
+        ({"kind": "train", "model": {"name": "mlp", "hidden": []}}, "spec.model.hidden"),
+        ({"kind": "train", "model": {"name": "transformer", "d_model": 30, "heads": 4},
+          "dataset": {"name": "digits"}}, "spec.model.heads"),
+        ({"kind": "train", "model": {"name": "transformer"}, "dataset": {"name": "synthetic"}}, "spec.model.name"),
+        ({"kind": "train", "dataset": {"name": "synthetic", "features": 1, "classes": 3}}, "spec.dataset.classes"),
+        ({"kind": "train", "dataset": {"name": "synthetic", "features": 6, "shape": [4, 2]}}, "spec.dataset.shape"),
+        ({"kind": "train", "dataset": {"name": "inline", "x": [[1.0]] * 4, "y": [0, 1]}}, "spec.dataset.y"),
+        ({"kind": "train", "dataset": {"name": "inline", "x": [[1.0]] * 4, "y": [0, 1, 0, -1]}}, "spec.dataset.y"),
+        ({"kind": "train", "dataset": {"name": "inline", "x": [[[[[1.0]]]]] * 4, "y": [0] * 4}}, "spec.dataset.x"),
+        ({"kind": "infer", "model_task": "t", "inputs": [1.0, 2.0]}, "spec.inputs"),
+        ({"kind": "infer", "model_task": "", "inputs": [[1.0]]}, "spec.model_task"),
+        ({"kind": "echo", "max_attempts": 0}, "spec.max_attempts"),
+    ],
+)
+def test_invalid_fields_are_named(raw, path):
+    with pytest.raises(SpecError) as err:
+        validate_spec(raw, LIMITS)
+    assert err.value.path == path
+
+
+def _trained(**dataset) -> Task:
+    spec = validate_spec({"kind": "train", "dataset": dataset or {"name": "digits"}}, LIMITS)
+    return Task(id="m", kind="train", spec=spec, state=State.SUCCEEDED, owner="o", attempts=1, max_attempts=3,
+                created_at=0, updated_at=0)
+
+
+def test_infer_inputs_must_match_the_models_sample_shape():
+    model = _trained()
+    check_against_model(validate_spec({"kind": "infer", "model_task": "m", "inputs": [[[0.0] * 8] * 8]}, LIMITS), model)
+    with pytest.raises(SpecError, match=r"shape \[8, 8\]"):
+        check_against_model(validate_spec({"kind": "infer", "model_task": "m", "inputs": [[0.0] * 64]}, LIMITS), model)
+
+
+def test_evaluate_dataset_must_suit_the_model():
+    model = _trained(name="synthetic", features=4, classes=2)
+    ok = validate_spec({"kind": "evaluate", "model_task": "m", "dataset": {"name": "synthetic", "features": 4}}, LIMITS)
+    check_against_model(ok, model)
+    for dataset, path in [
+        ({"name": "synthetic", "features": 4, "problem": "regression"}, "spec.dataset.problem"),
+        ({"name": "synthetic", "features": 4, "classes": 5}, "spec.dataset"),
+        ({"name": "synthetic", "features": 5}, "spec.dataset"),
+    ]:
+        with pytest.raises(SpecError) as err:
+            check_against_model(validate_spec({"kind": "evaluate", "model_task": "m", "dataset": dataset}, LIMITS), model)
+        assert err.value.path == path
+
+
+def test_unfinished_or_missing_model_task_is_refused():
+    spec = validate_spec({"kind": "evaluate", "model_task": "m"}, LIMITS)
+    with pytest.raises(SpecError, match="no task"):
+        check_against_model(spec, None)
+    running = Task(**{**_trained().__dict__, "state": State.RUNNING})
+    with pytest.raises(SpecError, match="not a succeeded train task"):
+        check_against_model(spec, running)
