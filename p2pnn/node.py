@@ -24,6 +24,7 @@ from p2pnn.compute.pool import KiPool
 from p2pnn.config import Config
 from p2pnn.dispatch import KiRunner, Sweeper
 from p2pnn.metrics import Metrics
+from p2pnn.roles import RoleHost
 from p2pnn.service import TaskService
 from p2pnn.store import StoreError, TaskStore, open_store
 from p2pnn.tasks import Limits
@@ -128,14 +129,17 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         hconf.loglevel = "WARNING"  # hypercorn's start-up banner would bypass our event format
         hconf.max_app_queue_size = 100
 
+        roles = RoleHost({"principal": sweeper.run, "ki": runner.run})
         async with trio.open_nursery() as nursery:
             await nursery.start(bus.run)
             await nursery.start(pool.run)
-            await nursery.start(runner.run)
-            await nursery.start(sweeper.run)
+            await nursery.start(roles.run)
+            # Alone, a node holds every role: it sweeps, dispatches (trivially) and works.
+            await roles.assume({"principal", "an", "ki"})
             bound = await nursery.start(partial(hypercorn.trio.serve, app, hconf, shutdown_trigger=trio.sleep_forever))
             url = _public_url(bound[0]) if bound else f"http://{host}:{config.api.port}"
-            log.info("node.ready", api=url, node_id=ident.node_id, store=config.store.backend, slots=pool.slots, insecure=config.api.insecure)
+            log.info("node.ready", api=url, node_id=ident.node_id, store=config.store.backend, slots=pool.slots,
+                     roles=",".join(sorted(roles.roles)), insecure=config.api.insecure)
             task_status.started(NodeHandle(node_id=ident.node_id, api_url=url))
     finally:
         with trio.CancelScope(shield=True):
