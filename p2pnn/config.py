@@ -66,6 +66,9 @@ class StoreConfig:
     url: str = field(default="", metadata=_key(doc="postgresql://user@host:port/db (PostgreSQL or CockroachDB)"))
     schema: str = field(default="public")
     pool_size: int = field(default=4, metadata=_key(lo=1, hi=64))
+    sqlite_synchronous: str = field(
+        default="full", metadata=_key(choices=("full", "normal"), doc="normal: faster, may lose the last commits on power loss")
+    )
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class BusConfig:
 class ComputeConfig:
     slots: int = field(default=2, metadata=_key(lo=0, hi=256, doc="worker processes; 0 runs no tasks here"))
     torch_threads: int = field(default=1, metadata=_key(lo=1, hi=256))
+    preload_torch: bool = field(default=True, metadata=_key(doc="workers import torch at start, not at their first job"))
     max_attempts: int = field(default=3, metadata=_key(lo=1, hi=20))
     lease_seconds: float = field(default=30.0, metadata=_key(lo=1, hi=3600))
     max_epochs: int = field(default=200, metadata=_key(lo=1, hi=100_000))

@@ -1,7 +1,8 @@
 """Start `p2pnn-node` processes and wait until they serve: for the local swarm script, benchmarks and tests.
 
-A node started here logs JSON events to a file; readiness is its
-``node.ready`` event, which carries the API address it bound (port 0 works).
+A node started here logs JSON events to a file; it is ready once it has
+written ``<data_dir>/node.json`` with its pid and the API address it bound
+(so port 0 works, whatever the log level).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from p2pnn.node import READY_FILE
 
 READY_TIMEOUT = 60.0  # a cold start imports the stack and spawns the worker processes
 POLL_SECONDS = 0.05
@@ -82,12 +85,16 @@ def start_node(
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env, start_new_session=True,
         )
     node = NodeProcess(proc, log_path)
+    ready_file = data_dir / READY_FILE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for event in node.events():
-            if event.get("event") == "node.ready":
-                node.url, node.node_id = event["api"], event.get("node_id", "")
-                return node
+        try:
+            info = json.loads(ready_file.read_text())
+        except (FileNotFoundError, ValueError):
+            info = {}
+        if info.get("pid") == proc.pid:  # not a file left by an earlier, killed node
+            node.url, node.node_id = info["api"], info["node_id"]
+            return node
         if proc.poll() is not None:
             raise RuntimeError(f"node exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
         time.sleep(POLL_SECONDS)

@@ -7,6 +7,8 @@ the sweeper, and last the API, so a node that answers HTTP is ready to work.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,6 +34,7 @@ from p2pnn.tasks import Limits
 log = logs.get(__name__)
 
 GRACEFUL_HTTP_SECONDS = 2.0  # requests in flight at shutdown get this long to finish
+READY_FILE = "node.json"  # pid, node id and API address of the running node, for launchers and scripts
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,15 @@ def store_of(config: Config) -> TaskStore:
     return open_store(
         s.backend,
         sqlite_path=Path(s.path).expanduser() if s.path else config.data_dir / "p2pnn.sqlite3",
-        url=s.url or None, schema=s.schema, pool_size=s.pool_size,
+        url=s.url or None, schema=s.schema, pool_size=s.pool_size, sqlite_synchronous=s.sqlite_synchronous,
     )
+
+
+def _write_ready_file(data_dir: Path, info: dict[str, Any]) -> None:
+    # Written whole and renamed into place, so a reader never sees half a file.
+    tmp = data_dir / f".{READY_FILE}.tmp"
+    tmp.write_text(json.dumps(info))
+    tmp.replace(data_dir / READY_FILE)
 
 
 def _public_url(bound: str) -> str:
@@ -93,7 +103,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         workdir.mkdir(parents=True, exist_ok=True)
         pool = KiPool(
             slots=config.compute.slots, torch_threads=config.compute.torch_threads,
-            limits=limits_of(config), workdir=workdir,
+            limits=limits_of(config), workdir=workdir, preload_torch=config.compute.preload_torch,
         )
         runner = KiRunner(
             node_id=ident.node_id, store=store, bus=bus, pool=pool, metrics=metrics,
@@ -140,8 +150,10 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             url = _public_url(bound[0]) if bound else f"http://{host}:{config.api.port}"
             log.info("node.ready", api=url, node_id=ident.node_id, store=config.store.backend, slots=pool.slots,
                      roles=",".join(sorted(roles.roles)), insecure=config.api.insecure)
+            _write_ready_file(config.data_dir, {"pid": os.getpid(), "node_id": ident.node_id, "api": url})
             task_status.started(NodeHandle(node_id=ident.node_id, api_url=url))
     finally:
+        (config.data_dir / READY_FILE).unlink(missing_ok=True)
         with trio.CancelScope(shield=True):
             await store.close()
         log.info("node.stopped")

@@ -154,3 +154,16 @@ def test_demo_trains_digits_to_95_percent_and_exits_0(tmp_path):
     accuracy = float(out.stdout.strip().splitlines()[-1].split()[-1])
     assert accuracy >= 0.95
     assert "predictions on 8 test images" in out.stdout
+
+
+async def test_node_with_no_slots_accepts_tasks_but_runs_none(tmp_path):
+    data = tmp_path / "n1"
+    node = start_node_process(data, "--slots", "0")
+    try:
+        assert node.worker_pids() == []
+        async with Client(node.url, token(data, "operator")) as client:
+            task = await client.submit({"kind": "echo"})
+            await trio.sleep(1.0)
+            assert (await client.get(task["id"]))["state"] == "queued"
+    finally:
+        node.stop()

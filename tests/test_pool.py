@@ -22,8 +22,10 @@ LIMITS = Limits()
 
 
 @asynccontextmanager
-async def running_pool(workdir: Path, slots: int = 2, limits: Limits = LIMITS) -> AsyncIterator[KiPool]:
-    pool = KiPool(slots, 1, limits, workdir)
+async def running_pool(
+    workdir: Path, slots: int = 2, limits: Limits = LIMITS, preload_torch: bool = False
+) -> AsyncIterator[KiPool]:
+    pool = KiPool(slots, 1, limits, workdir, preload_torch=preload_torch)
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
         yield pool
@@ -228,3 +230,24 @@ def test_the_daemon_side_never_imports_torch() -> None:
     probe = "import sys, p2pnn.compute.pool, p2pnn.compute; print(sorted(m for m in ('torch', 'numpy', 'sklearn', 'p2pnn.nn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _has_torch(pid: int) -> bool:
+    return "torch/lib" in Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_preloading_workers_import_torch_before_their_first_job(tmp_path: Path) -> None:
+    async with running_pool(tmp_path / "lazy", slots=1) as lazy, running_pool(
+        tmp_path / "eager", slots=1, preload_torch=True
+    ) as eager:
+        with trio.fail_after(60):
+            while not _has_torch(eager.worker_pids()[0]):
+                await trio.sleep(0.1)
+        # echo jobs are served while (and after) torch loads
+        assert (await eager.execute(echo("e1", "x"), ignore)).status == "succeeded"
+        assert not _has_torch(lazy.worker_pids()[0])
+
+
+async def test_a_pool_of_no_slots_runs_nothing_and_starts_no_process(tmp_path: Path) -> None:
+    async with running_pool(tmp_path, slots=0) as pool:
+        assert pool.slots == 0 and pool.worker_pids() == []

@@ -51,7 +51,12 @@ def _json(body: Any, status: int = 200) -> Response:
 
 
 def _error(status: int, error: str, detail: str = "") -> Response:
-    return _json({"error": error, "detail": detail}, status)
+    resp = _json({"error": error, "detail": detail}, status)
+    if status == 413:
+        # The rest of the refused body may still be on the wire: this connection
+        # cannot carry another request, so say so and let the server close it.
+        resp.headers["Connection"] = "close"
+    return resp
 
 
 def create_app(ctx: ApiContext) -> QuartTrio:

@@ -45,6 +45,8 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 _READ_CHUNK = 65536
 # Passed to the worker, which arms PR_SET_PDEATHSIG and checks it still has this parent.
 PARENT_PID_ENV = "P2PNN_PARENT_PID"
+# Set when workers should import torch in the background as soon as they start.
+PRELOAD_TORCH_ENV = "P2PNN_PRELOAD_TORCH"
 # How often to check for exit where pidfd_open is missing (not Linux, or old kernels).
 _EXIT_POLL = 0.05
 
@@ -100,9 +102,11 @@ class KiPool:
         workdir: Path,
         python: str = sys.executable,
         env: dict[str, str] | None = None,
+        preload_torch: bool = False,
     ) -> None:
-        if slots < 1:
-            raise ValueError(f"slots must be at least 1, got {slots}")
+        if slots < 0:
+            raise ValueError(f"slots must not be negative, got {slots}")
+        self._preload_torch = preload_torch
         self._slots = slots
         self._torch_threads = torch_threads
         self._limits = limits
@@ -262,6 +266,8 @@ class KiPool:
     async def _spawn(self) -> _Worker:
         env = dict(os.environ if self._env is None else self._env)
         env[PARENT_PID_ENV] = str(os.getpid())
+        if self._preload_torch:
+            env[PRELOAD_TORCH_ENV] = "1"
         worker = _Worker.start([self._python, "-m", WORKER_MODULE], env)
         try:
             with trio.fail_after(READY_TIMEOUT):
@@ -285,11 +291,12 @@ class KiPool:
         request.worker = worker
         jobdir = self._workdir / f"{_safe_name(job.task_id)}-{job.attempt}-{uuid.uuid4().hex[:8]}"
         try:
-            await trio.to_thread.run_sync(jobdir.mkdir)
+            # The directory is made only where a file goes in (here, or by a train job's
+            # worker): an echo job then costs no filesystem work at all.
             model_path = None
             if job.model_file is not None:
                 model_path = jobdir / "source.safetensors"
-                await trio.to_thread.run_sync(model_path.write_bytes, job.model_file)
+                await trio.to_thread.run_sync(_write_file, model_path, job.model_file)
             message = {
                 "task_id": job.task_id,
                 "attempt": job.attempt,
@@ -326,7 +333,8 @@ class KiPool:
             return Outcome("succeeded", result=reply.get("result"), artifacts=artifacts)
         finally:
             request.worker = None
-            await trio.to_thread.run_sync(shutil.rmtree, jobdir, True)
+            if jobdir.exists():
+                await trio.to_thread.run_sync(shutil.rmtree, jobdir, True)
 
     async def _converse(self, worker: _Worker, request: _Request, message: dict[str, Any]) -> dict[str, Any] | None:
         """Send the job, relay progress; the final result/error message, or None if the worker died."""
@@ -344,6 +352,11 @@ class KiPool:
                 request.event("progress", reply.get("progress") or {})
             elif reply.get("type") in ("result", "error"):
                 return reply
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 def _collect(jobdir: Path, named: dict[str, str]) -> dict[str, bytes]:

@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import fields
@@ -33,6 +34,9 @@ from p2pnn.tasks import Limits, SpecError
 
 # Set by the pool: the pid the worker must die with (checked once prctl is armed, to close the race).
 PARENT_PID_ENV = "P2PNN_PARENT_PID"
+# Set by the pool: import torch in the background right after start-up, so the
+# first training job does not wait for it while echo jobs are served at once.
+PRELOAD_TORCH_ENV = "P2PNN_PRELOAD_TORCH"
 # Linux prctl option: deliver a signal to this process when the thread that forked it exits.
 PR_SET_PDEATHSIG = 1
 # An error message is one line a user reads in an API answer, not a log dump.
@@ -45,10 +49,24 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group; the pool decides when a worker ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _write(protocol, {"type": "ready", "pid": os.getpid()})
+    if os.environ.get(PRELOAD_TORCH_ENV) == "1":
+        # A job that needs torch meanwhile waits on the import lock, never imports twice.
+        threading.Thread(target=_preload, name="preload-torch", daemon=True).start()
     runner = _Runner(protocol)
     for raw in sys.stdin.buffer:
         if raw.strip():
             runner.handle(raw)
+
+
+def _preload() -> None:
+    try:
+        import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401
+
+        import p2pnn.nn.data  # noqa: F401  (scikit-learn)
+        import p2pnn.nn.models  # noqa: F401
+    except Exception:  # the job that needs it reports the failure
+        traceback.print_exc(file=sys.stderr)
 
 
 def _claim_protocol_stream() -> IO[bytes]:

@@ -31,6 +31,7 @@ def open_store(
     url: str | None = None,
     schema: str = "public",
     pool_size: int = 4,
+    sqlite_synchronous: str = "full",
 ) -> TaskStore:
     """A store for ``backend`` ("sqlite" needs ``sqlite_path``, "postgres" needs ``url``), not yet opened.
 
@@ -44,7 +45,7 @@ def open_store(
             raise ValueError("the sqlite backend needs sqlite_path")
         from p2pnn.store.sqlite import SqliteTaskStore
 
-        return SqliteTaskStore(sqlite_path)
+        return SqliteTaskStore(sqlite_path, synchronous=sqlite_synchronous)
     if backend == "postgres":
         if not url:
             raise ValueError("the postgres backend needs a database url")

@@ -19,6 +19,11 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS = 5000  # another process (a CLI, a second node on the same file) may hold the write lock that long
 
 
+# full: every commit reaches the disk (survives power loss); normal: in WAL mode, commits
+# survive a crash of the process but the last ones may roll back after a power loss.
+SYNCHRONOUS_MODES = ("full", "normal")
+
+
 class SqliteTaskStore(SqlTaskStore):
     """Tasks in one SQLite file, reached through one connection.
 
@@ -37,8 +42,11 @@ class SqliteTaskStore(SqlTaskStore):
     Error handling: sqlite3 errors become StoreError.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, synchronous: str = "full") -> None:
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
         self._path = str(path)
+        self._synchronous = synchronous
         self._conn: sqlite3.Connection | None = None
         self._lock = trio.Lock()
 
@@ -57,6 +65,7 @@ class SqliteTaskStore(SqlTaskStore):
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
                 conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
             except BaseException:
                 conn.close()
                 raise
