@@ -9,7 +9,6 @@ Sweeper   the principal's chore: re-queues tasks whose lease lapsed and
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
@@ -28,6 +27,7 @@ MODEL_ARTIFACT = "model.safetensors"
 RENEWALS_PER_LEASE = 3  # renew well before expiry: two renewals may fail before the lease lapses
 STORE_RETRY_SECONDS = 1.0  # back-off when the store is unreachable
 HANDBACK_SECONDS = 5.0  # how long a clean shutdown may spend handing running tasks back
+REPUBLISH_PAGE = 500  # queued tasks read per page when re-publishing them all at start
 
 
 class KiRunner:
@@ -220,7 +220,7 @@ class Sweeper:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if self.republish_queued:
-            await self._republish(State.QUEUED, older_than=math.inf)
+            await self._republish_all_queued()
         task_status.started()
         while True:
             try:
@@ -238,6 +238,21 @@ class Sweeper:
         if requeued:
             await self._publish(requeued)
         await self._republish(State.PENDING, older_than=self._clock() - self.pending_after)
+
+    async def _republish_all_queued(self) -> None:
+        # Page through them: publishing leaves a queued task queued, so "the oldest N" would repeat.
+        cursor, total = None, 0
+        while True:
+            page = await self.store.list(state=State.QUEUED, limit=REPUBLISH_PAGE, cursor=cursor)
+            if page.tasks:
+                total += len(page.tasks)
+                await self._publish([t.id for t in page.tasks])
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        if total:
+            self.metrics.republished.inc(total)
+            log.info("sweeper.republish", state=State.QUEUED.value, tasks=total)
 
     async def _republish(self, state: State, *, older_than: float) -> None:
         ids = await self.store.ids_in_state(state, older_than=older_than)

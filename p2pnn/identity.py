@@ -18,6 +18,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -84,28 +85,26 @@ def init_data_dir(data_dir: Path) -> list[str]:
     return made
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+def _load_pem(path: Path, what: str, parse: Callable[[bytes], Any], expected: type) -> Any:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = parse(path.read_bytes())
     except FileNotFoundError:
         raise IdentityError(f"{path}: no such key file (run `p2pnn-node init`)") from None
     except ValueError as exc:
-        raise IdentityError(f"{path}: not a PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(f"{path}: not a PEM {what} ({exc})") from None
+    if not isinstance(key, expected):
         raise IdentityError(f"{path}: not an Ed25519 key")
     return key
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    return _load_pem(
+        path, "private key", lambda data: serialization.load_pem_private_key(data, password=None), Ed25519PrivateKey
+    )
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise IdentityError(f"{path}: no such key file") from None
-    except ValueError as exc:
-        raise IdentityError(f"{path}: not a PEM public key ({exc})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise IdentityError(f"{path}: not an Ed25519 key")
-    return key
+    return _load_pem(path, "public key", serialization.load_pem_public_key, Ed25519PublicKey)
 
 
 def load_identity(data_dir: Path) -> Identity:

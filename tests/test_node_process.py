@@ -167,3 +167,20 @@ async def test_node_with_no_slots_accepts_tasks_but_runs_none(tmp_path):
             assert (await client.get(task["id"]))["state"] == "queued"
     finally:
         node.stop()
+
+
+async def test_every_queued_task_is_run_after_a_restart_even_past_one_page(tmp_path):
+    data = tmp_path / "n1"
+    node = start_node_process(data, "--slots", "0")  # accepts, runs nothing: all stay queued
+    try:
+        async with Client(node.url, token(data, "operator")) as client:
+            ids = [t["id"] for t in await client.submit_many([{"kind": "echo", "payload": i} for i in range(600)])]
+    finally:
+        node.stop()
+    node = start_node_process(data)
+    try:
+        async with Client(node.url, token(data, "viewer")) as client:
+            done = await client.wait_all(ids, timeout=120)
+        assert all(t["state"] == "succeeded" for t in done.values())
+    finally:
+        node.stop()
