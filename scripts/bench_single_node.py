@@ -36,6 +36,7 @@ from p2pnn.launcher import start_node
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENT_SUBMITTERS = 8  # parallel HTTP clients for the one-task-per-POST run
 BATCH = 100
+TORCH_THREADS = 1  # the node's default compute.torch_threads; the plain script is given the same
 DEMO_SPEC = {
     "kind": "train", "model": {"name": "mlp"}, "dataset": {"name": "digits"},
     "optimizer": "adam", "lr": 1e-3, "epochs": 20, "batch_size": 64, "seed": 0,
@@ -112,7 +113,8 @@ async def training(client: Client) -> dict:
 def plain_torch() -> dict:
     start = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train_digits_plain.py")], capture_output=True, text=True, check=True
+        [sys.executable, str(ROOT / "scripts" / "train_digits_plain.py"), "--threads", str(TORCH_THREADS)],
+        capture_output=True, text=True, check=True,
     )
     wall = time.perf_counter() - start
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -123,7 +125,8 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="p2pnn-bench-") as tmp:
         data = Path(tmp)
         node = start_node(data, env={"P2PNN_API__HOST": "127.0.0.1", "P2PNN_API__PORT": "0",
-                                     "P2PNN_COMPUTE__SLOTS": "2", "P2PNN_LOG__LEVEL": "warning"})
+                                     "P2PNN_COMPUTE__SLOTS": "2", "P2PNN_COMPUTE__TORCH_THREADS": str(TORCH_THREADS),
+                                     "P2PNN_LOG__LEVEL": "warning"})
         try:
             await trio.sleep(1.0)
             idle_rss = _rss_mb(node.proc.pid)
@@ -140,7 +143,8 @@ async def main(args: argparse.Namespace) -> None:
             torch_in_daemon = _has_torch(node.proc.pid)
         finally:
             node.stop()
-    print(f"machine: {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; node: 2 worker slots, SQLite")
+    print(f"machine: {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; node: 2 worker slots, SQLite; "
+          f"torch threads per training: {TORCH_THREADS} (node slot and plain script alike)")
     print(f"daemon idle RSS: {idle_rss:.0f} MiB; torch loaded in daemon: {torch_in_daemon}")
     print(f"echo throughput, 1 task per POST ({CONCURRENT_SUBMITTERS} clients): {single:.0f} tasks/s ({args.tasks} tasks)")
     print(f"echo throughput, {BATCH} tasks per POST: {batched:.0f} tasks/s ({args.tasks} tasks)")
