@@ -229,6 +229,8 @@ class _Link:
             self.to_trio(batch.done.set)
         self._pending.clear()
         self._pub = self._bcast = None
+        for consumer in self.consumers:
+            consumer.channel = None
         conn, self.conn = self.conn, None
         if conn is not None:
             try:
@@ -242,7 +244,12 @@ class _Link:
                 fn = self._commands.get_nowait()
             except queue_mod.Empty:
                 return
-            fn()
+            try:
+                fn()
+            except Exception:
+                if self.connected.is_set():
+                    raise  # the connection is broken: reconnect
+                # Disconnected: what needed the connection (an ack) is moot, the broker redelivers.
 
     def name(self, logical: str) -> str:
         return f"{self.s.prefix}.{logical}"
