@@ -135,3 +135,20 @@ def _restart_rabbitmq() -> None:
     time.sleep(1.0)
     rabbitmqctl("start_app")
     rabbitmqctl("await_startup")
+
+
+async def test_with_the_principal_dead_a_standby_sweeper_requeues_a_dead_kis_task(swarm):
+    swarm.start("principal", "principal")
+    swarm.start("an", "an")
+    swarm.start("ki", "ki", slots=1)
+    await _an_sees(swarm, "an", 1)
+    swarm.kill("principal")  # and it stays dead: no election yet to name another
+    async with Client(swarm.nodes["an"].url) as client:
+        task = await client.submit({"kind": "echo", "payload": "orphan", "sleep": 3})
+        await _until(lambda: _states(swarm, [task["id"]]).get(task["id"]) == "running", 30, "the task to run")
+        swarm.kill("ki")
+        swarm.restart("ki")
+        done = await client.wait(task["id"], timeout=60)
+    assert done["state"] == "succeeded" and done["attempts"] == 2
+    expired = [e for n in ("an", "ki") for e in swarm.nodes[n].events() if e.get("event") == "task.lease_expired"]
+    assert expired, "no standby sweeper saw the lease lapse"
