@@ -42,7 +42,7 @@ from p2pnn.tasks import TERMINAL, needs_of
 
 log = logs.get(__name__)
 
-BEAT_MIN_GAP = 0.01  # beats on change are coalesced to at most one per this many seconds
+BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
 WAIT_FOR_ROOM = 0.5  # how long an An waits for a beat before looking at its Ki again
 BUS_RETRY_SECONDS = 0.5  # pause after a forward failed (broker away)
 

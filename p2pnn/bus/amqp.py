@@ -135,6 +135,7 @@ class _Link:
         self.connected = threading.Event()
         self.conn: pika.BlockingConnection | None = None
         self.generation = 0
+        self._declared: set[str] = set()
         self._pub: Any = None  # confirm-mode impl channel
         self._bcast: Any = None  # broadcast channel, no confirms
         self._seq = 0
@@ -216,6 +217,7 @@ class _Link:
         while not selected.is_set():
             self.conn.process_data_events(time_limit=PUMP_SECONDS)
         self._pub, self._seq = impl, 0
+        self._declared: set[str] = set()  # Ki queues declared on this connection
         self._bcast = self.conn.channel()
         self.connected.set()
         for consumer in list(self.consumers):
@@ -399,10 +401,14 @@ class _Link:
         if self.conn is None or not self.connected.is_set():
             done("not connected to RabbitMQ")
             return
+        if full_name in self._declared:  # declared on this connection already
+            done(None)
+            return
         ch = self.conn.channel()
         try:
             self.declare_ki_queue(ch, full_name)
             ch.close()
+            self._declared.add(full_name)
             done(None)
         except pika.exceptions.ChannelClosedByBroker as exc:
             done(str(exc))
