@@ -32,7 +32,7 @@ STORE_RETRY_SECONDS = 1.0  # back-off when the store is unreachable
 HANDBACK_SECONDS = 5.0  # how long a clean shutdown may spend handing running tasks back
 REPUBLISH_PAGE = 500  # queued tasks read per page when re-publishing them all at start
 # A message can arrive before the API has marked its task queued (publish, then mark):
-# claim again for about a second before giving the message back.
+# claim again for about a second; a task still pending after that is the sweeper's to publish again.
 PENDING_CLAIM_TRIES = 20
 PENDING_CLAIM_PAUSE = 0.05
 
@@ -97,6 +97,17 @@ class KiRunner:
                 nursery.start_soon(self._handle, inbox, delivery)
 
     async def _handle(self, inbox: Inbox, delivery: Delivery) -> None:
+        freed = False
+
+        def free_slot() -> None:
+            nonlocal freed
+            if not freed:
+                freed = True
+                assert self._slots is not None
+                self.in_hand -= 1
+                self._slots.release()
+                self.on_change()
+
         try:
             try:
                 task = await self._claim(delivery.task_id)
@@ -108,14 +119,11 @@ class KiRunner:
             # From here the lease, not the message, covers the task: a run may outlast any broker timeout.
             await inbox.ack(delivery)
             if task is not None:
-                await self._execute(task)
+                await self._execute(task, free_slot)
             else:  # taken elsewhere, cancelled or finished meanwhile: a duplicate message
                 self.metrics.stale_deliveries.inc()
         finally:
-            assert self._slots is not None
-            self.in_hand -= 1
-            self._slots.release()
-            self.on_change()
+            free_slot()
 
     async def _claim(self, task_id: str) -> Task | None:
         for _ in range(PENDING_CLAIM_TRIES):
@@ -123,12 +131,16 @@ class KiRunner:
             if task is not None:
                 return task
             current = await self.store.get(task_id)
-            if current is None or current.state is not State.PENDING:
+            if current is None or current.state not in (State.PENDING, State.QUEUED):
                 return None
-            await trio.sleep(PENDING_CLAIM_PAUSE)  # published, not yet marked queued
+            if current.state is State.PENDING:  # published, not yet marked queued
+                await trio.sleep(PENDING_CLAIM_PAUSE)
+            # QUEUED: marked between our claim and our look; claim again at once.
         return None
 
-    async def _execute(self, task: Task) -> None:
+    async def _execute(self, task: Task, worker_free: Callable[[], None] = lambda: None) -> None:
+        """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
+        so the next task can be taken while this one's outcome is being recorded."""
         attempt = task.attempts
         self.running[task.id] = attempt
         self.metrics.dispatched.labels(kind=task.kind).inc()
@@ -145,6 +157,7 @@ class KiRunner:
                 # At shutdown the pool may stop the worker before we see the cancellation:
                 # that outcome is the shutdown's, not the task's, so hand the task back instead.
                 await trio.lowlevel.checkpoint_if_cancelled()
+                worker_free()
                 await self._record(task, attempt, outcome, self._clock() - started)
             recorded = True
         finally:
