@@ -161,6 +161,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
                 beat_timeout=config.bus.beat_timeout_seconds, ki_message_ttl=config.bus.ki_message_ttl_seconds,
             )
             services.update(ki=agent.run, an=dispatcher.run)
+            # For role assignment (the control plane): roles.assume({...}) and agent.attach(an_id).
 
         async def ready() -> tuple[bool, dict[str, Any]]:
             try:
