@@ -24,7 +24,7 @@ from p2pnn.api.app import ApiContext, create_app
 from p2pnn.api.auth import Authenticator
 from p2pnn.bus import TASKS, LocalBus, TaskBus, ki_queue
 from p2pnn.compute.pool import KiPool
-from p2pnn.config import Config
+from p2pnn.config import Config, ConfigError
 from p2pnn.dispatch import KiRunner, Sweeper
 from p2pnn.metrics import Metrics
 from p2pnn.roles import ROLES, RoleHost
@@ -73,7 +73,7 @@ def bus_of(config: Config, metrics: Metrics, node_id: str) -> TaskBus:
 
     url = b.url
     if not url:
-        password = Path(b.password_file).expanduser().read_text().splitlines()[0] if b.password_file else "guest"
+        password = _read_password(b.password_file) if b.password_file else "guest"
         scheme = "amqps" if b.tls_ca_file else "amqp"
         url = f"{scheme}://{quote(b.user, safe='')}:{quote(password, safe='')}@{b.host}:{b.port}/{quote(b.vhost, safe='')}"
     settings = AmqpSettings(
@@ -83,6 +83,16 @@ def bus_of(config: Config, metrics: Metrics, node_id: str) -> TaskBus:
         connect_name=f"p2pnn-node {node_id[:12]}",
     )
     return AmqpBus(settings, on_redelivery=lambda queue: metrics.redeliveries.labels(queue=queue).inc())
+
+
+def _read_password(path: str) -> str:
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"bus.password_file: cannot read {path}: {exc.strerror}") from None
+    if not lines or not lines[0]:
+        raise ConfigError(f"bus.password_file: {path} is empty")
+    return lines[0]
 
 
 def roles_of(config: Config) -> set[str]:
