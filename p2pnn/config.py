@@ -73,7 +73,24 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class BusConfig:
-    backend: str = field(default="local", metadata=_key(choices=("local",), doc="local: in-process queue"))
+    backend: str = field(default="local", metadata=_key(choices=("local", "amqp"), doc="local: in-process queue"))
+    url: str = field(default="", metadata=_key(doc="amqp[s]://user:password@host:port/vhost; overrides the keys below"))
+    host: str = field(default="127.0.0.1")
+    port: int = field(default=5672, metadata=_key(lo=1, hi=65535))
+    vhost: str = field(default="/")
+    user: str = field(default="guest")
+    password_file: str = field(default="", metadata=_key(doc="file holding the password; empty: guest"))
+    tls_ca_file: str = field(default="", metadata=_key(doc="CA bundle; set: connect with TLS"))
+    prefix: str = field(default="p2pnn", metadata=_key(doc="start of every queue and exchange name"))
+    prefetch: int = field(default=100, metadata=_key(lo=1, hi=10_000, doc="unacked tasks an An holds"))
+    heartbeat_seconds: int = field(default=30, metadata=_key(lo=0, hi=3600))
+    blocked_timeout_seconds: float = field(default=60.0, metadata=_key(lo=1, hi=3600))
+    queue_type: str = field(default="auto", metadata=_key(choices=("auto", "quorum", "classic")))
+    ki_message_ttl_seconds: float = field(default=30.0, metadata=_key(lo=1, hi=86400))
+    ki_queue_expires_seconds: float = field(default=3600.0, metadata=_key(lo=60, hi=30 * 86400))
+    delivery_limit: int = field(default=20, metadata=_key(lo=1, hi=1000))
+    beat_interval_seconds: float = field(default=1.0, metadata=_key(lo=0.05, hi=60))
+    beat_timeout_seconds: float = field(default=5.0, metadata=_key(lo=0.2, hi=600))
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,8 @@ class ComputeConfig:
 class SweeperConfig:
     interval_seconds: float = field(default=2.0, metadata=_key(lo=0.05, hi=3600))
     pending_after_seconds: float = field(default=10.0, metadata=_key(lo=0.1, hi=86400, doc="re-publish pending tasks this old"))
+    queued_after_seconds: float = field(default=600.0, metadata=_key(lo=0, hi=7 * 86400, doc="amqp: re-publish queued tasks this old"))
+    standby: bool = field(default=True, metadata=_key(doc="amqp: nodes without the principal role sweep too, slower"))
 
 
 @dataclass(frozen=True)

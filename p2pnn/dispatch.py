@@ -4,7 +4,10 @@ KiRunner  takes deliveries while a worker slot is free, claims each task in
           the store (the lease, not the message, covers it from then on),
           acks, runs it in the KiPool, renews the lease, records the outcome.
 Sweeper   the principal's chore: re-queues tasks whose lease lapsed and
-          re-publishes tasks left ``pending`` by a failed publish.
+          re-publishes tasks left ``pending`` by a failed publish (and, on a
+          durable bus, ``queued`` tasks untouched for ``queued_after``).
+          Every transition it makes is conditional, so a standby sweeper on
+          another node may run beside it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Callable
 import trio
 
 from p2pnn import logs
-from p2pnn.bus import Delivery, TaskBus
+from p2pnn.bus import TASKS, BusError, Delivery, Inbox, TaskBus
 from p2pnn.compute.pool import Job, KiPool, Outcome
 from p2pnn.metrics import Metrics
 from p2pnn.store import StoreError, TaskStore
@@ -28,14 +31,24 @@ RENEWALS_PER_LEASE = 3  # renew well before expiry: two renewals may fail before
 STORE_RETRY_SECONDS = 1.0  # back-off when the store is unreachable
 HANDBACK_SECONDS = 5.0  # how long a clean shutdown may spend handing running tasks back
 REPUBLISH_PAGE = 500  # queued tasks read per page when re-publishing them all at start
+# A message can arrive before the API has marked its task queued (publish, then mark):
+# claim again for about a second; a task still pending after that is the sweeper's to publish again.
+PENDING_CLAIM_TRIES = 20
+PENDING_CLAIM_PAUSE = 0.05
 
 
 class KiRunner:
     """Feeds the pool from the bus.
 
-    Resource handling: at most ``pool.slots`` tasks are taken at a time. On
-    cancellation (shutdown) every running attempt is handed back to the store
-    (``queued`` again, the attempt not counted), within HANDBACK_SECONDS.
+    Resource handling: at most ``pool.slots`` tasks are taken at a time from
+    ``queue`` (the shared queue on a lone node, the Ki's own queue in a
+    swarm). On cancellation (shutdown) every running attempt is handed back to
+    the store (``queued`` again, the attempt not counted), within
+    HANDBACK_SECONDS.
+
+    ``in_hand`` (deliveries taken and not yet finished) and ``received`` (per
+    forwarding An) are what a Ki's beat reports; ``on_change`` is called
+    whenever they change.
     """
 
     def __init__(
@@ -47,9 +60,11 @@ class KiRunner:
         pool: KiPool,
         metrics: Metrics,
         lease_seconds: float,
+        queue: str = TASKS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.node_id = node_id
+        self.queue = queue
         self.store = store
         self.bus = bus
         self.pool = pool
@@ -58,6 +73,9 @@ class KiRunner:
         self._clock = clock
         self._slots = trio.Semaphore(pool.slots) if pool.slots else None
         self.running: dict[str, int] = {}  # task id -> attempt
+        self.in_hand = 0
+        self.received: dict[str, int] = {}  # forwarding An -> deliveries taken from it
+        self.on_change: Callable[[], None] = lambda: None
 
     def cancel_local(self, task_id: str) -> bool:
         """Stop a task if it runs on this node's pool."""
@@ -67,32 +85,62 @@ class KiRunner:
         if self._slots is None:  # slots = 0: this node runs no tasks
             task_status.started()
             await trio.sleep_forever()
-        async with trio.open_nursery() as nursery:
+        async with self.bus.consume(self.queue, prefetch=self.pool.slots) as inbox, trio.open_nursery() as nursery:
             task_status.started()
             while True:
                 await self._slots.acquire()
-                delivery = await self.bus.receive()
-                nursery.start_soon(self._handle, delivery)
+                delivery = await inbox.receive()
+                self.in_hand += 1
+                an = str(delivery.headers.get("an", ""))
+                self.received[an] = self.received.get(an, 0) + 1
+                self.on_change()
+                nursery.start_soon(self._handle, inbox, delivery)
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _handle(self, inbox: Inbox, delivery: Delivery) -> None:
+        freed = False
+
+        def free_slot() -> None:
+            nonlocal freed
+            if not freed:
+                freed = True
+                assert self._slots is not None
+                self.in_hand -= 1
+                self._slots.release()
+                self.on_change()
+
         try:
             try:
-                task = await self.store.claim(
-                    delivery.task_id, worker=self.node_id, now=self._clock(), lease_seconds=self.lease_seconds
-                )
+                task = await self._claim(delivery.task_id)
             except StoreError as exc:
                 log.warning("store.claim_failed", task_id=delivery.task_id, error=str(exc))
-                await self.bus.nack(delivery)
+                await inbox.nack(delivery)
                 await trio.sleep(STORE_RETRY_SECONDS)
                 return
-            await self.bus.ack(delivery)
-            if task is not None:  # None: taken elsewhere, cancelled or finished meanwhile
-                await self._execute(task)
+            # From here the lease, not the message, covers the task: a run may outlast any broker timeout.
+            await inbox.ack(delivery)
+            if task is not None:
+                await self._execute(task, free_slot)
+            else:  # taken elsewhere, cancelled or finished meanwhile: a duplicate message
+                self.metrics.stale_deliveries.inc()
         finally:
-            assert self._slots is not None
-            self._slots.release()
+            free_slot()
 
-    async def _execute(self, task: Task) -> None:
+    async def _claim(self, task_id: str) -> Task | None:
+        for _ in range(PENDING_CLAIM_TRIES):
+            task = await self.store.claim(task_id, worker=self.node_id, now=self._clock(), lease_seconds=self.lease_seconds)
+            if task is not None:
+                return task
+            current = await self.store.get(task_id)
+            if current is None or current.state not in (State.PENDING, State.QUEUED):
+                return None
+            if current.state is State.PENDING:  # published, not yet marked queued
+                await trio.sleep(PENDING_CLAIM_PAUSE)
+            # QUEUED: marked between our claim and our look; claim again at once.
+        return None
+
+    async def _execute(self, task: Task, worker_free: Callable[[], None] = lambda: None) -> None:
+        """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
+        so the next task can be taken while this one's outcome is being recorded."""
         attempt = task.attempts
         self.running[task.id] = attempt
         self.metrics.dispatched.labels(kind=task.kind).inc()
@@ -109,6 +157,7 @@ class KiRunner:
                 # At shutdown the pool may stop the worker before we see the cancellation:
                 # that outcome is the shutdown's, not the task's, so hand the task back instead.
                 await trio.lowlevel.checkpoint_if_cancelled()
+                worker_free()
                 await self._record(task, attempt, outcome, self._clock() - started)
             recorded = True
         finally:
@@ -178,7 +227,10 @@ class KiRunner:
             new_state = await self.store.retry_or_fail(task.id, attempt=attempt, error=outcome.error or "", now=now)
             won, state = new_state is not None, new_state or State.FAILED
             if new_state is State.QUEUED:
-                await self.bus.publish([task.id])
+                try:
+                    await self.bus.publish([task.id])
+                except BusError as exc:  # still queued in the store: the sweeper publishes it again
+                    log.warning("bus.publish_failed", task_id=task.id, error=str(exc))
         else:
             won = await self.store.finish(task.id, attempt=attempt, state=State.FAILED, now=now, error=outcome.error)
             state = State.FAILED
@@ -208,9 +260,14 @@ class Sweeper:
         interval: float,
         pending_after: float,
         republish_queued: bool,
+        queued_after: float = 0.0,
+        active: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.queued_after = queued_after
+        self._resent: dict[str, float] = {}
+        self.active = active
         self._publish = publish
         self.metrics = metrics
         self.interval = interval
@@ -224,7 +281,8 @@ class Sweeper:
         task_status.started()
         while True:
             try:
-                await self.sweep()
+                if self.active():
+                    await self.sweep()
             except StoreError as exc:
                 log.warning("sweeper.store_unreachable", error=str(exc))
             await trio.sleep(self.interval)
@@ -238,6 +296,8 @@ class Sweeper:
         if requeued:
             await self._publish(requeued)
         await self._republish(State.PENDING, older_than=self._clock() - self.pending_after)
+        if self.queued_after:  # a durable bus should not lose a message; if one was lost anyway, this finds it
+            await self._republish_stale_queued()
 
     async def _republish_all_queued(self) -> None:
         # Page through them: publishing leaves a queued task queued, so "the oldest N" would repeat.
@@ -253,6 +313,19 @@ class Sweeper:
         if total:
             self.metrics.republished.inc(total)
             log.info("sweeper.republish", state=State.QUEUED.value, tasks=total)
+
+    async def _republish_stale_queued(self) -> None:
+        # Publishing leaves a queued task's row as it was: remember what was sent, so each stale
+        # task is published once per ``queued_after``, not on every sweep.
+        now = self._clock()
+        self._resent = {t: at for t, at in self._resent.items() if at > now - self.queued_after}
+        ids = [t for t in await self.store.ids_in_state(State.QUEUED, older_than=now - self.queued_after)
+               if t not in self._resent]
+        if ids:
+            self._resent.update(dict.fromkeys(ids, now))
+            self.metrics.republished.inc(len(ids))
+            log.info("sweeper.republish", state=State.QUEUED.value, tasks=len(ids))
+            await self._publish(ids)
 
     async def _republish(self, state: State, *, older_than: float) -> None:
         ids = await self.store.ids_in_state(state, older_than=older_than)

@@ -32,6 +32,19 @@ class Metrics:
         self.dispatched = Counter("p2pnn_tasks_dispatched_total", "Tasks started on this node's workers", ["kind"], registry=r)
         self.queue_depth = Gauge("p2pnn_queue_depth", "Messages waiting on this node's task queue", registry=r)
         self.free_slots = Gauge("p2pnn_free_slots", "Idle worker slots on this node", registry=r)
+        # Fan-out over the bus (swarm).
+        self.an_queue_depth = Gauge(
+            "p2pnn_an_queue_depth", "Tasks waiting for this An: on the shared queue plus held unplaced", ["an"], registry=r,
+        )
+        self.forwarded = Counter("p2pnn_an_forwarded_total", "Tasks this An forwarded, by Ki", ["ki"], registry=r)
+        self.redeliveries = Counter(
+            "p2pnn_bus_redeliveries_total", "Messages the broker delivered again (a consumer died or gave them back)",
+            ["queue"], registry=r,
+        )
+        self.stale_deliveries = Counter(
+            "p2pnn_stale_deliveries_total", "Deliveries whose task was already taken, finished or cancelled", registry=r,
+        )
+        self.kis_seen = Gauge("p2pnn_an_kis", "Ki whose beats this An currently receives", registry=r)
 
     def set_task_counts(self, counts: dict[tuple[str, str], int]) -> None:
         self.tasks.clear()

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 from p2pnn import logs
 from p2pnn.api.auth import Caller
-from p2pnn.bus import TaskBus
+from p2pnn.bus import CANCEL, TaskBus
 from p2pnn.store import NewTask, TaskStore
-from p2pnn.tasks import Limits, SpecError, State, Task, check_against_model, validate_spec
+from p2pnn.tasks import Limits, SpecError, State, Task, check_against_model, needs_of, validate_spec
 
 log = logs.get(__name__)
 MAX_BATCH = 1000  # specs in one submission; keeps a single transaction and response bounded
@@ -83,14 +83,18 @@ class TaskService:
         if created:
             for task in tasks:
                 log.info("task.submitted", task_id=task.id, kind=task.kind, owner=task.owner)
-            if await self.publish([t.id for t in tasks]):
+            if await self.publish([t.id for t in tasks], tasks=tasks):
                 tasks = [dataclasses.replace(t, state=State.QUEUED) for t in tasks]
         return tasks, created
 
-    async def publish(self, task_ids: list[str]) -> bool:
-        """Hand pending tasks to the bus, then mark them queued; False when the bus refused."""
+    async def publish(self, task_ids: list[str], *, tasks: list[Task] | None = None) -> bool:
+        """Hand pending tasks to the bus, then mark them queued; False when the bus refused.
+
+        With ``tasks``, each message carries what its task needs (GPU, memory), so an An
+        places it without reading the store."""
+        headers = {t.id: {"needs": needs_of(t.spec)} for t in tasks or []}
         try:
-            await self.bus.publish(task_ids)
+            await self.bus.publish(task_ids, headers=headers)
         except Exception as exc:  # the sweeper re-publishes whatever stayed pending
             log.warning("bus.publish_failed", tasks=len(task_ids), error=str(exc))
             return False
@@ -102,7 +106,8 @@ class TaskService:
 
     async def cancel(self, task_id: str, caller: Caller) -> Task | None:
         """Cancel a task; an operator only its own. A task running here is stopped at once;
-        elsewhere its Ki sees ``cancel_requested`` when it next renews the lease."""
+        elsewhere a broadcast reaches its Ki, which also sees ``cancel_requested`` when it
+        next renews the lease."""
         task = await self.store.get(task_id)
         if task is None:
             return None
@@ -110,7 +115,8 @@ class TaskService:
             raise Forbidden(f"task {task_id} belongs to another user; cancelling it needs the admin role")
         task = await self.store.request_cancel(task_id, now=self._clock())
         if task is not None and task.state is State.RUNNING:
-            self._cancel_local(task_id)
+            if not self._cancel_local(task_id):  # running on another node: tell every Ki
+                await self.bus.broadcast(CANCEL, {"id": task_id})
         if task is not None:
             log.info("task.cancel_requested", task_id=task_id, state=task.state.value)
         return task

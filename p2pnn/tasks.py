@@ -373,3 +373,8 @@ def check_against_model(spec: dict[str, Any], model_task: Task | None) -> None:
             raise SpecError("spec.dataset.problem", f"the model was trained for {trained_on['problem']}")
         if ds.get("classes", 0) > trained_on.get("classes", 0):
             raise SpecError("spec.dataset", f"has {ds['classes']} classes; the model knows {trained_on['classes']}")
+
+
+def needs_of(spec: dict[str, Any]) -> dict[str, Any]:
+    """What a Ki must offer to run a task: an An matches it against Ki beats."""
+    return {"gpu": spec.get("device") == "cuda"}

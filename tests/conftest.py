@@ -86,3 +86,28 @@ async def store(make_store: Callable[[], TaskStore]) -> AsyncIterator[TaskStore]
         yield s
     finally:
         await s.close()
+
+
+# --- bus: RabbitMQ, one throw-away vhost per test ------------------------------
+
+AMQP_HOST = os.environ.get("P2PNN_TEST_AMQP_HOST", "127.0.0.1")
+RABBITMQCTL_TIMEOUT = 60  # rabbitmqctl starts an Erlang VM per call: seconds, not milliseconds
+
+
+def rabbitmqctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=RABBITMQCTL_TIMEOUT, check=check)
+
+
+@pytest.fixture
+def amqp_vhost() -> Iterator[str]:
+    """A RabbitMQ vhost of this test's own (guest has every permission); deleted afterwards."""
+    name = f"p2pnn-test-{os.getpid()}-{secrets.token_hex(4)}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield name
+    rabbitmqctl("delete_vhost", name, check=False)
+
+
+@pytest.fixture
+def amqp_url(amqp_vhost: str) -> str:
+    return f"amqp://guest:guest@{AMQP_HOST}:5672/{amqp_vhost}"

@@ -88,3 +88,19 @@ def test_config_records_are_frozen():
     cfg = config.load(env={})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.api.port = 1  # type: ignore[misc]
+
+
+def test_amqp_url_is_built_from_its_parts_and_a_missing_password_file_names_the_key(tmp_path):
+    from p2pnn.metrics import Metrics
+    from p2pnn.node import bus_of
+
+    secret = tmp_path / "mq-password"
+    secret.write_text("s3cr/t\n")
+    cfg = config.load(env={
+        "P2PNN_BUS__BACKEND": "amqp", "P2PNN_BUS__VHOST": "swarm/1", "P2PNN_BUS__USER": "p2pnn",
+        "P2PNN_BUS__PASSWORD_FILE": str(secret), "P2PNN_BUS__PORT": "5673",
+    })
+    assert bus_of(cfg, Metrics(), "n").settings.url == "amqp://p2pnn:s3cr%2Ft@127.0.0.1:5673/swarm%2F1"
+    missing = cfg.replace("bus", password_file=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="^bus.password_file"):
+        bus_of(missing, Metrics(), "n")

@@ -1,38 +1,51 @@
-"""The TaskBus interface: publish task ids, receive deliveries, ack them."""
+"""The TaskBus interface: named durable queues of task ids, and broadcast topics.
+
+Queues and topics have logical names (``tasks``, ``ki.<node id>``, ``beats``,
+``cancel``); a transport maps them onto its own (RabbitMQ: ``<prefix>.tasks``).
+"""
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+TASKS = "tasks"  # the swarm's shared queue: API and sweeper publish here, An (or a lone Ki) consumes
+BEATS = "beats"  # topic: Ki capacity beats, read by An
+CANCEL = "cancel"  # topic: cancellation requests, read by every Ki
+
+
+def ki_queue(node_id: str) -> str:
+    """The durable queue an An forwards a Ki's tasks to."""
+    return f"ki.{node_id}"
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """One message carrying one task id; ``tag`` identifies it for ack/nack."""
+    """One message carrying one task id; ``tag`` identifies it for ack/nack on the inbox it came from.
 
-    task_id: str
-    tag: int
-    redelivered: bool = False
-
-
-class TaskBus(abc.ABC):
-    """Resource handling: ``run`` holds the transport's resources (connections,
-    threads) for as long as it runs and signals readiness through task_status.
-
-    Error handling: ``publish`` returns only once the transport has accepted
-    every id (for a broker: confirmed); it raises on failure, and the caller
-    leaves the tasks ``pending`` for the sweeper.
+    ``headers`` carry what a dispatcher needs without reading the store
+    (``needs``) and who forwarded it (``an``).
     """
 
-    @abc.abstractmethod
-    async def run(self, *, task_status) -> None: ...
+    task_id: str
+    tag: Any
+    redelivered: bool = False
+    headers: Mapping[str, Any] = field(default_factory=dict)
 
-    @abc.abstractmethod
-    async def publish(self, task_ids: list[str]) -> None: ...
+
+class Inbox(abc.ABC):
+    """One consumer of one queue. Every delivery must be acked or nacked exactly once;
+    a delivery neither acked nor nacked when its consumer goes away is delivered again."""
 
     @abc.abstractmethod
     async def receive(self) -> Delivery:
         """The next delivery; waits until there is one."""
+
+    @abc.abstractmethod
+    def receive_nowait(self) -> Delivery | None:
+        """The next delivery if one is already here, else None."""
 
     @abc.abstractmethod
     async def ack(self, delivery: Delivery) -> None: ...
@@ -41,6 +54,48 @@ class TaskBus(abc.ABC):
     async def nack(self, delivery: Delivery) -> None:
         """Give the message back to be delivered again."""
 
+
+class Subscription(abc.ABC):
     @abc.abstractmethod
-    def depth(self) -> int:
-        """Messages waiting to be delivered (as far as this node can tell)."""
+    async def receive(self) -> dict[str, Any]:
+        """The next broadcast message on the topic."""
+
+
+class TaskBus(abc.ABC):
+    """Resource handling: ``run`` holds the transport's resources (connections,
+    threads) for as long as it runs and signals readiness through task_status;
+    ``consume`` and ``subscribe`` hold a consumer for the length of their
+    ``async with``.
+
+    Error handling: ``publish`` returns only once the transport has accepted
+    every id (for a broker: confirmed); it raises BusError on failure, and the
+    caller leaves the tasks ``pending`` for the sweeper. ``broadcast`` is
+    best-effort: it never raises.
+    """
+
+    @abc.abstractmethod
+    async def run(self, *, task_status) -> None: ...
+
+    @abc.abstractmethod
+    async def publish(
+        self, task_ids: list[str], *, queue: str = TASKS, headers: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
+        """Put task ids on ``queue``; ``headers`` maps a task id to headers for its message."""
+
+    @abc.abstractmethod
+    def consume(self, queue: str, *, prefetch: int) -> AbstractAsyncContextManager[Inbox]:
+        """Consume ``queue``, at most ``prefetch`` deliveries unacked at a time."""
+
+    @abc.abstractmethod
+    async def broadcast(self, topic: str, body: Mapping[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def subscribe(self, topic: str) -> AbstractAsyncContextManager[Subscription]: ...
+
+    @abc.abstractmethod
+    def depth(self, queue: str = TASKS) -> int:
+        """Messages waiting on ``queue`` (as far as this node last saw; -1 when unknown)."""
+
+
+class BusError(RuntimeError):
+    """The transport refused or lost a publish; the message says why."""

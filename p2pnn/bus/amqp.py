@@ -1,0 +1,566 @@
+"""RabbitMQ transport: one pika connection in one thread of its own, seen from trio as a TaskBus.
+
+Topology (every name starts with the configured prefix ``P``):
+
+    P.tasks        durable queue (quorum where the server has them): the
+                   swarm's task queue. Messages redelivered more than
+                   ``delivery_limit`` times go to the dead-letter exchange.
+    P.ki.<id>      durable queue of one Ki. A message nobody takes from it
+                   within ``ki_message_ttl`` (its Ki died or is full) is
+                   dead-lettered back to P.tasks, where an An forwards it
+                   again: a dead Ki's queue loses nothing. The queue itself
+                   goes away after ``ki_queue_expires`` without consumers.
+    P.dead         fanout exchange and durable queue: poison messages, kept
+                   for an operator; the task itself stays in the store.
+    P.beats        fanout exchange: Ki capacity beats (transient).
+    P.cancel       fanout exchange: cancellation requests (transient).
+
+Threading: a ``BlockingConnection`` is not thread-safe, so the connection,
+its channels and every pika call live in one thread (``_Link``). Trio hands
+it work with ``add_callback_threadsafe`` (pika's one thread-safe call) and
+gets results back through ``TrioToken.run_sync_soon``, which never blocks the
+pika thread. The thread pumps ``process_data_events`` all the time, so
+heartbeats flow whatever trio is doing.
+
+Publisher confirms are asynchronous: messages go out on the underlying
+channel (``BlockingChannel._impl``; the blocking wrapper would wait for each
+confirm in turn, a few hundred messages a second at best) and a batch is
+confirmed when the broker has acked every sequence number in it, usually
+with one ``multiple`` ack. A returned (unroutable) or nacked message fails
+its batch.
+
+Reconnect: any connection or channel error closes the connection; the
+thread reconnects with exponential back-off, declares the topology again and
+re-opens every consumer. Publishes in flight fail (the caller leaves their
+tasks ``pending`` for the sweeper); acks of deliveries from the lost
+connection are dropped, since the broker delivers those messages again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue as queue_mod
+import ssl
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Mapping
+
+import pika
+import pika.exceptions
+import trio
+
+from p2pnn import logs
+from p2pnn.bus.base import TASKS, BusError, Delivery, Inbox, Subscription, TaskBus
+
+log = logs.get(__name__)
+
+PUMP_SECONDS = 0.1  # process_data_events slice: bounds the latency of work handed over without a wake-up
+BACKOFF_FIRST = 0.2  # first pause before reconnecting
+BACKOFF_MAX = 5.0  # back-off doubles up to this
+QUORUM_SINCE = (3, 10)  # quorum queues with message TTL and at-least-once dead-lettering
+BROADCAST_TTL_MS = 10_000  # a beat or cancel older than this is useless: do not let it pile up
+JOIN_SECONDS = 5.0  # how long shutdown waits for the pika thread to close the connection
+DEPTH_EVERY = 2.0  # how often queue depths are refreshed for metrics
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    """Connection and topology settings, built from ``[bus]`` by ``from_config``."""
+
+    url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    prefix: str = "p2pnn"
+    heartbeat: int = 30
+    blocked_timeout: float = 60.0
+    tls_ca_file: str = ""
+    queue_type: str = "auto"  # auto | quorum | classic
+    ki_message_ttl: float = 30.0
+    ki_queue_expires: float = 3600.0
+    delivery_limit: int = 20
+    connect_name: str = "p2pnn"
+
+    def parameters(self) -> pika.URLParameters:
+        params = pika.URLParameters(self.url)
+        params.heartbeat = self.heartbeat
+        params.blocked_connection_timeout = self.blocked_timeout
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.client_properties = {"connection_name": self.connect_name}
+        if self.tls_ca_file:
+            context = ssl.create_default_context(cafile=self.tls_ca_file)
+            params.ssl_options = pika.SSLOptions(context, params.host)
+        return params
+
+
+class _Batch:
+    """One confirmed publish, as trio waits for it."""
+
+    def __init__(self, messages: list[tuple[str, str, bytes, dict[str, Any] | None]]) -> None:
+        self.messages = messages  # (exchange, routing key, body, headers)
+        self.remaining = 0
+        self.error: str | None = None
+        self.done = trio.Event()
+
+
+@dataclass(eq=False)
+class _Consumer:
+    queue: str  # full name, or "" for a topic's server-named queue
+    prefetch: int
+    send: trio.MemorySendChannel
+    topic: str = ""  # exchange name for subscriptions
+    ki_queue: bool = False
+    channel: Any = None
+    generation: int = -1
+    deliveries: int = 0
+
+
+@dataclass(frozen=True)
+class _Tag:
+    generation: int
+    consumer: _Consumer
+    delivery_tag: int
+
+
+class _Link:
+    """The pika thread. Every method not marked otherwise runs in that thread."""
+
+    def __init__(self, settings: AmqpSettings, token: trio.lowlevel.TrioToken, on_redelivery: Callable[[str], None]) -> None:
+        self.s = settings
+        self._token = token
+        self._on_redelivery = on_redelivery
+        self._commands: queue_mod.SimpleQueue[Callable[[], None]] = queue_mod.SimpleQueue()
+        self._stopping = threading.Event()
+        self.connected = threading.Event()
+        self.conn: pika.BlockingConnection | None = None
+        self.generation = 0
+        self._declared: set[str] = set()
+        self._pub: Any = None  # confirm-mode impl channel
+        self._bcast: Any = None  # broadcast channel, no confirms
+        self._seq = 0
+        self._pending: dict[int, _Batch] = {}
+        self.consumers: set[_Consumer] = set()
+        self.quorum = False
+        self.depths: dict[str, int] = {}
+        self.depth_queues: set[str] = set()
+        self._last_depth = 0.0
+
+    # --- called from trio (thread-safe) ---
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._commands.put(fn)
+        conn = self.conn
+        if conn is not None:
+            try:
+                conn.add_callback_threadsafe(self._drain)
+            except Exception:  # closing or closed: the loop drains the queue itself
+                pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.submit(lambda: None)
+
+    def to_trio(self, fn: Callable[[], None]) -> None:
+        try:
+            self._token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            pass
+
+    # --- the thread ---
+
+    def main(self) -> None:
+        backoff = BACKOFF_FIRST
+        while not self._stopping.is_set():
+            try:
+                self._connect()
+                backoff = BACKOFF_FIRST
+                log.info("bus.connected", generation=self.generation, quorum=self.quorum)
+                while not self._stopping.is_set():
+                    self.conn.process_data_events(time_limit=PUMP_SECONDS)
+                    self._drain()
+                    self._refresh_depths()
+            except Exception as exc:  # every pika error means: this connection is done
+                if not self._stopping.is_set():
+                    log.warning("bus.disconnected", error=f"{type(exc).__name__}: {exc}", retry_in=backoff)
+            finally:
+                self._teardown()
+            if self._stopping.is_set():
+                break
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            self._drain()  # commands queued meanwhile fail fast rather than wait
+        self._drain()
+
+    def _connect(self) -> None:
+        self.conn = pika.BlockingConnection(self.s.parameters())
+        self.generation += 1
+        version = self.conn._impl.server_properties.get("version", b"0")
+        version = version.decode() if isinstance(version, bytes) else str(version)
+        parsed = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+        self.quorum = self.s.queue_type == "quorum" or (self.s.queue_type == "auto" and parsed >= QUORUM_SINCE)
+        ch = self.conn.channel()
+        p = self.s.prefix
+        ch.exchange_declare(f"{p}.dead", "fanout", durable=True)
+        ch.queue_declare(f"{p}.dead", durable=True, arguments=self._queue_args())
+        ch.queue_bind(f"{p}.dead", f"{p}.dead")
+        ch.queue_declare(self.name(TASKS), durable=True, arguments=self._tasks_args())
+        for topic in ("beats", "cancel"):
+            ch.exchange_declare(f"{p}.{topic}", "fanout", durable=True)
+        ch.close()
+        # Publishing: confirms handled asynchronously on the underlying channel.
+        pub = self.conn.channel()
+        impl = pub._impl
+        selected = threading.Event()
+        impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _frame: selected.set())
+        impl.add_on_return_callback(self._on_return)
+        while not selected.is_set():
+            self.conn.process_data_events(time_limit=PUMP_SECONDS)
+        self._pub, self._seq = impl, 0
+        self._declared: set[str] = set()  # Ki queues declared on this connection
+        self._bcast = self.conn.channel()
+        self.connected.set()
+        for consumer in list(self.consumers):
+            self._open_consumer(consumer)
+
+    def _teardown(self) -> None:
+        self.connected.clear()
+        for batch in self._pending.values():
+            batch.error = batch.error or "connection lost before the broker confirmed"
+            batch.remaining = 0
+            self.to_trio(batch.done.set)
+        self._pending.clear()
+        self._pub = self._bcast = None
+        for consumer in self.consumers:
+            consumer.channel = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # already gone
+                pass
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                fn = self._commands.get_nowait()
+            except queue_mod.Empty:
+                return
+            try:
+                fn()
+            except Exception:
+                if self.connected.is_set():
+                    raise  # the connection is broken: reconnect
+                # Disconnected: what needed the connection (an ack) is moot, the broker redelivers.
+
+    def name(self, logical: str) -> str:
+        return f"{self.s.prefix}.{logical}"
+
+    def _queue_args(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum"} if self.quorum else {}
+
+    def _tasks_args(self) -> dict[str, Any]:
+        args = {**self._queue_args(), "x-dead-letter-exchange": f"{self.s.prefix}.dead"}
+        if self.quorum:
+            args["x-delivery-limit"] = self.s.delivery_limit
+        return args
+
+    def _ki_args(self) -> dict[str, Any]:
+        return {
+            **self._queue_args(),
+            "x-message-ttl": int(self.s.ki_message_ttl * 1000),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.name(TASKS),
+            "x-expires": int(self.s.ki_queue_expires * 1000),
+        }
+
+    def declare_ki_queue(self, ch: Any, full_name: str) -> None:
+        ch.queue_declare(full_name, durable=True, arguments=self._ki_args())
+
+    # publishing
+
+    def publish(self, batch: _Batch) -> None:
+        if self._pub is None or self.conn is None:
+            batch.error = "not connected to RabbitMQ"
+            self.to_trio(batch.done.set)
+            return
+        for exchange, key, body, headers in batch.messages:
+            self._seq += 1
+            self._pending[self._seq] = batch
+            batch.remaining += 1
+            props = pika.BasicProperties(
+                delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json",
+                headers=headers, message_id=f"{self.generation}:{self._seq}",
+            )
+            self._pub.basic_publish(exchange, key, body, properties=props, mandatory=True)
+
+    def broadcast(self, exchange: str, body: bytes) -> None:
+        if self._bcast is not None:
+            self._bcast.basic_publish(exchange, "", body, properties=pika.BasicProperties(content_type="application/json"))
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        ok = isinstance(method, pika.spec.Basic.Ack)
+        tags = [t for t in self._pending if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        for tag in tags:
+            batch = self._pending.pop(tag, None)
+            if batch is None:
+                continue
+            if not ok:
+                batch.error = batch.error or "the broker refused the message (nack)"
+            batch.remaining -= 1
+            if batch.remaining == 0:
+                self.to_trio(batch.done.set)
+
+    def _on_return(self, _channel: Any, method: Any, props: Any, _body: bytes) -> None:
+        gen, _, seq = (props.message_id or "").partition(":")
+        batch = self._pending.get(int(seq)) if seq.isdigit() and gen == str(self.generation) else None
+        if batch is not None:
+            batch.error = batch.error or f"no queue named {method.routing_key} (message returned)"
+
+    # consuming
+
+    def add_consumer(self, consumer: _Consumer) -> None:
+        self.consumers.add(consumer)
+        if self.conn is not None and self.connected.is_set():
+            self._open_consumer(consumer)
+
+    def remove_consumer(self, consumer: _Consumer) -> None:
+        self.consumers.discard(consumer)
+        if consumer.channel is not None and consumer.generation == self.generation:
+            try:
+                consumer.channel.close()  # unacked deliveries go back to the queue
+            except Exception:
+                pass
+        consumer.channel = None
+
+    def _open_consumer(self, consumer: _Consumer) -> None:
+        ch = self.conn.channel()
+        consumer.channel, consumer.generation = ch, self.generation
+        if consumer.topic:
+            queue = ch.queue_declare(
+                "", exclusive=True, auto_delete=True, arguments={"x-message-ttl": BROADCAST_TTL_MS}
+            ).method.queue
+            ch.queue_bind(queue, consumer.topic)
+            ch.basic_consume(queue, lambda c, m, p, b: self._on_broadcast(consumer, b), auto_ack=True)
+            return
+        if consumer.ki_queue:
+            self.declare_ki_queue(ch, consumer.queue)
+        ch.basic_qos(prefetch_count=consumer.prefetch)
+        gen = self.generation
+        ch.basic_consume(consumer.queue, lambda c, m, p, b: self._on_message(consumer, gen, m, p, b))
+
+    def _on_message(self, consumer: _Consumer, gen: int, method: Any, props: Any, body: bytes) -> None:
+        try:
+            message = json.loads(body)
+            task_id = str(message["id"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("bus.bad_message", queue=consumer.queue, body=body[:200].decode(errors="replace"))
+            consumer.channel.basic_ack(method.delivery_tag)
+            return
+        headers = dict(message.get("headers") or {})
+        if method.redelivered:
+            self._on_redelivery(consumer.queue)
+        delivery = Delivery(task_id, _Tag(gen, consumer, method.delivery_tag), method.redelivered, headers)
+        send = consumer.send
+
+        def hand_over() -> None:
+            try:
+                send.send_nowait(delivery)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # consumer gone: its channel closes and the broker redelivers
+
+        self.to_trio(hand_over)
+
+    def _on_broadcast(self, consumer: _Consumer, body: bytes) -> None:
+        try:
+            message = json.loads(body)
+        except ValueError:
+            return
+        if isinstance(message, dict):
+            send = consumer.send
+
+            def hand_over() -> None:
+                try:
+                    send.send_nowait(message)
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass
+
+            self.to_trio(hand_over)
+
+    def settle(self, tag: _Tag, ack: bool) -> None:
+        c = tag.consumer
+        if tag.generation != self.generation or c.generation != tag.generation or c.channel is None:
+            return  # from a lost connection or a closed consumer: the broker delivers it again
+        if ack:
+            c.channel.basic_ack(tag.delivery_tag)
+        else:
+            c.channel.basic_nack(tag.delivery_tag, requeue=True)
+
+    def ensure_ki_queue(self, full_name: str, done: Callable[[str | None], None]) -> None:
+        if self.conn is None or not self.connected.is_set():
+            done("not connected to RabbitMQ")
+            return
+        if full_name in self._declared:  # declared on this connection already
+            done(None)
+            return
+        ch = self.conn.channel()
+        try:
+            self.declare_ki_queue(ch, full_name)
+            ch.close()
+            self._declared.add(full_name)
+            done(None)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            done(str(exc))
+
+    def _refresh_depths(self) -> None:
+        now = time.monotonic()
+        if not self.depth_queues or now - self._last_depth < DEPTH_EVERY:
+            return
+        self._last_depth = now
+        ch = self.conn.channel()
+        try:
+            for q in self.depth_queues:
+                self.depths[q] = ch.queue_declare(q, passive=True).method.message_count
+            ch.close()
+        except pika.exceptions.ChannelClosedByBroker:
+            pass
+
+
+class _AmqpInbox(Inbox):
+    def __init__(self, link: _Link, receive: trio.MemoryReceiveChannel) -> None:
+        self._link = link
+        self._receive = receive
+
+    async def receive(self) -> Delivery:
+        return await self._receive.receive()
+
+    def receive_nowait(self) -> Delivery | None:
+        try:
+            return self._receive.receive_nowait()
+        except trio.WouldBlock:
+            return None
+
+    async def ack(self, delivery: Delivery) -> None:
+        self._link.submit(lambda: self._link.settle(delivery.tag, True))
+        await trio.lowlevel.checkpoint()
+
+    async def nack(self, delivery: Delivery) -> None:
+        self._link.submit(lambda: self._link.settle(delivery.tag, False))
+        await trio.lowlevel.checkpoint()
+
+
+class _AmqpSubscription(Subscription):
+    def __init__(self, receive: trio.MemoryReceiveChannel) -> None:
+        self._receive = receive
+
+    async def receive(self) -> dict[str, Any]:
+        return await self._receive.receive()
+
+
+class AmqpBus(TaskBus):
+    """Resource handling: ``run`` owns the pika thread; cancelling it closes the
+    connection and joins the thread (within JOIN_SECONDS).
+
+    Error handling: RabbitMQ down or restarting never stops the node: the
+    thread reconnects, ``publish`` raises BusError meanwhile and consumers
+    resume when the connection is back.
+    """
+
+    def __init__(self, settings: AmqpSettings, *, on_redelivery: Callable[[str], None] = lambda queue: None) -> None:
+        self.settings = settings
+        self._on_redelivery = on_redelivery
+        self._link: _Link | None = None
+
+    @property
+    def link(self) -> _Link:
+        assert self._link is not None, "AmqpBus.run must be started first"
+        return self._link
+
+    def name(self, logical: str) -> str:
+        return f"{self.settings.prefix}.{logical}"
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._link = _Link(self.settings, trio.lowlevel.current_trio_token(), self._on_redelivery)
+        thread = threading.Thread(target=self._link.main, name="p2pnn-amqp", daemon=True)
+        thread.start()
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self._link.stop()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.join, JOIN_SECONDS)
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """True once connected (for start-up and tests); False after ``timeout``."""
+        with trio.move_on_after(timeout):
+            while not self.link.connected.is_set():
+                await trio.sleep(0.05)
+            return True
+        return False
+
+    async def publish(
+        self, task_ids: list[str], *, queue: str = TASKS, headers: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
+        if not task_ids:
+            return
+        key = self.name(queue)
+        batch = _Batch([
+            ("", key, json.dumps({"id": t, "headers": dict((headers or {}).get(t, {}))}).encode(), None)
+            for t in task_ids
+        ])
+        if queue != TASKS:  # a Ki's queue: make sure it exists, or the message is returned
+            await self._ensure_ki_queue(key)
+        self.link.submit(lambda: self.link.publish(batch))
+        with trio.CancelScope(shield=True):  # the confirm settles the batch either way; wait for it
+            await batch.done.wait()
+        if batch.error:
+            raise BusError(batch.error)
+
+    async def _ensure_ki_queue(self, full_name: str) -> None:
+        result: list[str | None] = []
+        event = trio.Event()
+
+        def done(error: str | None) -> None:
+            result.append(error)
+            self.link.to_trio(event.set)
+
+        self.link.submit(lambda: self.link.ensure_ki_queue(full_name, done))
+        await event.wait()
+        if result[0]:
+            raise BusError(result[0])
+
+    @asynccontextmanager
+    async def consume(self, queue: str, *, prefetch: int) -> AsyncIterator[Inbox]:
+        send, receive = trio.open_memory_channel[Delivery](math.inf)  # bounded by prefetch
+        consumer = _Consumer(self.name(queue), max(1, prefetch), send, ki_queue=queue != TASKS)
+        self.link.submit(lambda: self.link.add_consumer(consumer))
+        try:
+            yield _AmqpInbox(self.link, receive)
+        finally:
+            self.link.submit(lambda: self.link.remove_consumer(consumer))
+            send.close()
+
+    async def broadcast(self, topic: str, body: Mapping[str, Any]) -> None:
+        data = json.dumps(dict(body)).encode()
+        self.link.submit(lambda: self.link.broadcast(self.name(topic), data))
+        await trio.lowlevel.checkpoint()
+
+    @asynccontextmanager
+    async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
+        send, receive = trio.open_memory_channel[dict[str, Any]](1000)
+        consumer = _Consumer("", 0, send, topic=self.name(topic))
+        self.link.submit(lambda: self.link.add_consumer(consumer))
+        try:
+            yield _AmqpSubscription(receive)
+        finally:
+            self.link.submit(lambda: self.link.remove_consumer(consumer))
+            send.close()
+
+    def watch_depth(self, queue: str = TASKS) -> None:
+        name = self.name(queue)
+        self.link.submit(lambda: self.link.depth_queues.add(name))
+
+    def depth(self, queue: str = TASKS) -> int:
+        return self.link.depths.get(self.name(queue), -1) if self._link else -1

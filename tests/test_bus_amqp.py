@@ -1,0 +1,173 @@
+"""AmqpBus against the machine's RabbitMQ: confirms, redelivery, dead Ki queues, reconnect."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pnn.api.auth import Caller
+from p2pnn.bus import BusError, ki_queue
+from p2pnn.bus.amqp import AmqpBus, AmqpSettings
+from p2pnn.dispatch import Sweeper
+from p2pnn.metrics import Metrics
+from p2pnn.service import TaskService
+from p2pnn.store import open_store
+from p2pnn.tasks import Limits
+from tests.conftest import rabbitmqctl
+
+OPERATOR = Caller(sub="tester", role="operator")
+
+
+def _bus(url: str, **settings) -> AmqpBus:
+    return AmqpBus(AmqpSettings(url=url, prefix="t", **settings))
+
+
+async def _started(nursery: trio.Nursery, bus: AmqpBus) -> AmqpBus:
+    await nursery.start(bus.run)
+    assert await bus.wait_connected(20), "no connection to RabbitMQ"
+    return bus
+
+
+async def test_batch_of_a_thousand_is_confirmed_and_consumed_in_order(amqp_url):
+    async with trio.open_nursery() as nursery:
+        bus = await _started(nursery, _bus(amqp_url))
+        assert bus.link.quorum  # RabbitMQ >= 3.10 here: quorum queues
+        ids = [f"task-{i}" for i in range(1000)]
+        await bus.publish(ids, headers={"task-7": {"needs": {"gpu": True}}})
+        got = []
+        async with bus.consume("tasks", prefetch=100) as inbox:
+            while len(got) < len(ids):
+                delivery = await inbox.receive()
+                got.append(delivery)
+                await inbox.ack(delivery)
+        assert [d.task_id for d in got] == ids
+        assert got[7].headers == {"needs": {"gpu": True}} and got[8].headers == {}
+        nursery.cancel_scope.cancel()
+
+
+async def test_publish_is_confirmed_before_the_task_is_queued(amqp_url, amqp_vhost, tmp_path):
+    store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
+    await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            bus = await _started(nursery, _bus(amqp_url))
+            service = TaskService(store, bus, limits=Limits(), max_attempts=3)
+            seen_at_confirm = []
+            publish = bus.publish
+
+            async def recording_publish(task_ids, **kw):
+                await publish(task_ids, **kw)  # returns once the broker confirmed
+                seen_at_confirm.extend([(await store.get(t)).state.value for t in task_ids])
+
+            bus.publish = recording_publish
+            (task,), _ = await service.submit([{"kind": "echo"}], OPERATOR)
+            assert seen_at_confirm == ["pending"] and task.state.value == "queued"
+
+            # The broker loses the queue, message and all: the next publish comes back unroutable,
+            # so that task stays pending; the store still holds both.
+            rabbitmqctl("delete_queue", "--vhost", amqp_vhost, "t.tasks")
+            (refused,), _ = await service.submit([{"kind": "echo"}], OPERATOR)
+            assert refused.state.value == "pending"
+            # Reconnected (topology declared again), the sweeper publishes the pending task and
+            # re-publishes the queued one whose message was lost.
+            rabbitmqctl("close_all_connections", "-p", amqp_vhost, "test")
+            sweeper = Sweeper(store=store, publish=service.publish, metrics=Metrics(), interval=0.2,
+                              pending_after=0.5, queued_after=2.0, republish_queued=False)
+            nursery.start_soon(sweeper.run)
+            with trio.fail_after(30):
+                while (await store.get(refused.id)).state.value != "queued":
+                    await trio.sleep(0.1)
+            async with bus.consume("tasks", prefetch=10) as inbox:
+                with trio.fail_after(10):
+                    got = {(await inbox.receive()).task_id for _ in range(2)}
+            assert got == {task.id, refused.id}
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+
+
+CONSUMER = textwrap.dedent("""
+    import sys, trio
+    from p2pnn.bus.amqp import AmqpBus, AmqpSettings
+    async def main():
+        bus = AmqpBus(AmqpSettings(url=sys.argv[1], prefix="t"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus.run)
+            async with bus.consume("tasks", prefetch=1) as inbox:
+                delivery = await inbox.receive()
+                print("got", delivery.task_id, flush=True)
+                await trio.sleep_forever()  # never acks
+    trio.run(main)
+""")
+
+
+async def test_consumer_killed_before_ack_gets_its_message_redelivered(amqp_url):
+    async with trio.open_nursery() as nursery:
+        bus = await _started(nursery, _bus(amqp_url))
+        await bus.publish(["only-one"])
+        proc = subprocess.Popen([sys.executable, "-c", CONSUMER, amqp_url], stdout=subprocess.PIPE, text=True)
+        try:
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            assert line.split() == ["got", "only-one"]
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        async with bus.consume("tasks", prefetch=1) as inbox:
+            with trio.fail_after(20):
+                delivery = await inbox.receive()
+            assert delivery.task_id == "only-one" and delivery.redelivered
+            await inbox.ack(delivery)
+        nursery.cancel_scope.cancel()
+
+
+async def test_message_in_a_dead_ki_queue_goes_back_to_the_shared_queue(amqp_url):
+    async with trio.open_nursery() as nursery:
+        bus = await _started(nursery, _bus(amqp_url, ki_message_ttl=1.0))
+        await bus.publish(["for-a-dead-ki"], queue=ki_queue("gone"), headers={"for-a-dead-ki": {"an": "a1"}})
+        started = time.monotonic()
+        async with bus.consume("tasks", prefetch=1) as inbox:
+            with trio.fail_after(20):
+                delivery = await inbox.receive()
+            await inbox.ack(delivery)
+        assert delivery.task_id == "for-a-dead-ki" and time.monotonic() - started >= 0.9
+        nursery.cancel_scope.cancel()
+
+
+async def test_bus_reconnects_after_the_broker_drops_its_connections(amqp_url, amqp_vhost):
+    async with trio.open_nursery() as nursery:
+        bus = await _started(nursery, _bus(amqp_url))
+        async with bus.consume("tasks", prefetch=10) as inbox:
+            await bus.publish(["before"])
+            with trio.fail_after(10):
+                first = await inbox.receive()
+            rabbitmqctl("close_all_connections", "-p", amqp_vhost, "test")
+            await inbox.ack(first)  # from the dropped connection: it is delivered again
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        await bus.publish(["after"])
+                        break
+                    except BusError:
+                        await trio.sleep(0.2)
+                got = set()
+                while got != {"before", "after"}:
+                    delivery = await inbox.receive()
+                    got.add(delivery.task_id)
+                    await inbox.ack(delivery)
+        nursery.cancel_scope.cancel()
+
+
+async def test_bus_without_a_broker_refuses_publishes_instead_of_hanging():
+    async with trio.open_nursery() as nursery:
+        bus = AmqpBus(AmqpSettings(url="amqp://guest:guest@127.0.0.1:1/x", prefix="t"))
+        await nursery.start(bus.run)
+        with trio.fail_after(10), pytest.raises(BusError):
+            await bus.publish(["x"])
+        nursery.cancel_scope.cancel()

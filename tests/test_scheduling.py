@@ -1,0 +1,86 @@
+"""The An's placement, driven through the in-process bus: beats in, forwards out."""
+
+from __future__ import annotations
+
+import trio
+
+from p2pnn.bus import BEATS, LocalBus, ki_queue
+from p2pnn.metrics import Metrics
+from p2pnn.scheduling import Dispatcher
+
+AN = "an-1"
+
+
+def _beat(node: str, slots: int, busy: int = 0, received: int = 0, gpu: bool = False, an: str | None = None) -> dict:
+    return {"node": node, "boot": "b", "slots": slots, "busy": busy, "received": {AN: received},
+            "caps": {"gpu": gpu, "memory_mb": 1000}, "an": an}
+
+
+async def _an(nursery: trio.Nursery, bus: LocalBus) -> Dispatcher:
+    an = Dispatcher(node_id=AN, store=None, bus=bus, metrics=Metrics(), prefetch=50, beat_timeout=60, ki_message_ttl=60)
+    await nursery.start(an.run)
+    return an
+
+
+async def _settle() -> None:
+    await trio.sleep(0.1)
+
+
+async def test_an_fills_free_slots_only_and_counts_what_it_sent_until_the_ki_beats():
+    bus = LocalBus()
+    async with trio.open_nursery() as nursery:
+        await _an(nursery, bus)
+        await bus.broadcast(BEATS, _beat("k1", slots=1))
+        await bus.broadcast(BEATS, _beat("k2", slots=2))
+        await bus.broadcast(BEATS, _beat("k4", slots=4))
+        await _settle()
+        await bus.publish([f"t{i}" for i in range(10)], headers={f"t{i}": {"needs": {}} for i in range(10)})
+        await _settle()
+        assert [bus.depth(ki_queue(k)) for k in ("k1", "k2", "k4")] == [1, 2, 4]
+        assert bus.depth() == 0  # the other three are held, unacked, until a slot frees
+        # k4 took its four and finished one: room for exactly one more, there.
+        await bus.broadcast(BEATS, _beat("k4", slots=4, busy=3, received=4))
+        await _settle()
+        assert [bus.depth(ki_queue(k)) for k in ("k1", "k2", "k4")] == [1, 2, 5]
+        nursery.cancel_scope.cancel()
+
+
+async def test_gpu_tasks_go_to_gpu_ki_and_ki_attached_elsewhere_get_nothing():
+    bus = LocalBus()
+    async with trio.open_nursery() as nursery:
+        await _an(nursery, bus)
+        await bus.broadcast(BEATS, _beat("cpu", slots=8))
+        await bus.broadcast(BEATS, _beat("gpu", slots=1, gpu=True))
+        await bus.broadcast(BEATS, _beat("theirs", slots=8, gpu=True, an="an-2"))
+        await _settle()
+        await bus.publish(["g1", "g2"], headers={"g1": {"needs": {"gpu": True}}, "g2": {"needs": {"gpu": True}}})
+        await _settle()
+        assert bus.depth(ki_queue("gpu")) == 1 and bus.depth(ki_queue("cpu")) == 0
+        assert bus.depth(ki_queue("theirs")) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_ki_claims_a_task_marked_queued_between_its_claim_and_its_look():
+    import dataclasses
+    from types import SimpleNamespace
+
+    from p2pnn.dispatch import KiRunner
+    from p2pnn.tasks import State, Task
+
+    queued = Task(id="t1", kind="echo", spec={"kind": "echo"}, owner="o", state=State.QUEUED, attempts=0,
+                  max_attempts=3, created_at=0.0, updated_at=0.0)
+
+    class RacingStore:  # the first claim sees "pending"; the API marks it queued before the look
+        claims = 0
+
+        async def claim(self, task_id, **kw):
+            self.claims += 1
+            return None if self.claims == 1 else dataclasses.replace(queued, state=State.RUNNING, attempts=1)
+
+        async def get(self, task_id):
+            return queued
+
+    runner = KiRunner(node_id="k", store=RacingStore(), bus=LocalBus(), pool=SimpleNamespace(slots=1),
+                      metrics=Metrics(), lease_seconds=3)
+    task = await runner._claim("t1")
+    assert task is not None and task.state is State.RUNNING
