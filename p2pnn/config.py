@@ -254,11 +254,11 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     config = Config(**built)
     if config.store.backend == "postgres" and not config.store.url:
         raise ConfigError("store.url: required when store.backend is postgres")
-    _check_swarm(config)
+    check_swarm(config)
     return config
 
 
-def _check_swarm(config: Config) -> None:
+def check_swarm(config: Config) -> None:
     """Cross-key rules of swarm mode; the bootstrap peers are parsed here so a typo stops the node at start."""
     for peer in config.dht.bootstrap_peers:
         host, sep, port = peer.rpartition(":")

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2pnn.node import READY_FILE
@@ -28,6 +28,7 @@ class NodeProcess:
     log_path: Path
     url: str = ""
     node_id: str = ""
+    info: dict = field(default_factory=dict)  # the ready file: pid, node_id, api and, in a swarm, dht and peer
 
     def events(self) -> list[dict]:
         """Every JSON event the node has logged so far (other lines are skipped)."""
@@ -93,7 +94,7 @@ def start_node(
         except (FileNotFoundError, ValueError):
             info = {}
         if info.get("pid") == proc.pid:  # not a file left by an earlier, killed node
-            node.url, node.node_id = info["api"], info["node_id"]
+            node.url, node.node_id, node.info = info["api"], info["node_id"], info
             return node
         if proc.poll() is not None:
             raise RuntimeError(f"node exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")

@@ -2,14 +2,22 @@
 
 Start-up order is the order of ``nursery.start`` calls below: the store
 first (migrations), then the bus, the worker pool, the runner that feeds it,
-the sweeper, and last the API, so a node that answers HTTP is ready to work.
+the sweeper, the API, and -- in a swarm -- the swarm membership last (its
+record advertises the API's address), so a node that has written its ready
+file is ready to work.
+
+Alone, a node holds every role for its whole life. In a swarm it starts with
+none and holds what the principal assigns: every change goes through
+:func:`on_assignment`, the one place where roles and the An a Ki belongs to
+are applied.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +32,10 @@ from p2pnn.api.auth import Authenticator
 from p2pnn.bus import LocalBus
 from p2pnn.compute.pool import KiPool
 from p2pnn.config import Config
+from p2pnn.control.swarm import OnAssignment, SwarmNode
+from p2pnn.credential import SwarmCredential
 from p2pnn.dispatch import KiRunner, Sweeper
+from p2pnn.membership.records import capabilities
 from p2pnn.metrics import Metrics
 from p2pnn.roles import RoleHost
 from p2pnn.service import TaskService
@@ -41,6 +52,48 @@ READY_FILE = "node.json"  # pid, node id and API address of the running node, fo
 class NodeHandle:
     node_id: str
     api_url: str
+
+
+@dataclass
+class AnAttachment:
+    """The An this node belongs to as a Ki (None: none, or this node is not a Ki).
+
+    Written by on_assignment; the task transport reads it to know whose queue to consume.
+    """
+
+    an_id: str | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def set(self, an_id: str | None) -> None:
+        if an_id != self.an_id:
+            self.an_id = an_id
+            self.changed.set()
+            self.changed = trio.Event()
+
+
+def make_on_assignment(roles: RoleHost, attachment: AnAttachment) -> OnAssignment:
+    """The one callback through which a node applies a role assignment."""
+
+    async def on_assignment(assigned: frozenset[str], an_id: str | None) -> None:
+        await roles.assume(assigned)
+        attachment.set(an_id)
+
+    return on_assignment
+
+
+def swarm_credential(config: Config) -> SwarmCredential:
+    """The swarm's name and join secret. Error handling: IdentityError when the secret file is missing or short."""
+    return SwarmCredential(config.swarm.name, identity.read_secret(Path(config.swarm.secret_file).expanduser()))
+
+
+def lone_cluster(node_id: str, api_url: str, roles: RoleHost, load: dict[str, int]) -> tuple[dict, list[dict]]:
+    """/cluster and /nodes of a node that is not in a swarm: it is its own principal, in no term."""
+    mine = sorted(roles.roles)
+    cluster = {"swarm": None, "node_id": node_id, "principal": node_id, "term": 0, "lease_expires_at": None,
+               "leading": True, "roles": {node_id: {"roles": mine, "an": None}}}
+    node = {"id": node_id, "addresses": {"api": api_url}, "roles": mine, "an": None, "prefers": "auto", "priority": 0,
+            "capabilities": capabilities(), "load": load, "term": 0, "last_seen": time.time(), "healthy": True}
+    return cluster, [node]
 
 
 def limits_of(config: Config) -> Limits:
@@ -94,6 +147,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         host = "127.0.0.1"
         log.warning("api.insecure", detail="authentication is OFF; the API listens on 127.0.0.1 only")
 
+    cred = swarm_credential(config) if config.swarm_mode else None
     store = store_of(config)
     await store.open()
     try:
@@ -113,11 +167,24 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             store, bus, limits=limits_of(config), max_attempts=config.compute.max_attempts,
             cancel_local=runner.cancel_local,
         )
+        swarm: SwarmNode | None = None
         sweeper = Sweeper(
             store=store, publish=service.publish, metrics=metrics,
             interval=config.sweeper.interval_seconds, pending_after=config.sweeper.pending_after_seconds,
             republish_queued=True,
+            fence=(lambda: swarm.election.current_fence() if swarm is not None else None) if cred else None,
         )
+        roles = RoleHost({"principal": sweeper.run, "ki": runner.run})
+        attachment = AnAttachment()
+        api_url = ""
+
+        def load() -> dict[str, int]:
+            return {"slots": pool.slots, "free_slots": pool.free_slots}
+
+        def cluster_view() -> tuple[dict, list[dict]]:
+            if swarm is not None:
+                return swarm.cluster(), swarm.nodes()
+            return lone_cluster(ident.node_id, api_url, roles, load())
 
         async def ready() -> tuple[bool, dict[str, Any]]:
             try:
@@ -130,7 +197,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
 
         app = create_app(ApiContext(
             service=service, metrics=metrics, authenticator=authenticator, node_id=ident.node_id,
-            max_body_bytes=config.api.max_body_bytes, ready=ready,
+            max_body_bytes=config.api.max_body_bytes, ready=ready, cluster=cluster_view,
         ))
         hconf = hypercorn.config.Config()
         hconf.bind = [f"[{host}]:{config.api.port}" if ":" in host else f"{host}:{config.api.port}"]
@@ -139,18 +206,27 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         hconf.loglevel = "WARNING"  # hypercorn's start-up banner would bypass our event format
         hconf.max_app_queue_size = 100
 
-        roles = RoleHost({"principal": sweeper.run, "ki": runner.run})
         async with trio.open_nursery() as nursery:
             await nursery.start(bus.run)
             await nursery.start(pool.run)
             await nursery.start(roles.run)
-            # Alone, a node holds every role: it sweeps, dispatches (trivially) and works.
-            await roles.assume({"principal", "an", "ki"})
+            if cred is None:
+                # Alone, a node holds every role: it sweeps, dispatches (trivially) and works.
+                await roles.assume({"principal", "an", "ki"})
             bound = await nursery.start(partial(hypercorn.trio.serve, app, hconf, shutdown_trigger=trio.sleep_forever))
-            url = _public_url(bound[0]) if bound else f"http://{host}:{config.api.port}"
+            url = api_url = _public_url(bound[0]) if bound else f"http://{host}:{config.api.port}"
+            if cred is not None:
+                swarm = SwarmNode(
+                    config=config, ident=ident, cred=cred, store=store,
+                    on_assignment=make_on_assignment(roles, attachment), load=load, api_url=url,
+                )
+                await nursery.start(swarm.run)
             log.info("node.ready", api=url, node_id=ident.node_id, store=config.store.backend, slots=pool.slots,
                      roles=",".join(sorted(roles.roles)), insecure=config.api.insecure)
-            _write_ready_file(config.data_dir, {"pid": os.getpid(), "node_id": ident.node_id, "api": url})
+            info: dict[str, Any] = {"pid": os.getpid(), "node_id": ident.node_id, "api": url}
+            if swarm is not None:
+                info.update(dht=f"{swarm.host}:{swarm.view.dht_port}", peer=f"ws://{swarm.host}:{swarm.peer_port}")
+            _write_ready_file(config.data_dir, info)
             task_status.started(NodeHandle(node_id=ident.node_id, api_url=url))
     finally:
         (config.data_dir / READY_FILE).unlink(missing_ok=True)
