@@ -59,10 +59,6 @@ class Swarm:
     def running(self) -> dict[str, NodeProcess]:
         return {n: p for n, p in self.nodes.items() if p.proc.poll() is None}
 
-    def headers(self) -> dict[str, str]:
-        # Every node made its own API secret; the one of n0 is used against n0 only, so mint per node.
-        return {}
-
     def get(self, name: str, path: str) -> Any:
         node = self.nodes[name]
         tok = token(self.root / name, "viewer")
@@ -90,6 +86,25 @@ class Swarm:
                 return time.monotonic() - started
             time.sleep(poll)
         raise AssertionError(f"swarm did not converge in {timeout} s: {views}")
+
+
+def led(predicate: Callable[[str, int], bool] = lambda principal, term: True) -> Callable[[dict[str, dict[str, Any]]], bool]:
+    """Every running node names the same principal and term (``predicate`` holds for them), and the role map
+    covers exactly the running nodes: what a failover has to reach (dead records may linger until their TTL)."""
+
+    def check(views: dict[str, dict[str, Any]]) -> bool:
+        if not views:
+            return False
+        principals = {(v["principal"], v["term"]) for v in views.values()}
+        if len(principals) != 1:
+            return False
+        principal, term = next(iter(principals))
+        if principal is None or not predicate(principal, term):
+            return False
+        running = {v["node_id"] for v in views.values()}
+        return all(set(v["roles"]) == running for v in views.values())
+
+    return check
 
 
 def agreed(expected_members: int) -> Callable[[dict[str, dict[str, Any]]], bool]:

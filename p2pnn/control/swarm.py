@@ -31,6 +31,7 @@ from p2pnn.store import Assignment, Fence, TaskStore
 log = logs.get(__name__)
 
 OnAssignment = Callable[[frozenset[str], "str | None"], Awaitable[None]]
+PEER_CACHE_FILE = "dht-peers.json"  # in the data directory: DHT addresses of members seen, to bootstrap from next time
 ROLE_MAP_REWRITE_SECONDS = 10.0  # the principal re-writes an unchanged role map this often (a cheap audit trail of liveness)
 
 
@@ -91,7 +92,7 @@ class SwarmNode:
         self._apply = trio.Event()
         self.view = MemberView(
             ident=ident, cred=cred, config=config.dht, bootstrap=self.bootstrap, make_record=self._record,
-            clock=clock,
+            peer_cache=config.data_dir / PEER_CACHE_FILE, clock=clock,
         )
         self.links = PeerLinks(
             ident=ident, cred=cred, member=self.view.record, handler=self._on_message, term=lambda: self.election.term,
@@ -217,7 +218,9 @@ class SwarmNode:
                 "roles": sorted(self.roles) if mine else list(assigned.roles if assigned else rec.roles),
                 "an": self.an_id if mine else (assigned.an_id if assigned else rec.an_id),
                 "prefers": rec.prefers, "priority": rec.priority, "capabilities": rec.capabilities, "load": rec.load,
-                "term": rec.term, "last_seen": last_seen, "healthy": mine or failed <= last_seen,
+                # Healthy: the principal counts it among the live (its role map), and our last request reached it.
+                "term": rec.term, "last_seen": last_seen,
+                "healthy": mine or (failed <= last_seen and (assigned is not None or not self.role_map)),
             })
         return out
 

@@ -7,12 +7,19 @@ heard of otherwise (the principal's role map), are read every
 recent, else by a network lookup -- and kept while their records are valid.
 A crawl for our own id on every re-publish keeps the routing table filling
 as nodes join.
+
+The DHT addresses of the members last seen are kept in a small file in the
+data directory (``dht-peers.json``) and added to the bootstrap peers at the
+next start, so a node that comes back after its configured bootstrap peer
+died still finds the swarm.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -26,6 +33,7 @@ from p2pnn.membership.records import NodeRecord, RecordError, read_record, recor
 
 log = logs.get(__name__)
 
+PEER_CACHE_SIZE = 32  # DHT addresses remembered for the next start
 LOOKUP_TIMEOUT_FACTOR = 3  # a network lookup gets this many RPC timeouts before it is given up for this round
 
 
@@ -43,12 +51,14 @@ class MemberView:
         config: DhtConfig,
         bootstrap: list[tuple[str, int]],
         make_record: Callable[[float, float], NodeRecord],
+        peer_cache: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.ident = ident
         self.cred = cred
         self.config = config
-        self._bootstrap = bootstrap
+        self._peer_cache = peer_cache
+        self._bootstrap = list(dict.fromkeys([*bootstrap, *self._cached_peers()]))
         self._make_record = make_record
         self._clock = clock
         self.dht = DhtNode(
@@ -97,6 +107,23 @@ class MemberView:
         """Re-publish now (role, term or load changed) rather than at the next interval."""
         self._republish.set()
 
+    def _cached_peers(self) -> list[tuple[str, int]]:
+        if self._peer_cache is None:
+            return []
+        try:
+            return [(str(h), int(p)) for h, p in json.loads(self._peer_cache.read_text())][:PEER_CACHE_SIZE]
+        except (OSError, ValueError, TypeError):
+            return []
+
+    def _save_peers(self) -> None:
+        if self._peer_cache is None:
+            return
+        peers = [list(r.dht) for r in self.live() if r.node_id != self.ident.node_id][:PEER_CACHE_SIZE]
+        if peers:
+            tmp = self._peer_cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(peers))
+            tmp.replace(self._peer_cache)
+
     # --- loops ---
 
     async def run(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -132,6 +159,7 @@ class MemberView:
             with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
                 await self.dht.crawl()
             await self._publish()
+            self._save_peers()
 
     async def _refresh_loop(self) -> None:
         while True:
