@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import secrets
+import socket
 import time
 from pathlib import Path
 
@@ -137,8 +138,12 @@ def test_forged_records_are_dropped_and_the_view_is_unchanged(swarm: Swarm):
             server.stop()
 
     asyncio.run(inject())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:  # garbage on the UDP port must not hurt
+        for payload in (b"", b"\x00" * 30, b"\x00" + secrets.token_bytes(20) + b"\xc1garbage", secrets.token_bytes(900)):
+            junk.sendto(payload, (host, int(port)))
     time.sleep(2.0)  # a few refresh rounds
     after = swarm.views()
+    assert set(after) == set(before)  # every node still up and answering
     for name, view in after.items():
         assert view["members"] == before[name]["members"]
         assert (view["principal"], view["term"]) == (before[name]["principal"], before[name]["term"])

@@ -236,3 +236,15 @@ async def test_nothing_of_the_daemon_imports_torch():
     code = "import p2pnn.node, p2pnn.control.swarm, sys; print('torch' in sys.modules)"
     out = await trio.to_thread.run_sync(lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True))
     assert out.stdout.strip() == "False"
+
+
+def test_example_peer_file_is_a_valid_configuration(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "bootstrap" / "peers.example.toml"
+    cfg = config.load(example, env={})
+    assert cfg.swarm_mode and len(cfg.dht.bootstrap_peers) == 3 and cfg.store.backend == "postgres"
+    unit = (example.parent / "p2pnn-node.service").read_text()
+    for line in ("Restart=on-failure", "User=p2pnn", "StateDirectory=p2pnn", "NoNewPrivileges=yes",
+                 "ProtectSystem=strict", "PrivateTmp=yes", "EnvironmentFile=-/etc/p2pnn/p2pnn.env"):
+        assert line in unit.splitlines()

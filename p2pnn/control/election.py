@@ -192,11 +192,15 @@ class Election:
         self.last_heard = self._clock()
         self._stepped_down()
 
-    async def _release(self) -> None:
+    async def resign(self) -> None:
+        """Hand the term back (a clean stop): the next principal need not wait for the lease to lapse."""
+        await self._release("this node is stopping")
+
+    async def _release(self, why: str = "a higher-ranked node takes over") -> None:
         fence = self.fence
         if fence is None:
             return
-        self._step_down("a higher-ranked node takes over")
+        self._step_down(why)
         try:
             await self.store.release_lease(fence, now=self._clock())
         except StoreError as exc:  # it lapses by itself

@@ -32,6 +32,7 @@ log = logs.get(__name__)
 
 OnAssignment = Callable[[frozenset[str], "str | None"], Awaitable[None]]
 PEER_CACHE_FILE = "dht-peers.json"  # in the data directory: DHT addresses of members seen, to bootstrap from next time
+RESIGN_TIMEOUT = 2.0  # seconds a stopping principal spends releasing its lease; else it lapses by itself
 ROLE_MAP_REWRITE_SECONDS = 10.0  # the principal re-writes an unchanged role map this often (a cheap audit trail of liveness)
 
 
@@ -108,14 +109,19 @@ class SwarmNode:
     # --- lifecycle ---
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self.peer_port = await nursery.start(self.links.run, self.config.peer.host, self.config.peer.port)
-            await nursery.start(self.view.run, self.config.dht.host, self.config.dht.port)
-            nursery.start_soon(self._apply_loop)
-            nursery.start_soon(self.election.run)
-            log.info("swarm.joined", swarm=self.cred.name, dht=f"{self.host}:{self.view.dht_port}",
-                     peer=f"ws://{self.host}:{self.peer_port}", members=len(self.view.live()))
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.peer_port = await nursery.start(self.links.run, self.config.peer.host, self.config.peer.port)
+                await nursery.start(self.view.run, self.config.dht.host, self.config.dht.port)
+                nursery.start_soon(self._apply_loop)
+                nursery.start_soon(self.election.run)
+                log.info("swarm.joined", swarm=self.cred.name, dht=f"{self.host}:{self.view.dht_port}",
+                         peer=f"ws://{self.host}:{self.peer_port}", members=len(self.view.live()))
+                task_status.started()
+        finally:
+            # A principal that stops cleanly hands its term back, so the next one need not wait for the lease.
+            with trio.CancelScope(shield=True), trio.move_on_after(RESIGN_TIMEOUT):
+                await self.election.resign()
 
     def _record(self, now: float, expires_at: float) -> NodeRecord:
         return NodeRecord(

@@ -9,6 +9,7 @@ name the keys to read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -109,6 +110,7 @@ def read_record(text: Any, cred: SwarmCredential, *, now: float, key_digest: byt
     return record
 
 
+@functools.lru_cache(maxsize=1)  # asked once per process: nvidia-smi takes a while, and a machine does not change
 def capabilities() -> dict[str, Any]:
     """CPU cores, memory, GPUs (through nvidia-smi, when present) and torch's version: without importing torch."""
     memory = 0
