@@ -103,7 +103,7 @@ def status() -> None:
         mine = cluster["roles"].get(cluster["node_id"], {})
         principal = (cluster["principal"] or "-")[:12]
         print(f"{name}: pid {pid} api {url} id {cluster['node_id'][:12]} roles {','.join(mine.get('roles', [])) or '-'}"
-              f" an {(mine.get('an') or '-')[:12]} | principal {principal} term {cluster['term']}")
+              f" (An {(mine.get('an') or '-')[:12]}) | principal {principal} term {cluster['term']}")
 
 
 def kill(name: str, sig: int = signal.SIGKILL) -> None:
@@ -115,9 +115,18 @@ def kill(name: str, sig: int = signal.SIGKILL) -> None:
     print(f"{name}: sent {signal.Signals(sig).name} to {pid}")
 
 
+def wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + STOP_WAIT
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.1)
+
+
 def down() -> None:
+    pids = [p for p in map(pid_of, nodes()) if p is not None]
     for name in nodes():
         kill(name, signal.SIGTERM)
+    for pid in pids:  # the schema goes only once no node uses it
+        wait_gone(pid)
     import psycopg
     from psycopg import sql
 
@@ -150,9 +159,7 @@ def main() -> None:
         pid = pid_of(args.node)
         if pid is not None:
             kill(args.node, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_WAIT
-            while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
-                time.sleep(0.1)
+            wait_gone(pid)
         start(args.node)
     else:
         down()
