@@ -22,7 +22,9 @@ DESCRIPTION = """\
 p2pnn-node runs one node of a p2pnn swarm: a REST API for neural-network
 tasks (train, evaluate, infer, echo), a task store, and worker processes
 that run the tasks with PyTorch. Alone, a node holds every role and needs no
-other service (SQLite store, in-process queue).
+other service (SQLite store, in-process queue). Given a swarm name, its join
+secret, a shared PostgreSQL/CockroachDB store and a bootstrap peer, it joins
+the swarm: the elected principal assigns it a role (An or Ki).
 
 Configuration comes from a TOML file (--config or $P2PNN_CONFIG; every key
 is documented in bootstrap/default.example.toml), overridden by
@@ -34,6 +36,11 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address the API binds (api.host)")
     p.add_argument("--port", type=int, help="API port (api.port; 0 picks a free one)")
     p.add_argument("--slots", type=int, help="worker processes (compute.slots)")
+    p.add_argument(
+        "--bootstrap", action="append", metavar="HOST:PORT", default=None,
+        help="a DHT node of the swarm to join through (dht.bootstrap_peers; repeatable, replaces the configured list)",
+    )
+    p.add_argument("--swarm", metavar="NAME", help="the swarm to join (swarm.name)")
     p.add_argument(
         "--insecure", action="store_true",
         help="serve the API without authentication; binds 127.0.0.1 only and logs a warning",
@@ -98,6 +105,11 @@ def _load_config(args: argparse.Namespace, *, role: str | None = None) -> Config
         if not 0 <= args.slots <= 256:
             raise ConfigError(f"--slots: must be between 0 and 256, got {args.slots}")
         cfg = cfg.replace("compute", slots=args.slots)
+    if getattr(args, "swarm", None):
+        cfg = cfg.replace("swarm", name=args.swarm)
+    if getattr(args, "bootstrap", None):
+        cfg = cfg.replace("dht", bootstrap_peers=tuple(args.bootstrap))
+    config_mod.check_swarm(cfg)
     return cfg
 
 

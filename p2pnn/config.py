@@ -111,13 +111,46 @@ class SweeperConfig:
     interval_seconds: float = field(default=2.0, metadata=_key(lo=0.05, hi=3600))
     pending_after_seconds: float = field(default=10.0, metadata=_key(lo=0.1, hi=86400, doc="re-publish pending tasks this old"))
     queued_after_seconds: float = field(default=600.0, metadata=_key(lo=0, hi=7 * 86400, doc="amqp: re-publish queued tasks this old"))
-    standby: bool = field(default=True, metadata=_key(doc="amqp: nodes without the principal role sweep too, slower"))
+    standby: bool = field(default=True, metadata=_key(doc="amqp without a swarm: nodes without the principal role sweep too, slower"))
 
 
 @dataclass(frozen=True)
 class LogConfig:
     level: str = field(default="info", metadata=_key(choices=("debug", "info", "warning", "error")))
     format: str = field(default="json", metadata=_key(choices=("json", "text")))
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    name: str = field(default="", metadata=_key(doc="empty: no swarm, the embedded single node holds every role"))
+    secret_file: str = field(default="", metadata=_key(doc="the swarm's join secret (at least 32 bytes), shared by every member"))
+    advertise_host: str = field(default="", metadata=_key(doc="IP address other nodes reach this one at"))
+    priority: int = field(default=0, metadata=_key(lo=-1000, hi=1000, doc="election rank: higher wins, then node id"))
+    preempt: bool = field(default=True, metadata=_key(doc="a higher-ranked node that joins takes over once"))
+    heartbeat_seconds: float = field(default=0.5, metadata=_key(lo=0.05, hi=60))
+    election_timeout_seconds: float = field(default=2.0, metadata=_key(lo=0.2, hi=600))
+    answer_timeout_seconds: float = field(default=0.5, metadata=_key(lo=0.05, hi=60))
+    lease_seconds: float = field(default=3.0, metadata=_key(lo=0.5, hi=3600))
+    ki_per_an: int = field(default=4, metadata=_key(lo=1, hi=1000, doc="about one An per this many Ki"))
+
+
+@dataclass(frozen=True)
+class DhtConfig:
+    host: str = field(default="0.0.0.0", metadata=_key(doc="address the Kademlia UDP server binds"))
+    port: int = field(default=8468, metadata=_key(lo=0, hi=65535, doc="0 picks a free port"))
+    bootstrap_peers: tuple[str, ...] = field(default=(), metadata=_key(doc="HOST:PORT of DHT nodes to join through"))
+    rpc_timeout_seconds: float = field(default=1.0, metadata=_key(lo=0.05, hi=60))
+    record_ttl_seconds: float = field(default=15.0, metadata=_key(lo=1, hi=86400))
+    republish_seconds: float = field(default=5.0, metadata=_key(lo=0.1, hi=86400))
+    refresh_seconds: float = field(default=1.0, metadata=_key(lo=0.05, hi=3600, doc="how often members are re-read"))
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    host: str = field(default="0.0.0.0", metadata=_key(doc="address the peer-link WebSocket server binds"))
+    port: int = field(default=8469, metadata=_key(lo=0, hi=65535, doc="0 picks a free port"))
+    replay_window_seconds: float = field(default=10.0, metadata=_key(lo=0.5, hi=3600))
+    connect_timeout_seconds: float = field(default=1.0, metadata=_key(lo=0.05, hi=60))
 
 
 @dataclass(frozen=True)
@@ -130,6 +163,13 @@ class Config:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     sweeper: SweeperConfig = field(default_factory=SweeperConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    dht: DhtConfig = field(default_factory=DhtConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
+
+    @property
+    def swarm_mode(self) -> bool:
+        return bool(self.swarm.name)
 
     @property
     def data_dir(self) -> Path:
@@ -144,6 +184,11 @@ def sections() -> dict[str, type]:
 
 
 def _coerce(name: str, typ: type, value: Any, *, from_env: bool) -> Any:
+    if typing.get_origin(typ) is tuple:  # a list of strings: a TOML array, or comma-separated in the environment
+        items = [v.strip() for v in str(value).split(",") if v.strip()] if from_env else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{name}: expected a list of strings, got {type(value).__name__} {value!r}")
+        return tuple(items)
     if from_env:
         text = str(value).strip()
         try:
@@ -228,7 +273,30 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     config = Config(**built)
     if config.store.backend == "postgres" and not config.store.url:
         raise ConfigError("store.url: required when store.backend is postgres")
+    check_swarm(config)
     return config
+
+
+def check_swarm(config: Config) -> None:
+    """Cross-key rules of swarm mode; the bootstrap peers are parsed here so a typo stops the node at start."""
+    for peer in config.dht.bootstrap_peers:
+        host, sep, port = peer.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ConfigError(f"dht.bootstrap_peers: expected HOST:PORT, got {peer!r}")
+    if config.swarm.heartbeat_seconds >= config.swarm.election_timeout_seconds:
+        raise ConfigError("swarm.heartbeat_seconds: must be shorter than swarm.election_timeout_seconds")
+    if config.swarm.heartbeat_seconds >= config.swarm.lease_seconds:
+        raise ConfigError("swarm.heartbeat_seconds: must be shorter than swarm.lease_seconds (the lease is renewed each beat)")
+    if config.dht.republish_seconds >= config.dht.record_ttl_seconds:
+        raise ConfigError("dht.republish_seconds: must be shorter than dht.record_ttl_seconds")
+    if not config.swarm_mode:
+        if config.dht.bootstrap_peers:
+            raise ConfigError("dht.bootstrap_peers: joining a swarm needs swarm.name")
+        return
+    if config.store.backend != "postgres":
+        raise ConfigError("swarm.name: swarm mode needs a shared store (store.backend = postgres)")
+    if not config.swarm.secret_file:
+        raise ConfigError("swarm.secret_file: swarm mode needs the swarm's join secret")
 
 
 def describe() -> list[tuple[str, str, Any, str]]:

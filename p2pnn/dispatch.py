@@ -21,7 +21,7 @@ from p2pnn import logs
 from p2pnn.bus import TASKS, BusError, Delivery, Inbox, TaskBus
 from p2pnn.compute.pool import Job, KiPool, Outcome
 from p2pnn.metrics import Metrics
-from p2pnn.store import StoreError, TaskStore
+from p2pnn.store import Fence, StoreError, TaskStore
 from p2pnn.tasks import State, Task
 
 log = logs.get(__name__)
@@ -262,12 +262,17 @@ class Sweeper:
         republish_queued: bool,
         queued_after: float = 0.0,
         active: Callable[[], bool] = lambda: True,
+        fence: Callable[[], Fence | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.queued_after = queued_after
         self._resent: dict[str, float] = {}
         self.active = active
+        # In a swarm, sweeping is a principal's action: it happens only under a lease that still
+        # holds (checked by the store in the same transaction). None: no fence (a lone node, or
+        # roles from configuration).
+        self._fence = fence
         self._publish = publish
         self.metrics = metrics
         self.interval = interval
@@ -288,7 +293,11 @@ class Sweeper:
             await trio.sleep(self.interval)
 
     async def sweep(self) -> None:
-        expired = await self.store.expire_leases(now=self._clock())
+        fence = self._fence() if self._fence is not None else None
+        if self._fence is not None and fence is None:
+            log.debug("sweeper.not_leading")
+            return
+        expired = await self.store.expire_leases(now=self._clock(), fence=fence)
         for task_id, state in expired:
             self.metrics.lease_expiries.inc()
             log.warning("task.lease_expired", task_id=task_id, new_state=state.value)

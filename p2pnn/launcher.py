@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
+
+from p2pnn import config as config_mod
+from p2pnn.api.auth import Authenticator
 from p2pnn.node import READY_FILE
 
 READY_TIMEOUT = 60.0  # a cold start imports the stack and spawns the worker processes
 POLL_SECONDS = 0.05
+BOOTSTRAP_PEERS = 3  # a node of a LocalSwarm joins through (up to) this many nodes started before it
 
 
 @dataclass
@@ -28,6 +36,7 @@ class NodeProcess:
     log_path: Path
     url: str = ""
     node_id: str = ""
+    info: dict = field(default_factory=dict)  # the ready file: pid, node_id, api and, in a swarm, dht and peer
 
     def events(self) -> list[dict]:
         """Every JSON event the node has logged so far (other lines are skipped)."""
@@ -93,7 +102,7 @@ def start_node(
         except (FileNotFoundError, ValueError):
             info = {}
         if info.get("pid") == proc.pid:  # not a file left by an earlier, killed node
-            node.url, node.node_id = info["api"], info["node_id"]
+            node.url, node.node_id, node.info = info["api"], info["node_id"], info
             return node
         if proc.poll() is not None:
             raise RuntimeError(f"node exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
@@ -101,3 +110,112 @@ def start_node(
     proc.kill()
     proc.wait()
     raise TimeoutError(f"node not ready after {timeout} s:\n{log_path.read_text(errors='replace')}")
+
+
+# --- a local swarm: several nodes on this machine, for the swarm script, benchmarks and tests ---
+
+
+class LocalSwarm:
+    """Nodes n0, n1, ... on this machine under ``root``, in one PostgreSQL schema, with one join secret.
+
+    Each node bootstraps from every node started before it (so any one of them may die). ``views``
+    asks every running node's API for /cluster and /nodes with a viewer token minted from its own
+    data directory."""
+
+    def __init__(self, root: Path, pg_url: str, schema: str, name: str = "local", env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.name = name
+        self.secret = root / "swarm-secret"
+        root.mkdir(parents=True, exist_ok=True)
+        if not self.secret.exists():
+            self.secret.write_text(secrets.token_hex(32))
+        self.env = {
+            "P2PNN_API__HOST": "127.0.0.1", "P2PNN_API__PORT": "0", "P2PNN_DHT__HOST": "127.0.0.1",
+            "P2PNN_DHT__PORT": "0", "P2PNN_PEER__HOST": "127.0.0.1", "P2PNN_PEER__PORT": "0",
+            **(env or {}), "P2PNN_SWARM__NAME": name, "P2PNN_SWARM__SECRET_FILE": str(self.secret),
+            "P2PNN_STORE__BACKEND": "postgres", "P2PNN_STORE__URL": pg_url, "P2PNN_STORE__SCHEMA": schema,
+            "P2PNN_STORE__POOL_SIZE": "2",
+        }
+        self.nodes: dict[str, NodeProcess] = {}
+
+    def start(self, name: str, *, command: str = "run", env: dict[str, str] | None = None) -> NodeProcess:
+        peers = [p.info["dht"] for n, p in self.nodes.items() if n != name][:BOOTSTRAP_PEERS]
+        extra = {"P2PNN_DHT__BOOTSTRAP_PEERS": ",".join(peers)} if peers else {}
+        node = start_node(self.root / name, env={**self.env, **extra, **(env or {})}, command=command)
+        self.nodes[name] = node
+        return node
+
+    def kill(self, name: str) -> None:
+        self.nodes[name].stop(signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        for node in self.nodes.values():
+            node.stop(signal.SIGKILL)
+
+    def running(self) -> dict[str, NodeProcess]:
+        return {n: p for n, p in self.nodes.items() if p.proc.poll() is None}
+
+    def get(self, name: str, path: str) -> Any:
+        node = self.nodes[name]
+        cfg = config_mod.load(env={}).replace("node", data_dir=str(self.root / name))
+        tok = Authenticator.from_config(cfg).mint("launcher", "viewer", 600)
+        return httpx.get(node.url + path, headers={"Authorization": f"Bearer {tok}"}, timeout=5).json()
+
+    def views(self) -> dict[str, dict[str, Any]]:
+        """Each running node's /cluster, with its list of member ids added under ``members``."""
+        out = {}
+        for name in self.running():
+            try:
+                cluster = self.get(name, "/api/v1/cluster")
+                cluster["members"] = sorted(n["id"] for n in self.get(name, "/api/v1/nodes")["nodes"])
+            except httpx.HTTPError:
+                continue
+            out[name] = cluster
+        return out
+
+    def wait_for(self, check: Callable[[dict[str, dict[str, Any]]], bool], timeout: float, poll: float = 0.2) -> float:
+        """Seconds until ``check(views())`` holds. Error handling: AssertionError with the last views on timeout."""
+        started = time.monotonic()
+        views: dict[str, dict[str, Any]] = {}
+        while time.monotonic() - started < timeout:
+            views = self.views()
+            if check(views):
+                return time.monotonic() - started
+            time.sleep(poll)
+        raise AssertionError(f"swarm did not converge in {timeout} s: {views}")
+
+
+def led(predicate: Callable[[str, int], bool] = lambda principal, term: True) -> Callable[[dict[str, dict[str, Any]]], bool]:
+    """Every running node names the same principal and term (``predicate`` holds for them), and the role map
+    covers exactly the running nodes: what a failover has to reach (dead records may linger until their TTL)."""
+
+    def check(views: dict[str, dict[str, Any]]) -> bool:
+        if not views:
+            return False
+        principals = {(v["principal"], v["term"]) for v in views.values()}
+        if len(principals) != 1:
+            return False
+        principal, term = next(iter(principals))
+        if principal is None or not predicate(principal, term):
+            return False
+        running = {v["node_id"] for v in views.values()}
+        return all(set(v["roles"]) == running for v in views.values())
+
+    return check
+
+
+def agreed(expected_members: int) -> Callable[[dict[str, dict[str, Any]]], bool]:
+    """Every running node lists ``expected_members`` members and names the same principal and term,
+    and that principal's role map covers them all."""
+
+    def check(views: dict[str, dict[str, Any]]) -> bool:
+        if not views:
+            return False
+        principals = {(v["principal"], v["term"]) for v in views.values()}
+        if len(principals) != 1 or None in next(iter(principals)):
+            return False
+        if any(len(v["members"]) != expected_members for v in views.values()):
+            return False
+        return all(len(v["roles"]) == expected_members for v in views.values())
+
+    return check

@@ -2,18 +2,29 @@
 
 Start-up order is the order of ``nursery.start`` calls below: the store
 first (migrations), then the bus, the worker pool, the roles' services
-(sweeper, An dispatcher, Ki runner), and last the API, so a node that
-answers HTTP is ready to work.
+(sweeper, An dispatcher, Ki runner), the API, and -- in a swarm -- the
+swarm membership last (its record advertises the API's address), so a node
+that has written its ready file is ready to work.
+
+Where roles come from:
+- alone (no swarm configured, in-process queue): every role, for its whole life;
+- ``bus.backend = "amqp"`` without a swarm: the role ``node.role`` names
+  (every role on ``auto``), for its whole life;
+- in a swarm (``swarm.name``): none at first, then what the principal
+  assigns. Every change goes through the callback of
+  :func:`make_on_assignment`, the one place where roles and the An a Ki
+  belongs to are applied.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hypercorn.config
 import hypercorn.trio
@@ -25,7 +36,10 @@ from p2pnn.api.auth import Authenticator
 from p2pnn.bus import TASKS, LocalBus, TaskBus, ki_queue
 from p2pnn.compute.pool import KiPool
 from p2pnn.config import Config, ConfigError
+from p2pnn.control.swarm import OnAssignment, SwarmNode
+from p2pnn.credential import SwarmCredential
 from p2pnn.dispatch import KiRunner, Sweeper
+from p2pnn.membership.records import capabilities
 from p2pnn.metrics import Metrics
 from p2pnn.roles import ROLES, RoleHost
 from p2pnn.scheduling import Dispatcher, KiAgent
@@ -44,6 +58,35 @@ STANDBY_FACTOR = 5  # a standby sweeper runs this many times less often than the
 class NodeHandle:
     node_id: str
     api_url: str
+
+
+def make_on_assignment(roles: RoleHost, attach: Callable[[str | None], None]) -> OnAssignment:
+    """The one callback through which a node applies a role assignment.
+
+    ``attach`` tells the Ki side which An it works for (KiAgent.attach on
+    RabbitMQ; on the in-process queue there is no An to attach to).
+    """
+
+    async def on_assignment(assigned: frozenset[str], an_id: str | None) -> None:
+        await roles.assume(assigned)
+        attach(an_id if "ki" in assigned else None)
+
+    return on_assignment
+
+
+def swarm_credential(config: Config) -> SwarmCredential:
+    """The swarm's name and join secret. Error handling: IdentityError when the secret file is missing or short."""
+    return SwarmCredential(config.swarm.name, identity.read_secret(Path(config.swarm.secret_file).expanduser()))
+
+
+def lone_cluster(node_id: str, api_url: str, roles: RoleHost, load: dict[str, int]) -> tuple[dict, list[dict]]:
+    """/cluster and /nodes of a node that is not in a swarm: it is its own principal, in no term."""
+    mine = sorted(roles.roles)
+    cluster = {"swarm": None, "node_id": node_id, "principal": node_id, "term": 0, "lease_expires_at": None,
+               "leading": True, "roles": {node_id: {"roles": mine, "an": None}}}
+    node = {"id": node_id, "addresses": {"api": api_url}, "roles": mine, "an": None, "prefers": "auto", "priority": 0,
+            "capabilities": capabilities(), "load": load, "term": 0, "last_seen": time.time(), "healthy": True}
+    return cluster, [node]
 
 
 def limits_of(config: Config) -> Limits:
@@ -96,7 +139,10 @@ def _read_password(path: str) -> str:
 
 
 def roles_of(config: Config) -> set[str]:
-    """The roles a node starts with: every role alone or on ``auto``, else the configured one."""
+    """The roles a node starts with: none in a swarm (the principal assigns them), every role
+    alone or on ``auto``, else the configured one."""
+    if config.swarm_mode:
+        return set()
     if config.bus.backend == "local" or config.node.role == "auto":
         return set(ROLES)
     return {config.node.role}
@@ -136,42 +182,62 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         host = "127.0.0.1"
         log.warning("api.insecure", detail="authentication is OFF; the API listens on 127.0.0.1 only")
 
+    cred = swarm_credential(config) if config.swarm_mode else None
     store = store_of(config)
     await store.open()
     try:
         metrics = Metrics()
         bus = bus_of(config, metrics, ident.node_id)
-        swarm = config.bus.backend != "local"
+        fanout = config.bus.backend != "local"  # tasks travel between nodes over RabbitMQ
         initial_roles = roles_of(config)
         workdir = config.data_dir / "work"
         workdir.mkdir(parents=True, exist_ok=True)
         pool = KiPool(
-            slots=config.compute.slots if "ki" in initial_roles else 0, torch_threads=config.compute.torch_threads,
+            slots=config.compute.slots if "ki" in initial_roles or cred else 0, torch_threads=config.compute.torch_threads,
             limits=limits_of(config), workdir=workdir, preload_torch=config.compute.preload_torch,
         )
         runner = KiRunner(
             node_id=ident.node_id, store=store, bus=bus, pool=pool, metrics=metrics,
-            lease_seconds=config.compute.lease_seconds, queue=ki_queue(ident.node_id) if swarm else TASKS,
+            lease_seconds=config.compute.lease_seconds, queue=ki_queue(ident.node_id) if fanout else TASKS,
         )
         service = TaskService(
             store, bus, limits=limits_of(config), max_attempts=config.compute.max_attempts,
             cancel_local=runner.cancel_local,
         )
+        swarm: SwarmNode | None = None
         sweeping = dict(
             store=store, publish=service.publish, metrics=metrics, pending_after=config.sweeper.pending_after_seconds,
-            queued_after=config.sweeper.queued_after_seconds if swarm else 0.0,
+            queued_after=config.sweeper.queued_after_seconds if fanout else 0.0,
         )
         # A lone node's queue forgets on restart, so it re-publishes every queued task at start.
-        sweeper = Sweeper(interval=config.sweeper.interval_seconds, republish_queued=not swarm, **sweeping)
+        # In a swarm, sweeping is a principal's action, fenced by its term.
+        sweeper = Sweeper(
+            interval=config.sweeper.interval_seconds, republish_queued=not fanout,
+            fence=(lambda: swarm.election.current_fence() if swarm is not None else None) if cred else None,
+            **sweeping,
+        )
         services: dict[str, Any] = {"principal": sweeper.run, "ki": runner.run}
-        if swarm:
+        attach: Callable[[str | None], None] = lambda an_id: None
+        if fanout:
             agent = KiAgent(runner=runner, bus=bus, beat_interval=config.bus.beat_interval_seconds)
             dispatcher = Dispatcher(
                 node_id=ident.node_id, store=store, bus=bus, metrics=metrics, prefetch=config.bus.prefetch,
                 beat_timeout=config.bus.beat_timeout_seconds, ki_message_ttl=config.bus.ki_message_ttl_seconds,
             )
             services.update(ki=agent.run, an=dispatcher.run)
-            # For role assignment (the control plane): roles.assume({...}) and agent.attach(an_id).
+            attach = agent.attach
+        elif cred is not None:
+            log.warning("swarm.local_queue", detail="bus.backend is local: a task runs only on the node that took it")
+        roles = RoleHost(services)
+        api_url = ""
+
+        def load() -> dict[str, int]:
+            return {"slots": pool.slots, "free_slots": pool.free_slots}
+
+        def cluster_view() -> tuple[dict, list[dict]]:
+            if swarm is not None:
+                return swarm.cluster(), swarm.nodes()
+            return lone_cluster(ident.node_id, api_url, roles, load())
 
         async def ready() -> tuple[bool, dict[str, Any]]:
             try:
@@ -184,7 +250,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
 
         app = create_app(ApiContext(
             service=service, metrics=metrics, authenticator=authenticator, node_id=ident.node_id,
-            max_body_bytes=config.api.max_body_bytes, ready=ready,
+            max_body_bytes=config.api.max_body_bytes, ready=ready, cluster=cluster_view,
         ))
         hconf = hypercorn.config.Config()
         hconf.bind = [f"[{host}]:{config.api.port}" if ":" in host else f"{host}:{config.api.port}"]
@@ -193,26 +259,35 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         hconf.loglevel = "WARNING"  # hypercorn's start-up banner would bypass our event format
         hconf.max_app_queue_size = 100
 
-        roles = RoleHost(services)
         async with trio.open_nursery() as nursery:
             await nursery.start(bus.run)
             await nursery.start(pool.run)
             await nursery.start(roles.run)
-            # Alone, a node holds every role: it sweeps, dispatches (trivially) and works. In a swarm
-            # the roles come from configuration until role assignment calls roles.assume().
+            # Alone, a node holds every role: it sweeps, dispatches (trivially) and works. With roles
+            # from configuration it holds its configured one; in a swarm it waits for the principal.
             await roles.assume(initial_roles)
-            if swarm and config.sweeper.standby:
+            if fanout and cred is None and config.sweeper.standby:
+                # Roles from configuration: nobody replaces a dead principal, so every node sweeps a little.
                 standby = Sweeper(
                     interval=config.sweeper.interval_seconds * STANDBY_FACTOR, republish_queued=False,
                     active=lambda: "principal" not in roles.roles, **sweeping,
                 )
                 nursery.start_soon(standby.run)
             bound = await nursery.start(partial(hypercorn.trio.serve, app, hconf, shutdown_trigger=trio.sleep_forever))
-            url = _public_url(bound[0]) if bound else f"http://{host}:{config.api.port}"
+            url = api_url = _public_url(bound[0]) if bound else f"http://{host}:{config.api.port}"
+            if cred is not None:
+                swarm = SwarmNode(
+                    config=config, ident=ident, cred=cred, store=store,
+                    on_assignment=make_on_assignment(roles, attach), load=load, api_url=url,
+                )
+                await nursery.start(swarm.run)
             log.info("node.ready", api=url, node_id=ident.node_id, store=config.store.backend, bus=config.bus.backend,
                      slots=pool.slots,
                      roles=",".join(sorted(roles.roles)), insecure=config.api.insecure)
-            _write_ready_file(config.data_dir, {"pid": os.getpid(), "node_id": ident.node_id, "api": url})
+            info: dict[str, Any] = {"pid": os.getpid(), "node_id": ident.node_id, "api": url}
+            if swarm is not None:
+                info.update(dht=f"{swarm.host}:{swarm.view.dht_port}", peer=f"ws://{swarm.host}:{swarm.peer_port}")
+            _write_ready_file(config.data_dir, info)
             task_status.started(NodeHandle(node_id=ident.node_id, api_url=url))
     finally:
         (config.data_dir / READY_FILE).unlink(missing_ok=True)

@@ -28,7 +28,6 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import trio
@@ -36,6 +35,7 @@ import trio
 from p2pnn import logs
 from p2pnn.bus import BEATS, CANCEL, TASKS, BusError, Delivery, Inbox, TaskBus, ki_queue
 from p2pnn.dispatch import KiRunner
+from p2pnn.membership.records import capabilities as machine_capabilities
 from p2pnn.metrics import Metrics
 from p2pnn.store import StoreError, TaskStore
 from p2pnn.tasks import TERMINAL, needs_of
@@ -48,15 +48,9 @@ BUS_RETRY_SECONDS = 0.5  # pause after a forward failed (broker away)
 
 
 def capabilities() -> dict[str, Any]:
-    """What this machine offers, found without torch: a GPU device node, available memory."""
-    memory_mb = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                memory_mb = int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return {"gpu": any(Path("/dev").glob("nvidia[0-9]*")), "memory_mb": memory_mb}
+    """What placement looks at, taken from the machine's capabilities (those its node record carries)."""
+    caps = machine_capabilities()
+    return {"gpu": bool(caps["gpus"]), "memory_mb": caps["memory_bytes"] // (1024 * 1024)}
 
 
 def can_run(caps: dict[str, Any], needs: dict[str, Any]) -> bool:

@@ -149,7 +149,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"echo throughput, 1 task per POST ({CONCURRENT_SUBMITTERS} clients): {single:.0f} tasks/s ({args.tasks} tasks)")
     print(f"echo throughput, {BATCH} tasks per POST: {batched:.0f} tasks/s ({args.tasks} tasks)")
     print(f"submit->done latency, one at a time: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms ({args.latency_samples} tasks)")
-    print(f"digits train (mlp, 20 epochs, seed 0):")
+    print("digits train (mlp, 20 epochs, seed 0):")
     print(f"  plain torch script: process wall {plain['wall']:.2f} s, training {plain['train_seconds']:.2f} s, accuracy {plain['accuracy']:.4f}")
     print(f"  p2pnn, first task : submit->done {first['wall']:.2f} s, training {first['train_seconds']:.2f} s, accuracy {first['accuracy']:.4f}")
     print(f"  p2pnn, second task: submit->done {second['wall']:.2f} s, training {second['train_seconds']:.2f} s, accuracy {second['accuracy']:.4f}")

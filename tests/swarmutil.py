@@ -1,4 +1,11 @@
-"""A swarm of real `p2pnn-node` processes on one RabbitMQ vhost and one PostgreSQL schema."""
+"""Swarms of real `p2pnn-node` processes for the tests.
+
+Swarm     the control plane: DHT discovery, election, assigned roles (LocalSwarm
+          from p2pnn.launcher, with timings a little slower than the defaults:
+          two cores are shared).
+BusSwarm  fan-out over RabbitMQ with roles from configuration, on one vhost and
+          one PostgreSQL schema.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +17,27 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from p2pnn.launcher import NodeProcess
+from p2pnn.launcher import LocalSwarm, NodeProcess, agreed, led
 from tests.conftest import PG_URL
-from tests.nodeutil import start_node_process
+from tests.nodeutil import FAST, start_node_process
+
+__all__ = ["SWARM_ENV", "Swarm", "BusSwarm", "agreed", "led"]
+
+SWARM_ENV = {
+    **FAST, "P2PNN_COMPUTE__SLOTS": "0", "P2PNN_SWARM__HEARTBEAT_SECONDS": "0.5",
+    "P2PNN_SWARM__ELECTION_TIMEOUT_SECONDS": "2.5", "P2PNN_SWARM__LEASE_SECONDS": "3",
+    "P2PNN_DHT__REFRESH_SECONDS": "0.5", "P2PNN_DHT__REPUBLISH_SECONDS": "2", "P2PNN_DHT__RECORD_TTL_SECONDS": "8",
+}
+
+
+class Swarm(LocalSwarm):
+    def __init__(self, root: Path, pg_url: str, schema: str) -> None:
+        super().__init__(root, pg_url, schema, name="testswarm", env=SWARM_ENV)
+
 
 # Fast beats and a short Ki-queue TTL so failures heal in seconds; no torch preloading, most
 # swarm tests run echo tasks and the machine has two cores.
-SWARM = {
+FANOUT_ENV = {
     "P2PNN_BUS__BACKEND": "amqp", "P2PNN_BUS__PREFIX": "swarm", "P2PNN_BUS__BEAT_INTERVAL_SECONDS": "0.5",
     "P2PNN_BUS__BEAT_TIMEOUT_SECONDS": "3", "P2PNN_BUS__KI_MESSAGE_TTL_SECONDS": "5",
     "P2PNN_BUS__HEARTBEAT_SECONDS": "10", "P2PNN_COMPUTE__PRELOAD_TORCH": "false",
@@ -25,7 +46,7 @@ SWARM = {
 
 
 @dataclass
-class Swarm:
+class BusSwarm:
     root: Path
     amqp_url: str
     schema: str
@@ -34,7 +55,7 @@ class Swarm:
 
     def start(self, name: str, role: str, slots: int = 2, **env: str) -> NodeProcess:
         full = {
-            **SWARM, "P2PNN_BUS__URL": self.amqp_url, "P2PNN_STORE__SCHEMA": self.schema,
+            **FANOUT_ENV, "P2PNN_BUS__URL": self.amqp_url, "P2PNN_STORE__SCHEMA": self.schema,
             "P2PNN_NODE__ROLE": role, "P2PNN_COMPUTE__SLOTS": str(slots), **env,
         }
         self.envs[name] = full

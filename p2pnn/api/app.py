@@ -38,6 +38,8 @@ class ApiContext:
     node_id: str
     max_body_bytes: int
     ready: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+    # (GET /api/v1/cluster, GET /api/v1/nodes): the swarm as this node sees it, or the lone node itself.
+    cluster: Callable[[], tuple[dict[str, Any], list[dict[str, Any]]]] | None = None
 
 
 class ApiError(Exception):
@@ -189,6 +191,22 @@ def create_app(ctx: ApiContext) -> QuartTrio:
             data, content_type="application/octet-stream",
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
+
+    # --- the swarm ---
+
+    @app.get("/api/v1/nodes")
+    async def nodes() -> Response:
+        caller("viewer")
+        if ctx.cluster is None:
+            raise ApiError(404, "no swarm view", "this node does not describe a swarm")
+        return _json({"nodes": ctx.cluster()[1]})
+
+    @app.get("/api/v1/cluster")
+    async def cluster() -> Response:
+        caller("viewer")
+        if ctx.cluster is None:
+            raise ApiError(404, "no swarm view", "this node does not describe a swarm")
+        return _json(ctx.cluster()[0])
 
     # --- operations ---
 

@@ -46,6 +46,19 @@ def openapi() -> dict[str, Any]:
                     "error": {"type": "string"}, "detail": {"type": "string"}, "field": {"type": "string"}}},
                 "Spec": {"type": "object", "required": ["kind"], "description": "a task spec (see README)",
                          "properties": {"kind": {"type": "string", "enum": list(KINDS)}}},
+                "Node": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "addresses": {"type": "object", "description": "dht, peer, api"},
+                    "roles": {"type": "array", "items": {"type": "string", "enum": ["principal", "an", "ki"]}},
+                    "an": {"type": ["string", "null"], "description": "the An a Ki belongs to"},
+                    "prefers": {"type": "string"}, "priority": {"type": "integer"},
+                    "capabilities": {"type": "object", "description": "cpu_cores, memory_bytes, gpus, torch"},
+                    "load": {"type": "object", "description": "slots, free_slots"}, "term": {"type": "integer"},
+                    "last_seen": {"type": "number"}, "healthy": {"type": "boolean"}}},
+                "Cluster": {"type": "object", "properties": {
+                    "swarm": {"type": ["string", "null"]}, "node_id": {"type": "string"},
+                    "principal": {"type": ["string", "null"]}, "term": {"type": "integer"},
+                    "lease_expires_at": {"type": ["number", "null"]}, "leading": {"type": "boolean"},
+                    "roles": {"type": "object", "description": "node id -> {roles, an}"}}},
                 "Task": {"type": "object", "properties": {
                     "id": {"type": "string"}, "kind": {"type": "string"}, "spec": {"type": "object"},
                     "state": {"type": "string", "enum": [s.value for s in State]}, "owner": {"type": "string"},
@@ -96,6 +109,17 @@ def openapi() -> dict[str, Any]:
                 "get": {"summary": "Download an artifact (model.safetensors of a train task)", "security": secured,
                         "parameters": [_ID, {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
                         "responses": {"200": _resp("the bytes", {"type": "string", "format": "binary"}, "application/octet-stream"),
+                                      **_errors(401, 403, 404)}},
+            },
+            "/api/v1/nodes": {
+                "get": {"summary": "Every member of the swarm as this node sees it (alone: this node)", "security": secured,
+                        "responses": {"200": _resp("the members", {"type": "object", "properties": {
+                            "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}}),
+                            **_errors(401, 403, 404)}},
+            },
+            "/api/v1/cluster": {
+                "get": {"summary": "The principal, its term and lease, and the role map", "security": secured,
+                        "responses": {"200": _resp("the cluster", {"$ref": "#/components/schemas/Cluster"}),
                                       **_errors(401, 403, 404)}},
             },
             "/health": {"get": {"summary": "Liveness", "responses": {"200": _resp("alive")}}},

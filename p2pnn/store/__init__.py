@@ -17,11 +17,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from p2pnn.store.base import IdempotencyConflict, NewTask, Page, StoreError, TaskStore
+from p2pnn.store.base import (
+    Assignment,
+    Fence,
+    IdempotencyConflict,
+    Lease,
+    NewTask,
+    Page,
+    StoreError,
+    TaskStore,
+    TermRecord,
+)
 
 BACKENDS = ("sqlite", "postgres")
 
-__all__ = ["BACKENDS", "IdempotencyConflict", "NewTask", "Page", "StoreError", "TaskStore", "open_store"]
+__all__ = [
+    "BACKENDS", "Assignment", "Fence", "IdempotencyConflict", "Lease", "NewTask", "Page", "StoreError", "TaskStore",
+    "TermRecord", "open_store",
+]
 
 
 def open_store(

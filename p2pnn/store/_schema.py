@@ -89,6 +89,49 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        2,
+        "swarm: the principal's lease, its term history, role assignments",
+        (
+            # One row per swarm: the term in force, who holds it, until when.
+            # Every change is a compare-and-set on (term, holder, expires_at).
+            """
+            CREATE TABLE swarm_lease (
+                swarm TEXT PRIMARY KEY,
+                term INTEGER NOT NULL CHECK (term >= 1),
+                holder TEXT NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL
+            )
+            """,
+            # Every term ever granted: the primary key makes a term impossible to grant twice.
+            """
+            CREATE TABLE swarm_terms (
+                swarm TEXT NOT NULL,
+                term INTEGER NOT NULL,
+                holder TEXT NOT NULL,
+                acquired_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                ended_at DOUBLE PRECISION,
+                end_reason TEXT CHECK (end_reason IN ('released', 'expired')),
+                PRIMARY KEY (swarm, term)
+            )
+            """,
+            """
+            CREATE TABLE swarm_roles (
+                swarm TEXT NOT NULL,
+                node_id TEXT NOT NULL,
+                roles TEXT NOT NULL,
+                an_id TEXT,
+                term INTEGER NOT NULL,
+                assigned_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (swarm, node_id)
+            )
+            """,
+        ),
+    ),
+)
+
 LATEST_VERSION = MIGRATIONS[-1].version
 
 _CREATE_MIGRATIONS_TABLE = """

@@ -25,7 +25,18 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from p2pnn.store.base import MAX_ARTIFACT_BYTES, IdempotencyConflict, NewTask, Page, StoreError, TaskStore
+from p2pnn.store.base import (
+    MAX_ARTIFACT_BYTES,
+    Assignment,
+    Fence,
+    IdempotencyConflict,
+    Lease,
+    NewTask,
+    Page,
+    StoreError,
+    TaskStore,
+    TermRecord,
+)
 from p2pnn.tasks import State, Task
 
 T = TypeVar("T")
@@ -468,12 +479,14 @@ class SqlTaskStore(TaskStore):
 
         return await self._transact(cancel, write=True)
 
-    async def expire_leases(self, *, now: float, limit: int = 1000) -> list[tuple[str, State]]:
+    async def expire_leases(self, *, now: float, limit: int = 1000, fence: Fence | None = None) -> list[tuple[str, State]]:
         # The outer WHERE repeats the inner one: under READ COMMITTED a row the
         # subquery picked may have been finished or renewed meanwhile, and only
         # the outer condition is re-checked against the latest row version.
-        rows = await self._transact(
-            lambda db: db.rows(
+        def expire(db: Db) -> list[tuple[Any, ...]]:
+            if fence is not None and not _fence_holds(db, fence, now):
+                return []
+            return db.rows(
                 f"UPDATE tasks SET state = {_STATE_AFTER_LOST_ATTEMPT}, "
                 f"finished_at = CASE WHEN {_TERMINAL_AFTER_LOST_ATTEMPT} THEN ? ELSE NULL END, "
                 "error = CASE WHEN NOT cancel_requested AND attempts >= max_attempts THEN ? ELSE error END, "
@@ -483,10 +496,114 @@ class SqlTaskStore(TaskStore):
                 "SELECT id FROM tasks WHERE state = 'running' AND lease_expires_at < ? "
                 "ORDER BY lease_expires_at LIMIT ?) RETURNING id, state",
                 (now, LEASE_EXPIRED_ERROR, now, now, now, limit),
-            ),
-            write=True,
-        )
+            )
+
+        rows = await self._transact(expire, write=True)
         return [(str(tid), State(state)) for tid, state in rows]
+
+    # --- swarm ---
+
+    async def acquire_lease(self, swarm: str, holder: str, *, now: float, lease_seconds: float) -> int | None:
+        def acquire(db: Db) -> int | None:
+            row = db.one("SELECT term, holder, expires_at FROM swarm_lease WHERE swarm = ?", (swarm,))
+            expires = now + lease_seconds
+            if row is None:
+                term = 1
+                if db.run(
+                    "INSERT INTO swarm_lease (swarm, term, holder, expires_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (swarm) DO NOTHING", (swarm, term, holder, expires),
+                ) != 1:
+                    return None
+            else:
+                last, last_holder, last_expires = int(row[0]), row[1], float(row[2])
+                if last_expires > now and last_holder != holder:
+                    return None
+                term = last + 1
+                # Compare-and-set: the WHERE is re-checked against the latest row, so of two
+                # nodes racing for the same lapsed term exactly one moves it on.
+                if db.run(
+                    "UPDATE swarm_lease SET term = ?, holder = ?, expires_at = ? "
+                    "WHERE swarm = ? AND term = ? AND (expires_at <= ? OR holder = ?)",
+                    (term, holder, expires, swarm, last, now, holder),
+                ) != 1:
+                    return None
+                db.run(
+                    "UPDATE swarm_terms SET ended_at = CASE WHEN expires_at < ? THEN expires_at ELSE ? END, "
+                    "end_reason = 'expired' WHERE swarm = ? AND term = ? AND ended_at IS NULL",
+                    (now, now, swarm, last),
+                )
+            db.run(
+                "INSERT INTO swarm_terms (swarm, term, holder, acquired_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (swarm, term, holder, now, expires),
+            )
+            return term
+
+        return await self._transact(acquire, write=True)
+
+    async def renew_lease(self, fence: Fence, *, now: float, lease_seconds: float) -> bool:
+        def renew(db: Db) -> bool:
+            expires = now + lease_seconds
+            if db.run(
+                "UPDATE swarm_lease SET expires_at = ? WHERE swarm = ? AND term = ? AND holder = ? AND expires_at > ?",
+                (expires, fence.swarm, fence.term, fence.holder, now),
+            ) != 1:
+                return False
+            db.run("UPDATE swarm_terms SET expires_at = ? WHERE swarm = ? AND term = ?", (expires, fence.swarm, fence.term))
+            return True
+
+        return await self._transact(renew, write=True)
+
+    async def release_lease(self, fence: Fence, *, now: float) -> bool:
+        def release(db: Db) -> bool:
+            if db.run(
+                "UPDATE swarm_lease SET expires_at = ? WHERE swarm = ? AND term = ? AND holder = ? AND expires_at > ?",
+                (now, fence.swarm, fence.term, fence.holder, now),
+            ) != 1:
+                return False
+            db.run(
+                "UPDATE swarm_terms SET expires_at = ?, ended_at = ?, end_reason = 'released' "
+                "WHERE swarm = ? AND term = ?", (now, now, fence.swarm, fence.term),
+            )
+            return True
+
+        return await self._transact(release, write=True)
+
+    async def lease(self, swarm: str) -> Lease | None:
+        row = await self._transact(
+            lambda db: db.one("SELECT term, holder, expires_at FROM swarm_lease WHERE swarm = ?", (swarm,)), write=False
+        )
+        return None if row is None else Lease(swarm, int(row[0]), row[1], float(row[2]))
+
+    async def terms(self, swarm: str) -> list[TermRecord]:
+        rows = await self._transact(
+            lambda db: db.rows(
+                "SELECT term, holder, acquired_at, expires_at, ended_at, end_reason FROM swarm_terms "
+                "WHERE swarm = ? ORDER BY term", (swarm,),
+            ),
+            write=False,
+        )
+        return [TermRecord(int(r[0]), r[1], float(r[2]), float(r[3]), _opt_float(r[4]), r[5]) for r in rows]
+
+    async def record_roles(self, fence: Fence, assignments: dict[str, Assignment], *, now: float) -> bool:
+        def record(db: Db) -> bool:
+            if not _fence_holds(db, fence, now):
+                return False
+            db.run("DELETE FROM swarm_roles WHERE swarm = ?", (fence.swarm,))
+            if assignments:
+                db.run_many(
+                    "INSERT INTO swarm_roles (swarm, node_id, roles, an_id, term, assigned_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(fence.swarm, node, ",".join(a.roles), a.an_id, fence.term, now) for node, a in assignments.items()],
+                )
+            return True
+
+        return await self._transact(record, write=True)
+
+    async def roles(self, swarm: str) -> dict[str, tuple[Assignment, int]]:
+        rows = await self._transact(
+            lambda db: db.rows("SELECT node_id, roles, an_id, term FROM swarm_roles WHERE swarm = ?", (swarm,)),
+            write=False,
+        )
+        return {r[0]: (Assignment(tuple(x for x in r[1].split(",") if x), r[2]), int(r[3])) for r in rows}
 
     # --- artifacts ---
 
@@ -522,6 +639,15 @@ class SqlTaskStore(TaskStore):
             lambda db: db.one("SELECT data FROM artifacts WHERE task_id = ? AND name = ?", (tid, name)), write=False
         )
         return None if row is None else bytes(row[0])
+
+
+def _fence_holds(db: Db, fence: Fence, now: float) -> bool:
+    """Whether ``fence``'s lease holds at ``now``; a no-op write, so that it also locks the lease row
+    for the rest of the transaction and a concurrent acquisition waits for (then re-checks after) it."""
+    return db.run(
+        "UPDATE swarm_lease SET expires_at = expires_at WHERE swarm = ? AND term = ? AND holder = ? AND expires_at > ?",
+        (fence.swarm, fence.term, fence.holder, now),
+    ) == 1
 
 
 def _artifact_names(db: Db, tid: str) -> list[str]:

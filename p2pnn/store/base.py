@@ -39,6 +39,39 @@ class Page:
     next_cursor: str | None
 
 
+@dataclass(frozen=True)
+class Fence:
+    """A principal's claim: ``holder`` holds ``term`` of ``swarm``. Fenced writes happen only while it still does."""
+
+    swarm: str
+    term: int
+    holder: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    swarm: str
+    term: int
+    holder: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class TermRecord:
+    term: int
+    holder: str
+    acquired_at: float
+    expires_at: float  # the last expiry granted (by acquisition or renewal)
+    ended_at: float | None
+    end_reason: str | None  # released | expired | None while current
+
+
+@dataclass(frozen=True)
+class Assignment:
+    roles: tuple[str, ...]
+    an_id: str | None
+
+
 class TaskStore(abc.ABC):
     """Tasks, their attempts, leases and artifacts.
 
@@ -154,9 +187,46 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def expire_leases(self, *, now: float, limit: int = 1000) -> list[tuple[str, State]]:
+    async def expire_leases(self, *, now: float, limit: int = 1000, fence: Fence | None = None) -> list[tuple[str, State]]:
         """Every running task whose lease lapsed goes back to ``queued`` (or ``failed`` when out of
-        attempts, or ``cancelled`` when a cancel was requested). Returns (task id, new state) pairs."""
+        attempts, or ``cancelled`` when a cancel was requested). Returns (task id, new state) pairs.
+
+        With a ``fence``, nothing changes (and ``[]`` is returned) unless that
+        principal's lease still holds at ``now``, checked in the same transaction."""
+
+    # --- swarm: the principal's lease (compare-and-set), its terms, role assignments ---
+
+    @abc.abstractmethod
+    async def acquire_lease(self, swarm: str, holder: str, *, now: float, lease_seconds: float) -> int | None:
+        """Take the principal's lease with a new term (the last term + 1) when it is free or lapsed.
+
+        Returns the new term, or None while another holder's lease runs (or
+        another node won the same race). The previous term's history row is
+        closed as ``expired`` unless it was released.
+        """
+
+    @abc.abstractmethod
+    async def renew_lease(self, fence: Fence, *, now: float, lease_seconds: float) -> bool:
+        """Extend the lease to now + lease_seconds; False (nothing changed) once it lapsed or moved on."""
+
+    @abc.abstractmethod
+    async def release_lease(self, fence: Fence, *, now: float) -> bool:
+        """End the term now (a clean hand-over); False when it was no longer held."""
+
+    @abc.abstractmethod
+    async def lease(self, swarm: str) -> Lease | None: ...
+
+    @abc.abstractmethod
+    async def terms(self, swarm: str) -> list[TermRecord]:
+        """Every term granted in ``swarm``, oldest first."""
+
+    @abc.abstractmethod
+    async def record_roles(self, fence: Fence, assignments: dict[str, Assignment], *, now: float) -> bool:
+        """Replace the swarm's role map, only while ``fence`` holds; False (nothing written) otherwise."""
+
+    @abc.abstractmethod
+    async def roles(self, swarm: str) -> dict[str, tuple[Assignment, int]]:
+        """The recorded role map: node id -> (assignment, term that wrote it)."""
 
     # --- artifacts ---
 

@@ -11,7 +11,7 @@ import trio
 
 from p2pnn.client import Client
 from tests.conftest import rabbitmqctl
-from tests.swarmutil import Swarm
+from tests.swarmutil import BusSwarm
 
 pytestmark = pytest.mark.postgres
 
@@ -20,7 +20,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 @pytest.fixture
 def swarm(tmp_path, amqp_url, pg_schema):
-    s = Swarm(tmp_path, amqp_url, pg_schema)
+    s = BusSwarm(tmp_path, amqp_url, pg_schema)
     try:
         yield s
     finally:
@@ -35,11 +35,11 @@ async def _until(predicate, timeout: float, what: str) -> None:
         await trio.sleep(0.2)
 
 
-async def _an_sees(swarm: Swarm, an: str, kis: int) -> None:
+async def _an_sees(swarm: BusSwarm, an: str, kis: int) -> None:
     await _until(lambda: swarm.metric(an, "p2pnn_an_kis") == kis, 30, f"{an} to see {kis} Ki")
 
 
-def _states(swarm: Swarm, ids: list[str]) -> dict[str, str]:
+def _states(swarm: BusSwarm, ids: list[str]) -> dict[str, str]:
     return dict(swarm.rows("SELECT id::text, state FROM tasks WHERE id::text = ANY(%s)", ids))
 
 

@@ -1,0 +1,11 @@
+"""The membership plane: who is in the swarm, where they listen, what they can do.
+
+- records.py: NodeRecord, the signed, expiring description a node publishes
+  of itself, its DHT key, and the checks every reader runs (signature, swarm
+  credential, freshness, key matches id).
+- dht.py: DhtNode, the one place that talks to the ``kademlia`` library
+  (asyncio, bridged into trio with trio-asyncio); its storage refuses any
+  value that is not a valid record for the key it is stored under.
+- view.py: MemberView, the records of every member this node has read,
+  re-published and re-read on intervals.
+"""

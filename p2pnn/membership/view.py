@@ -1,0 +1,262 @@
+"""MemberView: this node's record, published on an interval, and the records of every member it can find.
+
+Discovery: the kademlia node id of every p2pnn node is its p2pnn node id, so
+every id in the routing table names a record key; those ids, and any ids
+heard of otherwise (the principal's role map), are read every
+``refresh_seconds`` -- from this node's own storage when the copy there is
+recent, else (at most once per member per re-publish interval) from the
+member itself with one find_value RPC to the address in the routing table,
+or by a network lookup for ids without an address -- and kept while their
+records are valid. A record text already
+verified is not verified again (its freshness is).
+Each re-publish looks up the nodes closest to our record's key, which also
+tells them about us, and walks towards a random id: the nodes met on walks
+are read too, so a node learns of members its k-buckets have no room for.
+
+The DHT addresses of the members last seen are kept in a small file in the
+data directory (``dht-peers.json``) and added to the bootstrap peers at the
+next start, so a node that comes back after its configured bootstrap peer
+died still finds the swarm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pnn import logs
+from p2pnn.config import DhtConfig
+from p2pnn.credential import SwarmCredential
+from p2pnn.identity import Identity
+from p2pnn.membership.dht import DhtNode
+from p2pnn.membership.records import NodeRecord, RecordError, read_record, record_key, sign_record
+
+log = logs.get(__name__)
+
+VERIFIED_CACHE_SIZE = 4096  # record texts whose signature and HMAC were checked (an Ed25519 verify is ~0.1 ms)
+CONCURRENT_LOOKUPS = 16  # remote reads of records in flight at once
+PEER_CACHE_SIZE = 32  # DHT addresses remembered for the next start
+LOOKUP_TIMEOUT_FACTOR = 3  # a network lookup gets this many RPC timeouts before it is given up for this round
+
+
+class MemberView:
+    """Resource handling: ``run`` (nursery.start) joins, publishes and keeps re-reading until cancelled.
+
+    Error handling: invalid records are dropped (counted in ``dropped``), never raised.
+    """
+
+    def __init__(
+        self,
+        *,
+        ident: Identity,
+        cred: SwarmCredential,
+        config: DhtConfig,
+        bootstrap: list[tuple[str, int]],
+        make_record: Callable[[float, float], NodeRecord],
+        peer_cache: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ident = ident
+        self.cred = cred
+        self.config = config
+        self._peer_cache = peer_cache
+        self._bootstrap = list(dict.fromkeys([*bootstrap, *self._cached_peers()]))
+        self._make_record = make_record
+        self._clock = clock
+        self.dht = DhtNode(
+            node_id=ident.node_id, validator=self._validate, rpc_timeout=config.rpc_timeout_seconds,
+            ttl=config.record_ttl_seconds,
+        )
+        self.members: dict[str, NodeRecord] = {}
+        self.dropped = 0
+        self._also: set[str] = set()
+        self._looked_up: dict[str, float] = {}
+        self._verified: dict[Any, NodeRecord] = {}
+        self._lookups = trio.CapacityLimiter(CONCURRENT_LOOKUPS)
+        # Nodes met on walks towards random ids: id -> (address, until when it is worth asking).
+        self._walked: dict[str, tuple[tuple[str, int], float]] = {}  # node id -> when its record was last looked up over the network
+        self._republish = trio.Event()
+        self.dht_port = 0
+
+    # --- validation, for everything stored here and everything read ---
+
+    def _check(self, value: Any, dkey: bytes, now: float) -> NodeRecord:
+        """read_record, remembering texts already verified. Error handling: RecordError as read_record."""
+        cache_key = (value, dkey) if isinstance(value, (str, bytes)) else None
+        record = self._verified.get(cache_key) if cache_key is not None else None
+        if record is None:
+            record = read_record(value, self.cred, now=now, key_digest=dkey)
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                self._verified.clear()
+            self._verified[cache_key] = record
+        elif record.expires_at <= now:
+            raise RecordError("record expired")
+        return record
+
+    def _validate(self, dkey: bytes, value: Any, current: Any) -> float | None:
+        now = self._clock()
+        try:
+            record = self._check(value, dkey, now)
+        except RecordError as exc:
+            self.dropped += 1
+            log.info("membership.record_dropped", reason=str(exc))
+            return None
+        if current is not None:
+            try:
+                if self._check(current, dkey, now).timestamp > record.timestamp:
+                    return None  # an older copy of a record we have a newer one of
+            except RecordError:
+                pass
+        return record.timestamp
+
+    def record(self, node_id: str) -> NodeRecord | None:
+        rec = self.members.get(node_id)
+        if rec is not None and rec.expires_at <= self._clock():
+            return None
+        return rec
+
+    def live(self) -> list[NodeRecord]:
+        now = self._clock()
+        return [r for r in self.members.values() if r.expires_at > now]
+
+    def learn(self, node_ids: Iterable[str]) -> None:
+        """Ids heard of outside the DHT (the role map); read at the next refresh."""
+        self._also.update(i for i in node_ids if i != self.ident.node_id)
+
+    def publish_soon(self) -> None:
+        """Re-publish now (role, term or load changed) rather than at the next interval."""
+        self._republish.set()
+
+    def _cached_peers(self) -> list[tuple[str, int]]:
+        if self._peer_cache is None:
+            return []
+        try:
+            return [(str(h), int(p)) for h, p in json.loads(self._peer_cache.read_text())][:PEER_CACHE_SIZE]
+        except (OSError, ValueError, TypeError):
+            return []
+
+    def _save_peers(self) -> None:
+        if self._peer_cache is None:
+            return
+        peers = [list(r.dht) for r in self.live() if r.node_id != self.ident.node_id][:PEER_CACHE_SIZE]
+        if peers:
+            tmp = self._peer_cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(peers))
+            tmp.replace(self._peer_cache)
+
+    # --- loops ---
+
+    async def run(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.dht_port = await nursery.start(self.dht.run, host, port)
+            await self._join()
+            await self._publish()
+            nursery.start_soon(self._publish_loop)
+            nursery.start_soon(self._refresh_loop)
+            task_status.started(self.dht_port)
+
+    async def _join(self) -> None:
+        if not self._bootstrap:
+            return
+        with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
+            found = await self.dht.bootstrap(self._bootstrap)
+            log.info("dht.joined", via=",".join(f"{h}:{p}" for h, p in self._bootstrap), found=found)
+
+    async def _publish(self) -> None:
+        now = self._clock()
+        record = self._make_record(now, now + self.config.record_ttl_seconds)
+        self.members[record.node_id] = record
+        # Bounded by half the re-publish interval rather than an RPC timeout: a store to k nodes under
+        # load takes a while, and cutting it short is how records expire across a busy swarm.
+        with trio.move_on_after(self.config.republish_seconds / 2):
+            await self.dht.put(record_key(self.cred.name, record.node_id), sign_record(record, self.ident, self.cred))
+
+    async def _publish_loop(self) -> None:
+        next_at = trio.current_time() + self.config.republish_seconds
+        while True:
+            with trio.move_on_after(max(0.0, next_at - trio.current_time())):
+                await self._republish.wait()
+            self._republish = trio.Event()
+            # The period counts from one publish to the next, whatever the work below takes.
+            next_at = trio.current_time() + self.config.republish_seconds
+            await self._publish()
+            self._save_peers()
+            if not self.dht.contact_ids() and self._bootstrap:
+                await self._join()  # the bootstrap peer was not up yet, or everyone we knew is gone
+            walk: dict[str, tuple[str, int]] = {}
+            with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
+                walk = await self.dht.crawl(secrets.token_bytes(20))
+            expires = self._clock() + self.config.record_ttl_seconds
+            for node_id, address in walk.items():
+                if node_id != self.ident.node_id:
+                    self._walked[node_id] = (address, expires)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await self.refresh()
+            await trio.sleep(self.config.refresh_seconds)
+
+    async def refresh(self) -> None:
+        """Re-read the record of every node we know of; forget the expired ones."""
+        now = self._clock()
+        self._walked = {i: (a, until) for i, (a, until) in self._walked.items() if until > now}
+        contacts = {**{i: a for i, (a, _) in self._walked.items()}, **self.dht.contacts()}
+        ids = (set(contacts) | self._also | set(self.members)) - {self.ident.node_id}
+        async with trio.open_nursery() as nursery:
+            for node_id in ids:
+                nursery.start_soon(self._read, node_id, contacts.get(node_id))
+        now = self._clock()
+        for node_id, rec in list(self.members.items()):
+            if rec.expires_at <= now and node_id != self.ident.node_id:
+                del self.members[node_id]
+                self._looked_up.pop(node_id, None)
+                log.info("membership.expired", member=node_id[:12])
+
+    async def _read(self, node_id: str, address: tuple[str, int] | None) -> None:
+        key = record_key(self.cred.name, node_id)
+        dkey = self.dht.digest(key)
+        now = self._clock()
+        record = self._parse(await self.dht.get(key), dkey, now)
+        known = self.members.get(node_id)
+        newest = max((r for r in (record, known) if r is not None), key=lambda r: r.timestamp, default=None)
+        stale = newest is None or newest.timestamp < now - 2 * self.config.republish_seconds
+        # At most one remote read per node per re-publish interval (a record is not newer before then),
+        # a few at a time: asked of the node itself (one RPC), else looked up (a crawl, several RPCs).
+        due = now - self._looked_up.get(node_id, -math.inf) >= self.config.republish_seconds
+        if stale and due:
+            self._looked_up[node_id] = now
+            async with self._lookups:
+                with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
+                    if address is None and known is not None:
+                        address = known.dht
+                    if address is not None:
+                        value = await self.dht.ask(node_id, address, key)
+                    else:
+                        value = await self.dht.get(key, network=True)
+                    fresher = self._parse(value, dkey, now)
+                    if fresher is not None and (record is None or fresher.timestamp > record.timestamp):
+                        record = fresher
+        if record is None:
+            return
+        if known is None or record.timestamp >= known.timestamp:
+            if known is None:
+                log.info("membership.joined", member=node_id[:12], peer=record.peer)
+                self._also.discard(node_id)
+            self.members[node_id] = record
+
+    def _parse(self, value: Any, dkey: bytes, now: float) -> NodeRecord | None:
+        if value is None:
+            return None
+        try:
+            return self._check(value, dkey, now)
+        except RecordError as exc:
+            self.dropped += 1
+            log.debug("membership.record_dropped", reason=str(exc))
+            return None

@@ -1,0 +1,187 @@
+"""Failover and discovery figures for the swarm control plane.
+
+1. Failover: a swarm of --nodes real `p2pnn-node` processes on 127.0.0.1 with
+   the default swarm timings (heartbeat 0.5 s, election timeout 2 s, lease
+   3 s) and a PostgreSQL store. --kills times: SIGKILL the principal, time
+   until every surviving node names the same new principal with a higher term
+   and its role map covers exactly the survivors; then restart the killed node
+   and let the swarm settle (it may take over again: preempt is on).
+   Prints p50, p99 and max.
+2. DHT convergence: --dht-nodes MemberViews (real Kademlia servers over UDP
+   loopback, signed records, default DHT timings) spread over
+   --dht-processes processes (one asyncio loop each: a single Python process
+   cannot serve 50 nodes' RPCs on one core); all join through node 0; time
+   from the first start until every one of them has read every other's record.
+
+    .venv/bin/python scripts/bench_failover.py [--kills 20] [--nodes 4] [--dht-nodes 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+import trio_asyncio
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from p2pnn.config import DhtConfig  # noqa: E402
+from p2pnn.credential import SwarmCredential  # noqa: E402
+from p2pnn.identity import init_data_dir, load_identity  # noqa: E402
+from p2pnn.launcher import LocalSwarm, agreed, led  # noqa: E402
+from p2pnn.membership.records import NodeRecord  # noqa: E402
+from p2pnn.membership.view import MemberView  # noqa: E402
+
+PG_URL = os.environ.get("P2PNN_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+SETTLE_TIMEOUT = 120.0
+PROGRESS_SECONDS = 5.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def bench_failover(kills: int, count: int) -> list[float]:
+    import psycopg
+    from psycopg import sql
+
+    schema = f"p2pnn_bench_{secrets.token_hex(4)}"
+    with tempfile.TemporaryDirectory() as tmp:
+        swarm = LocalSwarm(Path(tmp), PG_URL, schema, name="bench", env={"P2PNN_COMPUTE__SLOTS": "0"})
+        try:
+            for i in range(count):
+                swarm.start(f"n{i}")
+            took = swarm.wait_for(agreed(count), SETTLE_TIMEOUT)
+            print(f"{count} nodes agreed {took:.2f} s after the last one started", flush=True)
+            times = []
+            for k in range(kills):
+                view = next(iter(swarm.views().values()))
+                principal, term = view["principal"], view["term"]
+                name = next(n for n, p in swarm.running().items() if p.node_id == principal)
+                killed = time.monotonic()
+                swarm.nodes[name].stop(signal.SIGKILL)
+                swarm.wait_for(led(lambda p, t: p != principal and t > term), SETTLE_TIMEOUT, poll=0.05)
+                times.append(time.monotonic() - killed)
+                print(f"kill {k + 1:2d}: term {term} -> failover {times[-1]:.2f} s", flush=True)
+                swarm.start(name)
+                swarm.wait_for(led(), SETTLE_TIMEOUT)
+                time.sleep(2.0)  # let a preempting take-over (if any) finish before the next kill
+                swarm.wait_for(led(), SETTLE_TIMEOUT)
+            return times
+        finally:
+            swarm.stop_all()
+            with psycopg.connect(PG_URL, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+async def dht_worker(first: int, count: int, total: int, bootstrap: str, secret: str, rpc_timeout: float) -> None:
+    """Run ``count`` MemberViews (one asyncio loop) and print how many members the least-informed one knows."""
+    cred = SwarmCredential("bench", bytes.fromhex(secret))
+    peers = [(h, int(p)) for h, _, p in (b.rpartition(":") for b in bootstrap.split(",") if b)]
+    views: list[MemberView] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            for i in range(count):
+                init_data_dir(Path(tmp) / str(i))
+                ident = load_identity(Path(tmp) / str(i))
+
+                def make(now: float, expires: float, ident=ident, i=i) -> NodeRecord:
+                    return NodeRecord(
+                        node_id=ident.node_id, dht=("127.0.0.1", views[i].dht_port), peer="ws://127.0.0.1:1",
+                        api="http://127.0.0.1:1", capabilities={}, prefers="auto", priority=0, roles=(), an_id=None,
+                        load={}, term=0, timestamp=now, expires_at=expires,
+                    )
+
+                boot = peers or ([("127.0.0.1", views[0].dht_port)] if views else [])
+                view = MemberView(ident=ident, cred=cred, config=DhtConfig(rpc_timeout_seconds=rpc_timeout), bootstrap=boot, make_record=make)
+                views.append(view)
+                await nursery.start(view.run, "127.0.0.1", 0)
+                if first == 0 and i == 0:
+                    print(f"port {view.dht_port}", flush=True)
+            while True:
+                print(f"known {min(len(v.live()) for v in views)}", flush=True)
+                await trio.sleep(0.2)
+
+
+def bench_dht(total: int, processes: int, rpc_timeout: float) -> float:
+    """Start ``total`` DHT nodes in ``processes`` processes; seconds until every node knows every other."""
+    import subprocess
+
+    secret = secrets.token_hex(32)
+    per = [total // processes + (1 if k < total % processes else 0) for k in range(processes)]
+    started = time.monotonic()
+
+    def spawn(k: int, bootstrap: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, __file__, "--dht-worker", str(k), str(per[k]), str(total), bootstrap or "-", secret, str(rpc_timeout)],
+            stdout=subprocess.PIPE, text=True, bufsize=1,
+        )
+
+    workers = [spawn(0, "")]
+    first_line = workers[0].stdout.readline().split()
+    seed = f"127.0.0.1:{first_line[1]}"
+    workers += [spawn(k, seed) for k in range(1, processes)]
+    known = [0] * processes
+    try:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        for k, w in enumerate(workers):
+            sel.register(w.stdout, selectors.EVENT_READ, k)
+        deadline = started + SETTLE_TIMEOUT
+        last_report = started
+        while min(known) < total and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=1.0):
+                line = key.fileobj.readline().split()
+                if len(line) == 2 and line[0] == "known":
+                    known[key.data] = int(line[1])
+            if time.monotonic() - last_report > PROGRESS_SECONDS:
+                last_report = time.monotonic()
+                print(f"  {last_report - started:5.1f} s: least-informed node per process knows {known}", flush=True)
+        took = time.monotonic() - started
+        result = "every node knew all" if min(known) >= total else f"NOT converged (min {min(known)})"
+        print(f"{total} DHT nodes in {processes} processes: {result} {total} after {took:.2f} s "
+              f"(from the first start; rpc timeout {rpc_timeout} s, other DHT timings default)", flush=True)
+        return took
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--dht-nodes", type=int, default=50)
+    parser.add_argument("--dht-processes", type=int, default=10, help="processes the DHT nodes are spread over")
+    parser.add_argument("--dht-rpc-timeout", type=float, default=DhtConfig().rpc_timeout_seconds,
+                        help="dht.rpc_timeout_seconds for the DHT benchmark (default: the configuration default)")
+    parser.add_argument("--dht-worker", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.dht_worker:
+        first, count, total, bootstrap, secret, rpc_timeout = args.dht_worker
+        trio.run(dht_worker, int(first), int(count), int(total), "" if bootstrap == "-" else bootstrap, secret,
+                 float(rpc_timeout))
+        return
+    if args.dht_nodes:
+        bench_dht(args.dht_nodes, args.dht_processes, args.dht_rpc_timeout)
+    if args.kills:
+        times = bench_failover(args.kills, args.nodes)
+        print(f"failover over {len(times)} principal kills ({args.nodes} nodes, default timings): "
+              f"p50 {statistics.median(times):.2f} s, p99 {percentile(times, 0.99):.2f} s, max {max(times):.2f} s, "
+              f"min {min(times):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
