@@ -39,9 +39,7 @@ def swarm(tmp_path, postgres_url, pg_schema, amqp_url):
     try:
         yield s
     finally:
-        s.stop_all()
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(pg_schema)))
+        s.stop_all()  # pg_schema drops the schema, amqp_vhost the vhost
 
 
 def _roles(swarm: LocalSwarm) -> dict[str, dict]:
