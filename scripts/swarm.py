@@ -8,8 +8,10 @@
 
 State lives under .swarm/ (gitignored): the join secret, one data directory and log per node. Nodes
 share the machine's PostgreSQL (P2PNN_SWARM_PG_URL, default postgresql://postgres@127.0.0.1:5432/test)
-in the schema p2pnn_local_swarm. Ports: API 3100+i, DHT (UDP) 8500+i, peer link 8600+i.
-The task bus is still each node's in-process queue; the RabbitMQ fan-out lands separately.
+in the schema p2pnn_local_swarm, and its RabbitMQ: the vhost p2pnn-local-swarm, made with rabbitmqctl
+at `up` and deleted at `down` (or, when P2PNN_SWARM_AMQP_URL is set, that URL as it is). Tasks
+submitted to any node fan out from the An to the Ki the principal assigned.
+Ports: API 3100+i, DHT (UDP) 8500+i, peer link 8600+i. Slots per node: P2PNN_SWARM_SLOTS (default 1).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +40,9 @@ STATE = ROOT / ".swarm"
 PG_URL = os.environ.get("P2PNN_SWARM_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SCHEMA = "p2pnn_local_swarm"
 NAME = "local"
+VHOST = "p2pnn-local-swarm"
+AMQP_URL = os.environ.get("P2PNN_SWARM_AMQP_URL", f"amqp://guest:guest@127.0.0.1:5672/{VHOST}")
+OWN_VHOST = "P2PNN_SWARM_AMQP_URL" not in os.environ
 API_BASE, DHT_BASE, PEER_BASE = 3100, 8500, 8600
 STOP_WAIT = 30.0  # seconds a node gets to stop (hand its tasks back) before restart starts it again
 
@@ -49,6 +55,7 @@ def node_env(i: int) -> dict[str, str]:
         "P2PNN_DHT__HOST": "127.0.0.1", "P2PNN_DHT__PORT": str(DHT_BASE + i),
         "P2PNN_PEER__HOST": "127.0.0.1", "P2PNN_PEER__PORT": str(PEER_BASE + i),
         "P2PNN_COMPUTE__SLOTS": os.environ.get("P2PNN_SWARM_SLOTS", "1"),
+        "P2PNN_BUS__BACKEND": "amqp", "P2PNN_BUS__URL": AMQP_URL,
     }
     if i:
         env["P2PNN_DHT__BOOTSTRAP_PEERS"] = f"127.0.0.1:{DHT_BASE}"
@@ -75,7 +82,18 @@ def start(name: str) -> None:
     print(f"{name}: pid {node.proc.pid}, api {node.url}, id {node.node_id[:12]}")
 
 
+def rabbitmqctl(*args: str) -> None:
+    try:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        sys.exit(f"rabbitmqctl {' '.join(args)} failed ({detail.strip()}); set P2PNN_SWARM_AMQP_URL to a vhost of your own")
+
+
 def up(count: int) -> None:
+    if OWN_VHOST and not STATE.exists():
+        rabbitmqctl("add_vhost", VHOST)
+        rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
     STATE.mkdir(exist_ok=True)
     secret = STATE / "swarm-secret"
     if not secret.exists():
@@ -132,6 +150,8 @@ def down() -> None:
 
     with psycopg.connect(PG_URL, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
+    if OWN_VHOST:
+        rabbitmqctl("delete_vhost", VHOST)
     import shutil
 
     shutil.rmtree(STATE, ignore_errors=True)
@@ -145,7 +165,7 @@ def main() -> None:
     sub.add_parser("status", help="what each node sees")
     sub.add_parser("kill", help="SIGKILL a node").add_argument("node")
     sub.add_parser("restart", help="start a node again").add_argument("node")
-    sub.add_parser("down", help="stop every node and forget the swarm")
+    sub.add_parser("down", help="stop every node and forget the swarm (its schema and vhost)")
     args = parser.parse_args()
     if args.command == "up":
         if not 1 <= args.count <= 100:
