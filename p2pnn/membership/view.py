@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -44,6 +45,7 @@ VERIFIED_CACHE_SIZE = 4096  # record texts whose signature and HMAC were checked
 CONCURRENT_LOOKUPS = 16  # remote reads of records in flight at once
 PEER_CACHE_SIZE = 32  # DHT addresses remembered for the next start
 LOOKUP_TIMEOUT_FACTOR = 3  # a network lookup gets this many RPC timeouts before it is given up for this round
+WALK_BACKOFF_MAX = 8  # while the members stay the same, lookups back off up to this many re-publish intervals
 
 
 class MemberView:
@@ -83,6 +85,9 @@ class MemberView:
         # Nodes met on walks towards random ids: id -> (address, until when it is worth asking).
         self._walked: dict[str, tuple[tuple[str, int], float]] = {}  # node id -> when its record was last looked up over the network
         self._republish = trio.Event()
+        self._walk_every = 1  # re-publish intervals between two lookups (crawls); doubles while nothing changes
+        self._walk_in = 0  # re-publishes left before the next lookup
+        self._last_seen: frozenset[str] = frozenset()
         self.dht_port = 0
 
     # --- validation, for everything stored here and everything read ---
@@ -169,14 +174,16 @@ class MemberView:
             found = await self.dht.bootstrap(self._bootstrap)
             log.info("dht.joined", via=",".join(f"{h}:{p}" for h, p in self._bootstrap), found=found)
 
-    async def _publish(self) -> None:
+    async def _publish(self, crawl: bool = True) -> None:
         now = self._clock()
         record = self._make_record(now, now + self.config.record_ttl_seconds)
         self.members[record.node_id] = record
         # Bounded by half the re-publish interval rather than an RPC timeout: a store to k nodes under
         # load takes a while, and cutting it short is how records expire across a busy swarm.
         with trio.move_on_after(self.config.republish_seconds / 2):
-            await self.dht.put(record_key(self.cred.name, record.node_id), sign_record(record, self.ident, self.cred))
+            await self.dht.put(
+                record_key(self.cred.name, record.node_id), sign_record(record, self.ident, self.cred), crawl=crawl
+            )
 
     async def _publish_loop(self) -> None:
         next_at = trio.current_time() + self.config.republish_seconds
@@ -184,12 +191,25 @@ class MemberView:
             with trio.move_on_after(max(0.0, next_at - trio.current_time())):
                 await self._republish.wait()
             self._republish = trio.Event()
-            # The period counts from one publish to the next, whatever the work below takes.
-            next_at = trio.current_time() + self.config.republish_seconds
-            await self._publish()
+            # The period counts from one publish to the next, whatever the work below takes; a random
+            # tenth shorter, so that nodes started together do not stay in step.
+            next_at = trio.current_time() + self.config.republish_seconds * random.uniform(0.9, 1.0)
+            # Lookups (the crawl towards our key before storing, the walk towards a random id) back off
+            # exponentially while the members we know stay the same; otherwise the record goes to the
+            # k closest nodes of the routing table.
+            seen = frozenset(self.members) | frozenset(self.dht.contact_ids())
+            if seen != self._last_seen:
+                self._last_seen, self._walk_every, self._walk_in = seen, 1, 0
+            crawl = self._walk_in <= 0
+            await self._publish(crawl=crawl)
             self._save_peers()
             if not self.dht.contact_ids() and self._bootstrap:
                 await self._join()  # the bootstrap peer was not up yet, or everyone we knew is gone
+            if not crawl:
+                self._walk_in -= 1
+                continue
+            self._walk_in = self._walk_every
+            self._walk_every = min(2 * self._walk_every, WALK_BACKOFF_MAX)
             walk: dict[str, tuple[str, int]] = {}
             with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
                 walk = await self.dht.crawl(secrets.token_bytes(20))
@@ -201,7 +221,7 @@ class MemberView:
     async def _refresh_loop(self) -> None:
         while True:
             await self.refresh()
-            await trio.sleep(self.config.refresh_seconds)
+            await trio.sleep(self.config.refresh_seconds * random.uniform(0.75, 1.25))
 
     async def refresh(self) -> None:
         """Re-read the record of every node we know of; forget the expired ones."""
@@ -223,7 +243,9 @@ class MemberView:
         key = record_key(self.cred.name, node_id)
         dkey = self.dht.digest(key)
         now = self._clock()
-        record = self._parse(await self.dht.get(key), dkey, now)
+        # Only the copy held here: a network lookup for every record not stored here, every refresh,
+        # was most of the DHT traffic. The remote read below is at most once per re-publish interval.
+        record = self._parse(self.dht.local(key), dkey, now)
         known = self.members.get(node_id)
         newest = max((r for r in (record, known) if r is not None), key=lambda r: r.timestamp, default=None)
         stale = newest is None or newest.timestamp < now - 2 * self.config.republish_seconds
@@ -243,6 +265,10 @@ class MemberView:
                     fresher = self._parse(value, dkey, now)
                     if fresher is not None and (record is None or fresher.timestamp > record.timestamp):
                         record = fresher
+            if known is not None and (record is None or record.timestamp <= known.timestamp):
+                # No newer copy of a member's record close to expiry (a reply lost on a busy host):
+                # try again at the next refresh rather than a re-publish interval later, after it expired.
+                self._looked_up.pop(node_id, None)
         if record is None:
             return
         if known is None or record.timestamp >= known.timestamp:
