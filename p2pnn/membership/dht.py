@@ -298,8 +298,17 @@ class DhtNode:
         return data.get("value") if ok and isinstance(data, dict) else None
 
     def contacts(self) -> dict[str, tuple[str, int]]:
-        """Every node in the routing table: id (hex) -> (IP, port)."""
-        return {n.id.hex(): (n.ip, n.port) for bucket in self.server.protocol.router.buckets for n in bucket.get_nodes()}
+        """Every node in the routing table, and those heard from that did not fit it: id (hex) -> (IP, port).
+
+        A full k-bucket keeps the nodes it has no room for in a replacement list; they are members too.
+        """
+        buckets = self.server.protocol.router.buckets
+        spare = {n.id.hex(): (n.ip, n.port) for b in buckets for n in b.replacement_nodes.values()}
+        return {**spare, **{n.id.hex(): (n.ip, n.port) for b in buckets for n in b.get_nodes()}}
+
+    def stored(self) -> list[tuple[bytes, Any]]:
+        """Every (key digest, value) held here (other nodes' records among them)."""
+        return [(k, v) for k, (_, v) in list(self.server.storage.data.items())]
 
     def contact_ids(self) -> list[str]:
         """Ids (hex) of every node in the routing table."""

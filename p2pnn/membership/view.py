@@ -45,7 +45,7 @@ VERIFIED_CACHE_SIZE = 4096  # record texts whose signature and HMAC were checked
 CONCURRENT_LOOKUPS = 16  # remote reads of records in flight at once
 PEER_CACHE_SIZE = 32  # DHT addresses remembered for the next start
 LOOKUP_TIMEOUT_FACTOR = 3  # a network lookup gets this many RPC timeouts before it is given up for this round
-WALK_BACKOFF_MAX = 8  # while the members stay the same, lookups back off up to this many re-publish intervals
+WALK_BACKOFF_MAX = 4  # while the members stay the same, lookups back off up to this many re-publish intervals
 
 
 class MemberView:
@@ -227,7 +227,16 @@ class MemberView:
         """Re-read the record of every node we know of; forget the expired ones."""
         now = self._clock()
         self._walked = {i: (a, until) for i, (a, until) in self._walked.items() if until > now}
-        contacts = {**{i: a for i, (a, _) in self._walked.items()}, **self.dht.contacts()}
+        # The records stored here name members too (with their DHT address): the k closest nodes to a
+        # member's key hold a copy, so they know it even when no k-bucket or walk has it.
+        held = {}
+        for dkey, value in self.dht.stored():
+            try:
+                rec = self._check(value, dkey, now)
+            except RecordError:
+                continue
+            held[rec.node_id] = tuple(rec.dht)
+        contacts = {**held, **{i: a for i, (a, _) in self._walked.items()}, **self.dht.contacts()}
         ids = (set(contacts) | self._also | set(self.members)) - {self.ident.node_id}
         async with trio.open_nursery() as nursery:
             for node_id in ids:
