@@ -9,9 +9,12 @@ member itself with one find_value RPC to the address in the routing table,
 or by a network lookup for ids without an address -- and kept while their
 records are valid. A record text already
 verified is not verified again (its freshness is).
-Each re-publish looks up the nodes closest to our record's key, which also
-tells them about us, and walks towards a random id: the nodes met on walks
-are read too, so a node learns of members its k-buckets have no room for.
+Each re-publish stores our record on the k closest nodes of the routing
+table; a lookup of the nodes closest to our record's key (which also tells
+them about us) and a walk towards a random id come with it, backing off to
+every 4th re-publish while the members we know stay the same. The nodes met
+on walks, in k-bucket replacement lists and in the records stored here are
+read too, so a node learns of members its k-buckets have no room for.
 
 The DHT addresses of the members last seen are kept in a small file in the
 data directory (``dht-peers.json``) and added to the bootstrap peers at the
