@@ -38,6 +38,7 @@ from p2pnn.config import DhtConfig  # noqa: E402
 from p2pnn.credential import SwarmCredential  # noqa: E402
 from p2pnn.identity import init_data_dir, load_identity  # noqa: E402
 from p2pnn.launcher import LocalSwarm, agreed, led  # noqa: E402
+from p2pnn.membership.dht import RPC_STATS  # noqa: E402
 from p2pnn.membership.records import NodeRecord  # noqa: E402
 from p2pnn.membership.view import MemberView  # noqa: E402
 
@@ -109,12 +110,16 @@ async def dht_worker(first: int, count: int, total: int, bootstrap: str, secret:
                 if first == 0 and i == 0:
                     print(f"port {view.dht_port}", flush=True)
             while True:
-                print(f"known {min(len(v.live()) for v in views)}", flush=True)
+                print(f"known {min(len(v.live()) for v in views)} {RPC_STATS['sent']} {RPC_STATS['timeout']}", flush=True)
                 await trio.sleep(0.2)
 
 
-def bench_dht(total: int, processes: int, rpc_timeout: float) -> float:
-    """Start ``total`` DHT nodes in ``processes`` processes; seconds until every node knows every other."""
+def bench_dht(total: int, processes: int, rpc_timeout: float, steady: float = 0.0) -> float:
+    """Start ``total`` DHT nodes in ``processes`` processes; seconds until every node knows every other.
+
+    Also reports the RPCs sent per node per second (and how many timed out), until convergence and, with
+    ``steady``, over that many seconds after it.
+    """
     import subprocess
 
     secret = secrets.token_hex(32)
@@ -132,6 +137,8 @@ def bench_dht(total: int, processes: int, rpc_timeout: float) -> float:
     seed = f"127.0.0.1:{first_line[1]}"
     workers += [spawn(k, seed) for k in range(1, processes)]
     known = [0] * processes
+    sent = [0] * processes
+    timeouts = [0] * processes
     try:
         import selectors
 
@@ -140,18 +147,38 @@ def bench_dht(total: int, processes: int, rpc_timeout: float) -> float:
             sel.register(w.stdout, selectors.EVENT_READ, k)
         deadline = started + SETTLE_TIMEOUT
         last_report = started
-        while min(known) < total and time.monotonic() < deadline:
+        def poll() -> None:
             for key, _ in sel.select(timeout=1.0):
                 line = key.fileobj.readline().split()
-                if len(line) == 2 and line[0] == "known":
-                    known[key.data] = int(line[1])
+                if len(line) == 4 and line[0] == "known":
+                    known[key.data], sent[key.data], timeouts[key.data] = map(int, line[1:])
+
+        def rates(since: float, sent0: int, timeouts0: int) -> str:
+            span = max(time.monotonic() - since, 1e-9)
+            return (f"{(sum(sent) - sent0) / span / total:.1f} RPCs/s per node sent, "
+                    f"{(sum(timeouts) - timeouts0) / span / total:.2f}/s per node timed out")
+
+        last_sent, last_timeouts = 0, 0
+        while min(known) < total and time.monotonic() < deadline:
+            poll()
             if time.monotonic() - last_report > PROGRESS_SECONDS:
-                last_report = time.monotonic()
-                print(f"  {last_report - started:5.1f} s: least-informed node per process knows {known}", flush=True)
+                window = rates(last_report, last_sent, last_timeouts)
+                last_report, last_sent, last_timeouts = time.monotonic(), sum(sent), sum(timeouts)
+                print(f"  {last_report - started:5.1f} s: least-informed node per process knows {known}; {window}",
+                      flush=True)
         took = time.monotonic() - started
+        until = rates(started, 0, 0)
         result = "every node knew all" if min(known) >= total else f"NOT converged (min {min(known)})"
         print(f"{total} DHT nodes in {processes} processes: {result} {total} after {took:.2f} s "
-              f"(from the first start; rpc timeout {rpc_timeout} s, other DHT timings default)", flush=True)
+              f"(from the first start; rpc timeout {rpc_timeout} s, other DHT timings default); {until}", flush=True)
+        if steady and min(known) >= total:
+            since, sent0, timeouts0 = time.monotonic(), sum(sent), sum(timeouts)
+            lowest = total
+            while time.monotonic() - since < steady:
+                poll()
+                lowest = min(lowest, min(known))
+            print(f"  steady state over {steady:.0f} s after convergence: {rates(since, sent0, timeouts0)}; "
+                  f"least-informed node knew {lowest}", flush=True)
         return took
     finally:
         for w in workers:
@@ -167,6 +194,8 @@ def main() -> None:
     parser.add_argument("--dht-processes", type=int, default=10, help="processes the DHT nodes are spread over")
     parser.add_argument("--dht-rpc-timeout", type=float, default=DhtConfig().rpc_timeout_seconds,
                         help="dht.rpc_timeout_seconds for the DHT benchmark (default: the configuration default)")
+    parser.add_argument("--dht-steady", type=float, default=0.0,
+                        help="after convergence, measure the DHT RPC rate for this many seconds")
     parser.add_argument("--dht-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dht_worker:
@@ -175,7 +204,7 @@ def main() -> None:
                  float(rpc_timeout))
         return
     if args.dht_nodes:
-        bench_dht(args.dht_nodes, args.dht_processes, args.dht_rpc_timeout)
+        bench_dht(args.dht_nodes, args.dht_processes, args.dht_rpc_timeout, args.dht_steady)
     if args.kills:
         times = bench_failover(args.kills, args.nodes)
         print(f"failover over {len(times)} principal kills ({args.nodes} nodes, default timings): "

@@ -23,8 +23,11 @@ Changes to the stock library, all by subclassing:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +51,13 @@ for _noisy in ("kademlia", "rpcudp"):
 # stored, None when it is to be dropped.
 Validator = Callable[[bytes, Any, Any], "float | None"]
 
+# RPCs sent ("sent", "timeout") and served ("served") by every DHT node of this process, for benchmarks.
+RPC_STATS: Counter[str] = Counter()
+
+
+MISSES_TO_EVICT = 2  # unanswered RPCs in a row before a contact leaves the routing table
+WELCOME_AGAIN_SECONDS = 30.0  # a contact that did not fit its full k-bucket is not welcomed again sooner
+
 
 class TimedProtocol(KademliaProtocol):
     """KademliaProtocol whose RPCs give up after ``rpc_timeout`` seconds instead of rpcudp's fixed 5."""
@@ -57,6 +67,44 @@ class TimedProtocol(KademliaProtocol):
     def __init__(self, source_node: Node, storage: Any, ksize: int) -> None:
         super().__init__(source_node, storage, ksize)
         self._wait_timeout = self.rpc_timeout
+        self._misses: dict[bytes, int] = {}
+        self._welcomed: dict[bytes, float] = {}
+
+    def welcome_if_new(self, node: Node) -> None:
+        """Add a node we hear from to the routing table, at most once a while per node, and send it nothing.
+
+        The library also stores on every new node each value it is closer to; here the owners
+        re-publish every record to the k closest nodes often enough, so that traffic is left out. And
+        a node that does not fit its full k-bucket stays "new" to the library: every message from it
+        would ping the bucket's oldest contact again; on a busy swarm that is what times RPCs out.
+        """
+        if not self.router.is_new_node(node):
+            return
+        now = time.monotonic()
+        if now - self._welcomed.get(node.id, -WELCOME_AGAIN_SECONDS) < WELCOME_AGAIN_SECONDS:
+            return
+        if len(self._welcomed) > 4096:
+            self._welcomed = {i: t for i, t in self._welcomed.items() if now - t < WELCOME_AGAIN_SECONDS}
+        self._welcomed[node.id] = now
+        self.router.add_contact(node)
+
+    def handle_call_response(self, result: Any, node: Node) -> Any:
+        """The library drops a contact at its first unanswered RPC; here at the MISSES_TO_EVICT-th in a row.
+
+        On a loaded host one reply is sometimes late; evicting at once empties routing tables in a cascade.
+        """
+        RPC_STATS["sent"] += 1
+        if result[0]:
+            self._misses.pop(node.id, None)
+            return super().handle_call_response(result, node)
+        RPC_STATS["timeout"] += 1
+        misses = self._misses.get(node.id, 0) + 1
+        if misses >= MISSES_TO_EVICT:
+            self._misses.pop(node.id, None)
+            self.router.remove_contact(node)
+        else:
+            self._misses[node.id] = misses
+        return result
 
     async def _solve_datagram(self, datagram: bytes, address: tuple[str, int]) -> None:
         try:
@@ -65,6 +113,7 @@ class TimedProtocol(KademliaProtocol):
             log.debug("dht.bad_datagram", sender=f"{address[0]}:{address[1]}", error=repr(exc))
 
     async def _accept_request(self, msg_id: bytes, data: Any, address: tuple[str, int]) -> None:
+        RPC_STATS["served"] += 1
         try:
             await super()._accept_request(msg_id, data, address)
         except Exception as exc:  # noqa: BLE001 - a malformed request, or the socket closed under it
@@ -199,11 +248,29 @@ class DhtNode:
         found = await self._aio(spider.find, failed=[])
         return {n.id.hex(): (n.ip, n.port) for n in found}
 
-    async def put(self, key: str, value: str) -> bool:
-        """Store ``value`` on the nodes closest to ``key`` (and here); False when no node took it."""
+    async def put(self, key: str, value: str, *, crawl: bool = True) -> bool:
+        """Store ``value`` on the nodes closest to ``key`` (and here); False when no node took it.
+
+        ``crawl``: look those nodes up over the network first (the library's ``set``); otherwise store
+        on the k closest nodes of our own routing table, which saves the lookup's RPCs.
+        """
         # set() keeps a copy here only when this node is among the closest; a node always serves its own record.
-        self.server.storage[self.digest(key)] = value
-        return bool(await self._aio(self.server.set, key, value))
+        dkey = self.digest(key)
+        self.server.storage[dkey] = value
+        if crawl:
+            return bool(await self._aio(self.server.set, key, value))
+        nearest = self.server.protocol.router.find_neighbors(Node(dkey))
+        if not nearest:
+            return False
+
+        async def store_all() -> bool:
+            return any(await asyncio.gather(*(self.server.protocol.call_store(n, dkey, value) for n in nearest)))
+
+        return bool(await self._aio(store_all))
+
+    def local(self, key: str) -> Any:
+        """The copy of ``key`` held here, None when there is none: no network traffic."""
+        return self.server.storage.get(self.digest(key))
 
     async def get(self, key: str, *, network: bool = False) -> Any:
         """The value under ``key``: the local copy, or (``network``, or none here) a network lookup."""
@@ -231,8 +298,17 @@ class DhtNode:
         return data.get("value") if ok and isinstance(data, dict) else None
 
     def contacts(self) -> dict[str, tuple[str, int]]:
-        """Every node in the routing table: id (hex) -> (IP, port)."""
-        return {n.id.hex(): (n.ip, n.port) for bucket in self.server.protocol.router.buckets for n in bucket.get_nodes()}
+        """Every node in the routing table, and those heard from that did not fit it: id (hex) -> (IP, port).
+
+        A full k-bucket keeps the nodes it has no room for in a replacement list; they are members too.
+        """
+        buckets = self.server.protocol.router.buckets
+        spare = {n.id.hex(): (n.ip, n.port) for b in buckets for n in b.replacement_nodes.values()}
+        return {**spare, **{n.id.hex(): (n.ip, n.port) for b in buckets for n in b.get_nodes()}}
+
+    def stored(self) -> list[tuple[bytes, Any]]:
+        """Every (key digest, value) held here (other nodes' records among them)."""
+        return [(k, v) for k, (_, v) in list(self.server.storage.data.items())]
 
     def contact_ids(self) -> list[str]:
         """Ids (hex) of every node in the routing table."""

@@ -9,9 +9,12 @@ member itself with one find_value RPC to the address in the routing table,
 or by a network lookup for ids without an address -- and kept while their
 records are valid. A record text already
 verified is not verified again (its freshness is).
-Each re-publish looks up the nodes closest to our record's key, which also
-tells them about us, and walks towards a random id: the nodes met on walks
-are read too, so a node learns of members its k-buckets have no room for.
+Each re-publish stores our record on the k closest nodes of the routing
+table; a lookup of the nodes closest to our record's key (which also tells
+them about us) and a walk towards a random id come with it, backing off to
+every 4th re-publish while the members we know stay the same. The nodes met
+on walks, in k-bucket replacement lists and in the records stored here are
+read too, so a node learns of members its k-buckets have no room for.
 
 The DHT addresses of the members last seen are kept in a small file in the
 data directory (``dht-peers.json``) and added to the bootstrap peers at the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -44,6 +48,7 @@ VERIFIED_CACHE_SIZE = 4096  # record texts whose signature and HMAC were checked
 CONCURRENT_LOOKUPS = 16  # remote reads of records in flight at once
 PEER_CACHE_SIZE = 32  # DHT addresses remembered for the next start
 LOOKUP_TIMEOUT_FACTOR = 3  # a network lookup gets this many RPC timeouts before it is given up for this round
+WALK_BACKOFF_MAX = 4  # while the members stay the same, lookups back off up to this many re-publish intervals
 
 
 class MemberView:
@@ -83,6 +88,9 @@ class MemberView:
         # Nodes met on walks towards random ids: id -> (address, until when it is worth asking).
         self._walked: dict[str, tuple[tuple[str, int], float]] = {}  # node id -> when its record was last looked up over the network
         self._republish = trio.Event()
+        self._walk_every = 1  # re-publish intervals between two lookups (crawls); doubles while nothing changes
+        self._walk_in = 0  # re-publishes left before the next lookup
+        self._last_seen: frozenset[str] = frozenset()
         self.dht_port = 0
 
     # --- validation, for everything stored here and everything read ---
@@ -169,14 +177,16 @@ class MemberView:
             found = await self.dht.bootstrap(self._bootstrap)
             log.info("dht.joined", via=",".join(f"{h}:{p}" for h, p in self._bootstrap), found=found)
 
-    async def _publish(self) -> None:
+    async def _publish(self, crawl: bool = True) -> None:
         now = self._clock()
         record = self._make_record(now, now + self.config.record_ttl_seconds)
         self.members[record.node_id] = record
         # Bounded by half the re-publish interval rather than an RPC timeout: a store to k nodes under
         # load takes a while, and cutting it short is how records expire across a busy swarm.
         with trio.move_on_after(self.config.republish_seconds / 2):
-            await self.dht.put(record_key(self.cred.name, record.node_id), sign_record(record, self.ident, self.cred))
+            await self.dht.put(
+                record_key(self.cred.name, record.node_id), sign_record(record, self.ident, self.cred), crawl=crawl
+            )
 
     async def _publish_loop(self) -> None:
         next_at = trio.current_time() + self.config.republish_seconds
@@ -184,12 +194,25 @@ class MemberView:
             with trio.move_on_after(max(0.0, next_at - trio.current_time())):
                 await self._republish.wait()
             self._republish = trio.Event()
-            # The period counts from one publish to the next, whatever the work below takes.
-            next_at = trio.current_time() + self.config.republish_seconds
-            await self._publish()
+            # The period counts from one publish to the next, whatever the work below takes; a random
+            # tenth shorter, so that nodes started together do not stay in step.
+            next_at = trio.current_time() + self.config.republish_seconds * random.uniform(0.9, 1.0)
+            # Lookups (the crawl towards our key before storing, the walk towards a random id) back off
+            # exponentially while the members we know stay the same; otherwise the record goes to the
+            # k closest nodes of the routing table.
+            seen = frozenset(self.members) | frozenset(self.dht.contact_ids())
+            if seen != self._last_seen:
+                self._last_seen, self._walk_every, self._walk_in = seen, 1, 0
+            crawl = self._walk_in <= 0
+            await self._publish(crawl=crawl)
             self._save_peers()
             if not self.dht.contact_ids() and self._bootstrap:
                 await self._join()  # the bootstrap peer was not up yet, or everyone we knew is gone
+            if not crawl:
+                self._walk_in -= 1
+                continue
+            self._walk_in = self._walk_every
+            self._walk_every = min(2 * self._walk_every, WALK_BACKOFF_MAX)
             walk: dict[str, tuple[str, int]] = {}
             with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
                 walk = await self.dht.crawl(secrets.token_bytes(20))
@@ -201,13 +224,22 @@ class MemberView:
     async def _refresh_loop(self) -> None:
         while True:
             await self.refresh()
-            await trio.sleep(self.config.refresh_seconds)
+            await trio.sleep(self.config.refresh_seconds * random.uniform(0.75, 1.25))
 
     async def refresh(self) -> None:
         """Re-read the record of every node we know of; forget the expired ones."""
         now = self._clock()
         self._walked = {i: (a, until) for i, (a, until) in self._walked.items() if until > now}
-        contacts = {**{i: a for i, (a, _) in self._walked.items()}, **self.dht.contacts()}
+        # The records stored here name members too (with their DHT address): the k closest nodes to a
+        # member's key hold a copy, so they know it even when no k-bucket or walk has it.
+        held = {}
+        for dkey, value in self.dht.stored():
+            try:
+                rec = self._check(value, dkey, now)
+            except RecordError:
+                continue
+            held[rec.node_id] = tuple(rec.dht)
+        contacts = {**held, **{i: a for i, (a, _) in self._walked.items()}, **self.dht.contacts()}
         ids = (set(contacts) | self._also | set(self.members)) - {self.ident.node_id}
         async with trio.open_nursery() as nursery:
             for node_id in ids:
@@ -223,7 +255,9 @@ class MemberView:
         key = record_key(self.cred.name, node_id)
         dkey = self.dht.digest(key)
         now = self._clock()
-        record = self._parse(await self.dht.get(key), dkey, now)
+        # Only the copy held here: a network lookup for every record not stored here, every refresh,
+        # was most of the DHT traffic. The remote read below is at most once per re-publish interval.
+        record = self._parse(self.dht.local(key), dkey, now)
         known = self.members.get(node_id)
         newest = max((r for r in (record, known) if r is not None), key=lambda r: r.timestamp, default=None)
         stale = newest is None or newest.timestamp < now - 2 * self.config.republish_seconds
@@ -243,6 +277,10 @@ class MemberView:
                     fresher = self._parse(value, dkey, now)
                     if fresher is not None and (record is None or fresher.timestamp > record.timestamp):
                         record = fresher
+            if known is not None and (record is None or record.timestamp <= known.timestamp):
+                # No newer copy of a member's record close to expiry (a reply lost on a busy host):
+                # try again at the next refresh rather than a re-publish interval later, after it expired.
+                self._looked_up.pop(node_id, None)
         if record is None:
             return
         if known is None or record.timestamp >= known.timestamp:
