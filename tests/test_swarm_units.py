@@ -153,6 +153,8 @@ async def test_terms_only_grow_and_older_terms_are_ignored(tmp_path):
 
 def test_rank_orders_priority_then_preference_then_id():
     assert rank(1, "auto", "00") > rank(0, "principal", "ff") > rank(0, "auto", "ff") > rank(0, "auto", "00")
+    # A node started as ki or an leads only when no node on auto (or started as principal) is alive.
+    assert rank(0, "auto", "00") > rank(0, "ki", "ff") and rank(0, "auto", "00") > rank(0, "an", "ff")
 
 
 # --- role policy ---

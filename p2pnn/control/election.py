@@ -1,6 +1,8 @@
 """Election: Bully over the peer links, with terms granted by the store's lease.
 
-Rank is ``(swarm.priority, started as principal, node id)``; the highest
+Rank is ``(swarm.priority, what it was started as, node id)``, where a node
+started as ``principal`` outranks one on ``auto``, which outranks one started
+as ``an`` or ``ki`` (such a node leads only when no other can); the highest
 live node should lead. Messages:
 
 - ``election``: sent to every higher-ranked member when no heartbeat came
@@ -35,11 +37,12 @@ from p2pnn.store import Fence, StoreError, TaskStore
 
 log = logs.get(__name__)
 
-Rank = tuple[int, bool, str]
+Rank = tuple[int, int, str]
+PREFERENCE_RANK = {"principal": 2, "auto": 1, "an": 0, "ki": 0}  # started as an/ki: lead only as a last resort
 
 
 def rank(priority: int, prefers: str, node_id: str) -> Rank:
-    return (priority, prefers == "principal", node_id)
+    return (priority, PREFERENCE_RANK.get(prefers, 1), node_id)
 
 
 def rank_of(record: NodeRecord) -> Rank:
