@@ -200,7 +200,7 @@ def test_reassignment_keeps_what_still_fits():
         ({"P2PNN_SWARM__NAME": "s"}, "swarm.name: swarm mode needs a shared store"),
         ({"P2PNN_SWARM__NAME": "s", "P2PNN_STORE__BACKEND": "postgres", "P2PNN_STORE__URL": "postgresql://x"},
          "swarm.secret_file"),
-        ({"P2PNN_DHT__BOOTSTRAP_PEERS": "10.0.0.1:8468"}, "dht.bootstrap_peers: joining a swarm needs swarm.name"),
+        ({"P2PNN_DHT__BOOTSTRAP_PEERS": "127.0.0.2:8468"}, "dht.bootstrap_peers: joining a swarm needs swarm.name"),
         ({"P2PNN_DHT__BOOTSTRAP_PEERS": "nohost"}, "dht.bootstrap_peers: expected HOST:PORT"),
         ({"P2PNN_SWARM__HEARTBEAT_SECONDS": "5"}, "swarm.heartbeat_seconds"),
         ({"P2PNN_SWARM__PREEMPT": "perhaps"}, "swarm.preempt"),
@@ -216,8 +216,8 @@ def test_invalid_swarm_configuration_names_the_key(env, names):
 def test_bootstrap_peers_come_from_toml_arrays_and_comma_separated_environment(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[swarm]\nname = "s"\nsecret_file = "/x"\n[store]\nbackend = "postgres"\nurl = "postgresql://x"\n'
-                    '[dht]\nbootstrap_peers = ["10.0.0.1:8468", "10.0.0.2:8468"]\n')
-    assert config.load(path, env={}).dht.bootstrap_peers == ("10.0.0.1:8468", "10.0.0.2:8468")
+                    '[dht]\nbootstrap_peers = ["127.0.0.2:8468", "127.0.0.3:8468"]\n')
+    assert config.load(path, env={}).dht.bootstrap_peers == ("127.0.0.2:8468", "127.0.0.3:8468")
     env = {"P2PNN_DHT__BOOTSTRAP_PEERS": "a:1, b:2"}
     assert config.load(path, env=env).dht.bootstrap_peers == ("a:1", "b:2")
     with pytest.raises(ConfigError, match="dht.bootstrap_peers: expected a list"):
