@@ -12,11 +12,12 @@ import trio
 from p2pnn import config as config_mod
 from p2pnn import identity, logs
 from p2pnn.config import Config, ConfigError
-from p2pnn.store import StoreError
+from p2pnn.store import StoreError, StoreUnreachable
 
 log = logs.get("p2pnn.cli")
 
 EXIT_CONFIG = 2  # configuration or usage error: nothing was started
+EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a service stayed unreachable past its bound; a restart may fix it
 
 DESCRIPTION = """\
 p2pnn-node runs one node of a p2pnn swarm: a REST API for neural-network
@@ -167,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, ConfigError):
             print(f"p2pnn-node: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        if isinstance(exc, StoreUnreachable):  # checked first: it is also a StoreError
+            print(f"p2pnn-node: {exc}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
         if isinstance(exc, (identity.IdentityError, StoreError)):
             print(f"p2pnn-node: {exc}", file=sys.stderr)
             return EXIT_CONFIG

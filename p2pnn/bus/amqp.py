@@ -64,6 +64,9 @@ QUORUM_SINCE = (3, 10)  # quorum queues with message TTL and at-least-once dead-
 BROADCAST_TTL_MS = 10_000  # a beat or cancel older than this is useless: do not let it pile up
 JOIN_SECONDS = 5.0  # how long shutdown waits for the pika thread to close the connection
 DEPTH_EVERY = 2.0  # how often queue depths are refreshed for metrics
+# How long a publish waits for the broker's confirm. Past it the publish is an error (the
+# caller's sweeper covers the task), so shutdown or a hand-back cannot hang on a dead link.
+CONFIRM_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -513,8 +516,12 @@ class AmqpBus(TaskBus):
         if queue != TASKS:  # a Ki's queue: make sure it exists, or the message is returned
             await self._ensure_ki_queue(key)
         self.link.submit(lambda: self.link.publish(batch))
-        with trio.CancelScope(shield=True):  # the confirm settles the batch either way; wait for it
+        # Shielded: the confirm settles the batch either way, and a caller cancelled meanwhile
+        # should learn whether its messages went out. Bounded: a link that stopped answering.
+        with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_SECONDS):
             await batch.done.wait()
+        if not batch.done.is_set():
+            raise BusError(f"no confirm from the broker within {CONFIRM_SECONDS:g} s")
         if batch.error:
             raise BusError(batch.error)
 
@@ -527,7 +534,10 @@ class AmqpBus(TaskBus):
             self.link.to_trio(event.set)
 
         self.link.submit(lambda: self.link.ensure_ki_queue(full_name, done))
-        await event.wait()
+        with trio.move_on_after(CONFIRM_SECONDS):
+            await event.wait()
+        if not result:
+            raise BusError(f"RabbitMQ did not declare {full_name} within {CONFIRM_SECONDS:g} s")
         if result[0]:
             raise BusError(result[0])
 

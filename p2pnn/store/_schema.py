@@ -132,6 +132,20 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        3,
+        "tasks.published_at: when the last message for a queued task was confirmed by the bus",
+        (
+            # NULL while a queued task has no message known to be on its way (handed back, its lease
+            # expired, an attempt failed and a retry is due): the sweeper's stranded rule looks for
+            # queued tasks with NULL here and an update older than sweeper.stranded_after_seconds.
+            "ALTER TABLE tasks ADD COLUMN published_at DOUBLE PRECISION",
+            "CREATE INDEX tasks_by_state_published ON tasks (state, published_at)",
+        ),
+    ),
+)
+
 LATEST_VERSION = MIGRATIONS[-1].version
 
 _CREATE_MIGRATIONS_TABLE = """
