@@ -98,6 +98,9 @@ class BusConfig:
     delivery_limit: int = field(default=20, metadata=_key(lo=1, hi=1000))
     beat_interval_seconds: float = field(default=1.0, metadata=_key(lo=0.05, hi=60))
     beat_timeout_seconds: float = field(default=5.0, metadata=_key(lo=0.2, hi=600))
+    park_fail_seconds: float = field(
+        default=300.0, metadata=_key(lo=1, hi=7 * 86400, doc="a task no live Ki can run fails after this long")
+    )
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,11 @@ def bus_of(config: Config, metrics: Metrics, node_id: str) -> TaskBus:
         ki_queue_expires=b.ki_queue_expires_seconds, delivery_limit=b.delivery_limit,
         connect_name=f"p2pnn-node {node_id[:12]}",
     )
-    return AmqpBus(settings, on_redelivery=lambda queue: metrics.redeliveries.labels(queue=queue).inc())
+    return AmqpBus(
+        settings,
+        on_redelivery=lambda queue: metrics.redeliveries.labels(queue=queue).inc(),
+        on_malformed=lambda source: metrics.malformed_messages.labels(source=source).inc(),
+    )
 
 
 def _read_password(path: str) -> str:
@@ -251,6 +255,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             dispatcher = Dispatcher(
                 node_id=ident.node_id, store=store, bus=bus, metrics=metrics, prefetch=config.bus.prefetch,
                 beat_timeout=config.bus.beat_timeout_seconds, ki_message_ttl=config.bus.ki_message_ttl_seconds,
+                park_fail_seconds=config.bus.park_fail_seconds,
             )
             services.update(ki=agent.run, an=dispatcher.run)
             attach = agent.attach

@@ -527,6 +527,20 @@ class SqlTaskStore(TaskStore):
         )
         return changed is not None
 
+    async def fail_queued(self, task_id: str, *, error: str, now: float) -> bool:
+        tid = parse_id(task_id)
+        if tid is None:
+            return False
+        changed = await self._transact(
+            lambda db: db.run(
+                "UPDATE tasks SET state = 'failed', error = ?, finished_at = ?, updated_at = ?, published_at = NULL "
+                "WHERE id = ? AND state = 'queued'",
+                (error, now, now, tid),
+            ),
+            write=True,
+        )
+        return changed == 1
+
     async def request_cancel(self, task_id: str, *, now: float) -> Task | None:
         tid = parse_id(task_id)
         if tid is None:

@@ -217,6 +217,10 @@ class TaskStore(abc.ABC):
         counted, ``published_at`` cleared until the caller's new message is confirmed."""
 
     @abc.abstractmethod
+    async def fail_queued(self, task_id: str, *, error: str, now: float) -> bool:
+        """``queued -> failed`` with ``error`` (no Ki could ever run it); False when it was no longer queued."""
+
+    @abc.abstractmethod
     async def request_cancel(self, task_id: str, *, now: float) -> Task | None:
         """Cancel: ``pending|queued -> cancelled`` at once; a running task gets ``cancel_requested``.
 
