@@ -74,7 +74,11 @@ class PrivateRabbitMQ:
             time.sleep(0.5)
 
     def _accepts_amqp(self) -> bool:
+        import logging
+
         import pika
+
+        logging.getLogger("pika").setLevel(logging.CRITICAL)  # refused connections while it boots are expected
 
         try:
             pika.BlockingConnection(pika.URLParameters(self.url + "?connection_attempts=1&socket_timeout=2")).close()

@@ -93,7 +93,8 @@ class _KiView:
         """Error handling: a beat with fields of the wrong type raises ValueError/TypeError before any change."""
         received = int(beat.get("received", {}).get(me, 0))
         slots, busy = int(beat.get("slots", 0)), int(beat.get("busy", 0))
-        caps, an = dict(beat.get("caps") or {}), beat.get("an")
+        raw_caps, an = beat.get("caps") or {}, beat.get("an")
+        caps = {"gpu": bool(raw_caps.get("gpu")), "memory_mb": int(raw_caps.get("memory_mb") or 0)}
         if an is not None and not isinstance(an, str):
             raise TypeError("an")
         if beat.get("boot") != self.boot:  # new Ki or restarted: its counters start over

@@ -13,6 +13,7 @@ KiAgent   the Ki role on a swarm bus: runs the KiRunner on the Ki's own
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any, Awaitable, Callable, TypeVar
@@ -25,6 +26,7 @@ from p2pnn.compute.pool import Job, KiPool, Outcome
 from p2pnn.membership.records import capabilities as machine_capabilities
 from p2pnn.metrics import Metrics
 from p2pnn.store import StoreError, TaskStore
+from p2pnn.store.base import MAX_ARTIFACT_BYTES
 from p2pnn.tasks import State, Task
 
 log = logs.get(__name__)
@@ -291,6 +293,12 @@ class KiRunner:
         duplicate attempt can never replace the winner's."""
         now = self._clock()
         me = self.node_id
+        oversized = [n for n, d in outcome.artifacts.items() if len(d) > MAX_ARTIFACT_BYTES]
+        if outcome.status == "succeeded" and oversized:  # no retry can make it fit: a failure, not a fault
+            outcome = dataclasses.replace(
+                outcome, status="failed", retryable=False,
+                error=f"artifact {oversized[0]} is larger than the store's limit of {MAX_ARTIFACT_BYTES} bytes",
+            )
         if outcome.status == "succeeded":
             won = await self.store.finish(
                 task.id, attempt=attempt, state=State.SUCCEEDED, now=now, result=outcome.result, worker=me,
