@@ -43,6 +43,9 @@ T = TypeVar("T")
 
 MAX_PAGE = 1000  # one page of a listing; a larger limit is clamped so a client cannot ask for the whole table
 MAX_ARTIFACT_NAME = 200  # artifact names travel in URLs and file names
+MAX_CURSOR_CHARS = 200  # longer cursors are refused unread; the ones this store makes are under 100
+# What a stored JSON value too deeply nested to parse reads as (see load_json).
+UNREADABLE_JSON = {"unreadable": "stored JSON nested too deeply to read"}
 LEASE_EXPIRED_ERROR = "lease expired on the last attempt"  # the error a task gets when its final lease lapses
 
 TASK_COLUMNS = (
@@ -163,11 +166,17 @@ def dump_json(value: dict[str, Any] | None) -> str | None:
 
 
 def load_json(value: Any) -> Any:
+    """A stored spec, progress or result. One nested deeper than the parser's stack allows
+    (written before input depth was capped, or by other means) reads as UNREADABLE_JSON, so
+    that one row cannot fail every listing it appears on."""
     if value is None:
         return None
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = bytes(value).decode()
-    return json.loads(value)
+    try:
+        return json.loads(value)
+    except RecursionError:
+        return dict(UNREADABLE_JSON)
 
 
 def _opt_float(value: Any) -> float | None:
@@ -210,15 +219,22 @@ def encode_cursor(created_at: float, task_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    """Error handling: a cursor this store did not make raises ValueError("malformed cursor")."""
+    """Error handling: a cursor this store did not make raises ValueError("malformed cursor"), whatever it holds."""
+    # A real cursor is under 100 characters; the cap keeps a crafted one from costing parse time.
+    if len(cursor) > MAX_CURSOR_CHARS:
+        raise ValueError("malformed cursor")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, task_id = json.loads(raw)
         canonical = parse_id(task_id)
         if isinstance(created_at, bool) or not isinstance(created_at, (int, float)) or canonical is None:
             raise ValueError
-        return float(created_at), canonical
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        created = float(created_at)
+        if not math.isfinite(created):
+            raise ValueError
+        return created, canonical
+    # OverflowError: an integer too large for a float; RecursionError: brackets nested thousands deep.
+    except (ValueError, TypeError, OverflowError, RecursionError, binascii.Error, UnicodeDecodeError):
         raise ValueError("malformed cursor") from None
 
 
