@@ -127,10 +127,13 @@ class SwarmConfig:
     advertise_host: str = field(default="", metadata=_key(doc="IP address other nodes reach this one at"))
     priority: int = field(default=0, metadata=_key(lo=-1000, hi=1000, doc="election rank: higher wins, then node id"))
     preempt: bool = field(default=True, metadata=_key(doc="a higher-ranked node that joins takes over once"))
-    heartbeat_seconds: float = field(default=0.5, metadata=_key(lo=0.05, hi=60))
-    election_timeout_seconds: float = field(default=2.0, metadata=_key(lo=0.2, hi=600))
-    answer_timeout_seconds: float = field(default=0.5, metadata=_key(lo=0.05, hi=60))
-    lease_seconds: float = field(default=3.0, metadata=_key(lo=0.5, hi=3600))
+    heartbeat_seconds: float = field(default=0.2, metadata=_key(lo=0.05, hi=60))
+    election_timeout_seconds: float = field(default=0.8, metadata=_key(lo=0.2, hi=600))
+    answer_timeout_seconds: float = field(default=0.4, metadata=_key(lo=0.05, hi=60))
+    lease_seconds: float = field(default=1.2, metadata=_key(lo=0.5, hi=3600))
+    store_timeout_seconds: float = field(
+        default=0.5, metadata=_key(lo=0.05, hi=600, doc="deadline of each election store call; shorter than the lease")
+    )
     ki_per_an: int = field(default=4, metadata=_key(lo=1, hi=1000, doc="about one An per this many Ki"))
 
 
@@ -287,6 +290,8 @@ def check_swarm(config: Config) -> None:
         raise ConfigError("swarm.heartbeat_seconds: must be shorter than swarm.election_timeout_seconds")
     if config.swarm.heartbeat_seconds >= config.swarm.lease_seconds:
         raise ConfigError("swarm.heartbeat_seconds: must be shorter than swarm.lease_seconds (the lease is renewed each beat)")
+    if config.swarm.store_timeout_seconds >= config.swarm.lease_seconds:
+        raise ConfigError("swarm.store_timeout_seconds: must be shorter than swarm.lease_seconds")
     if config.dht.republish_seconds >= config.dht.record_ttl_seconds:
         raise ConfigError("dht.republish_seconds: must be shorter than dht.record_ttl_seconds")
     if not config.swarm_mode:

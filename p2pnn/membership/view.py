@@ -117,11 +117,17 @@ class MemberView:
             log.info("membership.record_dropped", reason=str(exc))
             return None
         if current is not None:
+            # An older copy never replaces a newer one, even one that has expired here: a replayed old
+            # record (validly signed, and perhaps claiming a longer life) must not bring back old data.
             try:
-                if self._check(current, dkey, now).timestamp > record.timestamp:
-                    return None  # an older copy of a record we have a newer one of
+                held: NodeRecord | None = self._check(current, dkey, now)
             except RecordError:
-                pass
+                try:
+                    held = read_record(current, self.cred, now=now, key_digest=dkey, expired_ok=True)
+                except RecordError:
+                    held = None  # what is held here is not a valid record at all
+            if held is not None and held.timestamp >= record.timestamp and current != value:
+                return None
         return record.timestamp
 
     def record(self, node_id: str) -> NodeRecord | None:

@@ -41,6 +41,11 @@ TX_BACKOFF_MAX = 1.0  # seconds; no single back-off waits longer, so a burst of 
 CONNECT_TIMEOUT = 10  # seconds for one TCP+auth handshake; a reachable database answers far sooner
 POOL_TIMEOUT = 30.0  # seconds a transaction waits for a free pooled connection before it is an error
 CANCEL_TIMEOUT = 5.0  # seconds to deliver a cancel request for an abandoned query
+# A pooled connection whose peer vanished (a partition, a silent drop) must fail in seconds, not after the
+# kernel's ~15 minutes of retransmissions: TCP keepalives probe an idle or waiting socket, and unacknowledged
+# data gives up after TCP_USER_TIMEOUT_MS. Then the pool replaces it, and a principal's renewals recover.
+TCP_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 3}
+TCP_USER_TIMEOUT_MS = 5000
 
 
 class _Attempt:
@@ -177,7 +182,8 @@ class PostgresTaskStore(SqlTaskStore):
             self._url,
             min_size=1,
             max_size=self._pool_size,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "p2pnn"},
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "p2pnn",
+                    "tcp_user_timeout": TCP_USER_TIMEOUT_MS, **TCP_KEEPALIVE},
             configure=self._configure,
             check=ConnectionPool.check_connection,
             timeout=POOL_TIMEOUT,
