@@ -188,6 +188,7 @@ class Election:
                 return
             if not challenge and self._principal_fresh():
                 return  # only a probe: the store answers again, and a principal leads
+        heard = self.last_heard
         peers = self._peers()
         higher = [p for p in peers if rank_of(p) > self.my_rank]
         # A challenge (preempt) also tells the lower-ranked principal, which then hands its lease over.
@@ -204,7 +205,7 @@ class Election:
             log.info("election.deferred", higher=len(higher), term=self.term)
             self.last_heard = self._clock()  # a higher node runs; wait for its coordinator message
             return
-        if self.fence is not None or (not challenge and self._principal_fresh()):
+        if self.fence is not None or (not challenge and self.last_heard > heard):
             return  # a coordinator message came while we asked
         started = self._clock()
         try:
@@ -216,14 +217,18 @@ class Election:
             self._probe_at = self._clock() + self.config.heartbeat_seconds
             return
         if term is None:
-            # The lease still runs (a principal we cannot hear, or one that died moments ago): ask again when it lapses.
-            self.last_heard = self._clock()
+            # The lease still runs (a principal we cannot hear, or one that died moments ago): ask again when it
+            # lapses, or at the next beat when we cannot tell. A coordinator message meanwhile cancels that.
             try:
                 lease = await self._store(lambda: self.store.lease(self.swarm))
             except StoreError:
                 lease = None
-            if lease is not None and lease.expires_at > self._clock():
-                self._retry_at = min(lease.expires_at + LAPSE_MARGIN, self._clock() + self.config.election_timeout_seconds)
+            now = self._clock()
+            self._retry_at = now + self.config.heartbeat_seconds
+            if lease is not None:
+                self._retry_at = min(max(now, lease.expires_at + LAPSE_MARGIN), now + self.config.election_timeout_seconds)
+            log.info("election.lease_held", holder=lease.holder[:12] if lease else None,
+                     term=lease.term if lease else None, retry_in=round(self._retry_at - now, 3))
             return
         self.term, self.principal = term, self.me
         self.fence = Fence(self.swarm, term, self.me)
@@ -327,8 +332,8 @@ class Election:
             if self.my_rank > sender_rank:
                 if not self.can_lead():
                     return None  # a node that cannot lead must not make others wait for it
-                if self.fence is None and not self._principal_fresh():
-                    self._challenge = True
+                if self.fence is None and not self._principal_fresh() and self._retry_at is None:
+                    self._challenge = True  # (a candidate already waiting for the lease to lapse asks then)
                 self._poke()
                 return {"type": "alive"}
             if self.fence is not None and self.config.preempt:
