@@ -57,6 +57,12 @@ class AuthConfig:
     public_key_file: str = field(default="", metadata=_key(doc="EdDSA verify key; default <data_dir>/api-ed25519.pub.pem"))
     token_ttl_seconds: int = field(default=3600, metadata=_key(lo=1, hi=366 * 86400))
     leeway_seconds: int = field(default=10, metadata=_key(lo=0, hi=600, doc="clock skew allowed on exp/nbf"))
+    key_generation: int = field(
+        default=0, metadata=_key(lo=0, hi=1_000_000, doc="swarm tokens: raise on every member to rotate the swarm's token key")
+    )
+    revocation_refresh_seconds: float = field(
+        default=5.0, metadata=_key(lo=0.5, hi=3600, doc="swarm: how often the deny list of revoked tokens is read")
+    )
 
 
 @dataclass(frozen=True)
