@@ -325,6 +325,9 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
                             on_assignment=make_on_assignment(roles, attach), load=load, api_url=url,
                         )
                         await nursery.start(swarm.run)
+                        if authenticator is not None:  # swarm tokens are revoked through the store's deny list
+                            fetch = lambda now: store.revoked_tokens(now=now)  # noqa: E731
+                            nursery.start_soon(authenticator.follow_revocations, fetch, config.auth.revocation_refresh_seconds)
                     log.info("node.ready", api=url, node_id=ident.node_id, store=config.store.backend, bus=config.bus.backend,
                              slots=pool.slots,
                              roles=",".join(sorted(roles.roles)), insecure=config.api.insecure)

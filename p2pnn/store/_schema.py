@@ -146,6 +146,23 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        4,
+        "swarm: the deny list of revoked API tokens",
+        (
+            # A row lives until the token would have expired anyway; then it is of no use and is deleted.
+            """
+            CREATE TABLE revoked_tokens (
+                jti TEXT PRIMARY KEY,
+                expires_at DOUBLE PRECISION NOT NULL,
+                revoked_at DOUBLE PRECISION NOT NULL
+            )
+            """,
+        ),
+    ),
+)
+
 LATEST_VERSION = MIGRATIONS[-1].version
 
 _CREATE_MIGRATIONS_TABLE = """

@@ -704,6 +704,24 @@ class SqlTaskStore(TaskStore):
         )
         return {r[0]: (Assignment(tuple(x for x in r[1].split(",") if x), r[2]), int(r[3])) for r in rows}
 
+    # --- API tokens ---
+
+    async def revoke_token(self, jti: str, *, expires_at: float, now: float) -> None:
+        def revoke(db: Db) -> None:
+            db.run("DELETE FROM revoked_tokens WHERE expires_at < ?", (now,))
+            db.run(
+                "INSERT INTO revoked_tokens (jti, expires_at, revoked_at) VALUES (?, ?, ?) ON CONFLICT (jti) DO NOTHING",
+                (jti, expires_at, now),
+            )
+
+        await self._transact(revoke, write=True)
+
+    async def revoked_tokens(self, *, now: float) -> frozenset[str]:
+        rows = await self._transact(
+            lambda db: db.rows("SELECT jti FROM revoked_tokens WHERE expires_at >= ?", (now,)), write=False
+        )
+        return frozenset(str(r[0]) for r in rows)
+
     # --- artifacts ---
 
     async def put_artifact(self, task_id: str, name: str, data: bytes, *, now: float) -> None:

@@ -269,6 +269,16 @@ class TaskStore(abc.ABC):
     async def roles(self, swarm: str) -> dict[str, tuple[Assignment, int]]:
         """The recorded role map: node id -> (assignment, term that wrote it)."""
 
+    # --- API tokens: the deny list ---
+
+    @abc.abstractmethod
+    async def revoke_token(self, jti: str, *, expires_at: float, now: float) -> None:
+        """Put the token ``jti`` on the deny list until ``expires_at`` (when it would expire anyway)."""
+
+    @abc.abstractmethod
+    async def revoked_tokens(self, *, now: float) -> frozenset[str]:
+        """The ``jti`` of every revoked token that has not expired yet."""
+
     # --- artifacts ---
 
     @abc.abstractmethod
