@@ -24,6 +24,7 @@ from p2pnn.store.base import (
     Lease,
     NewTask,
     Page,
+    ProgressSeries,
     StoreError,
     TaskStore,
     TermRecord,
@@ -32,7 +33,7 @@ from p2pnn.store.base import (
 BACKENDS = ("sqlite", "postgres")
 
 __all__ = [
-    "BACKENDS", "Assignment", "Fence", "IdempotencyConflict", "Lease", "NewTask", "Page", "StoreError", "TaskStore",
+    "BACKENDS", "Assignment", "Fence", "IdempotencyConflict", "Lease", "NewTask", "Page", "ProgressSeries", "StoreError", "TaskStore",
     "TermRecord", "open_store",
 ]
 
