@@ -213,6 +213,11 @@
   }
 
   async function showOverview(signal) {
+    // What an earlier visit left in the tables is stale: show nothing rather than an old state.
+    $("#nodes tbody").replaceChildren();
+    $("#tasks tbody").replaceChildren();
+    $("#cluster").replaceChildren();
+    $("#task-count").textContent = "loading…";
     const [cluster, nodes] = await Promise.all([getJSON("/api/v1/cluster", signal), getJSON("/api/v1/nodes", signal)]);
     ui.cluster = cluster; ui.nodes = nodes.nodes;
     renderSwarm();
@@ -237,7 +242,7 @@
 
   function makeCharts() {
     const opts = (series, el) => ({
-      width: el.clientWidth || 520, height: 240, scales: { x: { time: false } },
+      width: el.clientWidth || 520, height: 240, scales: { x: { time: false } }, legend: { live: false },
       axes: [{ label: "epoch" }, {}],
       series: [{ label: "epoch" }, ...series],
     });
