@@ -84,7 +84,10 @@ class Authenticator:
     def from_config(cls, config: Config) -> "Authenticator":
         auth, data = config.auth, config.data_dir
         if auth.algorithm == "HS256":
-            secret = identity.read_secret(Path(auth.secret_file or data / identity.API_SECRET))
+            secret = identity.read_secret(
+                Path(auth.secret_file or data / identity.API_SECRET), key="auth.secret_file",
+                make="p2pnn-node init" if not auth.secret_file else f"openssl rand -hex 32 > {auth.secret_file}",
+            )
             verify_key = signing_key = secret
         else:
             public = Path(auth.public_key_file or data / identity.API_PUBLIC_KEY)

@@ -163,6 +163,29 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        5,
+        "live progress: each attempt's per-epoch series; tasks by update time",
+        (
+            # One row per progress report of an attempt (seq 1, 2, ...), at most
+            # MAX_PROGRESS_POINTS of them; the tasks row keeps only the latest.
+            """
+            CREATE TABLE task_progress (
+                task_id {uuid} NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+                attempt INTEGER NOT NULL,
+                seq INTEGER NOT NULL,
+                at DOUBLE PRECISION NOT NULL,
+                data {json} NOT NULL,
+                PRIMARY KEY (task_id, attempt, seq)
+            )
+            """,
+            # The event streams ask for "tasks changed since" every fraction of a second.
+            "CREATE INDEX tasks_by_updated ON tasks (updated_at)",
+        ),
+    ),
+)
+
 LATEST_VERSION = MIGRATIONS[-1].version
 
 _CREATE_MIGRATIONS_TABLE = """

@@ -27,12 +27,14 @@ from typing import Any, TypeVar
 
 from p2pnn.store.base import (
     MAX_ARTIFACT_BYTES,
+    MAX_PROGRESS_POINTS,
     Assignment,
     Fence,
     IdempotencyConflict,
     Lease,
     NewTask,
     Page,
+    ProgressSeries,
     StoreError,
     TaskStore,
     TermRecord,
@@ -468,10 +470,63 @@ class SqlTaskStore(TaskStore):
         return changed is not None
 
     async def progress(self, task_id: str, *, worker: str, attempt: int, progress: dict[str, Any], now: float) -> bool:
-        changed = await self._transition(
-            task_id, "progress = ?, updated_at = ?", (dump_json(progress), now), attempt=attempt, worker=worker
+        tid = parse_id(task_id)
+        if tid is None:
+            return False
+        data = dump_json(progress)
+
+        def record(db: Db) -> bool:
+            current = db.one(
+                "UPDATE tasks SET progress = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'running' AND attempts = ? AND lease_owner = ? RETURNING id",
+                (data, now, tid, attempt, worker),
+            )
+            if current is None:
+                return False
+            (kept,) = db.one("SELECT COUNT(*) FROM task_progress WHERE task_id = ? AND attempt = ?", (tid, attempt))
+            if kept == 0:  # the first report of this attempt: the series of earlier ones is obsolete
+                db.run("DELETE FROM task_progress WHERE task_id = ? AND attempt <> ?", (tid, attempt))
+            if kept < MAX_PROGRESS_POINTS:
+                # Only the attempt's lease holder gets here, one report at a time: seq cannot collide.
+                db.run(
+                    "INSERT INTO task_progress (task_id, attempt, seq, at, data) VALUES (?, ?, ?, ?, ?)",
+                    (tid, attempt, int(kept) + 1, now, data),
+                )
+            return True
+
+        return await self._transact(record, write=True)
+
+    async def progress_series(self, task_id: str) -> ProgressSeries | None:
+        tid = parse_id(task_id)
+        if tid is None:
+            return None
+
+        def read(db: Db) -> ProgressSeries | None:
+            row = db.one("SELECT attempts FROM tasks WHERE id = ?", (tid,))
+            if row is None:
+                return None
+            attempt = int(row[0])
+            rows = db.rows(
+                "SELECT data FROM task_progress WHERE task_id = ? AND attempt = ? ORDER BY seq LIMIT ?",
+                (tid, attempt, MAX_PROGRESS_POINTS + 1),
+            )
+            points = [load_json(r[0]) for r in rows]
+            return ProgressSeries(
+                task_id=tid, attempt=attempt, points=points[:MAX_PROGRESS_POINTS],
+                truncated=len(points) >= MAX_PROGRESS_POINTS,
+            )
+
+        return await self._transact(read, write=False)
+
+    async def changed_since(self, after: float, *, limit: int = 100) -> list[Task]:
+        rows = await self._transact(
+            lambda db: db.rows(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE updated_at > ? ORDER BY updated_at, id LIMIT ?",
+                (after, max(1, min(limit, MAX_PAGE))),
+            ),
+            write=False,
         )
-        return changed is not None
+        return [task_from_row(r) for r in rows]
 
     async def finish(
         self,
