@@ -57,6 +57,12 @@ class AuthConfig:
     public_key_file: str = field(default="", metadata=_key(doc="EdDSA verify key; default <data_dir>/api-ed25519.pub.pem"))
     token_ttl_seconds: int = field(default=3600, metadata=_key(lo=1, hi=366 * 86400))
     leeway_seconds: int = field(default=10, metadata=_key(lo=0, hi=600, doc="clock skew allowed on exp/nbf"))
+    key_generation: int = field(
+        default=0, metadata=_key(lo=0, hi=1_000_000, doc="swarm tokens: raise on every member to rotate the swarm's token key")
+    )
+    revocation_refresh_seconds: float = field(
+        default=5.0, metadata=_key(lo=0.5, hi=3600, doc="swarm: how often the deny list of revoked tokens is read")
+    )
 
 
 @dataclass(frozen=True)
@@ -140,10 +146,13 @@ class SwarmConfig:
     advertise_host: str = field(default="", metadata=_key(doc="IP address other nodes reach this one at"))
     priority: int = field(default=0, metadata=_key(lo=-1000, hi=1000, doc="election rank: higher wins, then node id"))
     preempt: bool = field(default=True, metadata=_key(doc="a higher-ranked node that joins takes over once"))
-    heartbeat_seconds: float = field(default=0.5, metadata=_key(lo=0.05, hi=60))
-    election_timeout_seconds: float = field(default=2.0, metadata=_key(lo=0.2, hi=600))
-    answer_timeout_seconds: float = field(default=0.5, metadata=_key(lo=0.05, hi=60))
-    lease_seconds: float = field(default=3.0, metadata=_key(lo=0.5, hi=3600))
+    heartbeat_seconds: float = field(default=0.2, metadata=_key(lo=0.05, hi=60))
+    election_timeout_seconds: float = field(default=0.8, metadata=_key(lo=0.2, hi=600))
+    answer_timeout_seconds: float = field(default=0.4, metadata=_key(lo=0.05, hi=60))
+    lease_seconds: float = field(default=1.2, metadata=_key(lo=0.5, hi=3600))
+    store_timeout_seconds: float = field(
+        default=0.5, metadata=_key(lo=0.05, hi=600, doc="deadline of each election store call; shorter than the lease")
+    )
     ki_per_an: int = field(default=4, metadata=_key(lo=1, hi=1000, doc="about one An per this many Ki"))
 
 
@@ -300,6 +309,8 @@ def check_swarm(config: Config) -> None:
         raise ConfigError("swarm.heartbeat_seconds: must be shorter than swarm.election_timeout_seconds")
     if config.swarm.heartbeat_seconds >= config.swarm.lease_seconds:
         raise ConfigError("swarm.heartbeat_seconds: must be shorter than swarm.lease_seconds (the lease is renewed each beat)")
+    if config.swarm.store_timeout_seconds >= config.swarm.lease_seconds:
+        raise ConfigError("swarm.store_timeout_seconds: must be shorter than swarm.lease_seconds")
     if config.dht.republish_seconds >= config.dht.record_ttl_seconds:
         raise ConfigError("dht.republish_seconds: must be shorter than dht.record_ttl_seconds")
     if config.bus.backend == "amqp" and config.sweeper.stranded_after_seconds >= config.bus.ki_message_ttl_seconds:

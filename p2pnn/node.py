@@ -77,7 +77,10 @@ def make_on_assignment(roles: RoleHost, attach: Callable[[str | None], None]) ->
 
 def swarm_credential(config: Config) -> SwarmCredential:
     """The swarm's name and join secret. Error handling: IdentityError when the secret file is missing or short."""
-    return SwarmCredential(config.swarm.name, identity.read_secret(Path(config.swarm.secret_file).expanduser()))
+    return SwarmCredential(config.swarm.name, identity.read_secret(
+        Path(config.swarm.secret_file).expanduser(), key="swarm.secret_file",
+        make=f"p2pnn-node init --swarm-secret {config.swarm.secret_file}",
+    ))
 
 
 def lone_cluster(node_id: str, api_url: str, roles: RoleHost, load: dict[str, int]) -> tuple[dict, list[dict]]:
@@ -330,6 +333,9 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
                             on_assignment=make_on_assignment(roles, attach), load=load, api_url=url,
                         )
                         await nursery.start(swarm.run)
+                        if authenticator is not None:  # swarm tokens are revoked through the store's deny list
+                            fetch = lambda now: store.revoked_tokens(now=now)  # noqa: E731
+                            nursery.start_soon(authenticator.follow_revocations, fetch, config.auth.revocation_refresh_seconds)
                     log.info("node.ready", api=url, node_id=ident.node_id, store=config.store.backend, bus=config.bus.backend,
                              slots=pool.slots,
                              roles=",".join(sorted(roles.roles)), insecure=config.api.insecure)

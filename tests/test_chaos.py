@@ -26,7 +26,7 @@ from psycopg import sql
 
 from p2pnn import config as config_mod
 from p2pnn.api.auth import Authenticator
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient
 from p2pnn.launcher import LocalSwarm, agreed, led
 from tests.swarmutil import FANOUT_ENV, SWARM_ENV
 
@@ -214,7 +214,7 @@ async def test_chaos_swarm_loses_nothing_strands_nothing_and_rarely_runs_twice(c
                 while True:  # a node killed under the request: the same key on another node
                     name = rng.choice(sorted(swarm.running()))
                     try:
-                        async with Client(swarm.nodes[name].url, chaos.token(name), timeout=30) as client:
+                        async with AsyncClient(swarm.nodes[name].url, chaos.token(name), timeout=30) as client:
                             accepted |= {t["id"] for t in await client.submit_many(batch, idempotency_key=key)}
                         break
                     except (httpx.HTTPError, OSError) as exc:

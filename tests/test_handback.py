@@ -14,7 +14,7 @@ import trio
 
 from p2pnn.bus import TASKS, ki_queue
 from p2pnn.bus.amqp import AmqpBus, AmqpSettings
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient
 from p2pnn.compute.pool import KiPool
 from p2pnn.metrics import Metrics
 from p2pnn.store import NewTask, TaskStore, open_store
@@ -170,7 +170,7 @@ async def test_sigterm_of_a_ki_hands_its_running_tasks_back_and_they_run_elsewhe
         with trio.fail_after(60):
             while swarm.metric("an", "p2pnn_an_kis") != 1:
                 await trio.sleep(0.2)
-        async with Client(swarm.nodes["an"].url, timeout=30) as client:
+        async with AsyncClient(swarm.nodes["an"].url, timeout=30) as client:
             tasks = [await client.submit({"kind": "echo", "payload": i, "sleep": 6}) for i in range(2)]
             ids = [t["id"] for t in tasks]
             with trio.fail_after(60):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient
 from tests.brokers import StallingProxy
 from tests.nodeutil import start_node_process
 
@@ -39,7 +39,7 @@ async def test_a_ten_second_store_outage_during_a_task_leaves_the_node_up_and_th
         }
         node = await trio.to_thread.run_sync(lambda: start_node_process(tmp_path / "n", "--insecure", env=env))
         try:
-            async with Client(node.url, timeout=60) as client, httpx.AsyncClient(base_url=node.url, timeout=30) as http:
+            async with AsyncClient(node.url, timeout=60) as client, httpx.AsyncClient(base_url=node.url, timeout=30) as http:
                 task = await client.submit({"kind": "echo", "payload": "through", "sleep": 5})
                 with trio.fail_after(30):
                     while (await client.get(task["id"]))["state"] != "running":

@@ -164,8 +164,12 @@ class SwarmNode:
                 role_map[str(node_id)] = Assignment(tuple(str(r) for r in value[0]), value[1] if isinstance(value[1], str) else None)
         self.role_map = role_map
         self.view.learn(role_map)
+        # A node the principal does not count among the live (it was cut off, or has just come back)
+        # holds no role until the principal gives it one: its An or Ki work would run outside the membership.
         mine = role_map.get(self.ident.node_id)
-        if mine is not None:
+        if mine is None:
+            self._want(frozenset(), None)
+        else:
             self._want(frozenset(mine.roles), mine.an_id)
 
     def _stepped_down(self) -> None:

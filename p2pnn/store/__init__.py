@@ -25,6 +25,7 @@ from p2pnn.store.base import (
     Lease,
     NewTask,
     Page,
+    ProgressSeries,
     StoreError,
     StoreUnreachable,
     TaskStore,
@@ -34,7 +35,8 @@ from p2pnn.store.base import (
 BACKENDS = ("sqlite", "postgres")
 
 __all__ = [
-    "BACKENDS", "AmbiguousCommit", "Assignment", "Fence", "IdempotencyConflict", "Lease", "NewTask", "Page", "StoreError", "StoreUnreachable", "TaskStore",
+    "BACKENDS", "AmbiguousCommit", "Assignment", "Fence", "IdempotencyConflict", "Lease", "NewTask", "Page", "ProgressSeries",
+    "StoreError", "StoreUnreachable", "TaskStore",
     "TermRecord", "open_store",
 ]
 

@@ -27,12 +27,14 @@ from typing import Any, TypeVar
 
 from p2pnn.store.base import (
     MAX_ARTIFACT_BYTES,
+    MAX_PROGRESS_POINTS,
     Assignment,
     Fence,
     IdempotencyConflict,
     Lease,
     NewTask,
     Page,
+    ProgressSeries,
     StoreError,
     TaskStore,
     TermRecord,
@@ -43,6 +45,9 @@ T = TypeVar("T")
 
 MAX_PAGE = 1000  # one page of a listing; a larger limit is clamped so a client cannot ask for the whole table
 MAX_ARTIFACT_NAME = 200  # artifact names travel in URLs and file names
+MAX_CURSOR_CHARS = 200  # longer cursors are refused unread; the ones this store makes are under 100
+# What a stored JSON value too deeply nested to parse reads as (see load_json).
+UNREADABLE_JSON = {"unreadable": "stored JSON nested too deeply to read"}
 LEASE_EXPIRED_ERROR = "lease expired on the last attempt"  # the error a task gets when its final lease lapses
 
 TASK_COLUMNS = (
@@ -174,11 +179,17 @@ def dump_json(value: dict[str, Any] | None) -> str | None:
 
 
 def load_json(value: Any) -> Any:
+    """A stored spec, progress or result. One nested deeper than the parser's stack allows
+    (written before input depth was capped, or by other means) reads as UNREADABLE_JSON, so
+    that one row cannot fail every listing it appears on."""
     if value is None:
         return None
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = bytes(value).decode()
-    return json.loads(value)
+    try:
+        return json.loads(value)
+    except RecursionError:
+        return dict(UNREADABLE_JSON)
 
 
 def _opt_float(value: Any) -> float | None:
@@ -221,15 +232,22 @@ def encode_cursor(created_at: float, task_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    """Error handling: a cursor this store did not make raises ValueError("malformed cursor")."""
+    """Error handling: a cursor this store did not make raises ValueError("malformed cursor"), whatever it holds."""
+    # A real cursor is under 100 characters; the cap keeps a crafted one from costing parse time.
+    if len(cursor) > MAX_CURSOR_CHARS:
+        raise ValueError("malformed cursor")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, task_id = json.loads(raw)
         canonical = parse_id(task_id)
         if isinstance(created_at, bool) or not isinstance(created_at, (int, float)) or canonical is None:
             raise ValueError
-        return float(created_at), canonical
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        created = float(created_at)
+        if not math.isfinite(created):
+            raise ValueError
+        return created, canonical
+    # OverflowError: an integer too large for a float; RecursionError: brackets nested thousands deep.
+    except (ValueError, TypeError, OverflowError, RecursionError, binascii.Error, UnicodeDecodeError):
         raise ValueError("malformed cursor") from None
 
 
@@ -464,10 +482,63 @@ class SqlTaskStore(TaskStore):
         return changed is not None
 
     async def progress(self, task_id: str, *, worker: str, attempt: int, progress: dict[str, Any], now: float) -> bool:
-        changed = await self._transition(
-            task_id, "progress = ?, updated_at = ?", (dump_json(progress), now), attempt=attempt, worker=worker
+        tid = parse_id(task_id)
+        if tid is None:
+            return False
+        data = dump_json(progress)
+
+        def record(db: Db) -> bool:
+            current = db.one(
+                "UPDATE tasks SET progress = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'running' AND attempts = ? AND lease_owner = ? RETURNING id",
+                (data, now, tid, attempt, worker),
+            )
+            if current is None:
+                return False
+            (kept,) = db.one("SELECT COUNT(*) FROM task_progress WHERE task_id = ? AND attempt = ?", (tid, attempt))
+            if kept == 0:  # the first report of this attempt: the series of earlier ones is obsolete
+                db.run("DELETE FROM task_progress WHERE task_id = ? AND attempt <> ?", (tid, attempt))
+            if kept < MAX_PROGRESS_POINTS:
+                # Only the attempt's lease holder gets here, one report at a time: seq cannot collide.
+                db.run(
+                    "INSERT INTO task_progress (task_id, attempt, seq, at, data) VALUES (?, ?, ?, ?, ?)",
+                    (tid, attempt, int(kept) + 1, now, data),
+                )
+            return True
+
+        return await self._transact(record, write=True)
+
+    async def progress_series(self, task_id: str) -> ProgressSeries | None:
+        tid = parse_id(task_id)
+        if tid is None:
+            return None
+
+        def read(db: Db) -> ProgressSeries | None:
+            row = db.one("SELECT attempts FROM tasks WHERE id = ?", (tid,))
+            if row is None:
+                return None
+            attempt = int(row[0])
+            rows = db.rows(
+                "SELECT data FROM task_progress WHERE task_id = ? AND attempt = ? ORDER BY seq LIMIT ?",
+                (tid, attempt, MAX_PROGRESS_POINTS + 1),
+            )
+            points = [load_json(r[0]) for r in rows]
+            return ProgressSeries(
+                task_id=tid, attempt=attempt, points=points[:MAX_PROGRESS_POINTS],
+                truncated=len(points) >= MAX_PROGRESS_POINTS,
+            )
+
+        return await self._transact(read, write=False)
+
+    async def changed_since(self, after: float, *, limit: int = 100) -> list[Task]:
+        rows = await self._transact(
+            lambda db: db.rows(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE updated_at > ? ORDER BY updated_at, id LIMIT ?",
+                (after, max(1, min(limit, MAX_PAGE))),
+            ),
+            write=False,
         )
-        return changed is not None
+        return [task_from_row(r) for r in rows]
 
     async def finish(
         self,
@@ -699,6 +770,24 @@ class SqlTaskStore(TaskStore):
             write=False,
         )
         return {r[0]: (Assignment(tuple(x for x in r[1].split(",") if x), r[2]), int(r[3])) for r in rows}
+
+    # --- API tokens ---
+
+    async def revoke_token(self, jti: str, *, expires_at: float, now: float) -> None:
+        def revoke(db: Db) -> None:
+            db.run("DELETE FROM revoked_tokens WHERE expires_at < ?", (now,))
+            db.run(
+                "INSERT INTO revoked_tokens (jti, expires_at, revoked_at) VALUES (?, ?, ?) ON CONFLICT (jti) DO NOTHING",
+                (jti, expires_at, now),
+            )
+
+        await self._transact(revoke, write=True)
+
+    async def revoked_tokens(self, *, now: float) -> frozenset[str]:
+        rows = await self._transact(
+            lambda db: db.rows("SELECT jti FROM revoked_tokens WHERE expires_at >= ?", (now,)), write=False
+        )
+        return frozenset(str(r[0]) for r in rows)
 
     # --- artifacts ---
 

@@ -19,6 +19,9 @@ from typing import Any
 from p2pnn.tasks import State, Task
 
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024  # one safetensors file; larger models do not belong in the store
+# Points kept per attempt in a progress series: one per epoch, and compute.max_epochs is far below this.
+# Reports past it still update the task's latest progress; the series says it was truncated.
+MAX_PROGRESS_POINTS = 2000
 
 
 class StoreError(RuntimeError):
@@ -52,6 +55,16 @@ class NewTask:
 class Page:
     tasks: list[Task]
     next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class ProgressSeries:
+    """The progress reports of a task's current attempt, oldest first (one per epoch for training)."""
+
+    task_id: str
+    attempt: int
+    points: list[dict[str, Any]]
+    truncated: bool  # reports past MAX_PROGRESS_POINTS were not kept
 
 
 @dataclass(frozen=True)
@@ -183,7 +196,28 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     async def progress(self, task_id: str, *, worker: str, attempt: int, progress: dict[str, Any], now: float) -> bool:
-        """Record progress of a running attempt; False when the attempt is no longer current."""
+        """Record progress of a running attempt; False when the attempt is no longer current.
+
+        The report becomes the task's ``progress`` and is appended to the
+        attempt's series (see ``progress_series``), in one transaction.
+        """
+
+    @abc.abstractmethod
+    async def progress_series(self, task_id: str) -> ProgressSeries | None:
+        """Every progress report of the task's latest attempt, oldest first; None for an unknown task.
+
+        Earlier attempts' series are dropped when a new attempt reports; a task
+        that never reported has an empty series.
+        """
+
+    @abc.abstractmethod
+    async def changed_since(self, after: float, *, limit: int = 100) -> list[Task]:
+        """Tasks whose ``updated_at`` is later than ``after``, oldest change first, at most ``limit``.
+
+        Times come from the writers' clocks: a caller that follows changes
+        should ask again a little before its last ``updated_at`` and drop what
+        it has seen, or a write from a node whose clock lags is missed.
+        """
 
     @abc.abstractmethod
     async def finish(
@@ -273,6 +307,16 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     async def roles(self, swarm: str) -> dict[str, tuple[Assignment, int]]:
         """The recorded role map: node id -> (assignment, term that wrote it)."""
+
+    # --- API tokens: the deny list ---
+
+    @abc.abstractmethod
+    async def revoke_token(self, jti: str, *, expires_at: float, now: float) -> None:
+        """Put the token ``jti`` on the deny list until ``expires_at`` (when it would expire anyway)."""
+
+    @abc.abstractmethod
+    async def revoked_tokens(self, *, now: float) -> frozenset[str]:
+        """The ``jti`` of every revoked token that has not expired yet."""
 
     # --- artifacts ---
 

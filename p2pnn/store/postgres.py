@@ -44,11 +44,12 @@ DEADLINE_SLACK = 2.0  # the client-side deadline exceeds the server's timeout by
 POOL_TIMEOUT = 30.0  # seconds a transaction waits for a free pooled connection before it is an error
 CANCEL_TIMEOUT = 5.0  # seconds to deliver a cancel request for an abandoned query
 # TCP keepalives and a user timeout, so that a connection whose peer vanished silently (a dead
-# host, a dropped link) errors within about 10 s instead of the kernel's two hours.
-KEEPALIVE_IDLE = 5  # seconds of silence before the first probe
-KEEPALIVE_INTERVAL = 2  # seconds between probes
+# host, a dropped link, a partition) errors within about 5 s instead of the kernel's two hours;
+# then the pool replaces it, and a principal's lease renewals recover.
+KEEPALIVE_IDLE = 2  # seconds of silence before the first probe
+KEEPALIVE_INTERVAL = 1  # seconds between probes
 KEEPALIVE_COUNT = 3  # unanswered probes before the connection is dead
-TCP_USER_TIMEOUT_MS = 10_000  # unacknowledged data older than this kills the connection
+TCP_USER_TIMEOUT_MS = 5_000  # unacknowledged data older than this kills the connection
 # 40003 statement_completion_unknown: CockroachDB lost track of whether a commit happened.
 AMBIGUOUS_COMMIT_SQLSTATE = "40003"
 
