@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient
 from p2pnn.node import run_node
 from tests.nodeutil import node_config, start_node_process, token
 
@@ -36,7 +36,7 @@ def _set_artifact(db_path: Path, task_id: str, data: bytes | None) -> None:
 async def test_evaluate_and_infer_of_a_missing_artifact_fail_with_a_clear_error(nursery, tmp_path):
     data_dir = tmp_path / "node"
     handle = await nursery.start(run_node, node_config(data_dir))
-    async with Client(handle.api_url, token(data_dir, "operator")) as client:
+    async with AsyncClient(handle.api_url, token(data_dir, "operator")) as client:
         trained = await client.wait((await client.submit(TINY_TRAIN))["id"], timeout=120)
         assert trained["state"] == "succeeded", trained["error"]
         await trio.to_thread.run_sync(_set_artifact, data_dir / "p2pnn.sqlite3", trained["id"], None)
@@ -55,7 +55,7 @@ async def test_a_worker_traceback_is_one_json_event_and_the_user_sees_one_line(t
     data_dir = tmp_path / "node"
     node = start_node_process(data_dir)
     try:
-        async with Client(node.url, token(data_dir, "operator")) as client:
+        async with AsyncClient(node.url, token(data_dir, "operator")) as client:
             trained = await client.wait((await client.submit(TINY_TRAIN))["id"], timeout=120)
             assert trained["state"] == "succeeded", trained["error"]
             # A corrupt weights file makes the worker fail inside safetensors, with a traceback on its stderr.
@@ -95,7 +95,7 @@ async def test_spec_caps_are_enforced_at_submission(nursery, tmp_path, spec, fie
     data_dir = tmp_path / "node"
     cfg = node_config(data_dir, compute={"max_samples": 5000, "max_wall_seconds": 3600.0})
     handle = await nursery.start(run_node, cfg)
-    async with Client(handle.api_url, token(data_dir, "operator")) as client:
+    async with AsyncClient(handle.api_url, token(data_dir, "operator")) as client:
         with pytest.raises(Exception) as err:
             await client.submit(spec)
         assert getattr(err.value, "status", None) == 400
@@ -120,7 +120,7 @@ async def test_a_task_whose_lease_was_lost_is_stopped_and_its_result_dropped(nur
     caplog.set_level(logging.INFO, logger="p2pnn")
     data_dir = tmp_path / "node"
     handle = await nursery.start(run_node, node_config(data_dir, compute={"slots": 1, "lease_seconds": 3.0}))
-    async with Client(handle.api_url, token(data_dir, "operator")) as client:
+    async with AsyncClient(handle.api_url, token(data_dir, "operator")) as client:
         task = await client.submit({"kind": "echo", "sleep": 600})
         with trio.fail_after(60):
             while (await client.get(task["id"]))["state"] != "running":
