@@ -157,7 +157,7 @@ async def test_listing_survives_deeply_nested_stored_values(node, raw, depth):
     await trio.to_thread.run_sync(
         _store_raw, data_dir, task_id, '{"kind":"echo","payload":%s,"sleep":0.0}' % deep, '{"payload":%s}' % deep
     )
-    for route in ("/api/v1/tasks", "/tasks", f"/api/v1/tasks/{task_id}"):
+    for route in ("/api/v1/tasks", "/tasks", f"/api/v1/tasks/{task_id}", f"/api/v1/tasks/{task_id}/events"):
         resp = await raw.get(route)
         assert resp.status_code == 200, (route, resp.text[:300])
     listed = [t for t in (await raw.get("/api/v1/tasks")).json()["tasks"] if t["id"] == task_id]
