@@ -108,3 +108,69 @@ class PrivateRabbitMQ:
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class StallingProxy:
+    """A TCP proxy on a free loopback port in front of ``target``, run in the test's trio loop.
+
+    ``stall()`` stops moving bytes (both ways, on every link) and leaves new
+    connections waiting: to the client the server went silent, as behind a
+    dead switch. ``resume()`` moves them again. ``drop()`` closes every link
+    (the client sees a reset). Resource handling: ``run`` (nursery.start)
+    serves until cancelled and closes every link then.
+    """
+
+    def __init__(self, target_host: str, target_port: int, port: int = 0) -> None:
+        self.target = (target_host, target_port)
+        self.port = port  # 0: a free one; another: that one (a proxy back on the address of one stopped)
+        self._flowing = trio.Event()
+        self._flowing.set()
+        self._links: set[trio.SocketStream] = set()
+
+    def stall(self) -> None:
+        self._flowing = trio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def drop(self) -> None:
+        for stream in list(self._links):
+            await stream.aclose()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            task_status.started(self.port)
+            await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
+
+    async def _serve(self, client: trio.SocketStream) -> None:
+        await self._flowing.wait()
+        try:
+            server = await trio.open_tcp_stream(*self.target)
+        except OSError:
+            await client.aclose()
+            return
+        self._links |= {client, server}
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
+                nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
+        finally:
+            self._links -= {client, server}
+            for stream in (client, server):
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+
+    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                await self._flowing.wait()
+                data = await source.receive_some(65536)
+                if not data:
+                    break
+                await self._flowing.wait()  # bytes read just before a stall are held, not delivered
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        scope.cancel()
