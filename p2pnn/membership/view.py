@@ -26,9 +26,10 @@ unreachable from its routing tables, so neither side would look for the other
 again. Every ``HEAL_SECONDS`` a node that misses members (records that
 expired, for ``FORMER_SECONDS``; ids heard of but not read) or has an empty
 routing table pings the last addresses of those members, the configured
-bootstrap peers and the saved peers (``dht-peers.json``, read again each
-time); whoever answers is back in the routing table, and the next refresh
-reads its record.
+bootstrap peers, the saved peers (``dht-peers.json``, read again each
+time) and the members recorded in the store that it has no record of (read
+then, and every ``RECORDED_EVERY`` otherwise); whoever answers is back in
+the routing table, and the next refresh reads its record.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ WALK_BACKOFF_MAX = 4  # while the members stay the same, lookups back off up to 
 HEAL_SECONDS = 2.0  # how often a node looks for members it lost (a healed partition is merged within a few of these)
 FORMER_SECONDS = 600.0  # how long the address of a member whose record expired is still tried
 HEAL_BATCH = 32  # addresses pinged in one re-join round at most
+RECORDED_EVERY = 15.0  # seconds between two reads of the members recorded elsewhere while nothing is missing
 
 
 class MemberView:
@@ -78,13 +80,17 @@ class MemberView:
         bootstrap: list[tuple[str, int]],
         make_record: Callable[[float, float], NodeRecord],
         peer_cache: Path | None = None,
+        recorded: Callable[[], Awaitable[dict[str, tuple[str, int]]]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``recorded``: the DHT addresses of the members recorded outside the DHT (the store), for healing."""
         self.ident = ident
         self.cred = cred
         self.config = config
         self._peer_cache = peer_cache
         self._configured = list(bootstrap)
+        self._recorded = recorded
+        self._recorded_at = -math.inf
         self._bootstrap = list(dict.fromkeys([*bootstrap, *self._cached_peers()]))
         # Members whose records expired (a partition, a crash): id -> (DHT address, until when it is tried).
         self._former: dict[str, tuple[tuple[str, int], float]] = {}
@@ -266,6 +272,14 @@ class MemberView:
         """
         missing = self.missing()
         contacts = self.dht.contacts()
+        now = self._clock()
+        if self._recorded is not None and (missing or not contacts or now - self._recorded_at >= RECORDED_EVERY):
+            # Members recorded in the store that this node has no record of: the other side of a partition
+            # it never knew, or everyone, for a node whose bootstrap and saved peers are gone.
+            self._recorded_at = now
+            for node_id, address in (await self._recorded()).items():
+                if node_id != self.ident.node_id and node_id not in self.members and node_id not in contacts:
+                    missing[node_id] = address
         if not missing and contacts:
             return
         own = self.members.get(self.ident.node_id)
