@@ -298,8 +298,9 @@ class Election:
 
     def _suspend(self, why: str) -> None:
         """Stop acting (no writes, no heartbeats, no ALIVE) but keep the fence: a renewal may still succeed."""
-        if self.acting:
-            log.warning("principal.suspended", term=self.fence.term if self.fence else None, reason=why)
+        if not self.acting:
+            return
+        log.warning("principal.suspended", term=self.fence.term if self.fence else None, reason=why)
         self.acting = False
         self._stepped_down()
 

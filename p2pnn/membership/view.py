@@ -24,7 +24,7 @@ died still finds the swarm.
 Healing: a partition expires records on both sides, and Kademlia drops the
 unreachable from its routing tables, so neither side would look for the other
 again. Every ``HEAL_SECONDS`` a node that misses members (records that
-expired, for ``FORMER_SECONDS``; ids heard of but not read) or has an empty
+expired, for ``FORMER_SECONDS``) or has an empty
 routing table pings the last addresses of those members, the configured
 bootstrap peers, the saved peers (``dht-peers.json``, read again each
 time) and the members recorded in the store that it has no record of (read
@@ -253,15 +253,10 @@ class MemberView:
             await self.heal()
 
     def missing(self) -> dict[str, tuple[str, int]]:
-        """Members this node lost (their records expired) or heard of without reading: id -> last DHT address."""
+        """Members this node lost (their records expired, not read since): id -> last DHT address."""
         now = self._clock()
         self._former = {i: (a, until) for i, (a, until) in self._former.items() if until > now and i not in self.members}
-        out = {i: a for i, (a, _) in self._former.items()}
-        for node_id in self._also - set(self.members):
-            former = self._former.get(node_id)
-            if former is not None:
-                out[node_id] = former[0]
-        return out
+        return {i: a for i, (a, _) in self._former.items()}
 
     async def heal(self) -> None:
         """Re-join when members are missing or the routing table is empty: ping the configured bootstrap peers,
@@ -291,7 +286,8 @@ class MemberView:
         found = 0
         with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
             found = await self.dht.bootstrap(addresses)
-        log.info("dht.rejoin", missing=len(missing), pinged=len(addresses), found=found)
+        # Dead members stay "missing" for a while: only a round that reached someone is worth an info line.
+        (log.info if found else log.debug)("dht.rejoin", missing=len(missing), pinged=len(addresses), found=found)
 
     async def _refresh_loop(self) -> None:
         while True:
