@@ -13,11 +13,12 @@ import trio
 from p2pnn import __version__, identity, logs
 from p2pnn import config as config_mod
 from p2pnn.config import Config, ConfigError
-from p2pnn.store import StoreError
+from p2pnn.store import StoreError, StoreUnreachable
 
 log = logs.get("p2pnn.cli")
 
 EXIT_CONFIG = 2  # configuration or usage error: nothing was started
+EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a service stayed unreachable past its bound; a restart may fix it
 
 DESCRIPTION = """\
 p2pnn-node runs one node of a p2pnn swarm: a REST API for neural-network
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--role", required=True, choices=("viewer", "operator", "admin"))
     token.add_argument("--sub", required=True, metavar="NAME", help="who the token is for")
     token.add_argument("--ttl", type=int, metavar="SECONDS", help="lifetime (default: auth.token_ttl_seconds)")
+
+    revoke = command("revoke", "revoke an API token in the swarm's store (every member refuses it soon)")
+    _common(revoke)
+    revoke.add_argument("token", metavar="TOKEN", help="the token (its jti and expiry are read from it)")
 
     demo = command(
         "demo", "start a throw-away node, train a digits classifier through the REST API, infer, print accuracy",
@@ -167,7 +172,33 @@ def _run_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ttl: must be positive, got {ttl}")
         print(auth.mint(args.sub, args.role, ttl))
         return 0
+    if args.command == "revoke":
+        return trio.run(_revoke, cfg, args.token)
     trio.run(_serve_until_signalled, cfg)
+    return 0
+
+
+async def _revoke(cfg: Config, token: str) -> int:
+    """Put a token's jti on the store's deny list until it would expire; the token's signature is not checked
+    (a revoked token need not be valid here, and only its id is recorded)."""
+    import time
+
+    import jwt
+
+    from p2pnn.node import store_of
+
+    try:
+        claims = jwt.decode(token.strip(), options={"verify_signature": False})
+        jti, exp = str(claims["jti"]), float(claims["exp"])
+    except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
+        raise ConfigError("TOKEN: not a token with jti and exp claims") from None
+    store = store_of(cfg)
+    await store.open()
+    try:
+        await store.revoke_token(jti, expires_at=exp, now=time.time())
+    finally:
+        await store.close()
+    print(f"revoked {jti} (until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(exp))})")
     return 0
 
 
@@ -187,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, ConfigError):
             print(f"p2pnn-node: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        if isinstance(exc, StoreUnreachable):  # checked first: it is also a StoreError
+            print(f"p2pnn-node: {exc}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
         if isinstance(exc, (identity.IdentityError, StoreError)):
             print(f"p2pnn-node: {exc}", file=sys.stderr)
             return EXIT_CONFIG

@@ -162,8 +162,12 @@ async def test_node_with_no_slots_accepts_tasks_but_runs_none(tmp_path):
         assert node.worker_pids() == []
         async with AsyncClient(node.url, token(data, "operator")) as client:
             task = await client.submit({"kind": "echo"})
-            await trio.sleep(1.0)
-            assert (await client.get(task["id"]))["state"] == "queued"
+            queued = await _wait_state(client, task["id"], "queued")
+            ready = await client._call("GET", "/ready")
+        # Nothing to run it on, by construction rather than by waiting a while and seeing nothing.
+        assert queued["attempts"] == 0 and (ready["slots"], ready["free_slots"]) == (0, 0)
+        assert node.worker_pids() == []
+        assert not [e for e in node.events() if e.get("event") == "task.started"]
     finally:
         node.stop()
 

@@ -135,6 +135,37 @@ MIGRATIONS += (
 MIGRATIONS += (
     Migration(
         3,
+        "tasks.published_at: when the last message for a queued task was confirmed by the bus",
+        (
+            # NULL while a queued task has no message known to be on its way (handed back, its lease
+            # expired, an attempt failed and a retry is due): the sweeper's stranded rule looks for
+            # queued tasks with NULL here and an update older than sweeper.stranded_after_seconds.
+            "ALTER TABLE tasks ADD COLUMN published_at DOUBLE PRECISION",
+            "CREATE INDEX tasks_by_state_published ON tasks (state, published_at)",
+        ),
+    ),
+)
+
+MIGRATIONS += (
+    Migration(
+        4,
+        "swarm: the deny list of revoked API tokens",
+        (
+            # A row lives until the token would have expired anyway; then it is of no use and is deleted.
+            """
+            CREATE TABLE revoked_tokens (
+                jti TEXT PRIMARY KEY,
+                expires_at DOUBLE PRECISION NOT NULL,
+                revoked_at DOUBLE PRECISION NOT NULL
+            )
+            """,
+        ),
+    ),
+)
+
+MIGRATIONS += (
+    Migration(
+        5,
         "live progress: each attempt's per-epoch series; tasks by update time",
         (
             # One row per progress report of an attempt (seq 1, 2, ...), at most
