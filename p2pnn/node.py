@@ -76,10 +76,7 @@ def make_on_assignment(roles: RoleHost, attach: Callable[[str | None], None]) ->
 
 def swarm_credential(config: Config) -> SwarmCredential:
     """The swarm's name and join secret. Error handling: IdentityError when the secret file is missing or short."""
-    return SwarmCredential(config.swarm.name, identity.read_secret(
-        Path(config.swarm.secret_file).expanduser(), key="swarm.secret_file",
-        make=f"p2pnn-node init --swarm-secret {config.swarm.secret_file}",
-    ))
+    return SwarmCredential(config.swarm.name, identity.read_swarm_secret(config.swarm.secret_file))
 
 
 def lone_cluster(node_id: str, api_url: str, roles: RoleHost, load: dict[str, int]) -> tuple[dict, list[dict]]:

@@ -97,7 +97,7 @@ class Authenticator:
             signing_key = identity.load_private_key(private) if private.exists() else None
         swarm_key = None
         if config.swarm_mode:
-            secret = identity.read_secret(Path(config.swarm.secret_file).expanduser())
+            secret = identity.read_swarm_secret(config.swarm.secret_file)
             material = swarm_token_key(secret, config.swarm.name, auth.key_generation)
             kid = f"{config.swarm.name}/{auth.key_generation}"
             if auth.algorithm == "HS256":
