@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import trio
+
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the script itself: /usr/sbin's wrapper switches user
 START_SECONDS = 120.0  # an Erlang VM booting on two loaded cores takes 20 s or more
 STOP_SECONDS = 30.0
