@@ -179,6 +179,7 @@ def main() -> int:
     ap.add_argument("--timings", choices=("test", "default"), default="test",
                     help="the test suite's swarm timings, or the project's defaults (as scripts/swarm)")
     ap.add_argument("--lease", type=float, help="compute.lease_seconds (default: 10 with test timings, 30 with default)")
+    ap.add_argument("--keep", type=Path, help="put the nodes' data directories and logs here and keep them")
     args = ap.parse_args()
     lease = args.lease if args.lease is not None else (10.0 if args.timings == "test" else 30.0)
     schema, vhost = f"p2pnn_bench_{secrets.token_hex(4)}", f"p2pnn-bench-{os.getpid()}-{secrets.token_hex(3)}"
@@ -189,7 +190,7 @@ def main() -> int:
     runs: list[Run] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            swarm = LocalSwarm(Path(tmp), PG_URL, schema, name="bench", env=env)
+            swarm = LocalSwarm(args.keep or Path(tmp), PG_URL, schema, name="bench", env=env)
             try:
                 for i in range(args.nodes):
                     swarm.start(f"n{i}")

@@ -84,7 +84,18 @@ async def test_a_ki_whose_role_is_taken_away_publishes_its_running_task_again(ki
     assert runner.metrics.handed_back._value.get() == 1
 
 
-async def test_slots_survive_three_role_switches_and_a_stopped_kis_buffer_goes_back_at_once(ki):
+def _ready_messages(amqp_url: str, queue: str) -> int:
+    """Messages ready on ``queue`` (not those delivered and unacked), as the broker counts them."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        return conn.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        conn.close()
+
+
+async def test_slots_survive_three_role_switches_and_a_stopped_kis_buffer_goes_back_at_once(ki, amqp_url):
     store, bus, roles, runner = ki
     for switch in range(3):
         await roles.assume({"ki"})
@@ -97,19 +108,24 @@ async def test_slots_survive_three_role_switches_and_a_stopped_kis_buffer_goes_b
         await roles.assume(set())
 
     # One slot, two messages: one runs, the other waits in the consumer's prefetch buffer. When
-    # the role stops, that one is back on the Ki's queue at once, not when the connection dies.
+    # the role stops, that one is dead-lettered to the shared queue at once (the queue's TTL is
+    # 60 s here), not left unacked until the connection dies nor back on a queue nobody reads.
     await roles.assume({"ki"})
     running, waiting = await _queued_task(store, sleep=60), await _queued_task(store, sleep=0)
     await bus.publish([running], queue=ki_queue(NODE))
     await _until_state(store, running, State.RUNNING, 60)
-    await bus.publish([waiting], queue=ki_queue(NODE))
-    await trio.sleep(0.5)  # let the broker push it into the buffer
+    await bus.publish([waiting], queue=ki_queue(NODE))  # confirmed: it is on the Ki's queue
+    with trio.fail_after(30):  # until the broker has pushed it to the consumer (none ready on the queue)
+        while await trio.to_thread.run_sync(_ready_messages, amqp_url, bus.name(ki_queue(NODE))):
+            await trio.sleep(0.1)
     await roles.assume(set())
-    async with bus.consume(ki_queue(NODE), prefetch=5) as inbox:
-        with trio.fail_after(10):
-            delivery = await inbox.receive()
-        await inbox.ack(delivery)
-    assert delivery.task_id == waiting
+    back: set[str] = set()
+    async with bus.consume(TASKS, prefetch=5) as inbox:
+        with trio.fail_after(20):  # the running one handed back and published, the waiting one dead-lettered
+            while back != {running, waiting}:
+                delivery = await inbox.receive()
+                await inbox.ack(delivery)
+                back.add(delivery.task_id)
     assert (await store.get(waiting)).state is State.QUEUED
 
 
