@@ -127,16 +127,25 @@ class KiRunner:
                 self.on_change()
 
         try:
-            try:
-                task = await self._claim(delivery.task_id)
-            except StoreError as exc:
-                self.metrics.transient_faults.labels(component="store", operation="claim").inc()
-                log.warning("store.claim_failed", task_id=delivery.task_id, error=str(exc))
-                await inbox.nack(delivery)
+            # Shielded (the store's own deadlines bound it): a claim the store made while the role was
+            # stopping must reach _execute, whose hand-back releases it; abandoned, it would hold the
+            # task under a lease nobody renews until that lapsed.
+            with trio.CancelScope(shield=True):
+                try:
+                    task = await self._claim(delivery.task_id)
+                except StoreError as exc:
+                    self.metrics.transient_faults.labels(component="store", operation="claim").inc()
+                    log.warning("store.claim_failed", task_id=delivery.task_id, error=str(exc))
+                    await inbox.nack(delivery)
+                    task = None
+                    failed = True
+                else:
+                    failed = False
+                    # From here the lease, not the message, covers the task: a run may outlast any broker timeout.
+                    await inbox.ack(delivery)
+            if failed:
                 await trio.sleep(STORE_RETRY_SECONDS)
                 return
-            # From here the lease, not the message, covers the task: a run may outlast any broker timeout.
-            await inbox.ack(delivery)
             if task is not None:
                 await self._execute(task, free_slot)
             else:  # taken elsewhere, cancelled or finished meanwhile: a duplicate message
