@@ -129,9 +129,10 @@ def read_secret(path: Path, *, key: str = "", make: str = "p2pnn-node init") -> 
 
 
 def read_swarm_secret(secret_file: str) -> bytes:
-    """The swarm's join secret, from the file ``swarm.secret_file`` names. Error handling: as read_secret."""
+    """The swarm's join secret, from the file ``swarm.secret_file`` names. Error handling: IdentityError
+    naming that key and how to make the file."""
     return read_secret(
-        Path(secret_file).expanduser(), key="swarm.secret_file", make=f"p2pnn-node init --swarm-secret {secret_file}"
+        Path(secret_file).expanduser(), key="swarm.secret_file", make=f"p2pnn-node init --swarm-secret {secret_file}",
     )
 
 

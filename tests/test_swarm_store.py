@@ -47,7 +47,8 @@ async def test_role_map_is_written_only_under_a_holding_fence(store: TaskStore):
 async def test_stale_principal_cannot_requeue_tasks(store: TaskStore):
     [task], _ = await store.create([NewTask("echo", {"kind": "echo"}, "u", 3)], now=T0)
     await store.mark_queued([task.id], now=T0)
-    await store.claim(task.id, worker="w", now=T0, lease_seconds=1)
+    await store.claim(task.id, worker="w", now=T0, lease_seconds=0.1)  # on the database's clock
+    await trio.sleep(0.3)
     await store.acquire_lease("s", "a", now=T0, lease_seconds=LEASE)
     await store.acquire_lease("s", "b", now=T0 + 4, lease_seconds=LEASE)
     assert await store.expire_leases(now=T0 + 5, fence=Fence("s", 1, "a")) == []
