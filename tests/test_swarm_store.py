@@ -80,3 +80,12 @@ async def test_a_revoked_token_stays_on_the_deny_list_until_it_would_have_expire
     await store.revoke_token("j2", expires_at=T0 + 10, now=T0 + 2)
     assert await store.revoked_tokens(now=T0 + 5) == {"j1", "j2"}
     assert await store.revoked_tokens(now=T0 + 30) == {"j1"}
+
+
+async def test_members_record_where_their_dht_listens(store: TaskStore):
+    await store.record_member("s", "a", ("10.0.0.1", 8468), now=T0)
+    await store.record_member("s", "b", ("10.0.0.2", 8468), now=T0 + 1)
+    await store.record_member("s", "a", ("10.0.0.9", 9000), now=T0 + 100)  # moved, and seen again
+    await store.record_member("other", "c", ("10.0.0.3", 8468), now=T0 + 100)
+    assert await store.members("s", since=T0) == {"a": ("10.0.0.9", 9000), "b": ("10.0.0.2", 8468)}
+    assert await store.members("s", since=T0 + 50) == {"a": ("10.0.0.9", 9000)}

@@ -771,6 +771,26 @@ class SqlTaskStore(TaskStore):
         )
         return {r[0]: (Assignment(tuple(x for x in r[1].split(",") if x), r[2]), int(r[3])) for r in rows}
 
+    async def record_member(self, swarm: str, node_id: str, dht: tuple[str, int], *, now: float) -> None:
+        await self._transact(
+            lambda db: db.run(
+                "INSERT INTO swarm_members (swarm, node_id, dht_host, dht_port, seen_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (swarm, node_id) DO UPDATE SET dht_host = excluded.dht_host, "
+                "dht_port = excluded.dht_port, seen_at = excluded.seen_at",
+                (swarm, node_id, dht[0], int(dht[1]), now),
+            ),
+            write=True,
+        )
+
+    async def members(self, swarm: str, *, since: float) -> dict[str, tuple[str, int]]:
+        rows = await self._transact(
+            lambda db: db.rows(
+                "SELECT node_id, dht_host, dht_port FROM swarm_members WHERE swarm = ? AND seen_at >= ?", (swarm, since)
+            ),
+            write=False,
+        )
+        return {str(r[0]): (str(r[1]), int(r[2])) for r in rows}
+
     # --- API tokens ---
 
     async def revoke_token(self, jti: str, *, expires_at: float, now: float) -> None:

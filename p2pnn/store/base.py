@@ -308,6 +308,14 @@ class TaskStore(abc.ABC):
     async def roles(self, swarm: str) -> dict[str, tuple[Assignment, int]]:
         """The recorded role map: node id -> (assignment, term that wrote it)."""
 
+    @abc.abstractmethod
+    async def record_member(self, swarm: str, node_id: str, dht: tuple[str, int], *, now: float) -> None:
+        """Record (or refresh) where ``node_id``'s DHT listens."""
+
+    @abc.abstractmethod
+    async def members(self, swarm: str, *, since: float) -> dict[str, tuple[str, int]]:
+        """The DHT address of every member recorded at or after ``since``: node id -> (host, port)."""
+
     # --- API tokens: the deny list ---
 
     @abc.abstractmethod
