@@ -85,7 +85,10 @@ class Authenticator:
     def from_config(cls, config: Config) -> "Authenticator":
         auth, data = config.auth, config.data_dir
         if auth.algorithm == "HS256":
-            secret = identity.read_secret(Path(auth.secret_file or data / identity.API_SECRET))
+            secret = identity.read_secret(
+                Path(auth.secret_file or data / identity.API_SECRET), key="auth.secret_file",
+                make="p2pnn-node init" if not auth.secret_file else f"openssl rand -hex 32 > {auth.secret_file}",
+            )
             verify_key = signing_key = secret
         else:
             public = Path(auth.public_key_file or data / identity.API_PUBLIC_KEY)
@@ -95,7 +98,7 @@ class Authenticator:
             signing_key = identity.load_private_key(private) if private.exists() else None
         swarm_key = None
         if config.swarm_mode:
-            secret = identity.read_secret(Path(config.swarm.secret_file).expanduser())
+            secret = identity.read_swarm_secret(config.swarm.secret_file)
             material = swarm_token_key(secret, config.swarm.name, auth.key_generation)
             kid = f"{config.swarm.name}/{auth.key_generation}"
             if auth.algorithm == "HS256":

@@ -207,12 +207,20 @@ class SwarmNode:
         role_map = assign_roles(self.ident.node_id, candidates, ki_per_an=self.config.swarm.ki_per_an, previous=self.role_map)
         now = self._clock()
         if role_map != self.role_map or now - self._written_at > ROLE_MAP_REWRITE_SECONDS:
-            if not await self.store.record_roles(fence, role_map, now=now):
-                return None
-            if role_map != self.role_map:
-                log.info("principal.assigned", term=fence.term, roles=_summary(role_map))
-            self.role_map, self._written_at = role_map, now
-        mine = role_map[self.ident.node_id]
+            try:
+                written = await self.store.record_roles(fence, role_map, now=now)
+            except StoreError as exc:  # a store blip costs this beat's write, not the node: the next beat tries again
+                log.warning("principal.roles_unwritten", term=fence.term, error=str(exc))
+                role_map = self.role_map
+            else:
+                if not written:
+                    return None
+                if role_map != self.role_map:
+                    log.info("principal.assigned", term=fence.term, roles=_summary(role_map))
+                self.role_map, self._written_at = role_map, now
+        mine = role_map.get(self.ident.node_id)
+        if mine is None:  # the store failed before any role map was written
+            return {"roles": {}, "lease_expires": self.election.lease_expires}
         self._want(frozenset(mine.roles), mine.an_id)
         return {
             "roles": {node: [list(a.roles), a.an_id] for node, a in role_map.items()},
