@@ -151,7 +151,7 @@ class SwarmConfig:
     answer_timeout_seconds: float = field(default=0.4, metadata=_key(lo=0.05, hi=60))
     lease_seconds: float = field(default=1.2, metadata=_key(lo=0.5, hi=3600))
     store_timeout_seconds: float = field(
-        default=0.5, metadata=_key(lo=0.05, hi=600, doc="deadline of each election store call; shorter than the lease")
+        default=0.5, metadata=_key(lo=0.05, hi=600, doc="deadline of each election store call and fenced write (role map, sweep); shorter than the lease")
     )
     ki_per_an: int = field(default=4, metadata=_key(lo=1, hi=1000, doc="about one An per this many Ki"))
 

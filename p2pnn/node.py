@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from collections.abc import Awaitable
 from typing import Any, Callable
 
 import hypercorn.config
@@ -41,7 +42,7 @@ from p2pnn.credential import SwarmCredential
 from p2pnn.membership.records import capabilities
 from p2pnn.metrics import Metrics
 from p2pnn.service import TaskService
-from p2pnn.store import StoreError, StoreUnreachable, TaskStore, open_store
+from p2pnn.store import Fence, StoreError, StoreUnreachable, TaskStore, open_store
 from p2pnn.tasks import Limits
 from p2pnn.work import ROLES, Dispatcher, KiAgent, KiRunner, RoleHost, Sweeper
 
@@ -242,12 +243,14 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             queued_after=config.sweeper.queued_after_seconds if fanout else 0.0,
             stranded_after=config.sweeper.stranded_after_seconds,
         )
+        async def fenced(write: Callable[[Fence], Awaitable[Any]]) -> Any:
+            return await swarm.election.fenced(write) if swarm is not None else None
+
         # A lone node's queue forgets on restart, so it re-publishes every queued task at start.
         # In a swarm, sweeping is a principal's action, fenced by its term.
         sweeper = Sweeper(
             interval=config.sweeper.interval_seconds, republish_queued=not fanout,
-            fence=(lambda: swarm.election.current_fence() if swarm is not None else None) if cred else None,
-            **sweeping,
+            fenced=fenced if cred else None, **sweeping,
         )
         services: dict[str, Any] = {"principal": sweeper.run, "ki": runner.run}
         attach: Callable[[str | None], None] = lambda an_id: None

@@ -18,10 +18,12 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnn.config import SwarmConfig
-from p2pnn.control.election import Election, rank
+from p2pnn.control.election import Election, StoreTimeout, rank
 from p2pnn.identity import Identity, node_id_of
 from p2pnn.membership.records import NodeRecord
+from p2pnn.metrics import Metrics
 from p2pnn.store import Fence, StoreError, TaskStore, open_store
+from p2pnn.work import Sweeper
 
 T0 = 1_700_000_000.0
 CONFIG = SwarmConfig(heartbeat_seconds=0.2, election_timeout_seconds=0.8, lease_seconds=1.2, store_timeout_seconds=0.3)
@@ -36,7 +38,7 @@ class Clock:
 
 
 class FlakyStore:
-    """The real store, except that the lease calls can be made to fail (``down``) or never answer (``hang``)."""
+    """The real store, except that the lease calls and the sweep's fenced write can be made to fail (``down``) or never answer (``hang``)."""
 
     def __init__(self, store: TaskStore) -> None:
         self._store = store
@@ -45,7 +47,7 @@ class FlakyStore:
 
     def __getattr__(self, name: str) -> Any:
         real = getattr(self._store, name)
-        if name not in ("acquire_lease", "renew_lease", "release_lease", "lease", "record_roles"):
+        if name not in ("acquire_lease", "renew_lease", "release_lease", "lease", "record_roles", "expire_leases"):
             return real
 
         async def call(*args: Any, **kwargs: Any) -> Any:
@@ -359,3 +361,24 @@ async def test_a_follower_that_hears_no_principal_for_longer_than_a_failover_is_
     await h.win()
     clock.now += failover + 1
     assert not h.election.orphaned()
+
+
+async def test_the_principals_fenced_sweep_runs_under_the_elections_deadline_and_only_while_it_leads(store, ids, nursery):
+    low, mid, high = ids
+    clock = Clock()
+    h = Harness(store, mid, [low, high], clock, nursery)
+
+    async def publish(ids: list[str]) -> bool:
+        return True
+
+    sweeper = Sweeper(store=store, publish=publish, metrics=Metrics(), interval=0.1, pending_after=1,  # type: ignore[arg-type]
+                      republish_queued=False, fenced=h.election.fenced, clock=clock)
+    store.hang = True
+    with trio.fail_after(30):
+        await sweeper.sweep()  # not leading: it asks the store nothing (a hung call would not return)
+    store.hang = False
+    await h.win()
+    await sweeper.sweep()
+    store.hang = True
+    with trio.fail_after(30), pytest.raises(StoreTimeout):  # the election's deadline ends it, nothing else
+        await sweeper.sweep()

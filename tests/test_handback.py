@@ -84,7 +84,18 @@ async def test_a_ki_whose_role_is_taken_away_publishes_its_running_task_again(ki
     assert runner.metrics.handed_back._value.get() == 1
 
 
-async def test_slots_survive_three_role_switches_and_a_stopped_kis_buffer_goes_back_at_once(ki):
+def _ready_messages(amqp_url: str, queue: str) -> int:
+    """Messages ready on ``queue`` (not those delivered and unacked), as the broker counts them."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        return conn.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        conn.close()
+
+
+async def test_slots_survive_three_role_switches_and_a_stopped_kis_buffer_goes_back_at_once(ki, amqp_url):
     store, bus, roles, runner = ki
     for switch in range(3):
         await roles.assume({"ki"})
@@ -97,19 +108,24 @@ async def test_slots_survive_three_role_switches_and_a_stopped_kis_buffer_goes_b
         await roles.assume(set())
 
     # One slot, two messages: one runs, the other waits in the consumer's prefetch buffer. When
-    # the role stops, that one is back on the Ki's queue at once, not when the connection dies.
+    # the role stops, that one is dead-lettered to the shared queue at once (the queue's TTL is
+    # 60 s here), not left unacked until the connection dies nor back on a queue nobody reads.
     await roles.assume({"ki"})
     running, waiting = await _queued_task(store, sleep=60), await _queued_task(store, sleep=0)
     await bus.publish([running], queue=ki_queue(NODE))
     await _until_state(store, running, State.RUNNING, 60)
-    await bus.publish([waiting], queue=ki_queue(NODE))
-    await trio.sleep(0.5)  # let the broker push it into the buffer
+    await bus.publish([waiting], queue=ki_queue(NODE))  # confirmed: it is on the Ki's queue
+    with trio.fail_after(30):  # until the broker has pushed it to the consumer (none ready on the queue)
+        while await trio.to_thread.run_sync(_ready_messages, amqp_url, bus.name(ki_queue(NODE))):
+            await trio.sleep(0.1)
     await roles.assume(set())
-    async with bus.consume(ki_queue(NODE), prefetch=5) as inbox:
-        with trio.fail_after(10):
-            delivery = await inbox.receive()
-        await inbox.ack(delivery)
-    assert delivery.task_id == waiting
+    back: set[str] = set()
+    async with bus.consume(TASKS, prefetch=5) as inbox:
+        with trio.fail_after(20):  # the running one handed back and published, the waiting one dead-lettered
+            while back != {running, waiting}:
+                delivery = await inbox.receive()
+                await inbox.ack(delivery)
+                back.add(delivery.task_id)
     assert (await store.get(waiting)).state is State.QUEUED
 
 
@@ -130,7 +146,23 @@ async def test_a_queued_task_without_a_confirmed_message_is_stranded_until_publi
     assert await store.published_before(before=T0 + 4) == {task.id: T0 + 2}
 
 
+SWEEP_READS = 4  # Sweeper.sweep without queued_after: lease expiry, their publish, pending, stranded
+
+
+class _Clock:
+    """A settable clock that counts its reads (so a test can tell that a sweep ran at the time it set)."""
+
+    def __init__(self, now: float) -> None:
+        self.now, self.reads = now, 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
 async def test_the_sweeper_publishes_a_stranded_task_within_the_bound(amqp_url, tmp_path):
+    """Two tasks handed back 5 s apart, and nobody published either: on the sweeper's clock, the older
+    one is published once it is older than ``stranded_after``, the younger one alone and later."""
     store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
     await store.open()
     published: list[list[str]] = []
@@ -139,21 +171,37 @@ async def test_the_sweeper_publishes_a_stranded_task_within_the_bound(amqp_url, 
         published.append(list(ids))
         return True
 
-    try:
-        task_id = await _queued_task(store, sleep=0)
-        task = await store.claim(task_id, worker="ki-1", now=time.time(), lease_seconds=30)
+    async def strand(task_id: str, at: float) -> None:
+        task = await store.claim(task_id, worker="ki-1", now=at, lease_seconds=60)
         # Released, and the node died before its publish: nothing carries the task.
-        await store.release(task_id, attempt=task.attempts, now=time.time(), worker="ki-1")
-        sweeper = Sweeper(store=store, publish=publish, metrics=Metrics(), interval=0.1, pending_after=1,
-                          republish_queued=False, stranded_after=1.0)
-        started = time.monotonic()
+        assert await store.release(task_id, attempt=task.attempts, now=at, worker="ki-1")
+
+    try:
+        t0 = time.time()
+        older, younger = await _queued_task(store, sleep=0), await _queued_task(store, sleep=0)
+        await strand(older, t0)
+        await strand(younger, t0 + 5)
+        clock = _Clock(t0 + 2)  # the older one stranded for 2 s, the younger one not yet handed back
+        sweeper = Sweeper(store=store, publish=publish, metrics=Metrics(), interval=0.05, pending_after=1,
+                          republish_queued=False, stranded_after=1.0, clock=clock)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sweeper.run)
             with trio.fail_after(15):
                 while not published:
                     await trio.sleep(0.05)
+            assert published == [[older]], "only what is older than stranded_after is stranded"
+            clock.now, clock.reads = t0 + 5.5, 0  # the younger one handed back 0.5 s ago: within the bound
+            with trio.fail_after(15):
+                # A sweep reads the clock SWEEP_READS times: after three times that, a whole sweep ran at this time.
+                while clock.reads < 3 * SWEEP_READS:
+                    await trio.sleep(0.05)
+            assert published == [[older]], "a task handed back under stranded_after ago is not stranded yet"
+            clock.now = t0 + 6.5
+            with trio.fail_after(15):
+                while len(published) < 2:
+                    await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
-        assert published == [[task_id]] and time.monotonic() - started >= 0.5
+        assert published == [[older], [younger]]
         assert await store.stranded(older_than=time.time() + 60) == {}
     finally:
         await store.close()

@@ -94,9 +94,9 @@ async def test_a_gpu_task_with_no_gpu_ki_is_parked_out_of_the_way_then_placed_or
     bus = LocalBus()
     metrics = Metrics()
     try:
-        created, _ = await store.create([NewTask("train", {"kind": "train"}, "o", 3) for _ in range(2)], now=0.0)
+        created, _ = await store.create([NewTask("train", {"kind": "train"}, "o", 3) for _ in range(3)], now=0.0)
         await store.mark_queued([t.id for t in created], now=0.0)
-        late, doomed = (t.id for t in created)
+        late, doomed, canary = (t.id for t in created)
         async with trio.open_nursery() as nursery:
             an = Dispatcher(node_id=AN, store=store, bus=bus, metrics=metrics, prefetch=10, beat_timeout=60,
                             ki_message_ttl=60, park_fail_seconds=3)
@@ -117,8 +117,14 @@ async def test_a_gpu_task_with_no_gpu_ki_is_parked_out_of_the_way_then_placed_or
                 while bus.depth(ki_queue("gpu")) < 1:
                     await trio.sleep(0.05)
             assert metrics.malformed_messages.labels(source="beats")._value.get() == 2
-            # One GPU slot, now taken: the other stays parked while a capable Ki is alive...
-            await trio.sleep(3.5)
+            # One GPU slot, now taken: the other stays parked while a capable Ki is alive... The canary, parked
+            # after it, needs more memory than any Ki has: once the canary fails, the An has judged the
+            # older parked task past park_fail_seconds in that same pass (parked tasks are judged in order).
+            await bus.publish([canary], headers={canary: {"needs": {"gpu": True, "memory_mb": 5000}}})
+            with trio.fail_after(20):
+                while (await store.get(canary)).state.value != "failed":
+                    await trio.sleep(0.05)
+            assert (await store.get(canary)).error == "no Ki with a GPU and 5000 MB of memory for 3 s"
             assert (await store.get(doomed)).state.value == "queued"
             # ...and fails, with the reason, once no Ki that could run it beats any more.
             an.kis.pop("gpu")

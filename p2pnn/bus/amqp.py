@@ -364,7 +364,12 @@ class _Link:
         self.consumers.discard(consumer)
         if consumer.channel is not None and consumer.generation == self.generation:
             try:
-                consumer.channel.close()  # unacked deliveries go back to the queue
+                if consumer.ki_queue:
+                    # A Ki that stops (its role changed, or it shuts down) consumes its queue no more: what
+                    # it holds unacked is dead-lettered to the shared queue now, for an An to place, instead
+                    # of going back to this queue to wait out the Ki message TTL.
+                    consumer.channel.basic_nack(0, multiple=True, requeue=False)
+                consumer.channel.close()  # anything else unacked goes back to the queue
             except Exception:
                 pass
         consumer.channel = None

@@ -20,7 +20,9 @@ failover takes about what was left of the dead principal's lease.
 
 Only a node that can lead answers ``alive``: a principal acting on a renewed
 lease, or a follower whose last store call succeeded. Every store call of
-the election runs under ``store_timeout_seconds`` (shorter than the lease).
+the election runs under ``store_timeout_seconds`` (shorter than the lease),
+and so do the principal's other fenced writes (the sweeper's, through
+``fenced``).
 A principal whose renewal fails (an error, or no answer in time) stops
 acting at once -- no role-map writes, no heartbeats, no ``alive`` -- and
 resumes only when a later renewal succeeds while its lease still runs (the
@@ -129,6 +131,18 @@ class Election:
 
     def current_fence(self) -> Fence | None:
         return self.fence if self.leading else None
+
+    async def fenced(self, write: Callable[[Fence], Awaitable[T]]) -> T | None:
+        """Run a principal's fenced write (a sweep) under the election's store deadline, shorter than the
+        lease: a write whose connection hangs gives up before the lease it was made under could lapse.
+        None, without calling ``write``, when this node does not lead.
+
+        Error handling: StoreError (StoreTimeout past the deadline), as for the election's own calls.
+        """
+        fence = self.current_fence()
+        if fence is None:
+            return None
+        return await self._store(lambda: write(fence))
 
     def can_lead(self) -> bool:
         """Whether this node may answer ALIVE: it leads now, or it is a follower that reaches the store."""

@@ -21,7 +21,8 @@ shared queue after the Ki message TTL; only a message the broker itself lost
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Awaitable
+from typing import Any, Callable, TypeVar
 
 import trio
 
@@ -31,6 +32,10 @@ from p2pnn.store import Fence, StoreError, TaskStore
 from p2pnn.tasks import State
 
 log = logs.get(__name__)
+
+T = TypeVar("T")
+# Runs a write under the principal's fence and the election's store deadline; None when not leading.
+Fenced = Callable[[Callable[[Fence], Awaitable[T]]], Awaitable[T | None]]
 
 REPUBLISH_PAGE = 500  # queued tasks read per page when re-publishing them all at start
 
@@ -55,7 +60,7 @@ class Sweeper:
         queued_after: float = 0.0,
         stranded_after: float = 10.0,
         active: Callable[[], bool] = lambda: True,
-        fence: Callable[[], Fence | None] | None = None,
+        fenced: Fenced | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -63,9 +68,10 @@ class Sweeper:
         self.stranded_after = stranded_after
         self.active = active
         # In a swarm, sweeping is a principal's action: it happens only under a lease that still
-        # holds (checked by the store in the same transaction). None: no fence (a lone node, or
+        # holds (checked by the store in the same transaction), and within the election's store
+        # deadline, shorter than that lease (Election.fenced). None: no fence (a lone node, or
         # roles from configuration).
-        self._fence = fence
+        self._fenced = fenced
         self._publish = publish
         self.metrics = metrics
         self.interval = interval
@@ -90,11 +96,14 @@ class Sweeper:
             await trio.sleep(self.interval)
 
     async def sweep(self) -> None:
-        fence = self._fence() if self._fence is not None else None
-        if self._fence is not None and fence is None:
-            log.debug("sweeper.not_leading")
-            return
-        expired = await self.store.expire_leases(now=self._clock(), fence=fence)
+        if self._fenced is None:
+            expired = await self.store.expire_leases(now=self._clock())
+        else:
+            leading = await self._fenced(lambda fence: self.store.expire_leases(now=self._clock(), fence=fence))
+            if leading is None:
+                log.debug("sweeper.not_leading")
+                return
+            expired = leading
         for task_id, state in expired:
             self.metrics.lease_expiries.inc()
             log.warning("task.lease_expired", task_id=task_id, new_state=state.value)
