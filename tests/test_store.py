@@ -309,6 +309,37 @@ async def test_counts_by_state_and_kind(store: TaskStore) -> None:
     assert await store.counts() == {("queued", "echo"): 1, ("pending", "echo"): 1, ("pending", "train"): 1}
 
 
+async def test_counts_follow_every_transition(store: TaskStore) -> None:
+    """counts() reads kept counts, not the tasks table: after every kind of transition they still
+    agree with the tasks themselves."""
+    a, b, c, d, e, f = [(await running(store))[0] for _ in range(6)]
+    await store.finish(a, attempt=1, state=State.SUCCEEDED, now=T0, result={})
+    await store.finish(b, attempt=1, state=State.FAILED, now=T0, error="x")
+    await store.retry_or_fail(c, attempt=1, error="crash", now=T0)  # queued again
+    await store.release(d, attempt=1, now=T0)  # queued again
+    await store.request_cancel(e, now=T0)  # running, cancel requested
+    await store.finish(e, attempt=1, state=State.CANCELLED, now=T0, error="cancelled")
+    await store.renew(f, worker="ki-1", attempt=1, now=T0, lease_seconds=LEASE)  # stays running
+    pending, _ = await store.create([new(kind="train"), new(kind="train")], now=T0)
+    await store.request_cancel(pending[0].id, now=T0)  # pending -> cancelled
+    queued, _ = await store.create([new()], now=T0)
+    await store.mark_queued([queued[0].id, queued[0].id, pending[1].id], now=T0)
+    await store.request_cancel(queued[0].id, now=T0)  # queued -> cancelled
+    await store.request_cancel(queued[0].id, now=T0)  # already cancelled: nothing moves
+    for _ in range(2):
+        await running(store, max_attempts=1, now=T0 - 100)  # its lease lapses first
+    assert [s for _, s in await store.expire_leases(now=T0 + 1, limit=1)] == [State.FAILED]  # out of attempts
+    assert await store.finish(a, attempt=1, state=State.FAILED, now=T0) is False  # a late duplicate moves nothing
+
+    tasks = (await store.list(limit=1000)).tasks
+    expected: dict[tuple[str, str], int] = {}
+    for t in tasks:
+        expected[(t.state.value, t.kind)] = expected.get((t.state.value, t.kind), 0) + 1
+    assert await store.counts() == expected
+    assert set(expected) == {(s.value, "echo") for s in State if s is not State.PENDING} | {
+        ("cancelled", "train"), ("queued", "train")}
+
+
 # --- artifacts --------------------------------------------------------------------
 
 
@@ -499,3 +530,4 @@ async def test_a_cancelled_transaction_is_abandoned_and_its_connection_reused(po
             assert await run_transaction(pool, lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)
     finally:
         pool.close()
+

@@ -18,7 +18,9 @@ import abc
 import base64
 import binascii
 import json
+import collections
 import math
+import random
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ T = TypeVar("T")
 MAX_PAGE = 1000  # one page of a listing; a larger limit is clamped so a client cannot ask for the whole table
 MAX_ARTIFACT_NAME = 200  # artifact names travel in URLs and file names
 LEASE_EXPIRED_ERROR = "lease expired on the last attempt"  # the error a task gets when its final lease lapses
+COUNT_SHARDS = 8  # rows per (state, kind) in task_counts: concurrent transactions seldom pick the same one
 
 TASK_COLUMNS = (
     "id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, started_at, finished_at, "
@@ -285,6 +288,7 @@ class SqlTaskStore(TaskStore):
                     for i, t in enumerate(new)
                 ],
             )
+            _count(db, collections.Counter((State.PENDING.value, t.kind) for t in new))
             return new, True
 
         return await self._transact(create, write=True)
@@ -341,10 +345,11 @@ class SqlTaskStore(TaskStore):
         return [str(r[0]) for r in rows]
 
     async def counts(self) -> dict[tuple[str, str], int]:
+        # task_counts, not tasks: a few rows per (state, kind) whatever the number of tasks.
         rows = await self._transact(
-            lambda db: db.rows("SELECT state, kind, COUNT(*) FROM tasks GROUP BY state, kind"), write=False
+            lambda db: db.rows("SELECT state, kind, SUM(n) FROM task_counts GROUP BY state, kind"), write=False
         )
-        return {(state, kind): int(n) for state, kind, n in rows}
+        return {(state, kind): int(n) for state, kind, n in rows if n}
 
     # --- transitions ---
 
@@ -352,14 +357,16 @@ class SqlTaskStore(TaskStore):
         ids = sorted({tid for tid in map(parse_id, task_ids) if tid is not None})
         if not ids:
             return 0
-        return await self._transact(
-            lambda db: db.run(
+        def mark(db: Db) -> int:
+            kinds = [kind for (kind,) in db.rows(
                 "UPDATE tasks SET state = 'queued', updated_at = ? "
-                f"WHERE state = 'pending' AND id IN {_in_list(len(ids))}",
+                f"WHERE state = 'pending' AND id IN {_in_list(len(ids))} RETURNING kind",
                 (now, *ids),
-            ),
-            write=True,
-        )
+            )]
+            _count_moves(db, [(kind, State.PENDING.value, State.QUEUED.value) for kind in kinds])
+            return len(kinds)
+
+        return await self._transact(mark, write=True)
 
     async def claim(self, task_id: str, *, worker: str, now: float, lease_seconds: float) -> Task | None:
         tid = parse_id(task_id)
@@ -367,16 +374,19 @@ class SqlTaskStore(TaskStore):
             return None
 
         # progress belongs to an attempt: a new attempt starts without one.
-        return await self._transact(
-            lambda db: _updated_task(
+        def claim(db: Db) -> Task | None:
+            task = _updated_task(
                 db,
                 tid,
                 "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_expires_at = ?, "
                 "started_at = ?, updated_at = ?, progress = NULL WHERE id = ? AND state = 'queued'",
                 (worker, now + lease_seconds, now, now, tid),
-            ),
-            write=True,
-        )
+            )
+            if task is not None:
+                _count_moves(db, [(task.kind, State.QUEUED.value, State.RUNNING.value)])
+            return task
+
+        return await self._transact(claim, write=True)
 
     async def _transition(
         self, task_id: str, assignments: str, set_params: Sequence[Any], *, attempt: int, worker: str | None = None
@@ -387,13 +397,14 @@ class SqlTaskStore(TaskStore):
             return None
         where = "id = ? AND state = 'running' AND attempts = ?" + (" AND lease_owner = ?" if worker is not None else "")
         where_params = (tid, attempt) + ((worker,) if worker is not None else ())
-        row = await self._transact(
-            lambda db: db.one(
-                f"UPDATE tasks SET {assignments} WHERE {where} RETURNING state", (*set_params, *where_params)
-            ),
-            write=True,
-        )
-        return None if row is None else row[0]
+        def transition(db: Db) -> str | None:
+            row = db.one(f"UPDATE tasks SET {assignments} WHERE {where} RETURNING state, kind", (*set_params, *where_params))
+            if row is None:
+                return None
+            _count_moves(db, [(row[1], State.RUNNING.value, row[0])])
+            return row[0]
+
+        return await self._transact(transition, write=True)
 
     async def renew(self, task_id: str, *, worker: str, attempt: int, now: float, lease_seconds: float) -> bool:
         changed = await self._transition(
@@ -464,6 +475,10 @@ class SqlTaskStore(TaskStore):
             return None
 
         def cancel(db: Db) -> Task | None:
+            # The row is locked first (SQLite: the whole database already is), so the state read
+            # here is the one the UPDATE below changes: task_counts learns where the task came from.
+            lock = " FOR UPDATE" if db.dialect.name == "postgres" else ""
+            before = db.one(f"SELECT state FROM tasks WHERE id = ?{lock}", (tid,))
             changed = _updated_task(
                 db,
                 tid,
@@ -475,7 +490,11 @@ class SqlTaskStore(TaskStore):
                 (now, now, tid),
             )
             # None: unknown, finished, or a cancel already requested; the task is returned as it is.
-            return changed if changed is not None else _get(db, tid)
+            if changed is None:
+                return _get(db, tid)
+            if before is not None:
+                _count_moves(db, [(changed.kind, before[0], changed.state.value)])
+            return changed
 
         return await self._transact(cancel, write=True)
 
@@ -486,7 +505,7 @@ class SqlTaskStore(TaskStore):
         def expire(db: Db) -> list[tuple[Any, ...]]:
             if fence is not None and not _fence_holds(db, fence, now):
                 return []
-            return db.rows(
+            rows = db.rows(
                 f"UPDATE tasks SET state = {_STATE_AFTER_LOST_ATTEMPT}, "
                 f"finished_at = CASE WHEN {_TERMINAL_AFTER_LOST_ATTEMPT} THEN ? ELSE NULL END, "
                 "error = CASE WHEN NOT cancel_requested AND attempts >= max_attempts THEN ? ELSE error END, "
@@ -494,9 +513,11 @@ class SqlTaskStore(TaskStore):
                 "lease_expires_at = NULL, updated_at = ? "
                 "WHERE state = 'running' AND lease_expires_at < ? AND id IN ("
                 "SELECT id FROM tasks WHERE state = 'running' AND lease_expires_at < ? "
-                "ORDER BY lease_expires_at LIMIT ?) RETURNING id, state",
+                "ORDER BY lease_expires_at LIMIT ?) RETURNING id, state, kind",
                 (now, LEASE_EXPIRED_ERROR, now, now, now, limit),
             )
+            _count_moves(db, [(kind, State.RUNNING.value, state) for _, state, kind in rows])
+            return [(tid, state) for tid, state, _ in rows]
 
         rows = await self._transact(expire, write=True)
         return [(str(tid), State(state)) for tid, state in rows]
@@ -648,6 +669,34 @@ def _fence_holds(db: Db, fence: Fence, now: float) -> bool:
         "UPDATE swarm_lease SET expires_at = expires_at WHERE swarm = ? AND term = ? AND holder = ? AND expires_at > ?",
         (fence.swarm, fence.term, fence.holder, now),
     ) == 1
+
+
+def _count(db: Db, deltas: collections.Counter[tuple[str, str]] | dict[tuple[str, str], int]) -> None:
+    """Add ``deltas`` ((state, kind) -> change) to task_counts, in the caller's transaction.
+
+    One shard row per transaction, chosen at random, and the rows in a fixed
+    order: two transactions lock shard rows in the same order, so they may
+    wait for each other but never deadlock."""
+    changes = sorted((key, n) for key, n in deltas.items() if n)
+    if not changes:
+        return
+    shard = random.randrange(COUNT_SHARDS)
+    db.run(
+        "INSERT INTO task_counts (state, kind, shard, n) VALUES "
+        + ", ".join("(?, ?, ?, ?)" for _ in changes)
+        + " ON CONFLICT (state, kind, shard) DO UPDATE SET n = task_counts.n + excluded.n",
+        [v for (state, kind), n in changes for v in (state, kind, shard, n)],
+    )
+
+
+def _count_moves(db: Db, moves: list[tuple[str, str, str]]) -> None:
+    """Count tasks that moved: (kind, old state, new state) each; a task that stayed put changes nothing."""
+    deltas: collections.Counter[tuple[str, str]] = collections.Counter()
+    for kind, old, new in moves:
+        if old != new:
+            deltas[(old, kind)] -= 1
+            deltas[(new, kind)] += 1
+    _count(db, deltas)
 
 
 def _artifact_names(db: Db, tid: str) -> list[str]:
