@@ -531,3 +531,35 @@ async def test_a_cancelled_transaction_is_abandoned_and_its_connection_reused(po
     finally:
         pool.close()
 
+
+@pytest.mark.postgres
+async def test_a_dead_pooled_connection_costs_one_failed_transaction(postgres_url: str, pg_schema: str) -> None:
+    """Connections are not checked on checkout: a connection the server dropped fails the one
+    transaction that meets it (StoreError), and the pool then hands out live connections."""
+    store = open_store("postgres", url=postgres_url, schema=pg_schema, pool_size=2)
+    await store.open()
+    try:
+        (task,), _ = await store.create([new()], now=T0)
+        pids = set()
+        for _ in range(4):  # whichever pooled connections exist by now
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(lambda: _remember_pid(store, pids))
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            for pid in pids:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        failures = 0
+        for _ in range(len(pids) + 2):
+            try:
+                assert (await store.get(task.id)).id == task.id
+            except StoreError:
+                failures += 1
+        assert failures == 1  # the first error makes the pool check (and drop) every idle connection
+        assert (await store.get(task.id)).id == task.id
+    finally:
+        await store.close()
+
+
+async def _remember_pid(store: TaskStore, pids: set[int]) -> None:
+    pids.add((await store._transact(lambda db: db.one("SELECT pg_backend_pid()"), write=False))[0])
+    await trio.sleep(0.05)

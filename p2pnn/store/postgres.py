@@ -88,6 +88,16 @@ async def _attempt(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T]) 
 
     try:
         return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+    except psycopg.OperationalError:
+        # Connections are not checked on checkout (that would cost a round trip per transaction):
+        # when one turns out dead, the pool checks every idle one before this error is reported,
+        # so the next transactions get live ones (a broken connection never goes back in the pool).
+        with trio.CancelScope(shield=True), trio.move_on_after(CONNECT_TIMEOUT):
+            try:
+                await trio.to_thread.run_sync(pool.check, abandon_on_cancel=True)
+            except psycopg.Error:
+                pass  # the pool is closing, or the server is gone: the caller sees the first error
+        raise
     except trio.Cancelled:
         with state.lock:
             state.abandoned = True
@@ -179,7 +189,6 @@ class PostgresTaskStore(SqlTaskStore):
             max_size=self._pool_size,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "p2pnn"},
             configure=self._configure,
-            check=ConnectionPool.check_connection,
             timeout=POOL_TIMEOUT,
             name=f"p2pnn-store-{self._schema}",
             open=False,
