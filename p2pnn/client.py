@@ -13,7 +13,7 @@ import trio
 
 from p2pnn.tasks import TERMINAL, State
 
-POLL_SECONDS = 0.05  # how often wait() asks; small tasks finish in milliseconds
+LONG_POLL_SECONDS = 30.0  # one GET ?wait= waits this long at most (the node allows up to 60), then asks again
 
 
 class ApiError(Exception):
@@ -30,6 +30,7 @@ class Client:
 
     def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
         self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
 
     async def __aenter__(self) -> "Client":
@@ -58,8 +59,18 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return (await self._call("POST", "/api/v1/tasks", json=specs, headers=headers))["tasks"]
 
-    async def get(self, task_id: str) -> dict[str, Any]:
-        return await self._call("GET", f"/api/v1/tasks/{task_id}")
+    async def get(self, task_id: str, *, wait: float | None = None) -> dict[str, Any]:
+        """The task; with ``wait``, the node answers once it is terminal or ``wait`` seconds have passed."""
+        if wait is None:
+            return await self._call("GET", f"/api/v1/tasks/{task_id}")
+        return await self._call(
+            "GET", f"/api/v1/tasks/{task_id}", params={"wait": f"{wait:.3f}"}, timeout=self._timeout + wait
+        )
+
+    async def _wait_one(self, task_id: str) -> dict[str, Any]:
+        """One long poll, as long as the time left allows (the caller's fail_after bounds it)."""
+        left = trio.current_effective_deadline() - trio.current_time()
+        return await self.get(task_id, wait=max(0.0, min(LONG_POLL_SECONDS, left)))
 
     async def list(self, **params: Any) -> dict[str, Any]:
         return await self._call("GET", "/api/v1/tasks", params=params)
@@ -77,30 +88,27 @@ class Client:
         timeout: float = 600.0,
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the task is terminal; raises TimeoutError past ``timeout``."""
+        """Long-poll until the task is terminal; raises TimeoutError past ``timeout``."""
         with trio.fail_after(timeout):
             while True:
-                task = await self.get(task_id)
+                task = await self._wait_one(task_id)
                 if on_update is not None:
                     on_update(task)
                 if State(task["state"]) in TERMINAL:
                     return task
-                await trio.sleep(POLL_SECONDS)
 
     async def wait_all(self, task_ids: list[str], *, timeout: float = 600.0) -> dict[str, dict[str, Any]]:
         """Wait for many tasks; returns id -> terminal task. Raises TimeoutError past ``timeout``.
 
-        Tasks are checked in the order given and each is asked about until it
-        is terminal: tasks run roughly first-in first-out, so the cost is about
-        one request per task, not one per task per round.
+        Tasks are waited for in the order given, one long poll at a time: tasks
+        run roughly first-in first-out, so the cost is about one request per task.
         """
         done: dict[str, dict[str, Any]] = {}
         with trio.fail_after(timeout):
             for task_id in task_ids:
                 while True:
-                    task = await self.get(task_id)
+                    task = await self._wait_one(task_id)
                     if State(task["state"]) in TERMINAL:
                         done[task_id] = task
                         break
-                    await trio.sleep(POLL_SECONDS)
         return done

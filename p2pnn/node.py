@@ -202,6 +202,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             store, bus, limits=limits_of(config), max_attempts=config.compute.max_attempts,
             cancel_local=runner.cancel_local,
         )
+        runner.on_finished = service.finished  # wakes long polls on this node at once
         swarm: SwarmNode | None = None
         sweeping = dict(
             store=store, publish=service.publish, metrics=metrics, pending_after=config.sweeper.pending_after_seconds,

@@ -79,6 +79,7 @@ class KiRunner:
         self.in_hand = 0
         self.received: dict[str, int] = {}  # forwarding An -> deliveries taken from it
         self.on_change: Callable[[], None] = lambda: None
+        self.on_finished: Callable[[str], None] = lambda task_id: None  # a task's terminal result was recorded here
 
     def cancel_local(self, task_id: str) -> bool:
         """Stop a task if it runs on this node's pool."""
@@ -241,6 +242,8 @@ class KiRunner:
             self.metrics.duplicates_dropped.inc()
             log.info("task.result_dropped", task_id=task.id, attempt=attempt, status=outcome.status)
             return
+        if state.terminal:
+            self.on_finished(task.id)
         self.metrics.task_duration.labels(kind=task.kind, state=state.value).observe(seconds)
         log.info("task.finished", task_id=task.id, attempt=attempt, state=state.value,
                  seconds=round(seconds, 3), error=outcome.error)
