@@ -146,6 +146,9 @@ def commits(dbname: str) -> int:
 def busiest_index(dbname: str) -> tuple[str, int, int]:
     """(index, scans, rows read) of the index that read the most rows in ``dbname``."""
     with psycopg.connect(db_url(dbname), autocommit=True) as conn:
+        if os.environ.get("BENCH_INDEX_DETAIL"):
+            for r in conn.execute("SELECT indexrelname, idx_scan, idx_tup_read FROM pg_stat_user_indexes ORDER BY 3 DESC"):
+                print("  index", *r)
         row = conn.execute(
             "SELECT schemaname || '.' || indexrelname, idx_scan, idx_tup_read FROM pg_stat_user_indexes "
             "ORDER BY idx_tup_read DESC LIMIT 1"
@@ -203,11 +206,11 @@ async def bench_p2pnn(n: int, workers: int, vhost: str, dbname: str, root: Path,
                     submitted[t["id"]] = sent
             ids = list(submitted)
             url = db_url(dbname)
-            while True:
-                rows = pg("SELECT id::text, state, finished_at FROM tasks WHERE id::text = ANY(%s)", ids, schema=schema, url=url)
-                if sum(1 for _, state, _ in rows if state in ("succeeded", "failed", "cancelled")) == n:
-                    break
+            # Both systems are polled alike: a count through the primary key, the rows once at the end.
+            while pg("SELECT COUNT(*) FROM tasks WHERE id = ANY(%s::uuid[]) "
+                     "AND state IN ('succeeded', 'failed', 'cancelled')", ids, schema=schema, url=url)[0][0] < n:
                 await trio.sleep(POLL)
+            rows = pg("SELECT id::text, state, finished_at FROM tasks WHERE id = ANY(%s::uuid[])", ids, schema=schema, url=url)
             cpu1, frames1 = cpu_of(procs), amqp_frames(vhost)
             seq = []
             for j in range(sequential):
@@ -260,12 +263,10 @@ def bench_celery(n: int, workers: int, vhost: str, dbname: str, root: Path, sequ
             for j in range(i, min(n, i + BATCH)):
                 submitted[bench_celery_app.noop.delay(j).id] = sent
         ids = list(submitted)
-        while True:
-            rows = pg("SELECT task_id, status, date_done FROM celery_taskmeta WHERE task_id = ANY(%s)", ids,
-                      schema=schema, url=url)
-            if sum(1 for _, status, _ in rows if status in ("SUCCESS", "FAILURE")) == n:
-                break
+        while pg("SELECT COUNT(*) FROM celery_taskmeta WHERE task_id = ANY(%s) AND status IN ('SUCCESS', 'FAILURE')",
+                 ids, schema=schema, url=url)[0][0] < n:
             time.sleep(POLL)
+        rows = pg("SELECT task_id, status, date_done FROM celery_taskmeta WHERE task_id = ANY(%s)", ids, schema=schema, url=url)
         cpu1, frames1 = cpu_of(procs), amqp_frames(vhost)
         seq = []
         for j in range(sequential):

@@ -187,7 +187,12 @@ class PostgresTaskStore(SqlTaskStore):
             self._url,
             min_size=1,
             max_size=self._pool_size,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "p2pnn"},
+            # prepare_threshold None: no server-side prepared statements. A generic plan made while
+            # the tasks table was new and small looked tasks up through a (state, ...) index instead
+            # of the primary key, reading every task in that state on each claim and finish; an
+            # unnamed statement is planned for its actual values, and takes the primary key.
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "p2pnn",
+                    "prepare_threshold": None},
             configure=self._configure,
             timeout=POOL_TIMEOUT,
             name=f"p2pnn-store-{self._schema}",
