@@ -59,28 +59,3 @@ async def test_gpu_tasks_go_to_gpu_ki_and_ki_attached_elsewhere_get_nothing():
         assert bus.depth(ki_queue("theirs")) == 0
         nursery.cancel_scope.cancel()
 
-
-async def test_a_ki_claims_a_task_marked_queued_between_its_claim_and_its_look():
-    import dataclasses
-    from types import SimpleNamespace
-
-    from p2pnn.work.ki import KiRunner
-    from p2pnn.tasks import State, Task
-
-    queued = Task(id="t1", kind="echo", spec={"kind": "echo"}, owner="o", state=State.QUEUED, attempts=0,
-                  max_attempts=3, created_at=0.0, updated_at=0.0)
-
-    class RacingStore:  # the first claim sees "pending"; the API marks it queued before the look
-        claims = 0
-
-        async def claim(self, task_id, **kw):
-            self.claims += 1
-            return None if self.claims == 1 else dataclasses.replace(queued, state=State.RUNNING, attempts=1)
-
-        async def get(self, task_id):
-            return queued
-
-    runner = KiRunner(node_id="k", store=RacingStore(), bus=LocalBus(), pool=SimpleNamespace(slots=1),
-                      metrics=Metrics(), lease_seconds=3)
-    task = await runner._claim("t1")
-    assert task is not None and task.state is State.RUNNING

@@ -15,7 +15,7 @@ from psycopg_pool import ConnectionPool
 from p2pnn.store import IdempotencyConflict, NewTask, StoreError, TaskStore, open_store
 from p2pnn.store._schema import LATEST_VERSION
 from p2pnn.store.postgres import run_transaction
-from p2pnn.tasks import State
+from p2pnn.tasks import State, Task
 
 T0 = 1_700_000_000.0  # a fixed "now": the store takes time from its caller
 LEASE = 30.0
@@ -173,13 +173,21 @@ async def test_only_pending_tasks_are_marked_queued(store: TaskStore) -> None:
     assert await store.mark_queued([], now=T0) == 0
 
 
-async def test_claim_refuses_a_task_that_is_not_queued(store: TaskStore) -> None:
+async def test_claim_takes_a_queued_or_pending_task_once(store: TaskStore) -> None:
     (task,), _ = await store.create([new()], now=T0)
-    assert await store.claim(task.id, worker="ki-1", now=T0, lease_seconds=LEASE) is None  # still pending
     await store.mark_queued([task.id], now=T0)
     assert await store.claim(task.id, worker="ki-1", now=T0, lease_seconds=LEASE) is not None
     assert await store.claim(task.id, worker="ki-2", now=T0, lease_seconds=LEASE) is None  # taken
     assert (await store.get(task.id)).lease_owner == "ki-1"
+    # Published, its message already at a worker, not yet marked queued by the API: claimed all the same,
+    # and the late mark changes nothing.
+    (early,), _ = await store.create([new()], now=T0)
+    claimed = await store.claim(early.id, worker="ki-1", now=T0, lease_seconds=LEASE)
+    assert claimed is not None and claimed.state is State.RUNNING and claimed.attempts == 1
+    assert await store.mark_queued([early.id], now=T0) == 0
+    (gone,), _ = await store.create([new()], now=T0)
+    await store.request_cancel(gone.id, now=T0)
+    assert await store.claim(gone.id, worker="ki-1", now=T0, lease_seconds=LEASE) is None  # cancelled
 
 
 async def test_a_stale_attempt_cannot_finish_renew_or_report(store: TaskStore) -> None:
@@ -563,3 +571,26 @@ async def test_a_dead_pooled_connection_costs_one_failed_transaction(postgres_ur
 async def _remember_pid(store: TaskStore, pids: set[int]) -> None:
     pids.add((await store._transact(lambda db: db.one("SELECT pg_backend_pid()"), write=False))[0])
     await trio.sleep(0.05)
+
+
+async def test_apply_runs_claims_and_finishes_in_one_transaction_each_as_alone(store: TaskStore) -> None:
+    from p2pnn.store import ClaimOp, FinishOp
+
+    done_id, attempt = await running(store)
+    taken_id, _ = await running(store)
+    (fresh,), _ = await store.create([new(kind="train")], now=T0)
+    await store.mark_queued([fresh.id], now=T0)
+    out = await store.apply([
+        FinishOp(done_id, attempt, State.SUCCEEDED, result={"ok": 1}),
+        ClaimOp(fresh.id, "ki-2", LEASE),
+        ClaimOp(taken_id, "ki-2", LEASE),  # running already: refused
+        FinishOp(taken_id, attempt + 1, State.FAILED, error="x"),  # not its attempt: refused
+        ClaimOp("not-a-uuid", "ki-2", LEASE),
+    ], now=T0 + 1)
+    assert out[0] is True and out[2] is None and out[3] is False and out[4] is None
+    assert isinstance(out[1], Task) and out[1].state is State.RUNNING and out[1].lease_owner == "ki-2"
+    assert (await store.get(done_id)).result == {"ok": 1}
+    assert (await store.apply([FinishOp(done_id, attempt, State.FAILED)], now=T0 + 2)) == [False]  # first result won
+    assert await store.counts() == {("succeeded", "echo"): 1, ("running", "echo"): 1, ("running", "train"): 1}
+    with pytest.raises(ValueError):
+        await store.apply([FinishOp(taken_id, 1, State.RUNNING)], now=T0)

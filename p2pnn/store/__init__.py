@@ -19,7 +19,9 @@ from pathlib import Path
 
 from p2pnn.store.base import (
     Assignment,
+    ClaimOp,
     Fence,
+    FinishOp,
     IdempotencyConflict,
     Lease,
     NewTask,
@@ -32,7 +34,7 @@ from p2pnn.store.base import (
 BACKENDS = ("sqlite", "postgres")
 
 __all__ = [
-    "BACKENDS", "Assignment", "Fence", "IdempotencyConflict", "Lease", "NewTask", "Page", "StoreError", "TaskStore",
+    "BACKENDS", "Assignment", "ClaimOp", "Fence", "FinishOp", "IdempotencyConflict", "Lease", "NewTask", "Page", "StoreError", "TaskStore",
     "TermRecord", "open_store",
 ]
 

@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 from p2pnn.store.base import (
     MAX_ARTIFACT_BYTES,
     Assignment,
+    ClaimOp,
+    FinishOp,
     Fence,
     IdempotencyConflict,
     Lease,
@@ -372,21 +374,29 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return None
+        return await self._transact(lambda db: _counted(db, lambda moves: _claim(db, tid, worker, now, lease_seconds, moves)),
+                                    write=True)
 
-        # progress belongs to an attempt: a new attempt starts without one.
-        def claim(db: Db) -> Task | None:
-            task = _updated_task(
-                db,
-                tid,
-                "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_expires_at = ?, "
-                "started_at = ?, updated_at = ?, progress = NULL WHERE id = ? AND state = 'queued'",
-                (worker, now + lease_seconds, now, now, tid),
-            )
-            if task is not None:
-                _count_moves(db, [(task.kind, State.QUEUED.value, State.RUNNING.value)])
-            return task
+    async def apply(self, ops: Sequence[ClaimOp | FinishOp], *, now: float) -> list[Task | None | bool]:
+        for op in ops:
+            if isinstance(op, FinishOp) and not State(op.state).terminal:
+                raise ValueError(f"finish needs a terminal state, got {State(op.state).value}")
+        # Rows are locked in task id order, so two batches touching the same tasks cannot deadlock.
+        order = sorted(range(len(ops)), key=lambda i: ops[i].task_id)
 
-        return await self._transact(claim, write=True)
+        def run(moves: list[tuple[str, str, str]], db: Db) -> list[Task | None | bool]:
+            out: list[Task | None | bool] = [None] * len(ops)
+            for i in order:
+                op, tid = ops[i], parse_id(ops[i].task_id)
+                if isinstance(op, ClaimOp):
+                    out[i] = None if tid is None else _claim(db, tid, op.worker, now, op.lease_seconds, moves)
+                else:
+                    out[i] = tid is not None and _transition(
+                        db, tid, FINISH_ASSIGNMENTS, _finish_params(op.state, op.result, op.error, now), op.attempt, None, moves
+                    ) is not None
+            return out
+
+        return await self._transact(lambda db: _counted(db, lambda moves: run(moves, db)), write=True)
 
     async def _transition(
         self, task_id: str, assignments: str, set_params: Sequence[Any], *, attempt: int, worker: str | None = None
@@ -395,16 +405,10 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return None
-        where = "id = ? AND state = 'running' AND attempts = ?" + (" AND lease_owner = ?" if worker is not None else "")
-        where_params = (tid, attempt) + ((worker,) if worker is not None else ())
-        def transition(db: Db) -> str | None:
-            row = db.one(f"UPDATE tasks SET {assignments} WHERE {where} RETURNING state, kind", (*set_params, *where_params))
-            if row is None:
-                return None
-            _count_moves(db, [(row[1], State.RUNNING.value, row[0])])
-            return row[0]
-
-        return await self._transact(transition, write=True)
+        return await self._transact(
+            lambda db: _counted(db, lambda moves: _transition(db, tid, assignments, set_params, attempt, worker, moves)),
+            write=True,
+        )
 
     async def renew(self, task_id: str, *, worker: str, attempt: int, now: float, lease_seconds: float) -> bool:
         changed = await self._transition(
@@ -431,12 +435,8 @@ class SqlTaskStore(TaskStore):
         state = State(state)
         if not state.terminal:
             raise ValueError(f"finish needs a terminal state, got {state.value}")
-        # The lease owner stays as a record of who ran the winning attempt.
         changed = await self._transition(
-            task_id,
-            "state = ?, result = ?, error = ?, finished_at = ?, updated_at = ?, lease_expires_at = NULL",
-            (state.value, dump_json(result), error, now, now),
-            attempt=attempt,
+            task_id, FINISH_ASSIGNMENTS, _finish_params(state, result, error, now), attempt=attempt
         )
         return changed is not None
 
@@ -669,6 +669,57 @@ def _fence_holds(db: Db, fence: Fence, now: float) -> bool:
         "UPDATE swarm_lease SET expires_at = expires_at WHERE swarm = ? AND term = ? AND holder = ? AND expires_at > ?",
         (fence.swarm, fence.term, fence.holder, now),
     ) == 1
+
+
+# What finish sets. The lease owner stays as a record of who ran the winning attempt.
+FINISH_ASSIGNMENTS = "state = ?, result = ?, error = ?, finished_at = ?, updated_at = ?, lease_expires_at = NULL"
+
+
+def _finish_params(state: State, result: dict[str, Any] | None, error: str | None, now: float) -> tuple[Any, ...]:
+    return (State(state).value, dump_json(result), error, now, now)
+
+
+def _claim(db: Db, tid: str, worker: str, now: float, lease_seconds: float, moves: list[tuple[str, str, str]]) -> Task | None:
+    """``claim`` inside a transaction; the move it made is appended to ``moves``."""
+    # A pending task is claimed too: its message is what the worker holds, so it was
+    # published; only the API's "mark queued" has not landed yet. Queued first: the usual case.
+    # Queued once more at the end: the API may mark it queued between the first two statements
+    # (each sees the latest committed row), and pending -> queued happens only once.
+    # progress belongs to an attempt: a new attempt starts without one.
+    for before in (State.QUEUED.value, State.PENDING.value, State.QUEUED.value):
+        task = _updated_task(
+            db,
+            tid,
+            "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_expires_at = ?, "
+            "started_at = ?, updated_at = ?, progress = NULL WHERE id = ? AND state = ?",
+            (worker, now + lease_seconds, now, now, tid, before),
+        )
+        if task is not None:
+            moves.append((task.kind, before, State.RUNNING.value))
+            return task
+    return None
+
+
+def _transition(
+    db: Db, tid: str, assignments: str, set_params: Sequence[Any], attempt: int, worker: str | None,
+    moves: list[tuple[str, str, str]],
+) -> str | None:
+    """One conditional UPDATE of a running attempt inside a transaction; its new state, or None."""
+    where = "id = ? AND state = 'running' AND attempts = ?" + (" AND lease_owner = ?" if worker is not None else "")
+    where_params = (tid, attempt) + ((worker,) if worker is not None else ())
+    row = db.one(f"UPDATE tasks SET {assignments} WHERE {where} RETURNING state, kind", (*set_params, *where_params))
+    if row is None:
+        return None
+    moves.append((row[1], State.RUNNING.value, row[0]))
+    return row[0]
+
+
+def _counted(db: Db, fn: Callable[[list[tuple[str, str, str]]], T]) -> T:
+    """Run ``fn(moves)`` and then count every move it recorded, in one task_counts write."""
+    moves: list[tuple[str, str, str]] = []
+    out = fn(moves)
+    _count_moves(db, moves)
+    return out
 
 
 def _count(db: Db, deltas: collections.Counter[tuple[str, str]] | dict[tuple[str, str], int]) -> None:

@@ -9,6 +9,7 @@ Times are Unix seconds (floats) taken from the caller's clock.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,26 @@ class NewTask:
     spec: dict[str, Any]
     owner: str
     max_attempts: int
+
+
+@dataclass(frozen=True)
+class ClaimOp:
+    """``claim`` as one step of ``apply``."""
+
+    task_id: str
+    worker: str
+    lease_seconds: float
+
+
+@dataclass(frozen=True)
+class FinishOp:
+    """``finish`` as one step of ``apply``."""
+
+    task_id: str
+    attempt: int
+    state: State
+    result: dict[str, Any] | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,9 +160,11 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     async def claim(self, task_id: str, *, worker: str, now: float, lease_seconds: float) -> Task | None:
-        """``queued -> running``: attempts + 1, lease to ``worker`` until now + lease_seconds.
+        """``queued|pending -> running``: attempts + 1, lease to ``worker`` until now + lease_seconds.
 
-        None when the task is not queued (taken, cancelled, finished) or does not exist.
+        A pending task is taken too: the worker holds its message, so it was published and only
+        the submitter's ``mark_queued`` is still to land (it then changes nothing). None when the
+        task is neither (taken, cancelled, finished) or does not exist.
         """
 
     @abc.abstractmethod
@@ -166,6 +189,15 @@ class TaskStore(abc.ABC):
         """``running -> succeeded|failed|cancelled`` for that attempt: the first terminal result wins.
 
         A late or duplicate result returns False and changes nothing.
+        """
+
+    @abc.abstractmethod
+    async def apply(self, ops: Sequence[ClaimOp | FinishOp], *, now: float) -> list[Task | None | bool]:
+        """Several claims and finishes in one transaction (group commit: one commit for all).
+
+        Each step does exactly what ``claim`` or ``finish`` alone would, conditions
+        included; the answers come back in the order of ``ops``. Error handling: a
+        backend failure fails them all (StoreError), nothing is applied.
         """
 
     @abc.abstractmethod

@@ -33,10 +33,6 @@ MODEL_ARTIFACT = "model.safetensors"
 RENEWALS_PER_LEASE = 3  # renew well before expiry: two renewals may fail before the lease lapses
 STORE_RETRY_SECONDS = 1.0  # back-off when the store is unreachable
 HANDBACK_SECONDS = 5.0  # how long a clean shutdown may spend handing running tasks back
-# A message can arrive before the API has marked its task queued (publish, then mark):
-# claim again for about a second; a task still pending after that is the sweeper's to publish again.
-PENDING_CLAIM_TRIES = 20
-PENDING_CLAIM_PAUSE = 0.05
 BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
 
 
@@ -130,17 +126,9 @@ class KiRunner:
             free_slot()
 
     async def _claim(self, task_id: str) -> Task | None:
-        for _ in range(PENDING_CLAIM_TRIES):
-            task = await self.store.claim(task_id, worker=self.node_id, now=self._clock(), lease_seconds=self.lease_seconds)
-            if task is not None:
-                return task
-            current = await self.store.get(task_id)
-            if current is None or current.state not in (State.PENDING, State.QUEUED):
-                return None
-            if current.state is State.PENDING:  # published, not yet marked queued
-                await trio.sleep(PENDING_CLAIM_PAUSE)
-            # QUEUED: marked between our claim and our look; claim again at once.
-        return None
+        # A message can arrive before the API has marked its task queued (publish, then mark):
+        # the claim takes a pending task too, so there is nothing to wait for.
+        return await self.store.claim(task_id, worker=self.node_id, now=self._clock(), lease_seconds=self.lease_seconds)
 
     async def _execute(self, task: Task, worker_free: Callable[[], None] = lambda: None) -> None:
         """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
