@@ -222,6 +222,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             dispatcher = Dispatcher(
                 node_id=ident.node_id, store=store, bus=bus, metrics=metrics, prefetch=config.bus.prefetch,
                 beat_timeout=config.bus.beat_timeout_seconds, ki_message_ttl=config.bus.ki_message_ttl_seconds,
+                forward_ahead=config.bus.forward_ahead, forward_ahead_age=config.bus.forward_ahead_age_seconds,
             )
             services.update(ki=agent.run, an=dispatcher.run)
             attach = agent.attach

@@ -59,3 +59,29 @@ async def test_gpu_tasks_go_to_gpu_ki_and_ki_attached_elsewhere_get_nothing():
         assert bus.depth(ki_queue("theirs")) == 0
         nursery.cancel_scope.cancel()
 
+
+async def test_credit_ahead_fills_free_slots_first_then_sends_ahead_by_slots_while_tasks_are_young():
+    bus = LocalBus()
+    async with trio.open_nursery() as nursery:
+        an = Dispatcher(node_id=AN, store=None, bus=bus, metrics=Metrics(), prefetch=50, beat_timeout=60,
+                        ki_message_ttl=60, forward_ahead=1.0, forward_ahead_age=5.0)
+        await nursery.start(an.run)
+        for node, slots in (("k1", 1), ("k2", 2), ("k4", 4)):
+            await bus.broadcast(BEATS, _beat(node, slots=slots))
+        await _settle()
+        await bus.publish(["a0"], headers={"a0": {"needs": {}}})
+        await _settle()
+        # One task: into a free slot of the roomiest Ki, not ahead anywhere.
+        assert [bus.depth(ki_queue(k)) for k in ("k1", "k2", "k4")] == [0, 0, 1]
+        await bus.publish([f"t{i}" for i in range(20)], headers={f"t{i}": {"needs": {}} for i in range(20)})
+        await _settle()
+        # Every slot, then one more per slot ahead: 2 : 4 : 8, the rest held.
+        assert [bus.depth(ki_queue(k)) for k in ("k1", "k2", "k4")] == [2, 4, 8]
+        assert bus.depth() == 0
+        # k4's oldest task has run longer than the age limit: no credit ahead there any more.
+        await bus.broadcast(BEATS, {**_beat("k4", slots=4, busy=4, received=8), "oldest": 6.0})
+        await bus.broadcast(BEATS, {**_beat("k2", slots=2, busy=2, received=4), "oldest": 0.1})
+        await _settle()
+        assert [bus.depth(ki_queue(k)) for k in ("k1", "k2", "k4")] == [2, 6, 8]  # k2: two more ahead
+        nursery.cancel_scope.cancel()
+

@@ -6,17 +6,25 @@ Dispatcher  consumes the shared task queue, picks for each task the capable
             confirmed publish and only then acks it. An An that dies before
             the ack gets its messages redelivered to another.
 
-How an An counts what a Ki has room for: ``free = slots - busy - in
-flight``, where ``in flight`` is what this An forwarded that the Ki's last
+How an An counts what a Ki has room for: ``free = slots + ahead - busy -
+in flight``, where ``in flight`` is what this An forwarded that the Ki's last
 beat does not yet count as received. Forwards older than the Ki queue's
 message TTL stop counting (the broker has dead-lettered them back to the
-shared queue by then). An An only forwards into a free slot, so a short task
-never waits behind a long one while some Ki has a slot free.
+shared queue by then).
+
+``ahead`` (credit ahead, ``slots x forward_ahead``) keeps slots busy: a slot
+that frees finds its next task already in its Ki's queue instead of waiting
+for a beat to reach the An and a forward to come back. It is given only
+while the Ki's oldest task in hand is younger than ``ahead_age``, so tasks
+do not pile up behind one that turns out long; and as the Ki with the most
+room is picked, an idle slot anywhere is filled before any task is sent ahead.
+Both terms scale with slots, so placement stays proportional to capacity.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import os
 import random
 import time
@@ -55,6 +63,7 @@ class _KiView:
     an: str | None = None
     seen: float = 0.0
     received: int = 0  # deliveries from this An, as of the last beat
+    oldest: float = 0.0  # age of the Ki's oldest task in hand, as of the last beat
     in_flight: collections.deque[float] = field(default_factory=collections.deque)  # forward times
 
     def update(self, beat: dict[str, Any], me: str, now: float) -> None:
@@ -67,12 +76,17 @@ class _KiView:
                     self.in_flight.popleft()
         self.received = received
         self.slots, self.busy = int(beat.get("slots", 0)), int(beat.get("busy", 0))
+        self.oldest = float(beat.get("oldest", 0.0))
         self.caps, self.an, self.seen = dict(beat.get("caps") or {}), beat.get("an"), now
 
-    def free(self, now: float, ttl: float) -> int:
+    def free(self, now: float, ttl: float, ahead: float = 0.0, ahead_age: float = 0.0) -> int:
+        """Tasks this Ki has room for: free slots, plus the credit ahead while its tasks are young."""
         while self.in_flight and self.in_flight[0] < now - ttl:
             self.in_flight.popleft()
-        return self.slots - self.busy - len(self.in_flight)
+        credit = self.slots
+        if ahead and (self.busy == 0 or self.oldest + (now - self.seen) < ahead_age):
+            credit += math.ceil(self.slots * ahead)
+        return credit - self.busy - len(self.in_flight)
 
 
 class Dispatcher:
@@ -93,6 +107,8 @@ class Dispatcher:
         prefetch: int,
         beat_timeout: float,
         ki_message_ttl: float,
+        forward_ahead: float = 0.0,
+        forward_ahead_age: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node_id = node_id
@@ -102,6 +118,8 @@ class Dispatcher:
         self.prefetch = prefetch
         self.beat_timeout = beat_timeout
         self.ki_message_ttl = ki_message_ttl
+        self.forward_ahead = forward_ahead
+        self.forward_ahead_age = forward_ahead_age
         self._clock = clock
         self.kis: dict[str, _KiView] = {}
         self._beat_arrived = trio.Event()
@@ -141,18 +159,22 @@ class Dispatcher:
         return [k for k in self.kis.values() if now - k.seen < self.beat_timeout and k.an in (None, self.node_id)]
 
     def pick(self, needs: dict[str, Any]) -> _KiView | None:
-        """The capable Ki with the most free slots (ties: at random); None when all are full."""
+        """The capable Ki with the most free slots (ties: at random); when no slot is free anywhere,
+        the one with the most credit ahead left; None when all are full."""
         now = self._clock()
-        best, best_free = [], 0
-        for ki in self._live_kis():
-            if not can_run(ki.caps, needs):
-                continue
-            free = ki.free(now, self.ki_message_ttl)
-            if free > best_free:
-                best, best_free = [ki], free
-            elif free == best_free and free > 0:
-                best.append(ki)
-        return self._rng.choice(best) if best else None
+        for ahead in (0.0, self.forward_ahead) if self.forward_ahead else (0.0,):
+            best, best_free = [], 0
+            for ki in self._live_kis():
+                if not can_run(ki.caps, needs):
+                    continue
+                free = ki.free(now, self.ki_message_ttl, ahead, self.forward_ahead_age)
+                if free > best_free:
+                    best, best_free = [ki], free
+                elif free == best_free and free > 0:
+                    best.append(ki)
+            if best:
+                return self._rng.choice(best)
+        return None
 
     async def _needs(self, delivery: Delivery) -> dict[str, Any] | None:
         """What the task needs; None when it no longer needs running (finished, cancelled, unknown)."""

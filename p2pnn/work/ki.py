@@ -73,9 +73,14 @@ class KiRunner:
         self._slots = trio.Semaphore(pool.slots) if pool.slots else None
         self.running: dict[str, int] = {}  # task id -> attempt
         self.in_hand = 0
+        self._in_hand_since: dict[int, float] = {}  # one entry per delivery in hand: when it was taken
         self.received: dict[str, int] = {}  # forwarding An -> deliveries taken from it
         self.on_change: Callable[[], None] = lambda: None
         self.on_finished: Callable[[str], None] = lambda task_id: None  # a task's terminal result was recorded here
+
+    def oldest_in_hand(self) -> float:
+        """Seconds the oldest task in hand has been here (0 with none): an An forwards ahead only to young ones."""
+        return time.monotonic() - min(self._in_hand_since.values()) if self._in_hand_since else 0.0
 
     def cancel_local(self, task_id: str) -> bool:
         """Stop a task if it runs on this node's pool."""
@@ -91,6 +96,7 @@ class KiRunner:
                 await self._slots.acquire()
                 delivery = await inbox.receive()
                 self.in_hand += 1
+                self._in_hand_since[id(delivery)] = time.monotonic()
                 an = str(delivery.headers.get("an", ""))
                 self.received[an] = self.received.get(an, 0) + 1
                 self.on_change()
@@ -105,6 +111,7 @@ class KiRunner:
                 freed = True
                 assert self._slots is not None
                 self.in_hand -= 1
+                self._in_hand_since.pop(id(delivery), None)
                 self._slots.release()
                 self.on_change()
 
@@ -276,6 +283,7 @@ class KiAgent:
         return {
             "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand,
             "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
+            "oldest": round(r.oldest_in_hand(), 3),
         }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
