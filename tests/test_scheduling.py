@@ -85,3 +85,50 @@ async def test_credit_ahead_fills_free_slots_first_then_sends_ahead_by_slots_whi
         assert [bus.depth(ki_queue(k)) for k in ("k1", "k2", "k4")] == [2, 6, 8]  # k2: two more ahead
         nursery.cancel_scope.cancel()
 
+
+async def test_group_commit_puts_claims_and_results_that_arrive_together_in_one_transaction(tmp_path):
+    import time
+
+    from p2pnn.store import ClaimOp, FinishOp, NewTask, open_store
+    from p2pnn.tasks import State
+    from p2pnn.work.ki import GroupCommit
+
+    store = open_store("sqlite", sqlite_path=tmp_path / "tasks.db")
+    await store.open()
+    transactions = []
+    apply = store.apply
+
+    async def counting_apply(ops, *, now):
+        transactions.append(len(ops))
+        return await apply(ops, now=now)
+
+    store.apply = counting_apply  # the real store, its transactions counted
+    try:
+        tasks, _ = await store.create([NewTask("echo", {"kind": "echo"}, "o", 3) for _ in range(4)], now=time.time())
+        await store.mark_queued([t.id for t in tasks], now=time.time())
+        commits = GroupCommit(store, time.time)
+        claimed = {}
+        async with trio.open_nursery() as nursery:
+            await nursery.start(commits.run)
+
+            async def claim(task_id):
+                claimed[task_id] = await commits.submit(ClaimOp(task_id, "ki-1", 30.0))
+
+            for t in tasks[:3]:
+                nursery.start_soon(claim, t.id)
+            await _settle()
+            assert transactions == [3] and all(c is not None and c.state is State.RUNNING for c in claimed.values())
+
+            async def finish():
+                assert await commits.submit(FinishOp(tasks[0].id, 1, State.SUCCEEDED, result={})) is True
+
+            nursery.start_soon(finish)
+            nursery.start_soon(claim, tasks[3].id)
+            nursery.start_soon(claim, tasks[0].id)  # finished meanwhile (or running): refused
+            await _settle()
+            assert transactions == [3, 3] and claimed[tasks[0].id] is None and claimed[tasks[3].id] is not None
+            assert (await store.get(tasks[0].id)).state is State.SUCCEEDED
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+

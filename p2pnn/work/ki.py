@@ -1,5 +1,9 @@
 """The Ki: takes tasks from its queue, runs them in the worker pool, reports.
 
+GroupCommit  a Ki's claims and results, committed together: whatever arrives
+          while one store transaction is in flight goes into the next one, so
+          a slot's result and its next task's claim usually share one commit.
+
 KiRunner  takes deliveries while a worker slot is free, claims each task in
           the store (the lease, not the message, covers it from then on),
           acks, runs it in the KiPool, renews the lease, records the outcome.
@@ -24,7 +28,7 @@ from p2pnn.bus import BEATS, CANCEL, TASKS, BusError, Delivery, Inbox, TaskBus
 from p2pnn.compute.pool import Job, KiPool, Outcome
 from p2pnn.membership.records import capabilities as machine_capabilities
 from p2pnn.metrics import Metrics
-from p2pnn.store import StoreError, TaskStore
+from p2pnn.store import ClaimOp, FinishOp, StoreError, TaskStore
 from p2pnn.tasks import State, Task
 
 log = logs.get(__name__)
@@ -34,6 +38,61 @@ RENEWALS_PER_LEASE = 3  # renew well before expiry: two renewals may fail before
 STORE_RETRY_SECONDS = 1.0  # back-off when the store is unreachable
 HANDBACK_SECONDS = 5.0  # how long a clean shutdown may spend handing running tasks back
 BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
+MAX_GROUP = 64  # claims and results in one transaction; bounds how long the row locks are held
+# Scheduler turns a woken committer lets pass before it takes what is waiting: a freed slot's
+# next delivery reaches its claim in about that many, so it joins the result just sent.
+GATHER_TURNS = 3
+
+
+class _Waiter:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: Any = None
+
+
+class GroupCommit:
+    """Claims and finishes of one Ki, several to a transaction.
+
+    Resource handling: ``run`` commits until cancelled; a request waits for the
+    transaction that carries it. A request whose caller is cancelled may still
+    be applied (a claim then lapses with its lease, as an abandoned one would).
+
+    Error handling: a store failure fails every request of that transaction
+    with the same StoreError; refusals (None / False) are per request.
+    """
+
+    def __init__(self, store: TaskStore, clock: Callable[[], float]) -> None:
+        self.store = store
+        self._clock = clock
+        self._waiting: list[tuple[ClaimOp | FinishOp, _Waiter]] = []
+        self._wake = trio.Event()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            for _ in range(GATHER_TURNS):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            while self._waiting:
+                group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
+                try:
+                    results: list[Any] = await self.store.apply([op for op, _ in group], now=self._clock())
+                except StoreError as exc:
+                    results = [exc] * len(group)
+                for (_, waiter), result in zip(group, results):
+                    waiter.value = result
+                    waiter.done.set()
+
+    async def submit(self, op: ClaimOp | FinishOp) -> Any:
+        """What ``store.apply`` answers for ``op``. Error handling: StoreError as the store raised it."""
+        waiter = _Waiter()
+        self._waiting.append((op, waiter))
+        self._wake.set()
+        await waiter.done.wait()
+        if isinstance(waiter.value, StoreError):
+            raise waiter.value
+        return waiter.value
 
 
 class KiRunner:
@@ -71,6 +130,7 @@ class KiRunner:
         self.lease_seconds = lease_seconds
         self._clock = clock
         self._slots = trio.Semaphore(pool.slots) if pool.slots else None
+        self._commits = GroupCommit(store, clock)
         self.running: dict[str, int] = {}  # task id -> attempt
         self.in_hand = 0
         self._in_hand_since: dict[int, float] = {}  # one entry per delivery in hand: when it was taken
@@ -91,6 +151,7 @@ class KiRunner:
             task_status.started()
             await trio.sleep_forever()
         async with self.bus.consume(self.queue, prefetch=self.pool.slots) as inbox, trio.open_nursery() as nursery:
+            await nursery.start(self._commits.run)
             task_status.started()
             while True:
                 await self._slots.acquire()
@@ -135,7 +196,7 @@ class KiRunner:
     async def _claim(self, task_id: str) -> Task | None:
         # A message can arrive before the API has marked its task queued (publish, then mark):
         # the claim takes a pending task too, so there is nothing to wait for.
-        return await self.store.claim(task_id, worker=self.node_id, now=self._clock(), lease_seconds=self.lease_seconds)
+        return await self._commits.submit(ClaimOp(task_id, self.node_id, self.lease_seconds))
 
     async def _execute(self, task: Task, worker_free: Callable[[], None] = lambda: None) -> None:
         """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
@@ -215,10 +276,13 @@ class KiRunner:
         if outcome.status == "succeeded":
             for name, data in outcome.artifacts.items():
                 await self.store.put_artifact(task.id, name, data, now=now)
-            won = await self.store.finish(task.id, attempt=attempt, state=State.SUCCEEDED, now=now, result=outcome.result)
+            if outcome.artifacts:
+                won = await self.store.finish(task.id, attempt=attempt, state=State.SUCCEEDED, now=now, result=outcome.result)
+            else:  # the common case: grouped with other results and claims
+                won = await self._commits.submit(FinishOp(task.id, attempt, State.SUCCEEDED, result=outcome.result))
             state = State.SUCCEEDED
         elif outcome.status == "cancelled":
-            won = await self.store.finish(task.id, attempt=attempt, state=State.CANCELLED, now=now, error="cancelled")
+            won = await self._commits.submit(FinishOp(task.id, attempt, State.CANCELLED, error="cancelled"))
             state = State.CANCELLED
         elif outcome.retryable:
             if outcome.status == "crashed":
@@ -231,7 +295,7 @@ class KiRunner:
                 except BusError as exc:  # still queued in the store: the sweeper publishes it again
                     log.warning("bus.publish_failed", task_id=task.id, error=str(exc))
         else:
-            won = await self.store.finish(task.id, attempt=attempt, state=State.FAILED, now=now, error=outcome.error)
+            won = await self._commits.submit(FinishOp(task.id, attempt, State.FAILED, error=outcome.error))
             state = State.FAILED
         if not won:
             self.metrics.duplicates_dropped.inc()
@@ -283,7 +347,7 @@ class KiAgent:
         return {
             "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand,
             "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
-            "oldest": round(r.oldest_in_hand(), 3),
+            "oldest": round(r.oldest_in_hand(), 3)
         }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
