@@ -18,16 +18,17 @@ import trio
 
 from p2pnn import logs
 from p2pnn.callers import Caller
-from p2pnn.bus import CANCEL, TaskBus
+from p2pnn.bus import BEATS, CANCEL, TaskBus
 from p2pnn.store import NewTask, TaskStore
 from p2pnn.tasks import TERMINAL, Limits, SpecError, State, Task, check_against_model, needs_of, validate_spec
 
 log = logs.get(__name__)
 MAX_BATCH = 1000  # specs in one submission; keeps a single transaction and response bounded
-# A waiter is woken at once when this node finishes the task; a task finished on another node
-# is seen by asking the store, first often (short tasks end in milliseconds), then less often,
-# so a long wait costs about one query a second whatever the task's length.
-WAIT_POLL_SECONDS = (0.005, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+# A waiter is woken at once when this node records the task's result, or when a Ki's beat names
+# it as finished (a swarm bus). The store is asked as well, in case no hint comes (a sweeper's
+# or another node's cancel, a lost beat): first often, then less, so a long wait costs about
+# one query a second whatever the task's length.
+WAIT_POLL_SECONDS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 @dataclass
@@ -146,10 +147,21 @@ class TaskService:
                 del self._finished[task_id]
 
     def finished(self, task_id: str) -> None:
-        """A hint that ``task_id`` reached a terminal state here: wakes whoever waits for it."""
+        """A hint that ``task_id`` reached a terminal state: wakes whoever waits for it here."""
         waiting = self._finished.get(task_id)
         if waiting is not None:
             waiting.event.set()
+
+    async def follow_beats(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Wake long polls for the tasks that Ki beats name as finished (a swarm bus: Ki on other nodes)."""
+        async with self.bus.subscribe(BEATS) as beats:
+            task_status.started()
+            while True:
+                beat = await beats.receive()
+                finished = beat.get("finished")
+                if isinstance(finished, list) and self._finished:
+                    for task_id in finished:
+                        self.finished(str(task_id))
 
     async def cancel(self, task_id: str, caller: Caller) -> Task | None:
         """Cancel a task; an operator only its own. A task running here is stopped at once;

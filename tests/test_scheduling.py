@@ -132,3 +132,41 @@ async def test_group_commit_puts_claims_and_results_that_arrive_together_in_one_
     finally:
         await store.close()
 
+
+async def test_a_long_poll_wakes_when_a_beat_names_its_task_finished(tmp_path, monkeypatch):
+    import time
+
+    from p2pnn import service as service_mod
+    from p2pnn.callers import ANONYMOUS_ADMIN
+    from p2pnn.store import open_store
+    from p2pnn.tasks import Limits, State
+
+    monkeypatch.setattr(service_mod, "WAIT_POLL_SECONDS", (30.0,))  # only the beat can wake it in time
+    store = open_store("sqlite", sqlite_path=tmp_path / "tasks.db")
+    await store.open()
+    bus = LocalBus()
+    try:
+        service = service_mod.TaskService(store, bus, limits=Limits(), max_attempts=3)
+        (task,), _ = await service.submit([{"kind": "echo"}], ANONYMOUS_ADMIN)
+        claimed = await store.claim(task.id, worker="ki-elsewhere", now=time.time(), lease_seconds=30)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.follow_beats)
+            done = {}
+
+            async def wait():
+                done["task"] = await service.wait(task.id, 20)
+                done["at"] = time.monotonic()
+
+            nursery.start_soon(wait)
+            await _settle()
+            assert "task" not in done
+            assert await store.finish(task.id, attempt=claimed.attempts, state=State.SUCCEEDED, now=time.time(), result={})
+            sent = time.monotonic()
+            await bus.broadcast(BEATS, {**_beat("ki-elsewhere", slots=1), "finished": [task.id]})
+            with trio.fail_after(10):
+                while "task" not in done:
+                    await trio.sleep(0.01)
+            assert done["task"].state is State.SUCCEEDED and done["at"] - sent < 10
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()

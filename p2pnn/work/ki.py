@@ -9,14 +9,17 @@ KiRunner  takes deliveries while a worker slot is free, claims each task in
           acks, runs it in the KiPool, renews the lease, records the outcome.
 KiAgent   the Ki role on a swarm bus: runs the KiRunner on the Ki's own
           queue, beats its capacity (slots, tasks in hand, deliveries
-          received per An, capabilities, the An it is attached to) on the
-          ``beats`` topic, and stops tasks named on the ``cancel`` topic.
+          received per An, capabilities, the An it is attached to, and the
+          tasks it finished since the last beat, so a node holding a long
+          poll learns at once) on the ``beats`` topic, and stops tasks
+          named on the ``cancel`` topic.
           ``attach(an_id)`` is the hook the control plane uses to move a Ki
           between An at runtime.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 import uuid
 from typing import Any, Callable
@@ -38,6 +41,7 @@ RENEWALS_PER_LEASE = 3  # renew well before expiry: two renewals may fail before
 STORE_RETRY_SECONDS = 1.0  # back-off when the store is unreachable
 HANDBACK_SECONDS = 5.0  # how long a clean shutdown may spend handing running tasks back
 BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
+FINISHED_PER_BEAT = 256  # task ids a beat names as finished; beyond that, waiters learn it from the store
 MAX_GROUP = 64  # claims and results in one transaction; bounds how long the row locks are held
 # Scheduler turns a woken committer lets pass before it takes what is waiting: a freed slot's
 # next delivery reaches its claim in about that many, so it joins the result just sent.
@@ -327,7 +331,16 @@ class KiAgent:
         self.boot = uuid.uuid4().hex[:12]  # tells an An that counters restarted
         self.caps = capabilities()
         self._changed = trio.Event()
+        self._finished: collections.deque[str] = collections.deque(maxlen=FINISHED_PER_BEAT)
         runner.on_change = self._on_change
+        local = runner.on_finished
+
+        def finished(task_id: str) -> None:
+            local(task_id)
+            self._finished.append(task_id)
+            self._on_change()
+
+        runner.on_finished = finished
 
     def attach(self, an_id: str | None) -> None:
         """Work for ``an_id`` from the next beat on (None: for any An that sees the beats).
@@ -339,6 +352,11 @@ class KiAgent:
         self.an_id = an_id
         self._on_change()
 
+    def _take_finished(self) -> list[str]:
+        out = list(self._finished)
+        self._finished.clear()
+        return out
+
     def _on_change(self) -> None:
         self._changed.set()
 
@@ -347,7 +365,7 @@ class KiAgent:
         return {
             "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand,
             "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
-            "oldest": round(r.oldest_in_hand(), 3)
+            "oldest": round(r.oldest_in_hand(), 3), "finished": self._take_finished(),
         }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
