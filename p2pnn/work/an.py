@@ -16,8 +16,8 @@ shared queue by then).
 that frees finds its next task already in its Ki's queue instead of waiting
 for a beat to reach the An and a forward to come back. It is given only
 while the Ki's oldest task in hand is younger than ``ahead_age``, so tasks
-do not pile up behind one that turns out long; and as the Ki with the most
-room is picked, an idle slot anywhere is filled before any task is sent ahead.
+do not pile up behind one that turns out long; and ``pick`` looks at free
+slots first, so an idle slot anywhere is filled before any task is sent ahead.
 Both terms scale with slots, so placement stays proportional to capacity.
 """
 
@@ -227,7 +227,6 @@ class Dispatcher:
                 await trio.sleep(BUS_RETRY_SECONDS)
                 continue
             # Only now, with the Ki's queue holding them, may the shared queue forget them.
-            for d, _ in items:
-                await inbox.ack(d)
+            await inbox.ack_many([d for d, _ in items])
             self._held -= len(items)
             self.metrics.forwarded.labels(ki=ki[:12]).inc(len(ids))
