@@ -69,11 +69,11 @@ async def test_credit_ahead_fills_free_slots_first_then_sends_ahead_by_slots_whi
         for node, slots in (("k1", 1), ("k2", 2), ("k4", 4)):
             await bus.broadcast(BEATS, _beat(node, slots=slots))
         await _settle()
-        await bus.publish(["a0"], headers={"a0": {"needs": {}}})
+        await bus.publish(["a0"], headers={"a0": {"needs": {"short": True}}})
         await _settle()
         # One task: into a free slot of the roomiest Ki, not ahead anywhere.
         assert [bus.depth(ki_queue(k)) for k in ("k1", "k2", "k4")] == [0, 0, 1]
-        await bus.publish([f"t{i}" for i in range(20)], headers={f"t{i}": {"needs": {}} for i in range(20)})
+        await bus.publish([f"t{i}" for i in range(20)], headers={f"t{i}": {"needs": {"short": True}} for i in range(20)})
         await _settle()
         # Every slot, then one more per slot ahead: 2 : 4 : 8, the rest held.
         assert [bus.depth(ki_queue(k)) for k in ("k1", "k2", "k4")] == [2, 4, 8]
@@ -83,6 +83,13 @@ async def test_credit_ahead_fills_free_slots_first_then_sends_ahead_by_slots_whi
         await bus.broadcast(BEATS, {**_beat("k2", slots=2, busy=2, received=4), "oldest": 0.1})
         await _settle()
         assert [bus.depth(ki_queue(k)) for k in ("k1", "k2", "k4")] == [2, 6, 8]  # k2: two more ahead
+        # Nothing is sent ahead to a Ki holding a task not known to be short.
+        await bus.broadcast(BEATS, {**_beat("k1", slots=1, busy=1, received=2), "oldest": 0.1, "long": 1})
+        await _settle()
+        assert [bus.depth(ki_queue(k)) for k in ("k1", "k2", "k4")] == [2, 6, 8]
+        await bus.broadcast(BEATS, {**_beat("k1", slots=1, busy=1, received=2), "oldest": 0.1, "long": 0})
+        await _settle()
+        assert [bus.depth(ki_queue(k)) for k in ("k1", "k2", "k4")] == [3, 6, 8]
         nursery.cancel_scope.cancel()
 
 
@@ -170,3 +177,20 @@ async def test_a_long_poll_wakes_when_a_beat_names_its_task_finished(tmp_path, m
             nursery.cancel_scope.cancel()
     finally:
         await store.close()
+
+
+async def test_a_task_not_known_to_be_short_is_never_sent_ahead():
+    bus = LocalBus()
+    async with trio.open_nursery() as nursery:
+        an = Dispatcher(node_id=AN, store=None, bus=bus, metrics=Metrics(), prefetch=50, beat_timeout=60,
+                        ki_message_ttl=60, forward_ahead=1.0, forward_ahead_age=5.0)
+        await nursery.start(an.run)
+        await bus.broadcast(BEATS, {**_beat("k1", slots=1, busy=1), "oldest": 0.1})
+        await _settle()
+        await bus.publish(["long"], headers={"long": {"needs": {"short": False}}})
+        await _settle()
+        assert bus.depth(ki_queue("k1")) == 0  # held by the An until the slot frees
+        await bus.broadcast(BEATS, _beat("k1", slots=1, busy=0))
+        await _settle()
+        assert bus.depth(ki_queue("k1")) == 1
+        nursery.cancel_scope.cancel()

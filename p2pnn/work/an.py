@@ -14,10 +14,11 @@ shared queue by then).
 
 ``ahead`` (credit ahead, ``slots x forward_ahead``) keeps slots busy: a slot
 that frees finds its next task already in its Ki's queue instead of waiting
-for a beat to reach the An and a forward to come back. It is given only
-while the Ki's oldest task in hand is younger than ``ahead_age``, so tasks
-do not pile up behind one that turns out long; and ``pick`` looks at free
-slots first, so an idle slot anywhere is filled before any task is sent ahead.
+for a beat to reach the An and a forward to come back. Only tasks known to
+be short (``needs["short"]``) are sent ahead, and only to a Ki whose tasks in
+hand are all known to be short and younger than ``ahead_age``, so no task
+waits behind a long one; ``pick`` looks at free slots first, so an idle slot
+anywhere is filled before any task is sent ahead.
 Both terms scale with slots, so placement stays proportional to capacity.
 """
 
@@ -64,6 +65,7 @@ class _KiView:
     seen: float = 0.0
     received: int = 0  # deliveries from this An, as of the last beat
     oldest: float = 0.0  # age of the Ki's oldest task in hand, as of the last beat
+    long: int = 0  # tasks in hand not known to be short, as of the last beat
     in_flight: collections.deque[float] = field(default_factory=collections.deque)  # forward times
 
     def update(self, beat: dict[str, Any], me: str, now: float) -> None:
@@ -76,15 +78,15 @@ class _KiView:
                     self.in_flight.popleft()
         self.received = received
         self.slots, self.busy = int(beat.get("slots", 0)), int(beat.get("busy", 0))
-        self.oldest = float(beat.get("oldest", 0.0))
+        self.oldest, self.long = float(beat.get("oldest", 0.0)), int(beat.get("long", 0))
         self.caps, self.an, self.seen = dict(beat.get("caps") or {}), beat.get("an"), now
 
     def free(self, now: float, ttl: float, ahead: float = 0.0, ahead_age: float = 0.0) -> int:
-        """Tasks this Ki has room for: free slots, plus the credit ahead while its tasks are young."""
+        """Tasks this Ki has room for: free slots, plus the credit ahead while its tasks are short and young."""
         while self.in_flight and self.in_flight[0] < now - ttl:
             self.in_flight.popleft()
         credit = self.slots
-        if ahead and (self.busy == 0 or self.oldest + (now - self.seen) < ahead_age):
+        if ahead and self.long == 0 and (self.busy == 0 or self.oldest + (now - self.seen) < ahead_age):
             credit += math.ceil(self.slots * ahead)
         return credit - self.busy - len(self.in_flight)
 
@@ -159,10 +161,10 @@ class Dispatcher:
         return [k for k in self.kis.values() if now - k.seen < self.beat_timeout and k.an in (None, self.node_id)]
 
     def pick(self, needs: dict[str, Any]) -> _KiView | None:
-        """The capable Ki with the most free slots (ties: at random); when no slot is free anywhere,
-        the one with the most credit ahead left; None when all are full."""
+        """The capable Ki with the most free slots (ties: at random); when no slot is free anywhere
+        and the task is known to be short, the one with the most credit ahead left; None when all are full."""
         now = self._clock()
-        for ahead in (0.0, self.forward_ahead) if self.forward_ahead else (0.0,):
+        for ahead in (0.0, self.forward_ahead) if self.forward_ahead and needs.get("short") else (0.0,):
             best, best_free = [], 0
             for ki in self._live_kis():
                 if not can_run(ki.caps, needs):

@@ -138,9 +138,15 @@ class KiRunner:
         self.running: dict[str, int] = {}  # task id -> attempt
         self.in_hand = 0
         self._in_hand_since: dict[int, float] = {}  # one entry per delivery in hand: when it was taken
+        self._long_in_hand: set[int] = set()  # deliveries in hand not known to be short (see tasks.needs_of)
         self.received: dict[str, int] = {}  # forwarding An -> deliveries taken from it
         self.on_change: Callable[[], None] = lambda: None
         self.on_finished: Callable[[str], None] = lambda task_id: None  # a task's terminal result was recorded here
+
+    @property
+    def long_in_hand(self) -> int:
+        """Tasks in hand not known to be short: an An sends nothing ahead to a Ki holding one."""
+        return len(self._long_in_hand)
 
     def oldest_in_hand(self) -> float:
         """Seconds the oldest task in hand has been here (0 with none): an An forwards ahead only to young ones."""
@@ -162,6 +168,8 @@ class KiRunner:
                 delivery = await inbox.receive()
                 self.in_hand += 1
                 self._in_hand_since[id(delivery)] = time.monotonic()
+                if not (delivery.headers.get("needs") or {}).get("short"):
+                    self._long_in_hand.add(id(delivery))
                 an = str(delivery.headers.get("an", ""))
                 self.received[an] = self.received.get(an, 0) + 1
                 self.on_change()
@@ -177,6 +185,7 @@ class KiRunner:
                 assert self._slots is not None
                 self.in_hand -= 1
                 self._in_hand_since.pop(id(delivery), None)
+                self._long_in_hand.discard(id(delivery))
                 self._slots.release()
                 self.on_change()
 
@@ -365,7 +374,7 @@ class KiAgent:
         return {
             "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand,
             "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
-            "oldest": round(r.oldest_in_hand(), 3), "finished": self._take_finished(),
+            "oldest": round(r.oldest_in_hand(), 3), "long": r.long_in_hand, "finished": self._take_finished(),
         }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
