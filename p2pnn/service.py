@@ -123,28 +123,32 @@ class TaskService:
     async def wait(self, task_id: str, timeout: float) -> Task | None:
         """The task once it is terminal, or as it is after ``timeout`` seconds; None if unknown.
 
-        Resource handling: one store read per poll (WAIT_POLL_SECONDS); a task that
-        finishes on this node wakes its waiters at once (``finished``).
+        Resource handling: one store read per poll (WAIT_POLL_SECONDS); ``finished``
+        (this node recorded the result, or a Ki's beat named the task) wakes it at once.
         """
-        waiting = self._finished.setdefault(task_id, _Waiting())
+        task = await self.store.get(task_id)
+        if task is None or task.state in TERMINAL or timeout <= 0:
+            return task
+        key = task.id  # the canonical id: the one results and beats name
+        waiting = self._finished.setdefault(key, _Waiting())
         waiting.count += 1
         try:
             with trio.move_on_after(timeout):
                 for i in itertools.count():
-                    task = await self.store.get(task_id)
-                    if task is None or task.state in TERMINAL:
-                        return task
                     pause = WAIT_POLL_SECONDS[min(i, len(WAIT_POLL_SECONDS) - 1)]
                     if waiting.event.is_set():  # woken, yet not terminal when read: poll on
                         await trio.sleep(pause)
                     else:
                         with trio.move_on_after(pause):
                             await waiting.event.wait()
-            return await self.store.get(task_id)
+                    task = await self.store.get(key)
+                    if task is None or task.state in TERMINAL:
+                        return task
+            return await self.store.get(key)
         finally:
             waiting.count -= 1
             if waiting.count == 0:
-                del self._finished[task_id]
+                del self._finished[key]
 
     def finished(self, task_id: str) -> None:
         """A hint that ``task_id`` reached a terminal state: wakes whoever waits for it here."""
