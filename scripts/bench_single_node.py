@@ -30,7 +30,7 @@ import trio
 
 from p2pnn import config as config_mod
 from p2pnn.api.auth import Authenticator
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient
 from p2pnn.launcher import start_node
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def _has_torch(pid: int) -> bool:
     return "torch/lib" in Path(f"/proc/{pid}/maps").read_text()
 
 
-async def _drain(client: Client, ids: list[str], timeout: float = 600.0) -> float:
+async def _drain(client: AsyncClient, ids: list[str], timeout: float = 600.0) -> float:
     """Wait until every task is terminal; return the latest finished_at."""
     done = await client.wait_all(ids, timeout=timeout)
     bad = [t for t in done.values() if t["state"] != "succeeded"]
@@ -63,7 +63,7 @@ async def _drain(client: Client, ids: list[str], timeout: float = 600.0) -> floa
     return max(t["finished_at"] for t in done.values())
 
 
-async def echo_single(client: Client, n: int) -> float:
+async def echo_single(client: AsyncClient, n: int) -> float:
     ids: list[str] = []
     start = time.time()
 
@@ -77,7 +77,7 @@ async def echo_single(client: Client, n: int) -> float:
     return n / (await _drain(client, ids) - start)
 
 
-async def echo_batched(client: Client, n: int) -> float:
+async def echo_batched(client: AsyncClient, n: int) -> float:
     start = time.time()
     ids: list[str] = []
     for i in range(0, n, BATCH):
@@ -86,19 +86,19 @@ async def echo_batched(client: Client, n: int) -> float:
     return n / (await _drain(client, ids) - start)
 
 
-async def latency(client: Client, samples: int) -> tuple[float, float]:
+async def latency(client: AsyncClient, samples: int) -> tuple[float, float]:
     lat = []
     for _ in range(samples):
         start = time.time()
         task = await client.submit({"kind": "echo", "payload": "x"})
-        task = await client.wait(task["id"], timeout=60)  # one long poll: answered when the result lands
+        task = await client.get(task["id"], wait=30)  # one long poll: answered when the result lands
         assert task["state"] == "succeeded"
         lat.append(time.time() - start)  # as the client sees it
     q = statistics.quantiles(lat, n=100)
     return q[49], q[98]
 
 
-async def training(client: Client) -> dict:
+async def training(client: AsyncClient) -> dict:
     start = time.perf_counter()
     task = await client.wait((await client.submit(DEMO_SPEC))["id"], timeout=600)
     wall = time.perf_counter() - start
@@ -129,7 +129,7 @@ async def main(args: argparse.Namespace) -> None:
             idle_rss = _rss_mb(node.proc.pid)
             cfg = config_mod.load(env={}).replace("node", data_dir=str(data))
             token = Authenticator.from_config(cfg).mint("bench", "operator", 3600)
-            async with Client(node.url, token) as client:
+            async with AsyncClient(node.url, token) as client:
                 await _drain(client, [(await client.submit({"kind": "echo"}))["id"]])  # warm up
                 single = await echo_single(client, args.tasks)
                 batched = await echo_batched(client, args.tasks)

@@ -55,7 +55,7 @@ import psycopg
 import trio
 from psycopg.conninfo import make_conninfo
 
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient
 from p2pnn.launcher import start_node
 
 BATCH = 100
@@ -194,7 +194,7 @@ async def bench_p2pnn(n: int, workers: int, vhost: str, dbname: str, root: Path,
     head = start_node(root / "head", "--insecure", "--slots", "0", env={**env, "P2PNN_NODE__ROLE": "auto"})
     ki = start_node(root / "ki", "--insecure", "--slots", str(workers), env={**env, "P2PNN_NODE__ROLE": "ki"})
     try:
-        async with Client(head.url, timeout=120) as client:
+        async with AsyncClient(head.url, timeout=120) as client:
             warm = [t["id"] for t in await client.submit_many([{"kind": "echo"}] * WARMUP)]
             await client.wait_all(warm, timeout=120)
             procs = {"api+an node": head.proc.pid, "ki node": ki.proc.pid}
@@ -217,7 +217,7 @@ async def bench_p2pnn(n: int, workers: int, vhost: str, dbname: str, root: Path,
             seq = []
             for j in range(sequential):
                 sent = time.time()
-                done = await client.wait((await client.submit({"kind": "echo", "payload": j}))["id"], timeout=60)
+                done = await client.get((await client.submit({"kind": "echo", "payload": j}))["id"], wait=30)  # long poll
                 assert done["state"] == "succeeded"
                 seq.append(time.time() - sent)
         assert all(state == "succeeded" for _, state, _ in rows)

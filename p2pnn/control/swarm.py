@@ -26,13 +26,15 @@ from p2pnn.identity import Identity
 from p2pnn.membership.dht import resolve
 from p2pnn.membership.records import NodeRecord, capabilities
 from p2pnn.membership.view import MemberView
-from p2pnn.store import Assignment, Fence, TaskStore
+from p2pnn.store import Assignment, Fence, StoreError, TaskStore
 
 log = logs.get(__name__)
 
 OnAssignment = Callable[[frozenset[str], "str | None"], Awaitable[None]]
 PEER_CACHE_FILE = "dht-peers.json"  # in the data directory: DHT addresses of members seen, to bootstrap from next time
 RESIGN_TIMEOUT = 2.0  # seconds a stopping principal spends releasing its lease; else it lapses by itself
+MEMBER_RECORD_SECONDS = 60.0  # a node refreshes its address in the store this often
+MEMBER_FORGET_SECONDS = 600.0  # addresses not refreshed for this long are not tried any more
 ROLE_MAP_REWRITE_SECONDS = 10.0  # the principal re-writes an unchanged role map this often (a cheap audit trail of liveness)
 
 
@@ -93,7 +95,7 @@ class SwarmNode:
         self._apply = trio.Event()
         self.view = MemberView(
             ident=ident, cred=cred, config=config.dht, bootstrap=self.bootstrap, make_record=self._record,
-            peer_cache=config.data_dir / PEER_CACHE_FILE, clock=clock,
+            peer_cache=config.data_dir / PEER_CACHE_FILE, recorded=self._recorded_members, clock=clock,
         )
         self.links = PeerLinks(
             ident=ident, cred=cred, member=self.view.record, handler=self._on_message, term=lambda: self.election.term,
@@ -115,6 +117,7 @@ class SwarmNode:
                 await nursery.start(self.view.run, self.config.dht.host, self.config.dht.port)
                 nursery.start_soon(self._apply_loop)
                 nursery.start_soon(self.election.run)
+                nursery.start_soon(self._record_member_loop)
                 log.info("swarm.joined", swarm=self.cred.name, dht=f"{self.host}:{self.view.dht_port}",
                          peer=f"ws://{self.host}:{self.peer_port}", members=len(self.view.live()))
                 task_status.started()
@@ -130,6 +133,23 @@ class SwarmNode:
             roles=tuple(sorted(self.roles)), an_id=self.an_id, load=self._load(), term=self.election.term,
             timestamp=now, expires_at=expires_at,
         )
+
+    async def _record_member_loop(self) -> None:
+        """Keep this node's DHT address in the store, where a node that lost the swarm looks for members."""
+        while True:
+            try:
+                await self.store.record_member(self.cred.name, self.ident.node_id, (self.host, self.view.dht_port),
+                                               now=self._clock())
+            except StoreError as exc:
+                log.warning("swarm.member_unrecorded", error=str(exc))
+            await trio.sleep(MEMBER_RECORD_SECONDS)
+
+    async def _recorded_members(self) -> dict[str, tuple[str, int]]:
+        try:
+            with trio.fail_after(self.config.swarm.store_timeout_seconds):
+                return await self.store.members(self.cred.name, since=self._clock() - MEMBER_FORGET_SECONDS)
+        except (StoreError, trio.TooSlowError):
+            return {}
 
     def _peers(self) -> list[NodeRecord]:
         return [r for r in self.view.live() if r.node_id != self.ident.node_id]
@@ -164,8 +184,12 @@ class SwarmNode:
                 role_map[str(node_id)] = Assignment(tuple(str(r) for r in value[0]), value[1] if isinstance(value[1], str) else None)
         self.role_map = role_map
         self.view.learn(role_map)
+        # A node the principal does not count among the live (it was cut off, or has just come back)
+        # holds no role until the principal gives it one: its An or Ki work would run outside the membership.
         mine = role_map.get(self.ident.node_id)
-        if mine is not None:
+        if mine is None:
+            self._want(frozenset(), None)
+        else:
             self._want(frozenset(mine.roles), mine.an_id)
 
     def _stepped_down(self) -> None:
@@ -183,12 +207,20 @@ class SwarmNode:
         role_map = assign_roles(self.ident.node_id, candidates, ki_per_an=self.config.swarm.ki_per_an, previous=self.role_map)
         now = self._clock()
         if role_map != self.role_map or now - self._written_at > ROLE_MAP_REWRITE_SECONDS:
-            if not await self.store.record_roles(fence, role_map, now=now):
-                return None
-            if role_map != self.role_map:
-                log.info("principal.assigned", term=fence.term, roles=_summary(role_map))
-            self.role_map, self._written_at = role_map, now
-        mine = role_map[self.ident.node_id]
+            try:
+                written = await self.store.record_roles(fence, role_map, now=now)
+            except StoreError as exc:  # a store blip costs this beat's write, not the node: the next beat tries again
+                log.warning("principal.roles_unwritten", term=fence.term, error=str(exc))
+                role_map = self.role_map
+            else:
+                if not written:
+                    return None
+                if role_map != self.role_map:
+                    log.info("principal.assigned", term=fence.term, roles=_summary(role_map))
+                self.role_map, self._written_at = role_map, now
+        mine = role_map.get(self.ident.node_id)
+        if mine is None:  # the store failed before any role map was written
+            return {"roles": {}, "lease_expires": self.election.lease_expires}
         self._want(frozenset(mine.roles), mine.an_id)
         return {
             "roles": {node: [list(a.roles), a.an_id] for node, a in role_map.items()},
