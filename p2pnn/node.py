@@ -237,6 +237,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             store, bus, limits=limits_of(config), max_attempts=config.compute.max_attempts,
             cancel_local=runner.cancel_local,
         )
+        runner.on_finished = service.finished  # wakes long polls on this node at once
         swarm: SwarmNode | None = None
         sweeping = dict(
             store=store, publish=service.publish, metrics=metrics, pending_after=config.sweeper.pending_after_seconds,
@@ -259,6 +260,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             dispatcher = Dispatcher(
                 node_id=ident.node_id, store=store, bus=bus, metrics=metrics, prefetch=config.bus.prefetch,
                 beat_timeout=config.bus.beat_timeout_seconds, ki_message_ttl=config.bus.ki_message_ttl_seconds,
+                forward_ahead=config.bus.forward_ahead, forward_ahead_age=config.bus.forward_ahead_age_seconds,
                 park_fail_seconds=config.bus.park_fail_seconds,
             )
             services.update(ki=agent.run, an=dispatcher.run)
@@ -318,6 +320,8 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
                     # Alone, a node holds every role: it sweeps, dispatches (trivially) and works. With roles
                     # from configuration it holds its configured one; in a swarm it waits for the principal.
                     await roles.assume(initial_roles)
+                    if fanout:  # Ki on other nodes name the tasks they finished in their beats: wakes long polls here
+                        await nursery.start(service.follow_beats)
                     if fanout and cred is None and config.sweeper.standby:
                         # Roles from configuration: nobody replaces a dead principal, so every node sweeps a little.
                         standby = Sweeper(

@@ -394,6 +394,14 @@ def check_against_model(spec: dict[str, Any], model_task: Task | None) -> None:
             raise SpecError("spec.dataset", f"has {ds['classes']} classes; the model knows {trained_on['classes']}")
 
 
+# An echo task sleeping no longer than this is known to be short. Only such tasks are sent
+# ahead of a free slot: for a task of unknown length the few milliseconds saved are nothing,
+# and it could hold up the tasks queued behind it at its Ki.
+SHORT_SECONDS = 0.1
+
+
 def needs_of(spec: dict[str, Any]) -> dict[str, Any]:
-    """What a Ki must offer to run a task: an An matches it against Ki beats."""
-    return {"gpu": spec.get("device") == "cuda"}
+    """What a Ki must offer to run a task (an An matches it against Ki beats), and whether the
+    task is known to be short (``short``: only those are forwarded ahead of a free slot)."""
+    short = spec.get("kind") == "echo" and float(spec.get("sleep") or 0) <= SHORT_SECONDS
+    return {"gpu": spec.get("device") == "cuda", "short": short}

@@ -100,8 +100,12 @@ def openapi() -> dict[str, Any]:
                             **_errors(400, 401, 403)}},
             },
             "/api/v1/tasks/{task_id}": {
-                "get": {"summary": "One task: state, attempts, progress, result, error", "security": secured,
-                        "parameters": [_ID], "responses": {"200": _resp("the task", _TASK), **_errors(401, 403, 404)}},
+                "get": {"summary": "One task: state, attempts, progress, result, error; with ?wait=SECONDS (0 to 60) "
+                                   "the answer comes once the task is terminal or the wait is over (long poll)",
+                        "security": secured,
+                        "parameters": [_ID, {"name": "wait", "in": "query", "required": False,
+                                             "schema": {"type": "number", "minimum": 0, "maximum": 60}}],
+                        "responses": {"200": _resp("the task", _TASK), **_errors(400, 401, 403, 404)}},
                 "delete": {"summary": "Cancel a task; a running one is stopped", "security": secured, "parameters": [_ID],
                            "responses": {"200": _resp("the task", _TASK), **_errors(401, 403, 404)}},
             },

@@ -336,8 +336,10 @@ class KiPool:
                 return Outcome(
                     "failed", error=user_error(str(reply.get("error"))), retryable=bool(reply.get("retryable", False))
                 )
+            named = reply.get("artifacts") or {}
             try:
-                artifacts = await trio.to_thread.run_sync(_collect, jobdir, reply.get("artifacts") or {})
+                # No thread hand-off for a job that wrote no files (echo): its reply names none.
+                artifacts = await trio.to_thread.run_sync(_collect, jobdir, named) if named else {}
             except (OSError, ValueError) as exc:
                 return Outcome("failed", error=f"could not read the task's artifacts: {exc}", retryable=True)
             return Outcome("succeeded", result=reply.get("result"), artifacts=artifacts)

@@ -6,12 +6,20 @@ Dispatcher  consumes the shared task queue, picks for each task the capable
             confirmed publish and only then acks it. An An that dies before
             the ack gets its messages redelivered to another.
 
-How an An counts what a Ki has room for: ``free = slots - busy - in
-flight``, where ``in flight`` is what this An forwarded that the Ki's last
+How an An counts what a Ki has room for: ``free = slots + ahead - busy -
+in flight``, where ``in flight`` is what this An forwarded that the Ki's last
 beat does not yet count as received. Forwards older than the Ki queue's
 message TTL stop counting (the broker has dead-lettered them back to the
-shared queue by then). An An only forwards into a free slot, so a short task
-never waits behind a long one while some Ki has a slot free.
+shared queue by then).
+
+``ahead`` (credit ahead, ``slots x forward_ahead``) keeps slots busy: a slot
+that frees finds its next task already in its Ki's queue instead of waiting
+for a beat to reach the An and a forward to come back. Only tasks known to
+be short (``needs["short"]``) are sent ahead, and only to a Ki whose tasks in
+hand are all known to be short and younger than ``ahead_age``, so no task
+waits behind a long one; ``pick`` looks at free slots first, so an idle slot
+anywhere is filled before any task is sent ahead.
+Both terms scale with slots, so placement stays proportional to capacity.
 
 A task no live Ki is able to run (it needs a GPU and none is up) is parked:
 held unacked, out of the way of the tasks behind it, and placed on the first
@@ -23,6 +31,7 @@ parked for ``park_fail_seconds`` fails with an error naming what no Ki had.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import random
 import time
@@ -62,10 +71,12 @@ def _clean_needs(raw: Any) -> dict[str, Any] | None:
     """A ``needs`` header as placement reads it, or None when it makes no sense."""
     if not isinstance(raw, dict):
         return None
-    gpu, memory = raw.get("gpu", False), raw.get("memory_mb", 0)
+    gpu, memory, short = raw.get("gpu", False), raw.get("memory_mb", 0), raw.get("short", False)
     if not isinstance(gpu, bool) or isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
         return None
-    return {"gpu": gpu, "memory_mb": memory}
+    if not isinstance(short, bool):
+        return None
+    return {"gpu": gpu, "memory_mb": memory, "short": short}
 
 
 @dataclass
@@ -87,12 +98,15 @@ class _KiView:
     an: str | None = None
     seen: float = 0.0
     received: int = 0  # deliveries from this An, as of the last beat
+    oldest: float = 0.0  # age of the Ki's oldest task in hand, as of the last beat
+    long: int = 0  # tasks in hand not known to be short, as of the last beat
     in_flight: collections.deque[float] = field(default_factory=collections.deque)  # forward times
 
     def update(self, beat: dict[str, Any], me: str, now: float) -> None:
         """Error handling: a beat with fields of the wrong type raises ValueError/TypeError before any change."""
         received = int(beat.get("received", {}).get(me, 0))
         slots, busy = int(beat.get("slots", 0)), int(beat.get("busy", 0))
+        oldest, long_tasks = float(beat.get("oldest", 0.0)), int(beat.get("long", 0))
         raw_caps, an = beat.get("caps") or {}, beat.get("an")
         caps = {"gpu": bool(raw_caps.get("gpu")), "memory_mb": int(raw_caps.get("memory_mb") or 0)}
         if an is not None and not isinstance(an, str):
@@ -105,12 +119,17 @@ class _KiView:
                     self.in_flight.popleft()
         self.received = received
         self.slots, self.busy = slots, busy
+        self.oldest, self.long = oldest, long_tasks
         self.caps, self.an, self.seen = caps, an, now
 
-    def free(self, now: float, ttl: float) -> int:
+    def free(self, now: float, ttl: float, ahead: float = 0.0, ahead_age: float = 0.0) -> int:
+        """Tasks this Ki has room for: free slots, plus the credit ahead while its tasks are short and young."""
         while self.in_flight and self.in_flight[0] < now - ttl:
             self.in_flight.popleft()
-        return self.slots - self.busy - len(self.in_flight)
+        credit = self.slots
+        if ahead and self.long == 0 and (self.busy == 0 or self.oldest + (now - self.seen) < ahead_age):
+            credit += math.ceil(self.slots * ahead)
+        return credit - self.busy - len(self.in_flight)
 
 
 class Dispatcher:
@@ -131,6 +150,8 @@ class Dispatcher:
         prefetch: int,
         beat_timeout: float,
         ki_message_ttl: float,
+        forward_ahead: float = 0.0,
+        forward_ahead_age: float = 0.0,
         park_fail_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -141,6 +162,8 @@ class Dispatcher:
         self.prefetch = prefetch
         self.beat_timeout = beat_timeout
         self.ki_message_ttl = ki_message_ttl
+        self.forward_ahead = forward_ahead
+        self.forward_ahead_age = forward_ahead_age
         self.park_fail_seconds = park_fail_seconds
         self._clock = clock
         self._parked: dict[str, _Parked] = {}  # task id -> delivery held until a capable Ki beats
@@ -190,18 +213,22 @@ class Dispatcher:
         return [k for k in self.kis.values() if now - k.seen < self.beat_timeout and k.an in (None, self.node_id)]
 
     def pick(self, needs: dict[str, Any]) -> _KiView | None:
-        """The capable Ki with the most free slots (ties: at random); None when all are full."""
+        """The capable Ki with the most free slots (ties: at random); when no slot is free anywhere
+        and the task is known to be short, the one with the most credit ahead left; None when all are full."""
         now = self._clock()
-        best, best_free = [], 0
-        for ki in self._live_kis():
-            if not can_run(ki.caps, needs):
-                continue
-            free = ki.free(now, self.ki_message_ttl)
-            if free > best_free:
-                best, best_free = [ki], free
-            elif free == best_free and free > 0:
-                best.append(ki)
-        return self._rng.choice(best) if best else None
+        for ahead in (0.0, self.forward_ahead) if self.forward_ahead and needs.get("short") else (0.0,):
+            best, best_free = [], 0
+            for ki in self._live_kis():
+                if not can_run(ki.caps, needs):
+                    continue
+                free = ki.free(now, self.ki_message_ttl, ahead, self.forward_ahead_age)
+                if free > best_free:
+                    best, best_free = [ki], free
+                elif free == best_free and free > 0:
+                    best.append(ki)
+            if best:
+                return self._rng.choice(best)
+        return None
 
     def _capable_kis(self, needs: dict[str, Any]) -> bool:
         return any(can_run(k.caps, needs) for k in self._live_kis())
@@ -312,7 +339,6 @@ class Dispatcher:
                 await trio.sleep(BUS_RETRY_SECONDS)
                 continue
             # Only now, with the Ki's queue holding them, may the shared queue forget them.
-            for d, _ in items:
-                await inbox.ack(d)
+            await inbox.ack_many([d for d, _ in items])
             self._held -= len(items)
             self.metrics.forwarded.labels(ki=ki[:12]).inc(len(ids))

@@ -1,18 +1,25 @@
 """The Ki: takes tasks from its queue, runs them in the worker pool, reports.
 
+GroupCommit  a Ki's claims and results, committed together: whatever arrives
+          while one store transaction is in flight goes into the next one, so
+          a slot's result and its next task's claim usually share one commit.
+
 KiRunner  takes deliveries while a worker slot is free, claims each task in
           the store (the lease, not the message, covers it from then on),
           acks, runs it in the KiPool, renews the lease, records the outcome.
 KiAgent   the Ki role on a swarm bus: runs the KiRunner on the Ki's own
           queue, beats its capacity (slots, tasks in hand, deliveries
-          received per An, capabilities, the An it is attached to) on the
-          ``beats`` topic, and stops tasks named on the ``cancel`` topic.
+          received per An, capabilities, the An it is attached to, and the
+          tasks it finished since the last beat, so a node holding a long
+          poll learns at once) on the ``beats`` topic, and stops tasks
+          named on the ``cancel`` topic.
           ``attach(an_id)`` is the hook the control plane uses to move a Ki
           between An at runtime.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 import uuid
@@ -25,7 +32,7 @@ from p2pnn.bus import BEATS, CANCEL, TASKS, BusError, Delivery, Inbox, TaskBus
 from p2pnn.compute.pool import Job, KiPool, Outcome
 from p2pnn.membership.records import capabilities as machine_capabilities
 from p2pnn.metrics import Metrics
-from p2pnn.store import StoreError, TaskStore
+from p2pnn.store import ClaimOp, FinishOp, StoreError, TaskStore
 from p2pnn.store.base import MAX_ARTIFACT_BYTES
 from p2pnn.tasks import State, Task
 
@@ -39,11 +46,63 @@ STORE_RETRY_SECONDS = 1.0  # pause after a claim failed on an unreachable store
 STORE_RETRY_FIRST = 0.25  # first pause before a store write of an outcome is tried again; doubles
 STORE_RETRY_MAX = 4.0  # longest pause between two tries
 HANDBACK_SECONDS = 8.0  # how long handing one task back (release, publish, confirm) may take
-# A message can arrive before the API has marked its task queued (publish, then mark):
-# claim again for about a second; a task still pending after that is the sweeper's to publish again.
-PENDING_CLAIM_TRIES = 20
-PENDING_CLAIM_PAUSE = 0.05
 BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
+FINISHED_PER_BEAT = 256  # task ids a beat names as finished; beyond that, waiters learn it from the store
+MAX_GROUP = 64  # claims and results in one transaction; bounds how long the row locks are held
+# Scheduler turns a woken committer lets pass before it takes what is waiting: a freed slot's
+# next delivery reaches its claim in about that many, so it joins the result just sent.
+GATHER_TURNS = 3
+
+
+class _Waiter:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: Any = None
+
+
+class GroupCommit:
+    """Claims and finishes of one Ki, several to a transaction.
+
+    Resource handling: ``run`` commits until cancelled; a request waits for the
+    transaction that carries it. A request whose caller is cancelled may still
+    be applied (a claim then lapses with its lease, as an abandoned one would).
+
+    Error handling: a store failure fails every request of that transaction
+    with the same StoreError; refusals (None / False) are per request.
+    """
+
+    def __init__(self, store: TaskStore, clock: Callable[[], float]) -> None:
+        self.store = store
+        self._clock = clock
+        self._waiting: list[tuple[ClaimOp | FinishOp, _Waiter]] = []
+        self._wake = trio.Event()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            for _ in range(GATHER_TURNS):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            while self._waiting:
+                group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
+                try:
+                    results: list[Any] = await self.store.apply([op for op, _ in group], now=self._clock())
+                except StoreError as exc:
+                    results = [exc] * len(group)
+                for (_, waiter), result in zip(group, results):
+                    waiter.value = result
+                    waiter.done.set()
+
+    async def submit(self, op: ClaimOp | FinishOp) -> Any:
+        """What ``store.apply`` answers for ``op``. Error handling: StoreError as the store raised it."""
+        waiter = _Waiter()
+        self._waiting.append((op, waiter))
+        self._wake.set()
+        await waiter.done.wait()
+        if isinstance(waiter.value, StoreError):
+            raise waiter.value
+        return waiter.value
 
 
 class KiRunner:
@@ -88,10 +147,23 @@ class KiRunner:
         self.metrics = metrics
         self.lease_seconds = lease_seconds
         self._clock = clock
+        self._commits = GroupCommit(store, clock)
         self.running: dict[str, int] = {}  # task id -> attempt
         self.in_hand = 0
+        self._in_hand_since: dict[int, float] = {}  # one entry per delivery in hand: when it was taken
+        self._long_in_hand: set[int] = set()  # deliveries in hand not known to be short (see tasks.needs_of)
         self.received: dict[str, int] = {}  # forwarding An -> deliveries taken from it
         self.on_change: Callable[[], None] = lambda: None
+        self.on_finished: Callable[[str], None] = lambda task_id: None  # a task's terminal result was recorded here
+
+    @property
+    def long_in_hand(self) -> int:
+        """Tasks in hand not known to be short: an An sends nothing ahead to a Ki holding one."""
+        return len(self._long_in_hand)
+
+    def oldest_in_hand(self) -> float:
+        """Seconds the oldest task in hand has been here (0 with none): an An forwards ahead only to young ones."""
+        return time.monotonic() - min(self._in_hand_since.values()) if self._in_hand_since else 0.0
 
     def cancel_local(self, task_id: str) -> bool:
         """Stop a task if it runs on this node's pool."""
@@ -104,12 +176,18 @@ class KiRunner:
         # One semaphore per run: a permit taken while waiting for a delivery when the role stopped
         # dies with this run instead of shrinking the next one.
         slots = trio.Semaphore(self.pool.slots)
+        # A committer per run too: a request left by a stopped run is not applied by the next one.
+        self._commits = GroupCommit(self.store, self._clock)
         async with self.bus.consume(self.queue, prefetch=self.pool.slots) as inbox, trio.open_nursery() as nursery:
+            await nursery.start(self._commits.run)
             task_status.started()
             while True:
                 await slots.acquire()
                 delivery = await inbox.receive()
                 self.in_hand += 1
+                self._in_hand_since[id(delivery)] = time.monotonic()
+                if not (delivery.headers.get("needs") or {}).get("short"):
+                    self._long_in_hand.add(id(delivery))
                 an = str(delivery.headers.get("an", ""))
                 self.received[an] = self.received.get(an, 0) + 1
                 self.on_change()
@@ -123,6 +201,8 @@ class KiRunner:
             if not freed:
                 freed = True
                 self.in_hand -= 1
+                self._in_hand_since.pop(id(delivery), None)
+                self._long_in_hand.discard(id(delivery))
                 slots.release()
                 self.on_change()
 
@@ -145,17 +225,9 @@ class KiRunner:
             free_slot()
 
     async def _claim(self, task_id: str) -> Task | None:
-        for _ in range(PENDING_CLAIM_TRIES):
-            task = await self.store.claim(task_id, worker=self.node_id, now=self._clock(), lease_seconds=self.lease_seconds)
-            if task is not None:
-                return task
-            current = await self.store.get(task_id)
-            if current is None or current.state not in (State.PENDING, State.QUEUED):
-                return None
-            if current.state is State.PENDING:  # published, not yet marked queued
-                await trio.sleep(PENDING_CLAIM_PAUSE)
-            # QUEUED: marked between our claim and our look; claim again at once.
-        return None
+        # A message can arrive before the API has marked its task queued (publish, then mark):
+        # the claim takes a pending task too, so there is nothing to wait for.
+        return await self._commits.submit(ClaimOp(task_id, self.node_id, self.lease_seconds))
 
     async def _execute(self, task: Task, worker_free: Callable[[], None] = lambda: None) -> None:
         """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
@@ -300,16 +372,20 @@ class KiRunner:
                 error=f"artifact {oversized[0]} is larger than the store's limit of {MAX_ARTIFACT_BYTES} bytes",
             )
         if outcome.status == "succeeded":
-            won = await self.store.finish(
-                task.id, attempt=attempt, state=State.SUCCEEDED, now=now, result=outcome.result, worker=me,
-                artifacts=dict(outcome.artifacts),
-            )
+            if outcome.artifacts:  # in the same transaction as the result
+                won = await self.store.finish(
+                    task.id, attempt=attempt, state=State.SUCCEEDED, now=now, result=outcome.result, worker=me,
+                    artifacts=dict(outcome.artifacts),
+                )
+            else:  # the common case: grouped with other results and claims
+                won = await self._commits.submit(
+                    FinishOp(task.id, attempt, State.SUCCEEDED, result=outcome.result, worker=me)
+                )
             state = State.SUCCEEDED
         elif outcome.status == "cancelled":
             # Only a cancel the store holds ends a task as cancelled; a worker stopped for any other
             # reason (a lease lost to the sweeper) leaves the task to whoever holds it now.
-            won = await self.store.finish(task.id, attempt=attempt, state=State.CANCELLED, now=now, error="cancelled",
-                                          worker=me)
+            won = await self._commits.submit(FinishOp(task.id, attempt, State.CANCELLED, error="cancelled", worker=me))
             state = State.CANCELLED
             if not won and await self.store.release(task.id, attempt=attempt, now=now, worker=me):
                 self.metrics.handed_back.inc()
@@ -326,13 +402,14 @@ class KiRunner:
             if new_state is State.QUEUED:
                 await self._publish_again({task.id: now})
         else:
-            won = await self.store.finish(task.id, attempt=attempt, state=State.FAILED, now=now, error=outcome.error,
-                                          worker=me)
+            won = await self._commits.submit(FinishOp(task.id, attempt, State.FAILED, error=outcome.error, worker=me))
             state = State.FAILED
         if not won:
             self.metrics.duplicates_dropped.inc()
             log.info("task.result_dropped", task_id=task.id, attempt=attempt, status=outcome.status)
             return
+        if state.terminal:
+            self.on_finished(task.id)
         self.metrics.task_duration.labels(kind=task.kind, state=state.value).observe(seconds)
         log.info("task.finished", task_id=task.id, attempt=attempt, state=state.value,
                  seconds=round(seconds, 3), error=outcome.error)
@@ -357,7 +434,16 @@ class KiAgent:
         self.boot = uuid.uuid4().hex[:12]  # tells an An that counters restarted
         self.caps = capabilities()
         self._changed = trio.Event()
+        self._finished: collections.deque[str] = collections.deque(maxlen=FINISHED_PER_BEAT)
         runner.on_change = self._on_change
+        local = runner.on_finished
+
+        def finished(task_id: str) -> None:
+            local(task_id)
+            self._finished.append(task_id)
+            self._on_change()
+
+        runner.on_finished = finished
 
     def attach(self, an_id: str | None) -> None:
         """Work for ``an_id`` from the next beat on (None: for any An that sees the beats).
@@ -369,6 +455,11 @@ class KiAgent:
         self.an_id = an_id
         self._on_change()
 
+    def _take_finished(self) -> list[str]:
+        out = list(self._finished)
+        self._finished.clear()
+        return out
+
     def _on_change(self) -> None:
         self._changed.set()
 
@@ -377,6 +468,7 @@ class KiAgent:
         return {
             "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand,
             "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
+            "oldest": round(r.oldest_in_hand(), 3), "long": r.long_in_hand, "finished": self._take_finished(),
         }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
