@@ -34,6 +34,12 @@ MODELS = ("mlp", "cnn", "transformer")
 DATASETS = ("digits", "synthetic", "inline")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("cpu", "cuda", "auto")
+LR_SCHEDULES = ("constant", "cosine")
+NORMALIZATIONS = ("standardize", "none")
+AMP_MODES = ("none", "bf16")
+BACKENDS = ("auto", "gloo", "nccl")
+# Ranks one data-parallel train task may ask for: a group is placed all at once, so it must fit a swarm.
+MAX_WORKERS = 64
 PROBLEMS = ("classification", "regression")
 
 # scikit-learn's bundled digits: 1,797 images of 8x8 pixels, ten classes.
@@ -279,13 +285,28 @@ def _model(raw: Any, path: str, sample_shape: list[int]) -> dict[str, Any]:
     }
 
 
+TRAIN_FIELDS = {
+    "kind", "model", "dataset", "optimizer", "lr", "epochs", "batch_size", "seed", "weight_decay", "device",
+    "max_attempts", "lr_schedule", "normalize", "deterministic", "amp", "checkpoint_every", "workers",
+    "min_workers", "backend",
+}
+# Every few epochs a train task's state is saved, so a dead Ki costs at most this many epochs.
+DEFAULT_CHECKPOINT_EVERY = 5
+
+
 def _train(spec: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    _no_extra(
-        spec, "spec",
-        {"kind", "model", "dataset", "optimizer", "lr", "epochs", "batch_size", "seed", "weight_decay", "device", "max_attempts"},
-    )
+    _no_extra(spec, "spec", TRAIN_FIELDS)
     dataset = _dataset(spec.get("dataset", {"name": "digits"}), "spec.dataset", limits)
     model = _model(spec.get("model", {"name": "mlp"}), "spec.model", dataset["sample_shape"])
+    epochs = _integer(spec.get("epochs", 20), "spec.epochs", lo=1, hi=limits.max_epochs)
+    deterministic = spec.get("deterministic", "auto")
+    if deterministic != "auto" and not isinstance(deterministic, bool):
+        raise SpecError("spec.deterministic", f"must be true, false or \"auto\" (on CPU only), got {deterministic!r}")
+    workers = _integer(spec.get("workers", 1), "spec.workers", lo=1, hi=MAX_WORKERS)
+    min_workers = _integer(spec.get("min_workers", workers), "spec.min_workers", lo=1, hi=workers)
+    batch_size = _integer(spec.get("batch_size", 64), "spec.batch_size", lo=1, hi=65536)
+    if batch_size < workers:
+        raise SpecError("spec.batch_size", f"must be at least workers ({workers}): each rank takes a slice of a batch")
     return {
         "kind": "train",
         "model": model,
@@ -293,10 +314,20 @@ def _train(spec: dict[str, Any], limits: Limits) -> dict[str, Any]:
         "optimizer": _choice(spec.get("optimizer", "adam"), "spec.optimizer", OPTIMIZERS),
         "lr": _number(spec.get("lr", 1e-3), "spec.lr", lo=1e-7, hi=10.0),
         "weight_decay": _number(spec.get("weight_decay", 0.0), "spec.weight_decay", lo=0.0, hi=1.0),
-        "epochs": _integer(spec.get("epochs", 20), "spec.epochs", lo=1, hi=limits.max_epochs),
-        "batch_size": _integer(spec.get("batch_size", 64), "spec.batch_size", lo=1, hi=65536),
+        "epochs": epochs,
+        "batch_size": batch_size,
         "seed": _integer(spec.get("seed", 0), "spec.seed", lo=0, hi=2**31 - 1),
         "device": _choice(spec.get("device", "cpu"), "spec.device", DEVICES),
+        "lr_schedule": _choice(spec.get("lr_schedule", "cosine"), "spec.lr_schedule", LR_SCHEDULES),
+        "normalize": _choice(spec.get("normalize", "standardize"), "spec.normalize", NORMALIZATIONS),
+        "deterministic": deterministic,
+        "amp": _choice(spec.get("amp", "none"), "spec.amp", AMP_MODES),
+        "checkpoint_every": _integer(
+            spec.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY), "spec.checkpoint_every", lo=0, hi=limits.max_epochs
+        ),
+        "workers": workers,
+        "min_workers": min_workers,
+        "backend": _choice(spec.get("backend", "auto"), "spec.backend", BACKENDS),
     }
 
 
@@ -377,4 +408,7 @@ def check_against_model(spec: dict[str, Any], model_task: Task | None) -> None:
 
 def needs_of(spec: dict[str, Any]) -> dict[str, Any]:
     """What a Ki must offer to run a task: an An matches it against Ki beats."""
-    return {"gpu": spec.get("device") == "cuda"}
+    needs: dict[str, Any] = {"gpu": spec.get("device") == "cuda"}
+    if spec.get("workers", 1) > 1:
+        needs["workers"] = spec["workers"]
+    return needs
