@@ -32,10 +32,10 @@ def test_default_digits_training_reaches_95_percent_and_its_weights_reload(tmp_p
     source = validate_spec({"kind": "train"}, LIMITS)
     result, weights, progress = train({}, tmp_path)
 
-    assert result["test_accuracy"] >= 0.95
+    assert result["test_accuracy"] >= 0.97
     assert result["problem"] == "classification" and result["classes"] == 10
     assert result["sample_shape"] == [8, 8] and result["device"] == "cpu"
-    assert [p["epoch"] for p in progress] == list(range(1, 21)) and result["epochs"] == progress
+    assert [p["epoch"] for p in progress] == list(range(1, 31)) and result["epochs"] == progress
     assert set(progress[-1]) == {"epoch", "epochs", "loss", "accuracy", "test_loss", "test_accuracy"}
     assert progress[-1]["loss"] < progress[0]["loss"]
 

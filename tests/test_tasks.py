@@ -10,7 +10,9 @@ LIMITS = Limits()
 def test_defaults_make_the_demo_training():
     spec = validate_spec({"kind": "train"}, LIMITS)
     assert spec["model"]["name"] == "mlp" and spec["dataset"]["name"] == "digits"
-    assert (spec["optimizer"], spec["lr"], spec["epochs"], spec["batch_size"], spec["seed"]) == ("adam", 1e-3, 20, 64, 0)
+    assert (spec["optimizer"], spec["lr"], spec["epochs"], spec["batch_size"], spec["seed"]) == ("adam", 3e-3, 30, 64, 0)
+    assert (spec["lr_schedule"], spec["normalize"], spec["deterministic"], spec["amp"]) == ("cosine", "standardize", "auto", "none")
+    assert (spec["workers"], spec["min_workers"], spec["backend"], spec["checkpoint_every"]) == (1, 1, "auto", 5)
     assert spec["dataset"]["sample_shape"] == [8, 8]
 
 
@@ -34,6 +36,14 @@ def test_defaults_make_the_demo_training():
         ({"kind": "infer", "model_task": "t", "inputs": [1.0, 2.0]}, "spec.inputs"),
         ({"kind": "infer", "model_task": "", "inputs": [[1.0]]}, "spec.model_task"),
         ({"kind": "echo", "max_attempts": 0}, "spec.max_attempts"),
+        ({"kind": "train", "deterministic": "yes"}, "spec.deterministic"),
+        ({"kind": "train", "amp": "fp16"}, "spec.amp"),
+        ({"kind": "train", "lr_schedule": "step"}, "spec.lr_schedule"),
+        ({"kind": "train", "workers": 0}, "spec.workers"),
+        ({"kind": "train", "workers": 2, "min_workers": 3}, "spec.min_workers"),
+        ({"kind": "train", "workers": 4, "batch_size": 2}, "spec.batch_size"),
+        ({"kind": "train", "backend": "mpi"}, "spec.backend"),
+        ({"kind": "train", "checkpoint_every": -1}, "spec.checkpoint_every"),
     ],
 )
 def test_invalid_fields_are_named(raw, path):
