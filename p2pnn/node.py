@@ -38,14 +38,12 @@ from p2pnn.compute.pool import DEFAULT_RENDEZVOUS_HOST, KiPool
 from p2pnn.config import Config, ConfigError
 from p2pnn.control.swarm import OnAssignment, SwarmNode
 from p2pnn.credential import SwarmCredential
-from p2pnn.dispatch import KiRunner, Sweeper
 from p2pnn.membership.records import capabilities
 from p2pnn.metrics import Metrics
-from p2pnn.roles import ROLES, RoleHost
-from p2pnn.scheduling import Dispatcher, KiAgent
 from p2pnn.service import TaskService
 from p2pnn.store import StoreError, TaskStore, open_store
 from p2pnn.tasks import Limits
+from p2pnn.work import ROLES, Dispatcher, KiAgent, KiRunner, RoleHost, Sweeper
 
 log = logs.get(__name__)
 

@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable
 
 from p2pnn import logs
-from p2pnn.api.auth import Caller
+from p2pnn.callers import Caller
 from p2pnn.bus import CANCEL, TaskBus
 from p2pnn.store import NewTask, TaskStore
 from p2pnn.tasks import Limits, SpecError, State, Task, check_against_model, needs_of, validate_spec

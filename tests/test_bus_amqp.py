@@ -11,10 +11,10 @@ import time
 import pytest
 import trio
 
-from p2pnn.api.auth import Caller
+from p2pnn.callers import Caller
 from p2pnn.bus import BusError, ki_queue
 from p2pnn.bus.amqp import AmqpBus, AmqpSettings
-from p2pnn.dispatch import Sweeper
+from p2pnn.work.sweeper import Sweeper
 from p2pnn.metrics import Metrics
 from p2pnn.service import TaskService
 from p2pnn.store import open_store

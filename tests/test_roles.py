@@ -3,7 +3,7 @@
 import pytest
 import trio
 
-from p2pnn.roles import RoleHost
+from p2pnn.work.roles import RoleHost
 
 
 async def test_roles_start_and_stop_independently(nursery):

@@ -6,7 +6,7 @@ import trio
 
 from p2pnn.bus import BEATS, LocalBus, ki_queue
 from p2pnn.metrics import Metrics
-from p2pnn.scheduling import Dispatcher
+from p2pnn.work.an import Dispatcher
 
 AN = "an-1"
 
@@ -64,7 +64,7 @@ async def test_a_ki_claims_a_task_marked_queued_between_its_claim_and_its_look()
     import dataclasses
     from types import SimpleNamespace
 
-    from p2pnn.dispatch import KiRunner
+    from p2pnn.work.ki import KiRunner
     from p2pnn.tasks import State, Task
 
     queued = Task(id="t1", kind="echo", spec={"kind": "echo"}, owner="o", state=State.QUEUED, attempts=0,

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
 
 from p2pnn import identity
+from p2pnn.callers import ROLES, Caller
 from p2pnn.config import Config
-
-ROLES = ("viewer", "operator", "admin")
-
 
 class AuthError(Exception):
     """The request is not authenticated (401) or not allowed (403)."""
@@ -29,18 +26,6 @@ class AuthError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass(frozen=True)
-class Caller:
-    sub: str
-    role: str
-
-    def at_least(self, role: str) -> bool:
-        return ROLES.index(self.role) >= ROLES.index(role)
-
-
-ANONYMOUS_ADMIN = Caller(sub="insecure", role="admin")  # every caller of an --insecure node
 
 
 class Authenticator:

@@ -1,16 +1,10 @@
-"""Fan-out in a swarm: Ki beats, and the An that places tasks on Ki by their free capacity.
+"""The An: places tasks from the swarm's shared queue on Ki, by their free capacity.
 
-KiAgent     the Ki role on a swarm bus: runs the KiRunner on the Ki's own
-            queue, beats its capacity (slots, tasks in hand, deliveries
-            received per An, capabilities, the An it is attached to) on the
-            ``beats`` topic, and stops tasks named on the ``cancel`` topic.
-            ``attach(an_id)`` is the hook the control plane uses to move a
-            Ki between An at runtime.
-Dispatcher  the An role: consumes the shared task queue, picks for each task
-            the capable Ki with the most free slots (as beats report them,
-            minus what it forwarded since), forwards the task to that Ki's
-            queue with a confirmed publish and only then acks it. An An that
-            dies before the ack gets its messages redelivered to another.
+Dispatcher  consumes the shared task queue, picks for each task the capable
+            Ki with the most free slots (as beats report them, minus what it
+            forwarded since), forwards the task to that Ki's queue with a
+            confirmed publish and only then acks it. An An that dies before
+            the ack gets its messages redelivered to another.
 
 How an An counts what a Ki has room for: ``free = slots - busy - in
 flight``, where ``in flight`` is what this An forwarded that the Ki's last
@@ -26,97 +20,27 @@ import collections
 import os
 import random
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import trio
 
 from p2pnn import logs
-from p2pnn.bus import BEATS, CANCEL, TASKS, BusError, Delivery, Inbox, TaskBus, ki_queue
-from p2pnn.dispatch import KiRunner
-from p2pnn.membership.records import capabilities as machine_capabilities
+from p2pnn.bus import BEATS, TASKS, BusError, Delivery, Inbox, TaskBus, ki_queue
 from p2pnn.metrics import Metrics
 from p2pnn.store import StoreError, TaskStore
 from p2pnn.tasks import TERMINAL, needs_of
 
 log = logs.get(__name__)
 
-BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
 WAIT_FOR_ROOM = 0.5  # how long an An waits for a beat before looking at its Ki again
 BUS_RETRY_SECONDS = 0.5  # pause after a forward failed (broker away)
-
-
-def capabilities() -> dict[str, Any]:
-    """What placement looks at, taken from the machine's capabilities (those its node record carries)."""
-    caps = machine_capabilities()
-    return {"gpu": bool(caps["gpus"]), "memory_mb": caps["memory_bytes"] // (1024 * 1024)}
 
 
 def can_run(caps: dict[str, Any], needs: dict[str, Any]) -> bool:
     if needs.get("gpu") and not caps.get("gpu"):
         return False
     return int(needs.get("memory_mb", 0)) <= int(caps.get("memory_mb", 0) or 1 << 40)
-
-
-class KiAgent:
-    """Resource handling: ``run`` runs the KiRunner, the beat loop and the cancel
-    listener in one nursery; cancelling it hands running tasks back (KiRunner).
-    """
-
-    def __init__(self, *, runner: KiRunner, bus: TaskBus, beat_interval: float, an_id: str | None = None) -> None:
-        self.runner = runner
-        self.bus = bus
-        self.beat_interval = beat_interval
-        self.an_id = an_id
-        self.boot = uuid.uuid4().hex[:12]  # tells an An that counters restarted
-        self.caps = capabilities()
-        self._changed = trio.Event()
-        runner.on_change = self._on_change
-
-    def attach(self, an_id: str | None) -> None:
-        """Work for ``an_id`` from the next beat on (None: for any An that sees the beats).
-
-        The hook for role assignment: an An only forwards to Ki attached to it or to none.
-        """
-        if an_id != self.an_id:
-            log.info("ki.attached", an=an_id)
-        self.an_id = an_id
-        self._on_change()
-
-    def _on_change(self) -> None:
-        self._changed.set()
-
-    def beat(self) -> dict[str, Any]:
-        r = self.runner
-        return {
-            "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand,
-            "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
-        }
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.runner.run)
-            await nursery.start(self._listen_for_cancels)
-            nursery.start_soon(self._beat_loop)
-            task_status.started()
-
-    async def _beat_loop(self) -> None:
-        while True:
-            self._changed = trio.Event()
-            await self.bus.broadcast(BEATS, self.beat())
-            with trio.move_on_after(self.beat_interval):
-                await self._changed.wait()
-            await trio.sleep(BEAT_MIN_GAP)
-
-    async def _listen_for_cancels(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.bus.subscribe(CANCEL) as cancels:
-            task_status.started()
-            while True:
-                message = await cancels.receive()
-                task_id = str(message.get("id", ""))
-                if self.runner.cancel_local(task_id):
-                    log.info("task.cancel_received", task_id=task_id)
 
 
 @dataclass

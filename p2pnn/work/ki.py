@@ -1,27 +1,30 @@
-"""Running tasks: the Ki side (lease, run in the pool, report) and the sweeper.
+"""The Ki: takes tasks from its queue, runs them in the worker pool, reports.
 
 KiRunner  takes deliveries while a worker slot is free, claims each task in
           the store (the lease, not the message, covers it from then on),
           acks, runs it in the KiPool, renews the lease, records the outcome.
-Sweeper   the principal's chore: re-queues tasks whose lease lapsed and
-          re-publishes tasks left ``pending`` by a failed publish (and, on a
-          durable bus, ``queued`` tasks untouched for ``queued_after``).
-          Every transition it makes is conditional, so a standby sweeper on
-          another node may run beside it.
+KiAgent   the Ki role on a swarm bus: runs the KiRunner on the Ki's own
+          queue, beats its capacity (slots, tasks in hand, deliveries
+          received per An, capabilities, the An it is attached to) on the
+          ``beats`` topic, and stops tasks named on the ``cancel`` topic.
+          ``attach(an_id)`` is the hook the control plane uses to move a Ki
+          between An at runtime.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Callable
 
 import trio
 
 from p2pnn import logs
-from p2pnn.bus import TASKS, BusError, Delivery, Inbox, TaskBus
+from p2pnn.bus import BEATS, CANCEL, TASKS, BusError, Delivery, Inbox, TaskBus
 from p2pnn.compute.pool import Job, KiPool, Outcome
+from p2pnn.membership.records import capabilities as machine_capabilities
 from p2pnn.metrics import Metrics
-from p2pnn.store import Fence, StoreError, TaskStore
+from p2pnn.store import StoreError, TaskStore
 from p2pnn.tasks import State, Task
 
 log = logs.get(__name__)
@@ -30,11 +33,11 @@ MODEL_ARTIFACT = "model.safetensors"
 RENEWALS_PER_LEASE = 3  # renew well before expiry: two renewals may fail before the lease lapses
 STORE_RETRY_SECONDS = 1.0  # back-off when the store is unreachable
 HANDBACK_SECONDS = 5.0  # how long a clean shutdown may spend handing running tasks back
-REPUBLISH_PAGE = 500  # queued tasks read per page when re-publishing them all at start
 # A message can arrive before the API has marked its task queued (publish, then mark):
 # claim again for about a second; a task still pending after that is the sweeper's to publish again.
 PENDING_CLAIM_TRIES = 20
 PENDING_CLAIM_PAUSE = 0.05
+BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
 
 
 class KiRunner:
@@ -243,102 +246,67 @@ class KiRunner:
                  seconds=round(seconds, 3), error=outcome.error)
 
 
-class Sweeper:
-    """Re-queues lapsed leases and re-publishes stranded ``pending`` tasks.
+def capabilities() -> dict[str, Any]:
+    """What placement looks at, taken from the machine's capabilities (those its node record carries)."""
+    caps = machine_capabilities()
+    return {"gpu": bool(caps["gpus"]), "memory_mb": caps["memory_bytes"] // (1024 * 1024)}
 
-    ``republish_queued`` is for a bus that forgets on restart (the in-process
-    queue): at start every ``queued`` task is published again; duplicates are
-    harmless because a claim is conditional.
+
+class KiAgent:
+    """Resource handling: ``run`` runs the KiRunner, the beat loop and the cancel
+    listener in one nursery; cancelling it hands running tasks back (KiRunner).
     """
 
-    def __init__(
-        self,
-        *,
-        store: TaskStore,
-        publish: Callable[[list[str]], Any],
-        metrics: Metrics,
-        interval: float,
-        pending_after: float,
-        republish_queued: bool,
-        queued_after: float = 0.0,
-        active: Callable[[], bool] = lambda: True,
-        fence: Callable[[], Fence | None] | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.store = store
-        self.queued_after = queued_after
-        self._resent: dict[str, float] = {}
-        self.active = active
-        # In a swarm, sweeping is a principal's action: it happens only under a lease that still
-        # holds (checked by the store in the same transaction). None: no fence (a lone node, or
-        # roles from configuration).
-        self._fence = fence
-        self._publish = publish
-        self.metrics = metrics
-        self.interval = interval
-        self.pending_after = pending_after
-        self.republish_queued = republish_queued
-        self._clock = clock
+    def __init__(self, *, runner: KiRunner, bus: TaskBus, beat_interval: float, an_id: str | None = None) -> None:
+        self.runner = runner
+        self.bus = bus
+        self.beat_interval = beat_interval
+        self.an_id = an_id
+        self.boot = uuid.uuid4().hex[:12]  # tells an An that counters restarted
+        self.caps = capabilities()
+        self._changed = trio.Event()
+        runner.on_change = self._on_change
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        if self.republish_queued:
-            await self._republish_all_queued()
-        task_status.started()
+    def attach(self, an_id: str | None) -> None:
+        """Work for ``an_id`` from the next beat on (None: for any An that sees the beats).
+
+        The hook for role assignment: an An only forwards to Ki attached to it or to none.
+        """
+        if an_id != self.an_id:
+            log.info("ki.attached", an=an_id)
+        self.an_id = an_id
+        self._on_change()
+
+    def _on_change(self) -> None:
+        self._changed.set()
+
+    def beat(self) -> dict[str, Any]:
+        r = self.runner
+        return {
+            "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand,
+            "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
+        }
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.runner.run)
+            await nursery.start(self._listen_for_cancels)
+            nursery.start_soon(self._beat_loop)
+            task_status.started()
+
+    async def _beat_loop(self) -> None:
         while True:
-            try:
-                if self.active():
-                    await self.sweep()
-            except StoreError as exc:
-                log.warning("sweeper.store_unreachable", error=str(exc))
-            await trio.sleep(self.interval)
+            self._changed = trio.Event()
+            await self.bus.broadcast(BEATS, self.beat())
+            with trio.move_on_after(self.beat_interval):
+                await self._changed.wait()
+            await trio.sleep(BEAT_MIN_GAP)
 
-    async def sweep(self) -> None:
-        fence = self._fence() if self._fence is not None else None
-        if self._fence is not None and fence is None:
-            log.debug("sweeper.not_leading")
-            return
-        expired = await self.store.expire_leases(now=self._clock(), fence=fence)
-        for task_id, state in expired:
-            self.metrics.lease_expiries.inc()
-            log.warning("task.lease_expired", task_id=task_id, new_state=state.value)
-        requeued = [task_id for task_id, state in expired if state is State.QUEUED]
-        if requeued:
-            await self._publish(requeued)
-        await self._republish(State.PENDING, older_than=self._clock() - self.pending_after)
-        if self.queued_after:  # a durable bus should not lose a message; if one was lost anyway, this finds it
-            await self._republish_stale_queued()
-
-    async def _republish_all_queued(self) -> None:
-        # Page through them: publishing leaves a queued task queued, so "the oldest N" would repeat.
-        cursor, total = None, 0
-        while True:
-            page = await self.store.list(state=State.QUEUED, limit=REPUBLISH_PAGE, cursor=cursor)
-            if page.tasks:
-                total += len(page.tasks)
-                await self._publish([t.id for t in page.tasks])
-            cursor = page.next_cursor
-            if cursor is None:
-                break
-        if total:
-            self.metrics.republished.inc(total)
-            log.info("sweeper.republish", state=State.QUEUED.value, tasks=total)
-
-    async def _republish_stale_queued(self) -> None:
-        # Publishing leaves a queued task's row as it was: remember what was sent, so each stale
-        # task is published once per ``queued_after``, not on every sweep.
-        now = self._clock()
-        self._resent = {t: at for t, at in self._resent.items() if at > now - self.queued_after}
-        ids = [t for t in await self.store.ids_in_state(State.QUEUED, older_than=now - self.queued_after)
-               if t not in self._resent]
-        if ids:
-            self._resent.update(dict.fromkeys(ids, now))
-            self.metrics.republished.inc(len(ids))
-            log.info("sweeper.republish", state=State.QUEUED.value, tasks=len(ids))
-            await self._publish(ids)
-
-    async def _republish(self, state: State, *, older_than: float) -> None:
-        ids = await self.store.ids_in_state(state, older_than=older_than)
-        if ids:
-            self.metrics.republished.inc(len(ids))
-            log.info("sweeper.republish", state=state.value, tasks=len(ids))
-            await self._publish(ids)
+    async def _listen_for_cancels(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with self.bus.subscribe(CANCEL) as cancels:
+            task_status.started()
+            while True:
+                message = await cancels.receive()
+                task_id = str(message.get("id", ""))
+                if self.runner.cancel_local(task_id):
+                    log.info("task.cancel_received", task_id=task_id)

@@ -1,0 +1,126 @@
+"""Tasks: submit, list, get, cancel and artifacts under /api/v1, and the original /tasks routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from p2pnn.api.http import ApiContext, ApiError, json_response
+from p2pnn.service import Forbidden, request_hash
+from p2pnn.tasks import State
+
+MAX_PAGE = 500  # tasks in one page of GET /tasks
+MAX_IDEMPOTENCY_KEY = 200  # characters; longer keys are refused rather than truncated
+
+
+def page_args() -> dict[str, Any]:
+    """The list filters of the current request. Error handling: ApiError 400 naming the bad argument."""
+    args = request.args
+    out: dict[str, Any] = {}
+    if "state" in args:
+        try:
+            out["state"] = State(args["state"])
+        except ValueError:
+            raise ApiError(400, "invalid state", f"state must be one of {', '.join(s.value for s in State)}") from None
+    if "kind" in args:
+        out["kind"] = args["kind"]
+    if "owner" in args:
+        out["owner"] = args["owner"]
+    try:
+        out["limit"] = int(args.get("limit", "100"))
+    except ValueError:
+        raise ApiError(400, "invalid limit", "limit must be an integer") from None
+    if not 1 <= out["limit"] <= MAX_PAGE:
+        raise ApiError(400, "invalid limit", f"limit must be between 1 and {MAX_PAGE}")
+    if "cursor" in args:
+        out["cursor"] = args["cursor"]
+    return out
+
+
+def blueprint(ctx: ApiContext) -> Blueprint:
+    bp = Blueprint("tasks", __name__)
+    service = ctx.service
+
+    async def list_page() -> dict[str, Any]:
+        try:
+            page = await service.store.list(**page_args())
+        except ValueError as exc:  # a cursor this store did not make
+            raise ApiError(400, "invalid cursor", str(exc)) from None
+        return {"tasks": [t.to_json() for t in page.tasks], "next_cursor": page.next_cursor}
+
+    # --- the original routes ---
+
+    @bp.get("/tasks")
+    async def legacy_list() -> Response:
+        ctx.caller("viewer")
+        return json_response((await list_page())["tasks"])
+
+    @bp.post("/tasks")
+    async def legacy_submit() -> Response:
+        who = ctx.caller("operator")
+        body = await ctx.json_body()
+        if not isinstance(body, dict) or "task_data" not in body:
+            raise ApiError(400, "invalid body", 'expected {"task_data": <spec object or string>}')
+        data = body["task_data"]
+        if isinstance(data, str):
+            data = {"kind": "echo", "payload": data}
+        elif not isinstance(data, dict):
+            raise ApiError(400, "invalid task_data", "task_data must be a task spec object or a string")
+        tasks, _ = await service.submit([data], who)
+        return json_response(tasks[0].to_json(), 201)
+
+    @bp.delete("/tasks/<task_id>")
+    async def legacy_delete(task_id: str) -> Response:
+        return await cancel(task_id)
+
+    # --- /api/v1 ---
+
+    @bp.post("/api/v1/tasks")
+    async def submit() -> Response:
+        who = ctx.caller("operator")
+        body = await ctx.json_body()
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+            raise ApiError(400, "invalid Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        specs = body if isinstance(body, list) else [body]
+        tasks, created = await service.submit(specs, who, idempotency_key=key, body_hash=request_hash(body))
+        status = 201 if created else 200
+        if isinstance(body, list):
+            return json_response({"tasks": [t.to_json() for t in tasks]}, status)
+        return json_response(tasks[0].to_json(), status)
+
+    @bp.get("/api/v1/tasks")
+    async def list_tasks() -> Response:
+        ctx.caller("viewer")
+        return json_response(await list_page())
+
+    @bp.get("/api/v1/tasks/<task_id>")
+    async def get_task(task_id: str) -> Response:
+        ctx.caller("viewer")
+        return json_response((await ctx.task_or_404(task_id)).to_json())
+
+    @bp.delete("/api/v1/tasks/<task_id>")
+    async def cancel(task_id: str) -> Response:
+        who = ctx.caller("operator")
+        try:
+            task = await service.cancel(task_id, who)
+        except Forbidden as exc:
+            raise ApiError(403, "forbidden", str(exc)) from None
+        if task is None:
+            raise ApiError(404, "no such task", task_id)
+        return json_response(task.to_json())
+
+    @bp.get("/api/v1/tasks/<task_id>/artifacts/<name>")
+    async def artifact(task_id: str, name: str) -> Response:
+        ctx.caller("viewer")
+        await ctx.task_or_404(task_id)
+        data = await service.store.get_artifact(task_id, name)
+        if data is None:
+            raise ApiError(404, "no such artifact", f"task {task_id} has no artifact {name!r}")
+        return Response(
+            data, content_type="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+    return bp

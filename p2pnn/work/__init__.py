@@ -1,0 +1,19 @@
+"""The work plane: who runs which task, and what happens when nobody does.
+
+The An (an.py)            Dispatcher: places tasks from the shared queue on Ki
+                          by free slots and capability.
+The Ki (ki.py)            KiRunner: claims, runs in the worker pool, renews the
+                          lease, records the outcome; KiAgent: the Ki on a
+                          swarm bus (beats, cancels, attachment to an An).
+The sweeper (sweeper.py)  Sweeper: re-queues lapsed leases, re-publishes
+                          stranded tasks.
+Roles (roles.py)          RoleHost: starts and stops each role's service as
+                          the node's roles change.
+"""
+
+from p2pnn.work.an import Dispatcher, can_run
+from p2pnn.work.ki import MODEL_ARTIFACT, KiAgent, KiRunner, capabilities
+from p2pnn.work.roles import ROLES, RoleHost
+from p2pnn.work.sweeper import Sweeper
+
+__all__ = ["MODEL_ARTIFACT", "ROLES", "Dispatcher", "KiAgent", "KiRunner", "RoleHost", "Sweeper", "can_run", "capabilities"]
