@@ -414,5 +414,5 @@ def needs_of(spec: dict[str, Any]) -> dict[str, Any]:
     """What a Ki must offer to run a task: an An matches it against Ki beats."""
     needs: dict[str, Any] = {"gpu": spec.get("device") == "cuda"}
     if spec.get("workers", 1) > 1:
-        needs["workers"] = spec["workers"]
+        needs["workers"], needs["min_workers"] = spec["workers"], spec.get("min_workers", spec["workers"])
     return needs

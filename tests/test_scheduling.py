@@ -84,3 +84,26 @@ async def test_a_ki_claims_a_task_marked_queued_between_its_claim_and_its_look()
                       metrics=Metrics(), lease_seconds=3)
     task = await runner._claim("t1")
     assert task is not None and task.state is State.RUNNING
+
+
+async def test_a_group_goes_whole_to_one_ki_with_room_for_its_ranks():
+    bus = LocalBus()
+    async with trio.open_nursery() as nursery:
+        await _an(nursery, bus)
+        await bus.broadcast(BEATS, _beat("small", slots=1))
+        await bus.broadcast(BEATS, _beat("half-busy", slots=4, busy=3))
+        await bus.broadcast(BEATS, _beat("roomy", slots=3, busy=1))
+        await _settle()
+        group = {"workers": 2, "min_workers": 2}
+        await bus.publish(["g1"], headers={"g1": {"needs": group}})
+        await _settle()
+        # Only "roomy" has two free slots; "small" and "half-busy" would hold half a group.
+        assert [bus.depth(ki_queue(k)) for k in ("small", "half-busy", "roomy")] == [0, 0, 1]
+        # Four ranks asked for, two enough: a Ki with two slots runs it on both.
+        await bus.broadcast(BEATS, _beat("roomy", slots=3, busy=3, received=1))
+        await bus.broadcast(BEATS, _beat("pair", slots=2))
+        await _settle()
+        await bus.publish(["g2"], headers={"g2": {"needs": {"workers": 4, "min_workers": 2}}})
+        await _settle()
+        assert bus.depth(ki_queue("pair")) == 1 and bus.depth(ki_queue("small")) == 0
+        nursery.cancel_scope.cancel()

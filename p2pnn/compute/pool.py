@@ -128,7 +128,10 @@ class KiPool:
         # Held while a group's ranks are handed to workers, so two groups never each hold
         # part of the slots while waiting for the rest (gang placement: all ranks or none).
         self._gang_lock = trio.Lock()
+        # Unparked whenever a worker becomes idle: a group waits there for all its workers.
+        self._idle_lot = trio.lowlevel.ParkingLot()
         self._ports_in_use: set[int] = set()
+        self._port_lock = trio.Lock()
         self._preload_torch = preload_torch
         self._slots = slots
         self._torch_threads = torch_threads
@@ -192,7 +195,9 @@ class KiPool:
         try:
             with trio.CancelScope() as request.wait_scope:
                 try:
-                    await self._send_request.send(request)
+                    # Behind a group waiting for its workers, so that group cannot starve.
+                    async with self._gang_lock:
+                        await self._send_request.send(request)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return Outcome("crashed", error="the worker pool is not running", retryable=True)
             if request.wait_scope.cancelled_caught:
@@ -208,9 +213,10 @@ class KiPool:
         """Run ``job`` as a data-parallel group of ``workers`` ranks on this pool's slots
         (as ``torchrun --nproc-per-node`` would); the outcome is rank 0's.
 
-        Ranks are handed to workers all together: while one group's ranks are
-        being placed no other group's are, so two groups never each hold part
-        of the slots and wait for the rest. A rank that fails ends the group:
+        Ranks are handed to workers all together, once ``workers`` workers are
+        idle; meanwhile no other job is handed out, so two groups never each
+        hold part of the slots and wait for the rest, and single jobs cannot
+        starve a group. A rank that fails ends the group:
         the other ranks' workers are killed and the first failure is the
         outcome (``crashed`` ranks are retryable).
 
@@ -221,8 +227,8 @@ class KiPool:
             raise ValueError(f"task {job.task_id} is already executing in this pool")
         if not 1 <= workers <= self._slots:
             return Outcome("failed", error=f"spec.workers: {workers} ranks do not fit this node's {self._slots} slots")
-        # Chosen under the lock and remembered: two groups starting together never pick the same port.
-        async with self._gang_lock:
+        # Chosen under a lock and remembered: two groups starting together never pick the same port.
+        async with self._port_lock:
             port = await trio.to_thread.run_sync(
                 _free_port, self._rendezvous_host, [p for p in self._rendezvous_ports if p not in self._ports_in_use]
             )
@@ -240,17 +246,22 @@ class KiPool:
         outcomes: list[Outcome | None] = [None] * workers
         first_failure: list[Outcome] = []
         try:
-            async with self._gang_lock:
+            with trio.CancelScope() as waiting:
                 for request in requests:
-                    with trio.CancelScope() as request.wait_scope:
+                    request.wait_scope = waiting
+                async with self._gang_lock:
+                    # All ranks start together or none does: a rank handed out early would
+                    # sit at the rendezvous while a later one waited behind another task.
+                    while self._idle < workers:
+                        await self._idle_lot.park()
+                    for request in requests:
                         try:
                             await self._send_request.send(request)
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             return Outcome("crashed", error="the worker pool is not running", retryable=True)
-                    request.wait_scope = None
-                    if any(r.cancelled for r in requests):
-                        break
-            if any(r.cancelled for r in requests):
+            for request in requests:
+                request.wait_scope = None
+            if waiting.cancelled_caught:
                 return Outcome("cancelled", error="cancelled before it started")
 
             async def follow(rank: int) -> None:
@@ -345,6 +356,7 @@ class KiPool:
         """The next job, or None if the idle worker died first."""
         request = None
         self._idle += 1
+        self._idle_lot.unpark_all()
         try:
             async with trio.open_nursery() as nursery:
 

@@ -12,8 +12,8 @@ Roles (roles.py)          RoleHost: starts and stops each role's service as
 """
 
 from p2pnn.work.an import Dispatcher, can_run
-from p2pnn.work.ki import MODEL_ARTIFACT, KiAgent, KiRunner, capabilities
+from p2pnn.work.ki import CHECKPOINT_ARTIFACT, MODEL_ARTIFACT, KiAgent, KiRunner, capabilities
 from p2pnn.work.roles import ROLES, RoleHost
 from p2pnn.work.sweeper import Sweeper
 
-__all__ = ["MODEL_ARTIFACT", "ROLES", "Dispatcher", "KiAgent", "KiRunner", "RoleHost", "Sweeper", "can_run", "capabilities"]
+__all__ = ["CHECKPOINT_ARTIFACT", "MODEL_ARTIFACT", "ROLES", "Dispatcher", "KiAgent", "KiRunner", "RoleHost", "Sweeper", "can_run", "capabilities"]

@@ -6,6 +6,10 @@ Dispatcher  consumes the shared task queue, picks for each task the capable
             confirmed publish and only then acks it. An An that dies before
             the ack gets its messages redelivered to another.
 
+A data-parallel train task (``workers`` > 1) goes to one Ki with as many free
+slots as it will run ranks (``workers``, or all of a smaller Ki's slots down
+to ``min_workers``); the Ki runs the group on its slots.
+
 How an An counts what a Ki has room for: ``free = slots - busy - in
 flight``, where ``in flight`` is what this An forwarded that the Ki's last
 beat does not yet count as received. Forwards older than the Ki queue's
@@ -35,6 +39,13 @@ log = logs.get(__name__)
 
 WAIT_FOR_ROOM = 0.5  # how long an An waits for a beat before looking at its Ki again
 BUS_RETRY_SECONDS = 0.5  # pause after a forward failed (broker away)
+
+
+def group_ranks(slots: int, needs: dict[str, Any]) -> int | None:
+    """How many ranks of a task a Ki with ``slots`` would run (1 for a plain task); None if too few."""
+    workers = int(needs.get("workers", 1))
+    ranks = min(workers, slots)
+    return ranks if ranks >= int(needs.get("min_workers", workers)) else None
 
 
 def can_run(caps: dict[str, Any], needs: dict[str, Any]) -> bool:
@@ -145,9 +156,12 @@ class Dispatcher:
         now = self._clock()
         best, best_free = [], 0
         for ki in self._live_kis():
-            if not can_run(ki.caps, needs):
+            ranks = group_ranks(ki.slots, needs)
+            if not can_run(ki.caps, needs) or ranks is None:
                 continue
             free = ki.free(now, self.ki_message_ttl)
+            if free < ranks:  # a group starts with all its ranks or waits: never half of it here
+                continue
             if free > best_free:
                 best, best_free = [ki], free
             elif free == best_free and free > 0:

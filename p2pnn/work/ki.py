@@ -30,6 +30,8 @@ from p2pnn.tasks import State, Task
 log = logs.get(__name__)
 
 MODEL_ARTIFACT = "model.safetensors"
+# A train task's latest checkpoint (model, optimizer, epoch, RNG): its next attempt resumes from it.
+CHECKPOINT_ARTIFACT = "checkpoint.safetensors"
 RENEWALS_PER_LEASE = 3  # renew well before expiry: two renewals may fail before the lease lapses
 STORE_RETRY_SECONDS = 1.0  # back-off when the store is unreachable
 HANDBACK_SECONDS = 5.0  # how long a clean shutdown may spend handing running tasks back
@@ -77,6 +79,8 @@ class KiRunner:
         self._slots = trio.Semaphore(pool.slots) if pool.slots else None
         self.running: dict[str, int] = {}  # task id -> attempt
         self.in_hand = 0
+        # Slots busy beyond one per task in hand: the extra ranks of data-parallel groups running here.
+        self.group_ranks = 0
         self.received: dict[str, int] = {}  # forwarding An -> deliveries taken from it
         self.on_change: Callable[[], None] = lambda: None
 
@@ -155,7 +159,7 @@ class KiRunner:
             if job is not None:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._keep_lease, task.id, attempt)
-                    outcome = await self.pool.execute(job, lambda p: self._progress(task.id, attempt, p))
+                    outcome = await self._run(task, attempt, job)
                     nursery.cancel_scope.cancel()
                 # At shutdown the pool may stop the worker before we see the cancellation:
                 # that outcome is the shutdown's, not the task's, so hand the task back instead.
@@ -169,6 +173,46 @@ class KiRunner:
                 await self._hand_back(task.id, attempt)
             self.running.pop(task.id, None)
 
+    async def _run(self, task: Task, attempt: int, job: Job) -> Outcome:
+        """Run the job on the pool: one worker, or a group of ranks on this Ki's slots."""
+
+        async def progress(p: dict[str, Any]) -> None:
+            await self._progress(task.id, attempt, p)
+
+        async def checkpoint(epoch: int, data: bytes) -> None:
+            await self._checkpoint(task.id, attempt, epoch, data)
+
+        workers = int(task.spec.get("workers", 1)) if task.kind == "train" else 1
+        if workers <= 1:
+            return await self.pool.execute(job, progress, checkpoint)
+        # Fewer slots than ranks asked for: as many as fit, down to min_workers.
+        ranks = min(workers, self.pool.slots)
+        least = int(task.spec.get("min_workers", workers))
+        if ranks < least:
+            return Outcome("failed", error=f"spec.min_workers: {least} ranks do not fit this node's {self.pool.slots} slots")
+        self.group_ranks += ranks - 1
+        self.on_change()
+        try:
+            log.info("task.group", task_id=task.id, attempt=attempt, ranks=ranks, asked=workers)
+            return await self.pool.execute_group(job, ranks, progress, checkpoint)
+        finally:
+            self.group_ranks -= ranks - 1
+            self.on_change()
+
+    async def _checkpoint(self, task_id: str, attempt: int, epoch: int, data: bytes) -> None:
+        """Keep the attempt's latest checkpoint in the store, while the attempt still holds its lease."""
+        try:
+            held = await self.store.renew(
+                task_id, worker=self.node_id, attempt=attempt, now=self._clock(), lease_seconds=self.lease_seconds
+            )
+            if not held:  # a later attempt owns the task now: its checkpoints are the ones that count
+                return
+            await self.store.put_artifact(task_id, CHECKPOINT_ARTIFACT, data, now=self._clock())
+        except StoreError as exc:  # the previous checkpoint (or none) stays: a resume just redoes more epochs
+            log.warning("task.checkpoint_failed", task_id=task_id, epoch=epoch, error=str(exc))
+            return
+        log.info("task.checkpoint", task_id=task_id, attempt=attempt, epoch=epoch, bytes=len(data))
+
     async def _hand_back(self, task_id: str, attempt: int) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(HANDBACK_SECONDS):
             try:
@@ -178,7 +222,10 @@ class KiRunner:
                 log.warning("task.hand_back_failed", task_id=task_id, error=str(exc))
 
     async def _job(self, task: Task, attempt: int) -> Job | None:
-        model_file = source_spec = None
+        model_file = source_spec = resume_file = None
+        if task.kind == "train":
+            # An earlier attempt's checkpoint, if one was kept: this attempt starts after its epoch.
+            resume_file = await self.store.get_artifact(task.id, CHECKPOINT_ARTIFACT)
         if task.kind in ("evaluate", "infer"):
             source = await self.store.get(task.spec["model_task"])
             model_file = await self.store.get_artifact(task.spec["model_task"], MODEL_ARTIFACT)
@@ -189,7 +236,10 @@ class KiRunner:
                 )
                 return None
             source_spec = source.spec
-        return Job(task_id=task.id, attempt=attempt, spec=task.spec, model_file=model_file, source_spec=source_spec)
+        return Job(
+            task_id=task.id, attempt=attempt, spec=task.spec, model_file=model_file, source_spec=source_spec,
+            resume_file=resume_file,
+        )
 
     async def _progress(self, task_id: str, attempt: int, progress: dict[str, Any]) -> None:
         try:
@@ -283,7 +333,7 @@ class KiAgent:
     def beat(self) -> dict[str, Any]:
         r = self.runner
         return {
-            "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand,
+            "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand + r.group_ranks,
             "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
         }
 
