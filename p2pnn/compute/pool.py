@@ -61,6 +61,8 @@ Status = Literal["succeeded", "failed", "crashed", "cancelled", "timeout"]
 OnProgress = Callable[[dict[str, Any]], Awaitable[None]]
 # Awaited with the epoch and the bytes of each checkpoint a train job writes.
 OnCheckpoint = Callable[[int, bytes], Awaitable[None]]
+# Awaited with the address and port a group's rank 0 will listen on, before any rank starts.
+OnRendezvous = Callable[[str, int], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,10 @@ class KiPool:
         return self._slots
 
     @property
+    def rendezvous_timeout(self) -> float:
+        return self._rendezvous_timeout
+
+    @property
     def free_slots(self) -> int:
         """Slots whose worker is alive and waiting for a job."""
         return self._idle
@@ -208,51 +214,71 @@ class KiPool:
             self._forget(job.task_id, [request])
 
     async def execute_group(
-        self, job: Job, workers: int, on_progress: OnProgress, on_checkpoint: OnCheckpoint | None = None
+        self,
+        job: Job,
+        workers: int,
+        on_progress: OnProgress,
+        on_checkpoint: OnCheckpoint | None = None,
+        *,
+        ranks: range | None = None,
+        rendezvous: tuple[str, int] | None = None,
+        on_rendezvous: OnRendezvous | None = None,
     ) -> Outcome:
-        """Run ``job`` as a data-parallel group of ``workers`` ranks on this pool's slots
-        (as ``torchrun --nproc-per-node`` would); the outcome is rank 0's.
+        """Run ``ranks`` (default: all) of a data-parallel group of ``workers`` ranks on this
+        pool's slots; the outcome is that of the lowest rank here (rank 0's when it is here).
 
-        Ranks are handed to workers all together, once ``workers`` workers are
+        The group meets at ``rendezvous`` (rank 0's address and port, for the
+        ranks of a group whose rank 0 runs on another node); without it this
+        pool opens the rendezvous on its own address at a free port of its
+        range and awaits ``on_rendezvous(address, port)`` before any rank
+        starts, so the caller can tell the other nodes where to meet.
+
+        Ranks are handed to workers all together, once enough workers are
         idle; meanwhile no other job is handed out, so two groups never each
         hold part of the slots and wait for the rest, and single jobs cannot
-        starve a group. A rank that fails ends the group:
-        the other ranks' workers are killed and the first failure is the
-        outcome (``crashed`` ranks are retryable).
+        starve a group. A rank that fails ends the group here: the other
+        ranks' workers are killed and the first failure is the outcome
+        (``crashed`` ranks are retryable).
 
-        Error handling: ``failed`` at once when the group is larger than the
-        pool; otherwise as :meth:`execute`.
+        Error handling: ``failed`` at once when the ranks do not fit the pool;
+        otherwise as :meth:`execute`.
         """
         if job.task_id in self._requests:
             raise ValueError(f"task {job.task_id} is already executing in this pool")
-        if not 1 <= workers <= self._slots:
-            return Outcome("failed", error=f"spec.workers: {workers} ranks do not fit this node's {self._slots} slots")
-        # Chosen under a lock and remembered: two groups starting together never pick the same port.
-        async with self._port_lock:
-            port = await trio.to_thread.run_sync(
-                _free_port, self._rendezvous_host, [p for p in self._rendezvous_ports if p not in self._ports_in_use]
-            )
-            if port is None:
-                return Outcome("crashed", error="no free rendezvous port in the configured range", retryable=True)
-            self._ports_in_use.add(port)
+        ranks = range(workers) if ranks is None else ranks
+        if not 1 <= len(ranks) <= self._slots or not 0 <= ranks.start < ranks.stop <= workers:
+            return Outcome("failed", error=f"spec.workers: {len(ranks)} ranks do not fit this node's {self._slots} slots")
+        port = None
+        if rendezvous is None:
+            # Chosen under a lock and remembered: two groups starting together never pick the same port.
+            async with self._port_lock:
+                port = await trio.to_thread.run_sync(
+                    _free_port, self._rendezvous_host, [p for p in self._rendezvous_ports if p not in self._ports_in_use]
+                )
+                if port is None:
+                    return Outcome("crashed", error="no free rendezvous port in the configured range", retryable=True)
+                self._ports_in_use.add(port)
+            rendezvous = (self._rendezvous_host, port)
         requests = [
             _Request(dataclasses.replace(job, group={
-                "rank": rank, "world": workers, "address": self._rendezvous_host, "port": port,
+                "rank": rank, "world": workers, "address": rendezvous[0], "port": rendezvous[1],
                 "backend": job.spec.get("backend", "auto"), "timeout": self._rendezvous_timeout,
             }))
-            for rank in range(workers)
+            for rank in ranks
         ]
         self._requests[job.task_id] = requests
-        outcomes: list[Outcome | None] = [None] * workers
+        outcomes: list[Outcome | None] = [None] * len(requests)
         first_failure: list[Outcome] = []
         try:
+            if port is not None and on_rendezvous is not None:
+                await on_rendezvous(*rendezvous)
             with trio.CancelScope() as waiting:
                 for request in requests:
                     request.wait_scope = waiting
                 async with self._gang_lock:
                     # All ranks start together or none does: a rank handed out early would
                     # sit at the rendezvous while a later one waited behind another task.
-                    while self._idle < workers:
+                    while self._idle < len(requests):
                         await self._idle_lot.park()
                     for request in requests:
                         try:
@@ -264,26 +290,27 @@ class KiPool:
             if waiting.cancelled_caught:
                 return Outcome("cancelled", error="cancelled before it started")
 
-            async def follow(rank: int) -> None:
-                outcome = await self._follow(requests[rank], on_progress, on_checkpoint)
-                outcomes[rank] = outcome
+            async def follow(index: int) -> None:
+                outcome = await self._follow(requests[index], on_progress, on_checkpoint)
+                outcomes[index] = outcome
                 if outcome.status != "succeeded" and not first_failure:
                     first_failure.append(outcome)
-                    log.warning("pool.rank_failed", task_id=job.task_id, rank=rank, status=outcome.status,
+                    log.warning("pool.rank_failed", task_id=job.task_id, rank=ranks[index], status=outcome.status,
                                 error=outcome.error)
                     for other in requests:
-                        if other is not requests[rank] and not other.done:
+                        if other is not requests[index] and not other.done:
                             self._kill(other)  # peers would otherwise wait in a collective until it times out
 
             async with trio.open_nursery() as nursery:
-                for rank in range(workers):
-                    nursery.start_soon(follow, rank)
+                for index in range(len(requests)):
+                    nursery.start_soon(follow, index)
             if first_failure:
                 return first_failure[0]
             assert outcomes[0] is not None
             return outcomes[0]
         finally:
-            self._ports_in_use.discard(port)
+            if port is not None:
+                self._ports_in_use.discard(port)
             self._forget(job.task_id, requests)
 
     async def _follow(self, request: _Request, on_progress: OnProgress, on_checkpoint: OnCheckpoint | None) -> Outcome:

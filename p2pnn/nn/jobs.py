@@ -154,8 +154,9 @@ def run_train(
     try:
         with parallel.joined(group, device) as comm:
             return _train(spec, report, Path(workdir), limits, device, comm, resume_file, on_checkpoint, started)
-    except torch.distributed.DistError as exc:
-        # A peer vanished or never came: the placer may form the group again.
+    except RuntimeError as exc:
+        # A peer vanished or never came (gloo reports a closed connection as a plain
+        # RuntimeError, a timeout as DistError): the placer may form the group again.
         raise JobError(f"data-parallel group: {_one_line(exc)}", retryable=True) from None
 
 

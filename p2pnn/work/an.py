@@ -6,9 +6,14 @@ Dispatcher  consumes the shared task queue, picks for each task the capable
             confirmed publish and only then acks it. An An that dies before
             the ack gets its messages redelivered to another.
 
-A data-parallel train task (``workers`` > 1) goes to one Ki with as many free
-slots as it will run ranks (``workers``, or all of a smaller Ki's slots down
-to ``min_workers``); the Ki runs the group on its slots.
+A data-parallel train task (``workers`` > 1) is placed whole or not at all
+(:meth:`Dispatcher.plan_group`): its ranks go to distinct Ki first, then to
+more slots of Ki with room, and it waits until free slots hold every rank.
+It asks for ``workers`` ranks, or as many as the live capable Ki have slots
+for, down to ``min_workers``. Each Ki of the plan gets the task with a
+``group`` header (group id, size, its first rank and rank count); the first
+(rank 0's) claims the task and publishes where the group meets, the others
+join it.
 
 How an An counts what a Ki has room for: ``free = slots - busy - in
 flight``, where ``in flight`` is what this An forwarded that the Ki's last
@@ -24,6 +29,7 @@ import collections
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,19 +39,12 @@ from p2pnn import logs
 from p2pnn.bus import BEATS, TASKS, BusError, Delivery, Inbox, TaskBus, ki_queue
 from p2pnn.metrics import Metrics
 from p2pnn.store import StoreError, TaskStore
-from p2pnn.tasks import TERMINAL, needs_of
+from p2pnn.tasks import TERMINAL, State, needs_of
 
 log = logs.get(__name__)
 
 WAIT_FOR_ROOM = 0.5  # how long an An waits for a beat before looking at its Ki again
 BUS_RETRY_SECONDS = 0.5  # pause after a forward failed (broker away)
-
-
-def group_ranks(slots: int, needs: dict[str, Any]) -> int | None:
-    """How many ranks of a task a Ki with ``slots`` would run (1 for a plain task); None if too few."""
-    workers = int(needs.get("workers", 1))
-    ranks = min(workers, slots)
-    return ranks if ranks >= int(needs.get("min_workers", workers)) else None
 
 
 def can_run(caps: dict[str, Any], needs: dict[str, Any]) -> bool:
@@ -156,20 +155,82 @@ class Dispatcher:
         now = self._clock()
         best, best_free = [], 0
         for ki in self._live_kis():
-            ranks = group_ranks(ki.slots, needs)
-            if not can_run(ki.caps, needs) or ranks is None:
+            if not can_run(ki.caps, needs):
                 continue
             free = ki.free(now, self.ki_message_ttl)
-            if free < ranks:  # a group starts with all its ranks or waits: never half of it here
-                continue
             if free > best_free:
                 best, best_free = [ki], free
             elif free == best_free and free > 0:
                 best.append(ki)
         return self._rng.choice(best) if best else None
 
+    def plan_group(self, needs: dict[str, Any]) -> list[tuple[_KiView, int]] | None:
+        """Where a group's ranks go: ``[(ki, ranks), ...]``, rank 0's Ki first; None to wait.
+
+        The size is ``workers``, or the slots of every live capable Ki when they
+        are fewer, never below ``min_workers`` (then None until more Ki come).
+        Ranks spread over distinct Ki first, most free slots first, then fill
+        more slots of the same Ki; None while free slots cannot hold them all.
+        """
+        now = self._clock()
+        kis = [k for k in self._live_kis() if can_run(k.caps, needs)]
+        workers = int(needs.get("workers", 1))
+        size = min(workers, sum(k.slots for k in kis))
+        if size < int(needs.get("min_workers", workers)) or size < 1:
+            return None
+        free = {k.node: k.free(now, self.ki_message_ttl) for k in kis}
+        self._rng.shuffle(kis)  # ties broken at random, so groups do not all lead from one Ki
+        ordered = sorted((k for k in kis if free[k.node] > 0), key=lambda k: -free[k.node])
+        plan: dict[str, int] = {}
+        left = size
+        while left:
+            placed = 0
+            for ki in ordered:
+                if left and plan.get(ki.node, 0) < free[ki.node]:
+                    plan[ki.node] = plan.get(ki.node, 0) + 1
+                    left -= 1
+                    placed += 1
+            if not placed:
+                return None
+        return [(ki, plan[ki.node]) for ki in ordered if ki.node in plan]
+
+    async def _forward_group(
+        self, inbox: Inbox, delivery: Delivery, needs: dict[str, Any], plan: list[tuple[_KiView, int]]
+    ) -> None:
+        """Send each Ki of the plan its part of the group; ack the shared queue's message once all hold theirs."""
+        group_id = uuid.uuid4().hex
+        world = sum(ranks for _, ranks in plan)
+        first = 0
+        try:
+            for ki, ranks in plan:
+                group = {"id": group_id, "world": world, "first": first, "ranks": ranks, "leader": plan[0][0].node}
+                headers = {delivery.task_id: {"an": self.node_id, "needs": needs, "group": group}}
+                await self.bus.publish([delivery.task_id], queue=ki_queue(ki.node), headers=headers)
+                # One per rank: the Ki counts a group's part as that many received (see KiRunner.run).
+                ki.in_flight.extend([self._clock()] * ranks)
+                self.metrics.forwarded.labels(ki=ki.node[:12]).inc()
+                first += ranks
+        except BusError as exc:
+            # Parts already sent find no rendezvous (or no peers) and give up; the task comes back here.
+            log.warning("an.forward_failed", task_id=delivery.task_id, group=group_id, error=str(exc))
+            await inbox.nack(delivery)
+            self._held -= 1
+            await trio.sleep(BUS_RETRY_SECONDS)
+            return
+        log.info("an.group_placed", task_id=delivery.task_id, group=group_id, world=world,
+                 kis={ki.node[:12]: ranks for ki, ranks in plan})
+        await inbox.ack(delivery)
+        self._held -= 1
+
     async def _needs(self, delivery: Delivery) -> dict[str, Any] | None:
         """What the task needs; None when it no longer needs running (finished, cancelled, unknown)."""
+        if "group" in delivery.headers:
+            # A group's part back from a Ki's queue (its Ki died or was too slow): the group
+            # either formed without it and failed, or never formed; the store says which.
+            task = await self.store.get(delivery.task_id)
+            if task is None or task.state not in (State.PENDING, State.QUEUED):
+                return None
+            return needs_of(task.spec)
         if "needs" in delivery.headers:
             return dict(delivery.headers["needs"])
         task = await self.store.get(delivery.task_id)  # re-published by a sweeper: no headers
@@ -192,6 +253,13 @@ class Dispatcher:
                 self.metrics.stale_deliveries.inc()
                 await inbox.ack(delivery)
                 self._held -= 1
+                continue
+            if int(needs.get("workers", 1)) > 1:
+                while (plan := self.plan_group(needs)) is None:
+                    await self._forward(inbox, placed)
+                    with trio.move_on_after(WAIT_FOR_ROOM):
+                        await self._beat_arrived.wait()
+                await self._forward_group(inbox, delivery, needs, plan)
                 continue
             while (ki := self.pick(needs)) is None:
                 await self._forward(inbox, placed)  # what is placed goes now, not after the wait

@@ -13,6 +13,7 @@ KiAgent   the Ki role on a swarm bus: runs the KiRunner on the Ki's own
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Callable
@@ -25,13 +26,16 @@ from p2pnn.compute.pool import Job, KiPool, Outcome
 from p2pnn.membership.records import capabilities as machine_capabilities
 from p2pnn.metrics import Metrics
 from p2pnn.store import StoreError, TaskStore
-from p2pnn.tasks import State, Task
+from p2pnn.tasks import TERMINAL, State, Task
 
 log = logs.get(__name__)
 
 MODEL_ARTIFACT = "model.safetensors"
 # A train task's latest checkpoint (model, optimizer, epoch, RNG): its next attempt resumes from it.
 CHECKPOINT_ARTIFACT = "checkpoint.safetensors"
+# Where a data-parallel group spread over several Ki meets: rank 0's Ki writes it, the others read it.
+RENDEZVOUS_ARTIFACT = "rendezvous.json"
+RENDEZVOUS_POLL_SECONDS = 0.2  # how often a joining Ki looks for the rendezvous in the store
 RENEWALS_PER_LEASE = 3  # renew well before expiry: two renewals may fail before the lease lapses
 STORE_RETRY_SECONDS = 1.0  # back-off when the store is unreachable
 HANDBACK_SECONDS = 5.0  # how long a clean shutdown may spend handing running tasks back
@@ -40,6 +44,12 @@ HANDBACK_SECONDS = 5.0  # how long a clean shutdown may spend handing running ta
 PENDING_CLAIM_TRIES = 20
 PENDING_CLAIM_PAUSE = 0.05
 BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
+
+
+def _group_of(delivery: Delivery) -> dict[str, Any]:
+    """The ``group`` header an An puts on its part of a data-parallel task ({} for any other)."""
+    group = delivery.headers.get("group")
+    return group if isinstance(group, dict) else {}
 
 
 class KiRunner:
@@ -99,7 +109,8 @@ class KiRunner:
                 delivery = await inbox.receive()
                 self.in_hand += 1
                 an = str(delivery.headers.get("an", ""))
-                self.received[an] = self.received.get(an, 0) + 1
+                # A group's part counts as its ranks: the An reserved that many slots for it.
+                self.received[an] = self.received.get(an, 0) + _group_of(delivery).get("ranks", 1)
                 self.on_change()
                 nursery.start_soon(self._handle, inbox, delivery)
 
@@ -115,7 +126,13 @@ class KiRunner:
                 self._slots.release()
                 self.on_change()
 
+        group = _group_of(delivery)
         try:
+            if group.get("first", 0) > 0:
+                # Ranks of a group whose rank 0 runs on another Ki: that Ki holds the task's lease.
+                await inbox.ack(delivery)
+                await self._join_group(delivery.task_id, group, free_slot)
+                return
             try:
                 task = await self._claim(delivery.task_id)
             except StoreError as exc:
@@ -126,7 +143,7 @@ class KiRunner:
             # From here the lease, not the message, covers the task: a run may outlast any broker timeout.
             await inbox.ack(delivery)
             if task is not None:
-                await self._execute(task, free_slot)
+                await self._execute(task, free_slot, group)
             else:  # taken elsewhere, cancelled or finished meanwhile: a duplicate message
                 self.metrics.stale_deliveries.inc()
         finally:
@@ -145,7 +162,9 @@ class KiRunner:
             # QUEUED: marked between our claim and our look; claim again at once.
         return None
 
-    async def _execute(self, task: Task, worker_free: Callable[[], None] = lambda: None) -> None:
+    async def _execute(
+        self, task: Task, worker_free: Callable[[], None] = lambda: None, group: dict[str, Any] | None = None
+    ) -> None:
         """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
         so the next task can be taken while this one's outcome is being recorded."""
         attempt = task.attempts
@@ -159,7 +178,7 @@ class KiRunner:
             if job is not None:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._keep_lease, task.id, attempt)
-                    outcome = await self._run(task, attempt, job)
+                    outcome = await self._run(task, attempt, job, group or {})
                     nursery.cancel_scope.cancel()
                 # At shutdown the pool may stop the worker before we see the cancellation:
                 # that outcome is the shutdown's, not the task's, so hand the task back instead.
@@ -173,8 +192,8 @@ class KiRunner:
                 await self._hand_back(task.id, attempt)
             self.running.pop(task.id, None)
 
-    async def _run(self, task: Task, attempt: int, job: Job) -> Outcome:
-        """Run the job on the pool: one worker, or a group of ranks on this Ki's slots."""
+    async def _run(self, task: Task, attempt: int, job: Job, group: dict[str, Any]) -> Outcome:
+        """Run the job on the pool: one worker, or rank 0 (and maybe more ranks) of a group."""
 
         async def progress(p: dict[str, Any]) -> None:
             await self._progress(task.id, attempt, p)
@@ -182,22 +201,92 @@ class KiRunner:
         async def checkpoint(epoch: int, data: bytes) -> None:
             await self._checkpoint(task.id, attempt, epoch, data)
 
+        async def publish(address: str, port: int) -> None:
+            # Where the other Ki's ranks meet rank 0; they read it from the store.
+            record = {"group": group.get("id"), "attempt": attempt, "address": address, "port": port}
+            try:
+                await self.store.put_artifact(task.id, RENDEZVOUS_ARTIFACT, json.dumps(record).encode(), now=self._clock())
+            except StoreError as exc:  # the others never come: rank 0 times out and the task is retried
+                log.warning("store.rendezvous_failed", task_id=task.id, error=str(exc))
+
         workers = int(task.spec.get("workers", 1)) if task.kind == "train" else 1
         if workers <= 1:
             return await self.pool.execute(job, progress, checkpoint)
-        # Fewer slots than ranks asked for: as many as fit, down to min_workers.
-        ranks = min(workers, self.pool.slots)
-        least = int(task.spec.get("min_workers", workers))
-        if ranks < least:
-            return Outcome("failed", error=f"spec.min_workers: {least} ranks do not fit this node's {self.pool.slots} slots")
+        if group:  # placed by an An: this Ki runs ranks 0 .. ranks-1 of a group of world
+            world, ranks = int(group["world"]), int(group["ranks"])
+        else:  # a lone node: as many ranks as its slots hold, down to min_workers
+            world = ranks = min(workers, self.pool.slots)
+            least = int(task.spec.get("min_workers", workers))
+            if ranks < least:
+                return Outcome("failed", error=f"spec.min_workers: {least} ranks do not fit this node's {self.pool.slots} slots")
         self.group_ranks += ranks - 1
         self.on_change()
         try:
-            log.info("task.group", task_id=task.id, attempt=attempt, ranks=ranks, asked=workers)
-            return await self.pool.execute_group(job, ranks, progress, checkpoint)
+            log.info("task.group", task_id=task.id, attempt=attempt, world=world, ranks_here=ranks, asked=workers)
+            return await self.pool.execute_group(
+                job, world, progress, checkpoint, ranks=range(ranks), on_rendezvous=publish if world > ranks else None
+            )
         finally:
             self.group_ranks -= ranks - 1
             self.on_change()
+
+    async def _join_group(self, task_id: str, group: dict[str, Any], free_slot: Callable[[], None]) -> None:
+        """Run ranks ``first .. first+ranks-1`` of a group whose rank 0 runs on another Ki.
+
+        Waits (up to the pool's rendezvous timeout) for rank 0's Ki to publish
+        where the group meets; the outcome here is not recorded: rank 0's Ki
+        records the task's, and a rank that fails here makes rank 0's fail too.
+        """
+        first, ranks, world = int(group["first"]), int(group["ranks"]), int(group["world"])
+        record = await self._rendezvous(task_id, str(group.get("id")))
+        if record is None:
+            log.warning("task.group_no_rendezvous", task_id=task_id, group=group.get("id"))
+            return
+        task = await self.store.get(task_id)
+        if task is None or task.state is not State.RUNNING:
+            return
+        resume_file = await self.store.get_artifact(task_id, CHECKPOINT_ARTIFACT)
+        job = Job(task_id=task_id, attempt=task.attempts, spec=task.spec, resume_file=resume_file)
+
+        async def ignore_progress(p: dict[str, Any]) -> None:
+            pass  # ranks other than 0 report nothing
+
+        self.running[task_id] = task.attempts
+        self.group_ranks += ranks - 1
+        self.on_change()
+        try:
+            log.info("task.group_joined", task_id=task_id, group=group.get("id"), first=first, ranks_here=ranks, world=world)
+            outcome = await self.pool.execute_group(
+                job, world, ignore_progress, ranks=range(first, first + ranks),
+                rendezvous=(str(record["address"]), int(record["port"])),
+            )
+            log.info("task.group_left", task_id=task_id, group=group.get("id"), status=outcome.status, error=outcome.error)
+        finally:
+            self.running.pop(task_id, None)
+            self.group_ranks -= ranks - 1
+            free_slot()
+
+    async def _rendezvous(self, task_id: str, group_id: str) -> dict[str, Any] | None:
+        """Rank 0's published meeting point for ``group_id``; None if it does not come in time."""
+        with trio.move_on_after(self.pool.rendezvous_timeout):
+            while True:
+                try:
+                    raw = await self.store.get_artifact(task_id, RENDEZVOUS_ARTIFACT)
+                    task = await self.store.get(task_id)
+                except StoreError as exc:
+                    log.warning("store.rendezvous_failed", task_id=task_id, error=str(exc))
+                    raw, task = None, None
+                if task is not None and task.state in TERMINAL:
+                    return None
+                if raw is not None:
+                    try:
+                        record = json.loads(raw)
+                    except ValueError:
+                        record = {}
+                    if isinstance(record, dict) and record.get("group") == group_id:
+                        return record
+                await trio.sleep(RENDEZVOUS_POLL_SECONDS)
+        return None
 
     async def _checkpoint(self, task_id: str, attempt: int, epoch: int, data: bytes) -> None:
         """Keep the attempt's latest checkpoint in the store, while the attempt still holds its lease."""
