@@ -293,7 +293,7 @@ TRAIN_FIELDS = {
 # With standardised inputs and a cosine decay of the rate per step, the default MLP on
 # digits matches scikit-learn's MLPClassifier(128) (scripts/bench_training.py measures both).
 DEFAULT_LR = 3e-3
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 40
 # Every few epochs a train task's state is saved, so a dead Ki costs at most this many epochs.
 DEFAULT_CHECKPOINT_EVERY = 5
 

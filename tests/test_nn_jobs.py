@@ -35,7 +35,7 @@ def test_default_digits_training_reaches_95_percent_and_its_weights_reload(tmp_p
     assert result["test_accuracy"] >= 0.97
     assert result["problem"] == "classification" and result["classes"] == 10
     assert result["sample_shape"] == [8, 8] and result["device"] == "cpu"
-    assert [p["epoch"] for p in progress] == list(range(1, 31)) and result["epochs"] == progress
+    assert [p["epoch"] for p in progress] == list(range(1, 41)) and result["epochs"] == progress
     assert set(progress[-1]) == {"epoch", "epochs", "loss", "accuracy", "test_loss", "test_accuracy"}
     assert progress[-1]["loss"] < progress[0]["loss"]
 

@@ -10,7 +10,7 @@ LIMITS = Limits()
 def test_defaults_make_the_demo_training():
     spec = validate_spec({"kind": "train"}, LIMITS)
     assert spec["model"]["name"] == "mlp" and spec["dataset"]["name"] == "digits"
-    assert (spec["optimizer"], spec["lr"], spec["epochs"], spec["batch_size"], spec["seed"]) == ("adam", 3e-3, 30, 64, 0)
+    assert (spec["optimizer"], spec["lr"], spec["epochs"], spec["batch_size"], spec["seed"]) == ("adam", 3e-3, 40, 64, 0)
     assert (spec["lr_schedule"], spec["normalize"], spec["deterministic"], spec["amp"]) == ("cosine", "standardize", "auto", "none")
     assert (spec["workers"], spec["min_workers"], spec["backend"], spec["checkpoint_every"]) == (1, 1, "auto", 5)
     assert spec["dataset"]["sample_shape"] == [8, 8]
