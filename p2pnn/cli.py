@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import trio
 
+from p2pnn import __version__, identity, logs
 from p2pnn import config as config_mod
-from p2pnn import identity, logs
 from p2pnn.config import Config, ConfigError
-from p2pnn.store import StoreError
+from p2pnn.store import StoreError, StoreUnreachable
 
 log = logs.get("p2pnn.cli")
 
 EXIT_CONFIG = 2  # configuration or usage error: nothing was started
+EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a service stayed unreachable past its bound; a restart may fix it
 
 DESCRIPTION = """\
 p2pnn-node runs one node of a p2pnn swarm: a REST API for neural-network
@@ -56,27 +58,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2pnn-node", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"p2pnn-node {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    run = sub.add_parser("run", help="run a node; the swarm chooses its role (alone: every role)")
-    for role in ("principal", "an", "ki"):
-        p = sub.add_parser(role, help=f"run a node that prefers the {role} role")
-        _common(p)
-        _node_flags(p)
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        # The summary is both the line in `p2pnn-node --help` and the description of `p2pnn-node NAME --help`.
+        return sub.add_parser(name, help=summary, description=summary)
+
+    run = command("run", "run a node; in a swarm the principal chooses its role (alone: every role)")
     _common(run)
     _node_flags(run)
+    for role, what in (
+        ("principal", "run a node that prefers to lead the swarm (a principal runs no tasks unless alone)"),
+        ("an", "run a node that prefers the An role: it dispatches tasks to its Ki"),
+        ("ki", "run a node that prefers the Ki role: it runs tasks in its worker processes"),
+    ):
+        p = command(role, what)
+        _common(p)
+        _node_flags(p)
 
-    init = sub.add_parser("init", help="create the data directory, the node key and the API signing keys")
+    init = command("init", "create the data directory, the node key and the API signing keys (and a swarm secret)")
     _common(init)
+    init.add_argument(
+        "--swarm-secret", metavar="FILE",
+        help="also write a new random swarm join secret to FILE (swarm.secret_file), unless FILE exists; "
+             "copy that one file to every member",
+    )
 
-    token = sub.add_parser("token", help="mint an API token (printed on stdout)")
+    token = command("token", "mint an API token (printed on stdout)")
     _common(token)
     token.add_argument("--role", required=True, choices=("viewer", "operator", "admin"))
     token.add_argument("--sub", required=True, metavar="NAME", help="who the token is for")
     token.add_argument("--ttl", type=int, metavar="SECONDS", help="lifetime (default: auth.token_ttl_seconds)")
 
-    demo = sub.add_parser(
-        "demo",
-        help="start a throw-away node, train a digits classifier through the REST API, infer, print accuracy",
+    revoke = command("revoke", "revoke an API token in the swarm's store (every member refuses it soon)")
+    _common(revoke)
+    revoke.add_argument("token", metavar="TOKEN", help="the token (its jti and expiry are read from it)")
+
+    demo = command(
+        "demo", "start a throw-away node, train a digits classifier through the REST API, infer, print accuracy",
     )
     demo.add_argument("--epochs", type=int, default=40, help="training epochs (default 40, the train spec's default)")
     demo.add_argument("--model", default="mlp", choices=("mlp", "cnn", "transformer"), help="model (default mlp)")
@@ -137,6 +157,11 @@ def _run_command(args: argparse.Namespace) -> int:
         made = identity.init_data_dir(cfg.data_dir)
         ident = identity.load_identity(cfg.data_dir)
         print(f"data dir {cfg.data_dir}: node id {ident.node_id}; created: {', '.join(made) or 'nothing (all present)'}")
+        if args.swarm_secret:
+            path = Path(args.swarm_secret).expanduser()
+            wrote = identity.make_swarm_secret(path)
+            print(f"swarm secret {path}: {'created; copy it to every member' if wrote else 'kept (already there)'}; "
+                  f"set swarm.secret_file = \"{path}\"")
         return 0
     if args.command == "token":
         from p2pnn.api.auth import Authenticator
@@ -147,7 +172,33 @@ def _run_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ttl: must be positive, got {ttl}")
         print(auth.mint(args.sub, args.role, ttl))
         return 0
+    if args.command == "revoke":
+        return trio.run(_revoke, cfg, args.token)
     trio.run(_serve_until_signalled, cfg)
+    return 0
+
+
+async def _revoke(cfg: Config, token: str) -> int:
+    """Put a token's jti on the store's deny list until it would expire; the token's signature is not checked
+    (a revoked token need not be valid here, and only its id is recorded)."""
+    import time
+
+    import jwt
+
+    from p2pnn.node import store_of
+
+    try:
+        claims = jwt.decode(token.strip(), options={"verify_signature": False})
+        jti, exp = str(claims["jti"]), float(claims["exp"])
+    except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
+        raise ConfigError("TOKEN: not a token with jti and exp claims") from None
+    store = store_of(cfg)
+    await store.open()
+    try:
+        await store.revoke_token(jti, expires_at=exp, now=time.time())
+    finally:
+        await store.close()
+    print(f"revoked {jti} (until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(exp))})")
     return 0
 
 
@@ -167,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, ConfigError):
             print(f"p2pnn-node: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        if isinstance(exc, StoreUnreachable):  # checked first: it is also a StoreError
+            print(f"p2pnn-node: {exc}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
         if isinstance(exc, (identity.IdentityError, StoreError)):
             print(f"p2pnn-node: {exc}", file=sys.stderr)
             return EXIT_CONFIG

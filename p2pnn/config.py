@@ -57,6 +57,12 @@ class AuthConfig:
     public_key_file: str = field(default="", metadata=_key(doc="EdDSA verify key; default <data_dir>/api-ed25519.pub.pem"))
     token_ttl_seconds: int = field(default=3600, metadata=_key(lo=1, hi=366 * 86400))
     leeway_seconds: int = field(default=10, metadata=_key(lo=0, hi=600, doc="clock skew allowed on exp/nbf"))
+    key_generation: int = field(
+        default=0, metadata=_key(lo=0, hi=1_000_000, doc="swarm tokens: raise on every member to rotate the swarm's token key")
+    )
+    revocation_refresh_seconds: float = field(
+        default=5.0, metadata=_key(lo=0.5, hi=3600, doc="swarm: how often the deny list of revoked tokens is read")
+    )
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,13 @@ class StoreConfig:
     url: str = field(default="", metadata=_key(doc="postgresql://user@host:port/db (PostgreSQL or CockroachDB)"))
     schema: str = field(default="public")
     pool_size: int = field(default=4, metadata=_key(lo=1, hi=64))
+    connect_timeout_seconds: float = field(default=5.0, metadata=_key(lo=1, hi=300, doc="postgres: one connection attempt"))
+    statement_timeout_seconds: float = field(
+        default=10.0, metadata=_key(lo=0.5, hi=3600, doc="postgres: one transaction, then it is an error and retried")
+    )
+    unreachable_exit_seconds: float = field(
+        default=300.0, metadata=_key(lo=5, hi=86400, doc="store unreachable this long at start: exit 75 (systemd restarts)")
+    )
     sqlite_synchronous: str = field(
         default="full", metadata=_key(choices=("full", "normal"), doc="normal: faster, may lose the last commits on power loss")
     )
@@ -91,6 +104,9 @@ class BusConfig:
     delivery_limit: int = field(default=20, metadata=_key(lo=1, hi=1000))
     beat_interval_seconds: float = field(default=1.0, metadata=_key(lo=0.05, hi=60))
     beat_timeout_seconds: float = field(default=5.0, metadata=_key(lo=0.2, hi=600))
+    park_fail_seconds: float = field(
+        default=300.0, metadata=_key(lo=1, hi=7 * 86400, doc="a task no live Ki can run fails after this long")
+    )
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,9 @@ class ComputeConfig:
 class SweeperConfig:
     interval_seconds: float = field(default=2.0, metadata=_key(lo=0.05, hi=3600))
     pending_after_seconds: float = field(default=10.0, metadata=_key(lo=0.1, hi=86400, doc="re-publish pending tasks this old"))
+    stranded_after_seconds: float = field(
+        default=10.0, metadata=_key(lo=0.5, hi=3600, doc="re-publish queued tasks with no message on its way this old")
+    )
     queued_after_seconds: float = field(default=600.0, metadata=_key(lo=0, hi=7 * 86400, doc="amqp: re-publish queued tasks this old"))
     standby: bool = field(default=True, metadata=_key(doc="amqp without a swarm: nodes without the principal role sweep too, slower"))
 
@@ -134,10 +153,13 @@ class SwarmConfig:
     advertise_host: str = field(default="", metadata=_key(doc="IP address other nodes reach this one at"))
     priority: int = field(default=0, metadata=_key(lo=-1000, hi=1000, doc="election rank: higher wins, then node id"))
     preempt: bool = field(default=True, metadata=_key(doc="a higher-ranked node that joins takes over once"))
-    heartbeat_seconds: float = field(default=0.5, metadata=_key(lo=0.05, hi=60))
-    election_timeout_seconds: float = field(default=2.0, metadata=_key(lo=0.2, hi=600))
-    answer_timeout_seconds: float = field(default=0.5, metadata=_key(lo=0.05, hi=60))
-    lease_seconds: float = field(default=3.0, metadata=_key(lo=0.5, hi=3600))
+    heartbeat_seconds: float = field(default=0.2, metadata=_key(lo=0.05, hi=60))
+    election_timeout_seconds: float = field(default=0.8, metadata=_key(lo=0.2, hi=600))
+    answer_timeout_seconds: float = field(default=0.4, metadata=_key(lo=0.05, hi=60))
+    lease_seconds: float = field(default=1.2, metadata=_key(lo=0.5, hi=3600))
+    store_timeout_seconds: float = field(
+        default=0.5, metadata=_key(lo=0.05, hi=600, doc="deadline of each election store call; shorter than the lease")
+    )
     ki_per_an: int = field(default=4, metadata=_key(lo=1, hi=1000, doc="about one An per this many Ki"))
 
 
@@ -294,8 +316,15 @@ def check_swarm(config: Config) -> None:
         raise ConfigError("swarm.heartbeat_seconds: must be shorter than swarm.election_timeout_seconds")
     if config.swarm.heartbeat_seconds >= config.swarm.lease_seconds:
         raise ConfigError("swarm.heartbeat_seconds: must be shorter than swarm.lease_seconds (the lease is renewed each beat)")
+    if config.swarm.store_timeout_seconds >= config.swarm.lease_seconds:
+        raise ConfigError("swarm.store_timeout_seconds: must be shorter than swarm.lease_seconds")
     if config.dht.republish_seconds >= config.dht.record_ttl_seconds:
         raise ConfigError("dht.republish_seconds: must be shorter than dht.record_ttl_seconds")
+    if config.bus.backend == "amqp" and config.sweeper.stranded_after_seconds >= config.bus.ki_message_ttl_seconds:
+        raise ConfigError(
+            "sweeper.stranded_after_seconds: must be shorter than bus.ki_message_ttl_seconds "
+            "(a stranded task should be found before an unclaimed message would come back)"
+        )
     if not config.swarm_mode:
         if config.dht.bootstrap_peers:
             raise ConfigError("dht.bootstrap_peers: joining a swarm needs swarm.name")

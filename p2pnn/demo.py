@@ -17,7 +17,7 @@ import trio
 from p2pnn import config as config_mod
 from p2pnn import logs
 from p2pnn.api.auth import Authenticator
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient
 from p2pnn.node import run_node
 
 PREDICTIONS = 8  # test images whose predicted digit the demo prints
@@ -45,22 +45,22 @@ async def run_demo(epochs: int, model: str, device: str) -> int:
             node = await nursery.start(run_node, cfg)
             token = Authenticator.from_config(cfg).mint("demo", "operator", 3600)
             print(f"node {node.node_id[:12]} up at {node.api_url} (SQLite store, in-process queue)")
-            async with Client(node.api_url, token) as client:
+            async with AsyncClient(node.api_url, token) as client:
                 code = await _scenario(client, epochs, model, device)
             nursery.cancel_scope.cancel()
     return code
 
 
-async def _scenario(client: Client, epochs: int, model: str, device: str) -> int:
+async def _scenario(client: AsyncClient, epochs: int, model: str, device: str) -> int:
     spec = {"kind": "train", "model": {"name": model}, "dataset": {"name": "digits"}, "epochs": epochs, "device": device}
     task = await client.submit(spec)
     print(f"submitted train task {task['id']} ({model} on digits, {epochs} epochs)")
-    shown = set()
+    shown: list[int] = []  # the epochs printed: a change of state alone repeats the last epoch's progress
 
     def show(t: dict) -> None:
         p = t.get("progress") or {}
         if p.get("epoch") and p["epoch"] not in shown:
-            shown.add(p["epoch"])
+            shown.append(p["epoch"])
             print(f"  epoch {p['epoch']:>3}/{p['epochs']}  loss {p['loss']:.4f}  test accuracy {p.get('test_accuracy', 0):.4f}")
 
     started = time.perf_counter()
@@ -82,5 +82,4 @@ async def _scenario(client: Client, epochs: int, model: str, device: str) -> int
     print(f"predictions on {len(labels)} test images: {right} right")
     for p, y, probs in zip(predicted, labels, infer["result"]["probabilities"]):
         print(f"  digit {y}: predicted {p} (p={max(probs):.3f}){'' if p == y else '  <- wrong'}")
-    print(f"test accuracy: {result['test_accuracy']:.4f}")
     return 0

@@ -112,11 +112,29 @@ def load_identity(data_dir: Path) -> Identity:
     return Identity(node_id=node_id_of(key.public_key()), private_key=key)
 
 
-def read_secret(path: Path) -> bytes:
+MIN_SECRET_BYTES = 32  # HMAC-SHA256 keys shorter than its output add no strength and invite guessable secrets
+
+
+def read_secret(path: Path, *, key: str = "", make: str = "p2pnn-node init") -> bytes:
+    """The secret in ``path``. Error handling: IdentityError naming ``key`` (the setting that named the
+    file) and the command ``make`` that creates one, when it is missing or too short."""
+    where = f"{key}: " if key else ""
     try:
         secret = path.read_bytes().strip()
     except FileNotFoundError:
-        raise IdentityError(f"{path}: no such secret file (run `p2pnn-node init`)") from None
-    if len(secret) < 32:
-        raise IdentityError(f"{path}: secret is shorter than 32 bytes")
+        raise IdentityError(f"{where}{path}: no such secret file (create it with `{make}`)") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise IdentityError(f"{where}{path}: secret is shorter than {MIN_SECRET_BYTES} bytes (create one with `{make}`)")
     return secret
+
+
+def make_swarm_secret(path: Path) -> bool:
+    """Write a new random join secret to ``path`` (mode 0600), unless a file is there; True if it wrote one.
+
+    Every member of a swarm needs a copy of the same file: make it once, then copy it.
+    """
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(path, secrets.token_hex(MIN_SECRET_BYTES).encode() + b"\n")
+    return True

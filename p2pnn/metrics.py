@@ -44,6 +44,27 @@ class Metrics:
         self.stale_deliveries = Counter(
             "p2pnn_stale_deliveries_total", "Deliveries whose task was already taken, finished or cancelled", registry=r,
         )
+        # Reliability: what went wrong and was survived.
+        self.transient_faults = Counter(
+            "p2pnn_transient_faults_total", "Store or broker calls that failed and were retried or deferred",
+            ["component", "operation"], registry=r,
+        )
+        self.handed_back = Counter(
+            "p2pnn_tasks_handed_back_total", "Running tasks this node gave back (role change, shutdown)", registry=r,
+        )
+        self.stranded = Counter(
+            "p2pnn_tasks_stranded_total", "Queued tasks with no message on its way that the sweeper published again",
+            registry=r,
+        )
+        self.malformed_messages = Counter(
+            "p2pnn_malformed_messages_total", "Messages dropped because their body or headers made no sense",
+            ["source"], registry=r,
+        )
+        self.parked = Gauge("p2pnn_an_parked_tasks", "Tasks this An holds because no live Ki can run them", registry=r)
+        self.unplaceable = Counter(
+            "p2pnn_an_unplaceable_total", "Tasks failed because no live Ki could run them for an_park_fail_seconds",
+            registry=r,
+        )
         self.kis_seen = Gauge("p2pnn_an_kis", "Ki whose beats this An currently receives", registry=r)
 
     def set_task_counts(self, counts: dict[tuple[str, str], int]) -> None:

@@ -41,7 +41,7 @@ from p2pnn.credential import SwarmCredential
 from p2pnn.membership.records import capabilities
 from p2pnn.metrics import Metrics
 from p2pnn.service import TaskService
-from p2pnn.store import StoreError, TaskStore, open_store
+from p2pnn.store import StoreError, StoreUnreachable, TaskStore, open_store
 from p2pnn.tasks import Limits
 from p2pnn.work import ROLES, Dispatcher, KiAgent, KiRunner, RoleHost, Sweeper
 
@@ -50,6 +50,8 @@ log = logs.get(__name__)
 GRACEFUL_HTTP_SECONDS = 2.0  # requests in flight at shutdown get this long to finish
 READY_FILE = "node.json"  # pid, node id and API address of the running node, for launchers and scripts
 STANDBY_FACTOR = 5  # a standby sweeper runs this many times less often than the principal's
+OPEN_RETRY_FIRST = 0.5  # seconds before the first new try to reach the store at start; doubles
+OPEN_RETRY_MAX = 15.0  # no pause between tries longer than this
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,10 @@ def make_on_assignment(roles: RoleHost, attach: Callable[[str | None], None]) ->
 
 def swarm_credential(config: Config) -> SwarmCredential:
     """The swarm's name and join secret. Error handling: IdentityError when the secret file is missing or short."""
-    return SwarmCredential(config.swarm.name, identity.read_secret(Path(config.swarm.secret_file).expanduser()))
+    return SwarmCredential(config.swarm.name, identity.read_secret(
+        Path(config.swarm.secret_file).expanduser(), key="swarm.secret_file",
+        make=f"p2pnn-node init --swarm-secret {config.swarm.secret_file}",
+    ))
 
 
 def lone_cluster(node_id: str, api_url: str, roles: RoleHost, load: dict[str, int]) -> tuple[dict, list[dict]]:
@@ -101,6 +106,7 @@ def store_of(config: Config) -> TaskStore:
         s.backend,
         sqlite_path=Path(s.path).expanduser() if s.path else config.data_dir / "p2pnn.sqlite3",
         url=s.url or None, schema=s.schema, pool_size=s.pool_size, sqlite_synchronous=s.sqlite_synchronous,
+        connect_timeout=s.connect_timeout_seconds, statement_timeout=s.statement_timeout_seconds,
     )
 
 
@@ -123,7 +129,11 @@ def bus_of(config: Config, metrics: Metrics, node_id: str) -> TaskBus:
         ki_queue_expires=b.ki_queue_expires_seconds, delivery_limit=b.delivery_limit,
         connect_name=f"p2pnn-node {node_id[:12]}",
     )
-    return AmqpBus(settings, on_redelivery=lambda queue: metrics.redeliveries.labels(queue=queue).inc())
+    return AmqpBus(
+        settings,
+        on_redelivery=lambda queue: metrics.redeliveries.labels(queue=queue).inc(),
+        on_malformed=lambda source: metrics.malformed_messages.labels(source=source).inc(),
+    )
 
 
 def _read_password(path: str) -> str:
@@ -144,6 +154,29 @@ def roles_of(config: Config) -> set[str]:
     if config.bus.backend == "local" or config.node.role == "auto":
         return set(ROLES)
     return {config.node.role}
+
+
+async def open_store_patiently(store: TaskStore, *, give_up_after: float) -> None:
+    """Open the store, trying again with back-off while it is unreachable.
+
+    Error handling: a store still unreachable after ``give_up_after`` seconds
+    raises StoreUnreachable (the CLI exits 75, which the systemd unit
+    restarts); any other StoreError (a schema newer than this code, a SQLite
+    file that cannot be opened) raises at once (exit 2).
+    """
+    deadline = trio.current_time() + give_up_after
+    pause = OPEN_RETRY_FIRST
+    while True:
+        try:
+            await store.open()
+            return
+        except StoreUnreachable as exc:
+            left = deadline - trio.current_time()
+            if left <= 0:
+                raise StoreUnreachable(f"{exc} (still unreachable after {give_up_after:g} s)") from exc
+            log.warning("store.unreachable", error=str(exc), retry_in=round(min(pause, left), 2))
+            await trio.sleep(min(pause, left))
+            pause = min(pause * 2, OPEN_RETRY_MAX)
 
 
 def _write_ready_file(data_dir: Path, info: dict[str, Any]) -> None:
@@ -167,7 +200,10 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
     the API accepts requests.
 
     Error handling: a key or store problem at start raises (IdentityError,
-    StoreError) before anything listens.
+    StoreError) before anything listens; an unreachable store is retried for
+    ``store.unreachable_exit_seconds`` first (then StoreUnreachable). Once
+    running, store and broker faults are retried by each service and never
+    end the node.
     """
     made = identity.init_data_dir(config.data_dir)
     ident = identity.load_identity(config.data_dir)
@@ -182,7 +218,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
 
     cred = swarm_credential(config) if config.swarm_mode else None
     store = store_of(config)
-    await store.open()
+    await open_store_patiently(store, give_up_after=config.store.unreachable_exit_seconds)
     try:
         metrics = Metrics()
         bus = bus_of(config, metrics, ident.node_id)
@@ -213,6 +249,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         sweeping = dict(
             store=store, publish=service.publish, metrics=metrics, pending_after=config.sweeper.pending_after_seconds,
             queued_after=config.sweeper.queued_after_seconds if fanout else 0.0,
+            stranded_after=config.sweeper.stranded_after_seconds,
         )
         # A lone node's queue forgets on restart, so it re-publishes every queued task at start.
         # In a swarm, sweeping is a principal's action, fenced by its term.
@@ -228,6 +265,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             dispatcher = Dispatcher(
                 node_id=ident.node_id, store=store, bus=bus, metrics=metrics, prefetch=config.bus.prefetch,
                 beat_timeout=config.bus.beat_timeout_seconds, ki_message_ttl=config.bus.ki_message_ttl_seconds,
+                park_fail_seconds=config.bus.park_fail_seconds,
             )
             services.update(ki=agent.run, an=dispatcher.run)
             attach = agent.attach
@@ -264,36 +302,52 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         hconf.loglevel = "WARNING"  # hypercorn's start-up banner would bypass our event format
         hconf.max_app_queue_size = 100
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(bus.run)
-            await nursery.start(pool.run)
-            await nursery.start(roles.run)
-            # Alone, a node holds every role: it sweeps, dispatches (trivially) and works. With roles
-            # from configuration it holds its configured one; in a swarm it waits for the principal.
-            await roles.assume(initial_roles)
-            if fanout and cred is None and config.sweeper.standby:
-                # Roles from configuration: nobody replaces a dead principal, so every node sweeps a little.
-                standby = Sweeper(
-                    interval=config.sweeper.interval_seconds * STANDBY_FACTOR, republish_queued=False,
-                    active=lambda: "principal" not in roles.roles, **sweeping,
-                )
-                nursery.start_soon(standby.run)
-            bound = await nursery.start(partial(hypercorn.trio.serve, app, hconf, shutdown_trigger=trio.sleep_forever))
-            url = api_url = _public_url(bound[0]) if bound else f"http://{host}:{config.api.port}"
-            if cred is not None:
-                swarm = SwarmNode(
-                    config=config, ident=ident, cred=cred, store=store,
-                    on_assignment=make_on_assignment(roles, attach), load=load, api_url=url,
-                )
-                await nursery.start(swarm.run)
-            log.info("node.ready", api=url, node_id=ident.node_id, store=config.store.backend, bus=config.bus.backend,
-                     slots=pool.slots,
-                     roles=",".join(sorted(roles.roles)), insecure=config.api.insecure)
-            info: dict[str, Any] = {"pid": os.getpid(), "node_id": ident.node_id, "api": url}
-            if swarm is not None:
-                info.update(dht=f"{swarm.host}:{swarm.view.dht_port}", peer=f"ws://{swarm.host}:{swarm.peer_port}")
-            _write_ready_file(config.data_dir, info)
-            task_status.started(NodeHandle(node_id=ident.node_id, api_url=url))
+        # The bus outlives every other service: at shutdown a Ki hands its running tasks back and
+        # publishes them again, which needs the bus. Its scope is shielded from the node's own
+        # cancellation and cancelled once everything else has stopped.
+        bus_scope = trio.CancelScope(shield=True)
+
+        async def run_bus(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with bus_scope:
+                await bus.run(task_status=task_status)
+
+        async with trio.open_nursery() as infra:
+            await infra.start(run_bus)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(pool.run)
+                    await nursery.start(roles.run)
+                    # Alone, a node holds every role: it sweeps, dispatches (trivially) and works. With roles
+                    # from configuration it holds its configured one; in a swarm it waits for the principal.
+                    await roles.assume(initial_roles)
+                    if fanout and cred is None and config.sweeper.standby:
+                        # Roles from configuration: nobody replaces a dead principal, so every node sweeps a little.
+                        standby = Sweeper(
+                            interval=config.sweeper.interval_seconds * STANDBY_FACTOR, republish_queued=False,
+                            active=lambda: "principal" not in roles.roles, **sweeping,
+                        )
+                        nursery.start_soon(standby.run)
+                    bound = await nursery.start(partial(hypercorn.trio.serve, app, hconf, shutdown_trigger=trio.sleep_forever))
+                    url = api_url = _public_url(bound[0]) if bound else f"http://{host}:{config.api.port}"
+                    if cred is not None:
+                        swarm = SwarmNode(
+                            config=config, ident=ident, cred=cred, store=store,
+                            on_assignment=make_on_assignment(roles, attach), load=load, api_url=url,
+                        )
+                        await nursery.start(swarm.run)
+                        if authenticator is not None:  # swarm tokens are revoked through the store's deny list
+                            fetch = lambda now: store.revoked_tokens(now=now)  # noqa: E731
+                            nursery.start_soon(authenticator.follow_revocations, fetch, config.auth.revocation_refresh_seconds)
+                    log.info("node.ready", api=url, node_id=ident.node_id, store=config.store.backend, bus=config.bus.backend,
+                             slots=pool.slots,
+                             roles=",".join(sorted(roles.roles)), insecure=config.api.insecure)
+                    info: dict[str, Any] = {"pid": os.getpid(), "node_id": ident.node_id, "api": url}
+                    if swarm is not None:
+                        info.update(dht=f"{swarm.host}:{swarm.view.dht_port}", peer=f"ws://{swarm.host}:{swarm.peer_port}")
+                    _write_ready_file(config.data_dir, info)
+                    task_status.started(NodeHandle(node_id=ident.node_id, api_url=url))
+            finally:
+                bus_scope.cancel()
     finally:
         (config.data_dir / READY_FILE).unlink(missing_ok=True)
         with trio.CancelScope(shield=True):

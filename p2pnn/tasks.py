@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -89,33 +89,52 @@ class Task:
     artifacts: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        # Shallow on purpose: asdict() deep-copies spec, progress and result recursively,
+        # which costs a copy of every inline dataset and fails on deeply nested payloads.
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["state"] = self.state.value
+        out["artifacts"] = list(self.artifacts)
         return out
 
 
 # --- spec validation -------------------------------------------------------
 
 
+def _finite_real(value: Any) -> bool:
+    """A finite int or float (not a bool). An int too large for a float counts as not finite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: a huge number or string is cut, not echoed whole."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**50 else f"an integer of {len(str(abs(value)))} digits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _number(value: Any, path: str, *, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise SpecError(path, f"must be a finite number, got {value!r}")
+    if not _finite_real(value):
+        raise SpecError(path, f"must be a finite number, got {_shown(value)}")
     if not lo <= value <= hi:
-        raise SpecError(path, f"must be between {lo} and {hi}, got {value}")
+        raise SpecError(path, f"must be between {lo} and {hi}, got {_shown(value)}")
     return float(value)
 
 
 def _integer(value: Any, path: str, *, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(path, f"must be an integer, got {value!r}")
+        raise SpecError(path, f"must be an integer, got {_shown(value)}")
     if not lo <= value <= hi:
-        raise SpecError(path, f"must be between {lo} and {hi}, got {value}")
+        raise SpecError(path, f"must be between {lo} and {hi}, got {_shown(value)}")
     return value
 
 
 def _choice(value: Any, path: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise SpecError(path, f"must be one of {', '.join(choices)}, got {value!r}")
+        raise SpecError(path, f"must be one of {', '.join(choices)}, got {_shown(value)}")
     return value
 
 
@@ -159,8 +178,8 @@ def tensor_shape(value: Any, path: str, limits: Limits) -> tuple[int, ...]:
 
     def walk(node: Any, depth: int, where: str) -> None:
         if depth == len(shape):
-            if isinstance(node, bool) or not isinstance(node, numbers.Real) or not math.isfinite(node):
-                raise SpecError(where, f"must be a finite number, got {node!r}")
+            if not _finite_real(node):
+                raise SpecError(where, f"must be a finite number, got {_shown(node)}")
             return
         if not isinstance(node, list) or len(node) != shape[depth]:
             raise SpecError(where, f"is ragged: expected a list of {shape[depth]} at depth {depth}")

@@ -1,19 +1,25 @@
 """Failover and discovery figures for the swarm control plane.
 
 1. Failover: a swarm of --nodes real `p2pnn-node` processes on 127.0.0.1 with
-   the default swarm timings (heartbeat 0.5 s, election timeout 2 s, lease
-   3 s) and a PostgreSQL store. --kills times: SIGKILL the principal, time
-   until every surviving node names the same new principal with a higher term
-   and its role map covers exactly the survivors; then restart the killed node
-   and let the swarm settle (it may take over again: preempt is on).
-   Prints p50, p99 and max.
+   the default swarm timings (heartbeat 0.2 s, election timeout 0.8 s, lease
+   1.2 s) and a PostgreSQL store. --kills times: SIGKILL the principal; the
+   failover time is from the kill to the new principal's ``election.won``
+   event (its own log; "acting"), also printed: until every survivor follows
+   it, and until the API of every survivor names it with a role map covering
+   exactly the survivors (the poll of every node's API lags a little). Then
+   the killed node restarts and the swarm settles (it may take over again:
+   preempt is on). Prints p50, p99 and max, and how many lease periods
+   overlap in the store's term history (must be 0).
+   --idle S [--hog N]: before the kills, leave the swarm alone for S seconds
+   (with N busy-looping processes) and count the terms granted meanwhile
+   (false elections).
 2. DHT convergence: --dht-nodes MemberViews (real Kademlia servers over UDP
    loopback, signed records, default DHT timings) spread over
    --dht-processes processes (one asyncio loop each: a single Python process
    cannot serve 50 nodes' RPCs on one core); all join through node 0; time
    from the first start until every one of them has read every other's record.
 
-    .venv/bin/python scripts/bench_failover.py [--kills 20] [--nodes 4] [--dht-nodes 50]
+    .venv/bin/python scripts/bench_failover.py [--kills 20] [--nodes 4] [--dht-nodes 50] [--idle 600 --hog 2]
 """
 
 from __future__ import annotations
@@ -28,8 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Any
+
+import psycopg
 import trio
 import trio_asyncio
+from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from p2pnn.config import DhtConfig  # noqa: E402
 from p2pnn.credential import SwarmCredential  # noqa: E402
 from p2pnn.identity import init_data_dir, load_identity  # noqa: E402
-from p2pnn.launcher import LocalSwarm, agreed, led  # noqa: E402
+from p2pnn.launcher import LocalSwarm, NodeProcess, agreed, led  # noqa: E402
 from p2pnn.membership.dht import RPC_STATS  # noqa: E402
 from p2pnn.membership.records import NodeRecord  # noqa: E402
 from p2pnn.membership.view import MemberView  # noqa: E402
@@ -52,37 +62,94 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def bench_failover(kills: int, count: int) -> list[float]:
-    import psycopg
-    from psycopg import sql
+def _first_event(node: NodeProcess, since: float, newer_than: int) -> float | None:
+    """Wall time of the node's first election.won / election.follow of a term above ``newer_than`` after ``since``."""
+    for event in node.events():
+        if (event.get("event") in ("election.won", "election.follow") and event.get("ts", 0) >= since
+                and int(event.get("term", 0)) > newer_than):
+            return float(event["ts"])
+    return None
 
+
+def _overlaps(conn: Any, schema: str) -> int:
+    """Pairs of consecutive terms whose lease periods overlap in the store's history (must be 0)."""
+    rows = conn.execute(
+        sql.SQL("SELECT term, acquired_at, COALESCE(ended_at, expires_at) FROM {}.swarm_terms ORDER BY term").format(
+            sql.Identifier(schema))
+    ).fetchall()
+    return sum(1 for a, b in zip(rows, rows[1:]) if b[1] < a[2] - 1e-6)
+
+
+def bench_failover(kills: int, count: int, idle: float = 0.0, hog: int = 0) -> list[float]:
+    """Kill the principal ``kills`` times; returns the failover times (kill -> new principal acting)."""
     schema = f"p2pnn_bench_{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory() as tmp:
         swarm = LocalSwarm(Path(tmp), PG_URL, schema, name="bench", env={"P2PNN_COMPUTE__SLOTS": "0"})
+        conn = psycopg.connect(PG_URL, autocommit=True)
         try:
             for i in range(count):
                 swarm.start(f"n{i}")
             took = swarm.wait_for(agreed(count), SETTLE_TIMEOUT)
             print(f"{count} nodes agreed {took:.2f} s after the last one started", flush=True)
+            if idle:
+                idle_check(swarm, conn, schema, idle, hog)
             times = []
             for k in range(kills):
                 view = next(iter(swarm.views().values()))
                 principal, term = view["principal"], view["term"]
                 name = next(n for n, p in swarm.running().items() if p.node_id == principal)
-                killed = time.monotonic()
+                killed_wall, killed = time.time(), time.monotonic()
                 swarm.nodes[name].stop(signal.SIGKILL)
                 swarm.wait_for(led(lambda p, t: p != principal and t > term), SETTLE_TIMEOUT, poll=0.05)
-                times.append(time.monotonic() - killed)
-                print(f"kill {k + 1:2d}: term {term} -> failover {times[-1]:.2f} s", flush=True)
+                seen_by_api = time.monotonic() - killed
+                # The nodes' own event times (same machine, same clock): the API poll above lags by a
+                # round of requests to every node, which is not part of the failover.
+                survivors = swarm.running().values()
+                marks = [_first_event(node, killed_wall, term) for node in survivors]
+                won = min(m for m in marks if m is not None) - killed_wall
+                everyone = max(m for m in marks if m is not None) - killed_wall
+                times.append(won)
+                print(f"kill {k + 1:2d}: term {term} -> new principal acting after {won:.2f} s, followed by every "
+                      f"survivor after {everyone:.2f} s (seen through the API after {seen_by_api:.2f} s)", flush=True)
                 swarm.start(name)
                 swarm.wait_for(led(), SETTLE_TIMEOUT)
                 time.sleep(2.0)  # let a preempting take-over (if any) finish before the next kill
                 swarm.wait_for(led(), SETTLE_TIMEOUT)
+            print(f"lease periods that overlap in the store's term history: {_overlaps(conn, schema)}", flush=True)
             return times
         finally:
             swarm.stop_all()
-            with psycopg.connect(PG_URL, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+            conn.close()
+
+
+def _hog(until: float) -> None:
+    while time.time() < until:
+        pass
+
+
+def idle_check(swarm: LocalSwarm, conn: Any, schema: str, seconds: float, hog: int) -> None:
+    """Leave the swarm alone for ``seconds`` (with ``hog`` busy-looping processes) and count the terms granted."""
+    import multiprocessing
+
+    count = sql.SQL("SELECT COUNT(*) FROM {}.swarm_terms").format(sql.Identifier(schema))
+    before = conn.execute(count).fetchone()[0]
+    until = time.time() + seconds
+    hogs = [multiprocessing.Process(target=_hog, args=(until,), daemon=True) for _ in range(hog)]
+    for h in hogs:
+        h.start()
+    try:
+        while time.time() < until:
+            time.sleep(min(PROGRESS_SECONDS * 6, max(0.0, until - time.time())))
+            print(f"  idle {seconds - (until - time.time()):5.0f} s: {conn.execute(count).fetchone()[0] - before} "
+                  f"new terms", flush=True)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.join()
+    new = conn.execute(count).fetchone()[0] - before
+    print(f"idle {seconds:.0f} s with {hog} CPU hog processes: {new} false elections (new terms); "
+          f"overlapping lease periods {_overlaps(conn, schema)}", flush=True)
 
 
 async def dht_worker(first: int, count: int, total: int, bootstrap: str, secret: str, rpc_timeout: float) -> None:
@@ -196,6 +263,9 @@ def main() -> None:
                         help="dht.rpc_timeout_seconds for the DHT benchmark (default: the configuration default)")
     parser.add_argument("--dht-steady", type=float, default=0.0,
                         help="after convergence, measure the DHT RPC rate for this many seconds")
+    parser.add_argument("--idle", type=float, default=0.0,
+                        help="before the kills, leave the swarm alone this many seconds and count new terms")
+    parser.add_argument("--hog", type=int, default=0, help="busy-looping processes during --idle (a loaded machine)")
     parser.add_argument("--dht-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dht_worker:
@@ -205,9 +275,11 @@ def main() -> None:
         return
     if args.dht_nodes:
         bench_dht(args.dht_nodes, args.dht_processes, args.dht_rpc_timeout, args.dht_steady)
+    if args.kills or args.idle:
+        times = bench_failover(args.kills, args.nodes, args.idle, args.hog)
     if args.kills:
-        times = bench_failover(args.kills, args.nodes)
-        print(f"failover over {len(times)} principal kills ({args.nodes} nodes, default timings): "
+        print(f"failover (SIGKILL -> new principal acting) over {len(times)} principal kills "
+              f"({args.nodes} nodes, default timings): "
               f"p50 {statistics.median(times):.2f} s, p99 {percentile(times, 0.99):.2f} s, max {max(times):.2f} s, "
               f"min {min(times):.2f} s")
 

@@ -30,7 +30,7 @@ import trio
 
 from p2pnn import config as config_mod
 from p2pnn.api.auth import Authenticator
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient
 from p2pnn.launcher import start_node
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def _has_torch(pid: int) -> bool:
     return "torch/lib" in Path(f"/proc/{pid}/maps").read_text()
 
 
-async def _drain(client: Client, ids: list[str], timeout: float = 600.0) -> float:
+async def _drain(client: AsyncClient, ids: list[str], timeout: float = 600.0) -> float:
     """Wait until every task is terminal; return the latest finished_at."""
     done = await client.wait_all(ids, timeout=timeout)
     bad = [t for t in done.values() if t["state"] != "succeeded"]
@@ -61,7 +61,7 @@ async def _drain(client: Client, ids: list[str], timeout: float = 600.0) -> floa
     return max(t["finished_at"] for t in done.values())
 
 
-async def echo_single(client: Client, n: int) -> float:
+async def echo_single(client: AsyncClient, n: int) -> float:
     ids: list[str] = []
     start = time.time()
 
@@ -75,7 +75,7 @@ async def echo_single(client: Client, n: int) -> float:
     return n / (await _drain(client, ids) - start)
 
 
-async def echo_batched(client: Client, n: int) -> float:
+async def echo_batched(client: AsyncClient, n: int) -> float:
     start = time.time()
     ids: list[str] = []
     for i in range(0, n, BATCH):
@@ -84,7 +84,7 @@ async def echo_batched(client: Client, n: int) -> float:
     return n / (await _drain(client, ids) - start)
 
 
-async def latency(client: Client, samples: int) -> tuple[float, float]:
+async def latency(client: AsyncClient, samples: int) -> tuple[float, float]:
     lat = []
     for _ in range(samples):
         start = time.time()
@@ -99,7 +99,7 @@ async def latency(client: Client, samples: int) -> tuple[float, float]:
     return q[49], q[98]
 
 
-async def training(client: Client) -> dict:
+async def training(client: AsyncClient) -> dict:
     start = time.perf_counter()
     task = await client.wait((await client.submit(DEMO_SPEC))["id"], timeout=600)
     wall = time.perf_counter() - start
@@ -130,7 +130,7 @@ async def main(args: argparse.Namespace) -> None:
             idle_rss = _rss_mb(node.proc.pid)
             cfg = config_mod.load(env={}).replace("node", data_dir=str(data))
             token = Authenticator.from_config(cfg).mint("bench", "operator", 3600)
-            async with Client(node.url, token) as client:
+            async with AsyncClient(node.url, token) as client:
                 await _drain(client, [(await client.submit({"kind": "echo"}))["id"]])  # warm up
                 single = await echo_single(client, args.tasks)
                 batched = await echo_batched(client, args.tasks)

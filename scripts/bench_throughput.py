@@ -37,7 +37,7 @@ from pathlib import Path
 import psycopg
 import trio
 
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient
 from p2pnn.launcher import start_node
 
 BATCH = 100
@@ -88,7 +88,7 @@ async def bench_p2pnn(n: int, workers: int, vhost: str, schema: str, root: Path)
     head = start_node(root / "head", "--insecure", "--slots", "0", env={**env, "P2PNN_NODE__ROLE": "auto"})
     ki = start_node(root / "ki", "--insecure", "--slots", str(workers), env={**env, "P2PNN_NODE__ROLE": "ki"})
     try:
-        async with Client(head.url, timeout=120) as client:
+        async with AsyncClient(head.url, timeout=120) as client:
             warm = [t["id"] for t in await client.submit_many([{"kind": "echo"}] * WARMUP)]
             await client.wait_all(warm, timeout=120)
             submitted: dict[str, float] = {}

@@ -111,3 +111,19 @@ def amqp_vhost() -> Iterator[str]:
 @pytest.fixture
 def amqp_url(amqp_vhost: str) -> str:
     return f"amqp://guest:guest@{AMQP_HOST}:5672/{amqp_vhost}"
+
+
+# --- bus: a private RabbitMQ node, for tests that restart or kill the broker ----
+
+
+@pytest.fixture
+def private_rabbitmq() -> Iterator["PrivateRabbitMQ"]:
+    """A RabbitMQ node of this test's own (the machine's broker is shared and never restarted); removed afterwards."""
+    from tests.brokers import PrivateRabbitMQ
+
+    rabbit = PrivateRabbitMQ()
+    rabbit.start()
+    try:
+        yield rabbit
+    finally:
+        rabbit.stop()

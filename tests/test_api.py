@@ -14,7 +14,7 @@ import pytest
 import trio
 from safetensors.numpy import load as load_safetensors
 
-from p2pnn.client import ApiError, Client
+from p2pnn.client import ApiError, AsyncClient
 from p2pnn.node import run_node
 from tests.nodeutil import node_config, token
 
@@ -40,8 +40,8 @@ async def node(nursery, tmp_path):
 @pytest.fixture
 async def clients(node):
     handle, tokens = node
-    made = {name: Client(handle.api_url, tok) for name, tok in tokens.items()}
-    made["anonymous"] = Client(handle.api_url)
+    made = {name: AsyncClient(handle.api_url, tok) for name, tok in tokens.items()}
+    made["anonymous"] = AsyncClient(handle.api_url)
     yield made
     for c in made.values():
         await c.__aexit__(None, None, None)
@@ -188,7 +188,7 @@ async def test_requests_without_valid_token_are_401(node, clients):
         assert err.value.status == 401
     forged = jwt.encode({"sub": "x", "role": "admin", "iss": "p2pnn", "aud": "p2pnn-api", "exp": time.time() + 60},
                         None, algorithm="none")
-    async with Client(handle.api_url, forged) as bad:
+    async with AsyncClient(handle.api_url, forged) as bad:
         with pytest.raises(ApiError) as err:
             await bad.list()
         assert err.value.status == 401

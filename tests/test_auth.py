@@ -112,3 +112,49 @@ def test_node_key_gives_a_160_bit_node_id(tmp_path):
     # init again keeps the same identity
     assert identity.init_data_dir(tmp_path) == []
     assert identity.load_identity(tmp_path).node_id == ident.node_id
+
+
+# --- swarm tokens: one key for every member, rotation, deny list ---
+
+
+def _member(tmp_path, name: str, secret_file, *, algorithm: str = "HS256", generation: int = 0) -> Authenticator:
+    data = tmp_path / name
+    identity.init_data_dir(data)
+    cfg = (config.load(env={}).replace("node", data_dir=str(data)).replace("swarm", name="s", secret_file=str(secret_file))
+           .replace("auth", algorithm=algorithm, key_generation=generation))
+    return Authenticator.from_config(cfg)
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "EdDSA"])
+def test_a_swarm_token_minted_by_one_member_is_accepted_by_every_other(tmp_path, algorithm):
+    secret = tmp_path / "swarm-secret"
+    secret.write_text("s" * 64)
+    a, b = _member(tmp_path, "a", secret, algorithm=algorithm), _member(tmp_path, "b", secret, algorithm=algorithm)
+    token = a.mint("alice", "operator", 60)
+    assert jwt.get_unverified_header(token)["kid"] == "s/0"
+    assert b.verify(f"Bearer {token}") == Caller("alice", "operator")
+    # Another swarm's secret, or the same swarm after a key rotation, does not accept it.
+    other = tmp_path / "other-secret"
+    other.write_text("o" * 64)
+    with pytest.raises(AuthError, match="invalid token"):
+        _member(tmp_path, "c", other, algorithm=algorithm).verify(f"Bearer {token}")
+    with pytest.raises(AuthError, match="rotated"):
+        _member(tmp_path, "d", secret, algorithm=algorithm, generation=1).verify(f"Bearer {token}")
+
+
+def test_a_revoked_swarm_token_is_refused_and_a_node_local_token_works_on_its_node_only(tmp_path):
+    secret = tmp_path / "swarm-secret"
+    secret.write_text("s" * 64)
+    a, b = _member(tmp_path, "a", secret), _member(tmp_path, "b", secret)
+    token = a.mint("alice", "viewer", 60)
+    b.revoke([jwt.decode(token, options={"verify_signature": False})["jti"]])
+    with pytest.raises(AuthError, match="revoked"):
+        b.verify(f"Bearer {token}")
+    assert a.verify(f"Bearer {token}").sub == "alice"  # a has not read the deny list yet
+    # A token minted from a node's own data directory (no swarm configuration) is today's: that node only.
+    lone = Authenticator.from_config(config.load(env={}).replace("node", data_dir=str(tmp_path / "a")))
+    local = lone.mint("bob", "viewer", 60)
+    assert "kid" not in jwt.get_unverified_header(local)
+    assert a.verify(f"Bearer {local}").sub == "bob"
+    with pytest.raises(AuthError, match="invalid token"):
+        b.verify(f"Bearer {local}")

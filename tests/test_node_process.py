@@ -11,12 +11,12 @@ import psycopg
 import pytest
 import trio
 
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient
 from tests.conftest import PG_URL
 from tests.nodeutil import start_node_process, token
 
 
-async def _wait_state(client: Client, task_id: str, state: str, timeout: float = 30.0) -> dict:
+async def _wait_state(client: AsyncClient, task_id: str, state: str, timeout: float = 30.0) -> dict:
     with trio.fail_after(timeout):
         while True:
             task = await client.get(task_id)
@@ -29,7 +29,7 @@ async def test_sigterm_hands_running_tasks_back_and_restart_finishes_them(tmp_pa
     data = tmp_path / "n1"
     node = start_node_process(data)
     try:
-        async with Client(node.url, token(data, "operator")) as client:
+        async with AsyncClient(node.url, token(data, "operator")) as client:
             task = await client.submit({"kind": "echo", "payload": "survives", "sleep": 2})
             await _wait_state(client, task["id"], "running")
         assert node.stop(signal.SIGTERM) == 0
@@ -40,7 +40,7 @@ async def test_sigterm_hands_running_tasks_back_and_restart_finishes_them(tmp_pa
 
     node = start_node_process(data)
     try:
-        async with Client(node.url, token(data, "viewer")) as client:
+        async with AsyncClient(node.url, token(data, "viewer")) as client:
             done = await client.wait(task["id"], timeout=60)
         assert done["state"] == "succeeded" and done["result"]["payload"] == "survives"
         assert done["attempts"] == 1  # the handed-back attempt does not count
@@ -51,7 +51,7 @@ async def test_sigterm_hands_running_tasks_back_and_restart_finishes_them(tmp_pa
 async def test_sigkilled_node_loses_nothing_after_restart(tmp_path):
     data = tmp_path / "n1"
     node = start_node_process(data)
-    async with Client(node.url, token(data, "operator")) as client:
+    async with AsyncClient(node.url, token(data, "operator")) as client:
         running = await client.submit({"kind": "echo", "payload": "was running", "sleep": 3})
         await _wait_state(client, running["id"], "running")
         waiting = await client.submit_many([{"kind": "echo", "payload": i, "sleep": 3} for i in range(4)])
@@ -64,7 +64,7 @@ async def test_sigkilled_node_loses_nothing_after_restart(tmp_path):
 
     node = start_node_process(data)
     try:
-        async with Client(node.url, token(data, "viewer")) as client:
+        async with AsyncClient(node.url, token(data, "viewer")) as client:
             ids = [running["id"]] + [t["id"] for t in waiting]
             done = await client.wait_all(ids, timeout=90)
         assert all(t["state"] == "succeeded" for t in done.values())
@@ -77,7 +77,7 @@ async def test_killed_worker_process_fails_the_attempt_and_the_task_is_retried(t
     data = tmp_path / "n1"
     node = start_node_process(data, env={"P2PNN_COMPUTE__SLOTS": "1"})
     try:
-        async with Client(node.url, token(data, "operator")) as client:
+        async with AsyncClient(node.url, token(data, "operator")) as client:
             task = await client.submit({"kind": "echo", "payload": "again", "sleep": 2})
             await _wait_state(client, task["id"], "running")
             (worker,) = node.worker_pids()
@@ -100,7 +100,7 @@ async def test_node_keeps_its_tasks_in_postgres_when_given_a_url(tmp_path, pg_sc
         data, env={"P2PNN_STORE__BACKEND": "postgres", "P2PNN_STORE__URL": PG_URL, "P2PNN_STORE__SCHEMA": pg_schema},
     )
     try:
-        async with Client(node.url, token(data, "operator")) as client:
+        async with AsyncClient(node.url, token(data, "operator")) as client:
             done = await client.wait((await client.submit({"kind": "echo", "payload": "in pg"}))["id"])
     finally:
         node.stop()
@@ -116,7 +116,7 @@ async def test_insecure_node_binds_loopback_only_and_warns(tmp_path):
     try:
         assert node.url.startswith("http://127.0.0.1:")
         assert any(e["event"] == "api.insecure" and e["level"] == "warning" for e in node.events())
-        async with Client(node.url) as client:  # no token at all
+        async with AsyncClient(node.url) as client:  # no token at all
             done = await client.wait((await client.submit({"kind": "echo", "payload": 1}))["id"])
         assert done["state"] == "succeeded"
     finally:
@@ -131,7 +131,7 @@ async def test_secure_node_needs_a_token_minted_by_the_cli(tmp_path):
             [sys.executable, "-m", "p2pnn.cli", "token", "--role", "viewer", "--sub", "cli-user", "--data-dir", str(data)],
             capture_output=True, text=True, timeout=60, check=True,
         ).stdout.strip()
-        async with Client(node.url, minted) as client:
+        async with AsyncClient(node.url, minted) as client:
             assert (await client.list())["tasks"] == []
         assert "eyJ" not in node.log_path.read_text()  # no token ever reaches the log
     finally:
@@ -160,10 +160,14 @@ async def test_node_with_no_slots_accepts_tasks_but_runs_none(tmp_path):
     node = start_node_process(data, "--slots", "0")
     try:
         assert node.worker_pids() == []
-        async with Client(node.url, token(data, "operator")) as client:
+        async with AsyncClient(node.url, token(data, "operator")) as client:
             task = await client.submit({"kind": "echo"})
-            await trio.sleep(1.0)
-            assert (await client.get(task["id"]))["state"] == "queued"
+            queued = await _wait_state(client, task["id"], "queued")
+            ready = await client._call("GET", "/ready")
+        # Nothing to run it on, by construction rather than by waiting a while and seeing nothing.
+        assert queued["attempts"] == 0 and (ready["slots"], ready["free_slots"]) == (0, 0)
+        assert node.worker_pids() == []
+        assert not [e for e in node.events() if e.get("event") == "task.started"]
     finally:
         node.stop()
 
@@ -172,13 +176,13 @@ async def test_every_queued_task_is_run_after_a_restart_even_past_one_page(tmp_p
     data = tmp_path / "n1"
     node = start_node_process(data, "--slots", "0")  # accepts, runs nothing: all stay queued
     try:
-        async with Client(node.url, token(data, "operator")) as client:
+        async with AsyncClient(node.url, token(data, "operator")) as client:
             ids = [t["id"] for t in await client.submit_many([{"kind": "echo", "payload": i} for i in range(600)])]
     finally:
         node.stop()
     node = start_node_process(data)
     try:
-        async with Client(node.url, token(data, "viewer")) as client:
+        async with AsyncClient(node.url, token(data, "viewer")) as client:
             done = await client.wait_all(ids, timeout=120)
         assert all(t["state"] == "succeeded" for t in done.values())
     finally:

@@ -134,5 +134,51 @@ async def test_a_swarm_with_fewer_slots_than_workers_runs_the_group_smaller_down
         assert _group_parts(bus, "pair") == {"pair": (0, 2, 2)}  # both ranks on one node's two slots
         await bus.publish(["g2"], headers={"g2": {"needs": {"workers": 4, "min_workers": 3}}})
         await _settle()
-        assert bus.depth(ki_queue("pair")) == 1 and bus.depth() == 0  # held: the swarm is too small for it
+        assert bus.depth(ki_queue("pair")) == 1 and bus.depth() == 0  # parked: the swarm is too small for it
         nursery.cancel_scope.cancel()
+
+
+async def test_a_gpu_task_with_no_gpu_ki_is_parked_out_of_the_way_then_placed_or_failed(tmp_path):
+    from p2pnn.store import NewTask, open_store
+
+    store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
+    await store.open()
+    bus = LocalBus()
+    metrics = Metrics()
+    try:
+        created, _ = await store.create([NewTask("train", {"kind": "train"}, "o", 3) for _ in range(2)], now=0.0)
+        await store.mark_queued([t.id for t in created], now=0.0)
+        late, doomed = (t.id for t in created)
+        async with trio.open_nursery() as nursery:
+            an = Dispatcher(node_id=AN, store=store, bus=bus, metrics=metrics, prefetch=10, beat_timeout=60,
+                            ki_message_ttl=60, park_fail_seconds=3)
+            await nursery.start(an.run)
+            await bus.broadcast(BEATS, _beat("cpu", slots=8))
+            await _settle()
+            gpu = {"needs": {"gpu": True, "memory_mb": 0}}
+            await bus.publish([late, doomed], headers={late: gpu, doomed: gpu})
+            await bus.publish([f"c{i}" for i in range(3)], headers={f"c{i}": {"needs": {}} for i in range(3)})
+            await _settle()
+            # The CPU tasks behind the GPU ones were not held up.
+            assert bus.depth(ki_queue("cpu")) == 3 and metrics.parked._value.get() == 2
+            # Malformed beats are dropped and counted; the An keeps reading.
+            await bus.broadcast(BEATS, {"node": "bad", "slots": "many"})
+            await bus.broadcast(BEATS, {"node": ["not", "a", "str"]})
+            await bus.broadcast(BEATS, _beat("gpu", slots=1, gpu=True))
+            with trio.fail_after(10):
+                while bus.depth(ki_queue("gpu")) < 1:
+                    await trio.sleep(0.05)
+            assert metrics.malformed_messages.labels(source="beats")._value.get() == 2
+            # One GPU slot, now taken: the other stays parked while a capable Ki is alive...
+            await trio.sleep(3.5)
+            assert (await store.get(doomed)).state.value == "queued"
+            # ...and fails, with the reason, once no Ki that could run it beats any more.
+            an.kis.pop("gpu")
+            with trio.fail_after(10):
+                while (await store.get(doomed)).state.value != "failed":
+                    await trio.sleep(0.05)
+            assert (await store.get(doomed)).error == "no Ki with a GPU for 3 s"
+            assert (await store.get(late)).state.value == "queued" and metrics.parked._value.get() == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()

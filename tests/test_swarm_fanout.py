@@ -19,7 +19,7 @@ from psycopg import sql
 
 from p2pnn import config as config_mod
 from p2pnn.api.auth import Authenticator
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient
 from p2pnn.launcher import LocalSwarm, led
 from tests.swarmutil import FANOUT_ENV, SWARM_ENV, agreed
 
@@ -50,9 +50,9 @@ def _roles(swarm: LocalSwarm) -> dict[str, dict]:
     return {by_id[i]: r for i, r in roles.items() if i in by_id}
 
 
-def _operator(swarm: LocalSwarm, name: str) -> Client:
+def _operator(swarm: LocalSwarm, name: str) -> AsyncClient:
     cfg = config_mod.load(env={}).replace("node", data_dir=str(swarm.root / name))
-    return Client(swarm.nodes[name].url, Authenticator.from_config(cfg).mint("test", "operator", 600))
+    return AsyncClient(swarm.nodes[name].url, Authenticator.from_config(cfg).mint("test", "operator", 600))
 
 
 def _an_kis(swarm: LocalSwarm, name: str) -> float:

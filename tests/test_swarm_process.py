@@ -80,6 +80,35 @@ def test_five_nodes_converge_on_one_principal(swarm: Swarm):
     assert {n["addresses"]["dht"].split(":")[0] for n in nodes} == {"127.0.0.1"}
 
 
+def test_a_token_from_one_member_is_accepted_by_every_member_until_revoked(swarm: Swarm):
+    import subprocess
+    import sys
+
+    import httpx
+
+    swarm.wait_for(agreed(NODES), CONVERGE_TIMEOUT)
+    # `p2pnn-node token` with the swarm's configuration (here n0's data directory) mints a swarm token.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PNN_")} | swarm.env
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "p2pnn.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=60, check=True)
+        return done.stdout.strip()
+
+    token = cli("token", "--data-dir", str(swarm.root / "n0"), "--role", "viewer", "--sub", "alice")
+
+    def answers() -> dict[str, int]:
+        return {name: httpx.get(node.url + "/api/v1/cluster", headers={"Authorization": f"Bearer {token}"},
+                                timeout=10).status_code for name, node in swarm.running().items()}
+
+    assert set(answers().values()) == {200}, answers()
+    cli("revoke", "--data-dir", str(swarm.root / "n0"), token)
+    deadline = time.monotonic() + 30  # every member reads the deny list every auth.revocation_refresh_seconds (5)
+    while set(answers().values()) != {401} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert set(answers().values()) == {401}, answers()
+
+
 def test_stock_kademlia_reads_a_node_record(swarm: Swarm):
     target = swarm.nodes["n1"]
     host, port = swarm.nodes["n0"].info["dht"].split(":")

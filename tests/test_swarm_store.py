@@ -71,3 +71,11 @@ async def test_racing_acquirers_get_distinct_outcomes(make_store):
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_a_revoked_token_stays_on_the_deny_list_until_it_would_have_expired(store: TaskStore):
+    await store.revoke_token("j1", expires_at=T0 + 60, now=T0)
+    await store.revoke_token("j1", expires_at=T0 + 60, now=T0 + 1)  # revoking twice is harmless
+    await store.revoke_token("j2", expires_at=T0 + 10, now=T0 + 2)
+    assert await store.revoked_tokens(now=T0 + 5) == {"j1", "j2"}
+    assert await store.revoked_tokens(now=T0 + 30) == {"j1"}

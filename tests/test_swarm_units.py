@@ -145,7 +145,9 @@ async def test_terms_only_grow_and_older_terms_are_ignored(tmp_path):
     # A lower-ranked node asking for an election gets ALIVE; a higher-ranked one gets nothing.
     assert await election.on_message({"type": "election", "term": 4, "id": low.node_id}, rec_low) == {"type": "alive"}
     assert await election.on_message({"type": "election", "term": 4, "id": high.node_id}, rec_high) is None
-    # Alone, with no answer from anyone, it takes the lease: the store grants term 1 (terms come from the store).
+    # Once the principal falls silent, with no answer from anyone, it takes the lease: the store grants
+    # term 1 (terms come from the store).
+    election.last_heard -= election.config.election_timeout_seconds
     await election._elect()
     assert election.fence is not None and election.leading and election.term == 1
     await store.close()
@@ -249,3 +251,27 @@ def test_example_peer_file_is_a_valid_configuration(tmp_path):
     for line in ("Restart=on-failure", "User=p2pnn", "StateDirectory=p2pnn", "NoNewPrivileges=yes",
                  "ProtectSystem=strict", "PrivateTmp=yes", "EnvironmentFile=-/etc/p2pnn/p2pnn.env"):
         assert line in unit.splitlines()
+
+
+def test_dht_storage_never_lets_an_older_signed_record_replace_a_newer_one(tmp_path):
+    from p2pnn.config import DhtConfig
+    from p2pnn.membership.view import MemberView
+
+    me, other = ident(), ident()
+    clock = [NOW]
+    view = MemberView(ident=me, cred=CRED, config=DhtConfig(), bootstrap=[], make_record=None,  # type: ignore[arg-type]
+                      clock=lambda: clock[0])
+    storage, key = view.dht.server.storage, record_key(CRED.name, other.node_id)
+    dkey = dht_digest(key)
+    old = sign_record(record(other, ts=NOW - 10, ttl=3600, load={"slots": 1}), other, CRED)  # claims a longer life
+    new = sign_record(record(other, ts=NOW - 5, ttl=15), other, CRED)
+    storage[dkey] = new
+    storage[dkey] = old
+    assert view.dht.local(key) == new
+    clock[0] = NOW + 20  # the newer copy has expired here; the older one, still "valid", must not come back
+    storage[dkey] = old
+    assert view.dht.local(key) != old
+    newest = sign_record(record(other, ts=NOW + 19, ttl=15), other, CRED)
+    storage[dkey] = newest
+    assert view.dht.local(key) == newest
+    assert view.dropped == 0

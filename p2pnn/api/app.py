@@ -7,8 +7,11 @@ thin (api/routes/): the rules live in :mod:`p2pnn.service`.
 
 from __future__ import annotations
 
+import ipaddress
 import time
+from typing import Any, Awaitable, Callable
 
+import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -24,6 +27,13 @@ log = logs.get(__name__)
 
 __all__ = ["ApiContext", "create_app"]
 
+# Methods counted under their own name in /metrics; any other is "other", so a client
+# cannot mint a new series per request (``curl -X XYZ1``).
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Host names an --insecure node answers to. A web page that rebinds its own name to
+# 127.0.0.1 still sends that name, so checking Host stops it driving an unauthenticated API.
+LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+
 
 def create_app(ctx: ApiContext) -> QuartTrio:
     app = QuartTrio("p2pnn")
@@ -32,16 +42,89 @@ def create_app(ctx: ApiContext) -> QuartTrio:
     for make in BLUEPRINTS:
         app.register_blueprint(make(ctx))
     _map_errors(app)
+    app.asgi_app = _finish_responses_shielded(app.asgi_app)  # type: ignore[method-assign]
 
     @app.before_request
     async def start_timer() -> None:
         g.started = time.perf_counter()
+        if ctx.authenticator is None and not is_loopback_host(request.headers.get("Host")):
+            raise ApiError(403, "host not allowed", "an --insecure node answers only to localhost, 127.0.0.1 or [::1]")
 
     @app.after_request
     async def count(response: Response) -> Response:
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        ctx.metrics.http_requests.labels(method=request.method, route=rule, status=str(response.status_code)).inc()
+        method = request.method if request.method in METRIC_METHODS else "other"
+        ctx.metrics.http_requests.labels(method=method, route=rule, status=str(response.status_code)).inc()
+        if response.status_code >= 400 and not _body_consumed():
+            # Refused before its body was read: the rest of it may still be on the wire, so this
+            # connection cannot carry another request; say so, and the server closes it.
+            response.headers["Connection"] = "close"
         return response
+
+    return app
+
+
+def is_loopback_host(header: str | None) -> bool:
+    """Whether a Host header names this machine's loopback: a name or address, with or without a port.
+
+    No header at all passes: every browser sends one, so its absence is no rebinding page.
+    """
+    if header is None:
+        return True
+    host = header.strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        end = host.find("]")
+        if end < 0 or (host[end + 1:] and not _is_port(host[end + 1:])):
+            return False
+        host = host[1:end]
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+        if not _is_port(":" + port):
+            return False
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_port(text: str) -> bool:
+    return text.startswith(":") and text[1:].isdigit() and 0 < int(text[1:]) < 65536
+
+
+def _body_consumed() -> bool:
+    """Whether the current request declared no body, or its handler read it (ApiContext.json_body)."""
+    declared = request.headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in request.headers
+    return not declared or bool(g.get("body_read", False))
+
+
+ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+
+def _finish_responses_shielded(asgi_app: ASGIApp) -> ASGIApp:
+    """Send each response's last body message under a shield.
+
+    quart-trio cancels a request's tasks as soon as the request ends. When the
+    response went out before the request body was read (a 401 or 413 refusal),
+    hypercorn learns of the end only inside that last send, and then has to
+    close the connection; cancelled there, it never did, and the connection
+    hung: the client's next request on it was never answered.
+    """
+
+    async def app(scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
+        if scope.get("type") != "http":
+            await asgi_app(scope, receive, send)
+            return
+
+        async def send_last_shielded(message: dict[str, Any]) -> None:
+            if message.get("type") == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await asgi_app(scope, receive, send_last_shielded)
 
     return app
 

@@ -7,16 +7,28 @@ app.py) and becomes a 4xx with ``{"error": ..., "detail": ...}``.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from quart import Response, request
+from quart import Response, g, request
 
 from p2pnn.api.auth import Authenticator, require
 from p2pnn.callers import ANONYMOUS_ADMIN, Caller
 from p2pnn.metrics import Metrics
 from p2pnn.service import TaskService
 from p2pnn.tasks import Task
+
+# Arrays and objects nested deeper than this in a request body are refused (400). Real specs
+# nest four or five levels; the parser and the encoder recurse once or twice per level.
+MAX_JSON_DEPTH = 64
+# Longer integer literals are refused (400): Python's own cap (4,300) raises a ValueError
+# deep in the parser; stating ours keeps the answer the same whatever the interpreter's setting.
+MAX_INT_DIGITS = 4300
+# Nesting shown in an answer; deeper parts of a stored value are replaced by TOO_DEEP.
+MAX_RENDER_DEPTH = 100
+TOO_DEEP = "<nested too deeply to show>"
+_STRUCTURE = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
 
 
 @dataclass
@@ -39,20 +51,87 @@ class ApiContext:
     async def json_body(self) -> Any:
         """The current request's body as JSON. Error handling: ApiError 400 or 413."""
         raw = await request.get_data()
+        g.body_read = True
         if len(raw) > self.max_body_bytes:
             raise ApiError(413, "body too large", f"at most {self.max_body_bytes} bytes")
         if not raw:
             raise ApiError(400, "empty body", "expected a JSON document")
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, "malformed JSON", str(exc)) from None
+        return parse_json(raw)
 
     async def task_or_404(self, task_id: str) -> Task:
         task = await self.service.get(task_id)
         if task is None:
             raise ApiError(404, "no such task", task_id)
         return task
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, refused when it is malformed or unreasonably shaped.
+
+    Error handling: ApiError 400 for malformed JSON, nesting deeper than
+    MAX_JSON_DEPTH, or an integer literal over MAX_INT_DIGITS digits; nothing
+    else, whatever the bytes.
+    """
+    if _nesting_depth(raw) > MAX_JSON_DEPTH:
+        raise ApiError(400, "JSON nested too deeply", f"at most {MAX_JSON_DEPTH} levels of arrays and objects")
+    try:
+        return json.loads(raw, parse_int=_bounded_int)
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "malformed JSON", f"not UTF-8: {exc.reason}") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer literal over the cap
+        raise ApiError(400, "malformed JSON", str(exc)) from None
+    except RecursionError:  # not reached below MAX_JSON_DEPTH; kept so no input can become a 500
+        raise ApiError(400, "JSON nested too deeply", f"at most {MAX_JSON_DEPTH} levels of arrays and objects") from None
+
+
+def _bounded_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer literal of {len(literal)} digits (at most {MAX_INT_DIGITS})")
+    return int(literal)
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in a JSON text, brackets inside strings not counted.
+
+    Measured on the bytes, before parsing: the parser recurses once per level
+    and a deep enough document exhausts the stack of the request's handler.
+    """
+    depth = deepest = 0
+    in_string = False
+    # Only quotes, brackets and escapes matter; an escape is matched as a pair, so a
+    # quote found on its own always opens or closes a string.
+    for match in _STRUCTURE.finditer(raw):
+        char = match.group()
+        if char == b'"':
+            in_string = not in_string
+        elif in_string or char[0] == 0x5C:
+            continue
+        elif char in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_JSON_DEPTH:
+                    break
+        else:
+            depth -= 1
+    return deepest
+
+
+def clamp_depth(value: Any, levels: int = MAX_RENDER_DEPTH) -> Any:
+    """``value`` with anything nested deeper than ``levels`` replaced by a note saying so.
+
+    For answers only: a value stored before input depth was capped (or written
+    to the store by other means) must still list, not fail the whole page.
+    """
+    if isinstance(value, dict):
+        if levels <= 0:
+            return TOO_DEEP
+        return {k: clamp_depth(v, levels - 1) for k, v in value.items()}
+    if isinstance(value, list):
+        if levels <= 0:
+            return TOO_DEEP
+        return [clamp_depth(v, levels - 1) for v in value]
+    return value
 
 
 class ApiError(Exception):
@@ -62,7 +141,11 @@ class ApiError(Exception):
 
 
 def json_response(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body), status=status, content_type="application/json")
+    try:
+        text = json.dumps(body)
+    except RecursionError:  # something stored nests deeper than the encoder's stack allows
+        text = json.dumps(clamp_depth(body))
+    return Response(text, status=status, content_type="application/json")
 
 
 def error_response(status: int, error: str, detail: str = "") -> Response:

@@ -21,7 +21,7 @@ def _resp(description: str, schema: dict[str, Any] | None = None, content_type: 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "invalid request", 401: "missing or invalid token", 403: "role too low",
             404: "not found", 409: "idempotency key reused with another body", 413: "body too large",
-            503: "store unavailable"}
+            503: "store unavailable, or too many event streams open"}
     return {str(c): _resp(text[c], _ERROR) for c in codes}
 
 
@@ -111,6 +111,34 @@ def openapi() -> dict[str, Any]:
                         "responses": {"200": _resp("the bytes", {"type": "string", "format": "binary"}, "application/octet-stream"),
                                       **_errors(401, 403, 404)}},
             },
+            "/api/v1/tasks/{task_id}/progress": {
+                "get": {"summary": "Every progress report of the task's current attempt (one per epoch), oldest first",
+                        "security": secured, "parameters": [_ID],
+                        "responses": {"200": _resp("the series", {"type": "object", "properties": {
+                            "task_id": {"type": "string"}, "attempt": {"type": "integer"},
+                            "points": {"type": "array", "items": {"type": "object"}},
+                            "truncated": {"type": "boolean", "description": "the attempt reported more than are kept"}}}),
+                            **_errors(401, 403, 404)}},
+            },
+            "/api/v1/tasks/{task_id}/events": {
+                "get": {"summary": "Server-Sent Events: 'task' with the task now and at each change; ends when the task ends",
+                        "security": secured, "parameters": [_ID],
+                        "responses": {"200": _resp("an event stream", {"type": "string"}, "text/event-stream"),
+                                      **_errors(401, 403, 404, 503)}},
+            },
+            "/api/v1/events": {
+                "get": {"summary": "Server-Sent Events: 'swarm' (cluster and nodes) when the membership changes, "
+                                   "'task' (a summary) for each task that changes",
+                        "security": secured,
+                        "responses": {"200": _resp("an event stream", {"type": "string"}, "text/event-stream"),
+                                      **_errors(401, 403, 503)}},
+            },
+            "/ui": {"get": {"summary": "The dashboard (redirects to /ui/)", "responses": {"308": _resp("to /ui/")}}},
+            "/ui/": {"get": {"summary": "The dashboard: sign in with a token; swarm, tasks, live curves",
+                             "responses": {"200": _resp("the page", {"type": "string"}, "text/html")}}},
+            "/ui/{name}": {"get": {"summary": "A static file of the dashboard",
+                                   "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                                   "responses": {"200": _resp("the file"), "404": _resp("no such file", _ERROR)}}},
             "/api/v1/nodes": {
                 "get": {"summary": "Every member of the swarm as this node sees it (alone: this node)", "security": secured,
                         "responses": {"200": _resp("the members", {"type": "object", "properties": {

@@ -64,6 +64,9 @@ QUORUM_SINCE = (3, 10)  # quorum queues with message TTL and at-least-once dead-
 BROADCAST_TTL_MS = 10_000  # a beat or cancel older than this is useless: do not let it pile up
 JOIN_SECONDS = 5.0  # how long shutdown waits for the pika thread to close the connection
 DEPTH_EVERY = 2.0  # how often queue depths are refreshed for metrics
+# How long a publish waits for the broker's confirm. Past it the publish is an error (the
+# caller's sweeper covers the task), so shutdown or a hand-back cannot hang on a dead link.
+CONFIRM_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -126,10 +129,17 @@ class _Tag:
 class _Link:
     """The pika thread. Every method not marked otherwise runs in that thread."""
 
-    def __init__(self, settings: AmqpSettings, token: trio.lowlevel.TrioToken, on_redelivery: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        settings: AmqpSettings,
+        token: trio.lowlevel.TrioToken,
+        on_redelivery: Callable[[str], None],
+        on_malformed: Callable[[str], None] = lambda source: None,
+    ) -> None:
         self.s = settings
         self._token = token
         self._on_redelivery = on_redelivery
+        self._on_malformed = on_malformed
         self._commands: queue_mod.SimpleQueue[Callable[[], None]] = queue_mod.SimpleQueue()
         self._stopping = threading.Event()
         self.connected = threading.Event()
@@ -259,8 +269,14 @@ class _Link:
     def _queue_args(self) -> dict[str, Any]:
         return {"x-queue-type": "quorum"} if self.quorum else {}
 
+    def _dead_letter_args(self) -> dict[str, Any]:
+        # Quorum queues dead-letter at most once unless told otherwise; at-least-once needs
+        # reject-publish overflow (RabbitMQ 3.10+). A message moved to its dead-letter target is
+        # then only dropped from its queue once the target confirmed it.
+        return {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"} if self.quorum else {}
+
     def _tasks_args(self) -> dict[str, Any]:
-        args = {**self._queue_args(), "x-dead-letter-exchange": f"{self.s.prefix}.dead"}
+        args = {**self._queue_args(), "x-dead-letter-exchange": f"{self.s.prefix}.dead", **self._dead_letter_args()}
         if self.quorum:
             args["x-delivery-limit"] = self.s.delivery_limit
         return args
@@ -272,6 +288,7 @@ class _Link:
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": self.name(TASKS),
             "x-expires": int(self.s.ki_queue_expires * 1000),
+            **self._dead_letter_args(),
         }
 
     def declare_ki_queue(self, ch: Any, full_name: str) -> None:
@@ -351,14 +368,19 @@ class _Link:
         ch.basic_consume(consumer.queue, lambda c, m, p, b: self._on_message(consumer, gen, m, p, b))
 
     def _on_message(self, consumer: _Consumer, gen: int, method: Any, props: Any, body: bytes) -> None:
+        # Anything may arrive on a queue: a body that is not {"id": str, "headers": {...}} is
+        # dropped (acked), logged and counted, never raised into the connection's thread.
         try:
             message = json.loads(body)
-            task_id = str(message["id"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("bus.bad_message", queue=consumer.queue, body=body[:200].decode(errors="replace"))
+            task_id = message["id"]
+            headers = message.get("headers") or {}
+            if not isinstance(task_id, str) or not isinstance(headers, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            log.warning("bus.malformed_message", queue=consumer.queue, body=body[:200].decode(errors="replace"))
+            self._on_malformed("ki" if consumer.ki_queue else "tasks")
             consumer.channel.basic_ack(method.delivery_tag)
             return
-        headers = dict(message.get("headers") or {})
         if method.redelivered:
             self._on_redelivery(consumer.queue)
         delivery = Delivery(task_id, _Tag(gen, consumer, method.delivery_tag), method.redelivered, headers)
@@ -375,7 +397,11 @@ class _Link:
     def _on_broadcast(self, consumer: _Consumer, body: bytes) -> None:
         try:
             message = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
+            message = None
+        if not isinstance(message, dict):
+            log.warning("bus.malformed_broadcast", topic=consumer.topic, body=body[:200].decode(errors="replace"))
+            self._on_malformed(consumer.topic.rsplit(".", 1)[-1])
             return
         if isinstance(message, dict):
             send = consumer.send
@@ -467,9 +493,16 @@ class AmqpBus(TaskBus):
     resume when the connection is back.
     """
 
-    def __init__(self, settings: AmqpSettings, *, on_redelivery: Callable[[str], None] = lambda queue: None) -> None:
+    def __init__(
+        self,
+        settings: AmqpSettings,
+        *,
+        on_redelivery: Callable[[str], None] = lambda queue: None,
+        on_malformed: Callable[[str], None] = lambda source: None,
+    ) -> None:
         self.settings = settings
         self._on_redelivery = on_redelivery
+        self._on_malformed = on_malformed
         self._link: _Link | None = None
 
     @property
@@ -481,7 +514,7 @@ class AmqpBus(TaskBus):
         return f"{self.settings.prefix}.{logical}"
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._link = _Link(self.settings, trio.lowlevel.current_trio_token(), self._on_redelivery)
+        self._link = _Link(self.settings, trio.lowlevel.current_trio_token(), self._on_redelivery, self._on_malformed)
         thread = threading.Thread(target=self._link.main, name="p2pnn-amqp", daemon=True)
         thread.start()
         try:
@@ -513,8 +546,12 @@ class AmqpBus(TaskBus):
         if queue != TASKS:  # a Ki's queue: make sure it exists, or the message is returned
             await self._ensure_ki_queue(key)
         self.link.submit(lambda: self.link.publish(batch))
-        with trio.CancelScope(shield=True):  # the confirm settles the batch either way; wait for it
+        # Shielded: the confirm settles the batch either way, and a caller cancelled meanwhile
+        # should learn whether its messages went out. Bounded: a link that stopped answering.
+        with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_SECONDS):
             await batch.done.wait()
+        if not batch.done.is_set():
+            raise BusError(f"no confirm from the broker within {CONFIRM_SECONDS:g} s")
         if batch.error:
             raise BusError(batch.error)
 
@@ -527,7 +564,10 @@ class AmqpBus(TaskBus):
             self.link.to_trio(event.set)
 
         self.link.submit(lambda: self.link.ensure_ki_queue(full_name, done))
-        await event.wait()
+        with trio.move_on_after(CONFIRM_SECONDS):
+            await event.wait()
+        if not result:
+            raise BusError(f"RabbitMQ did not declare {full_name} within {CONFIRM_SECONDS:g} s")
         if result[0]:
             raise BusError(result[0])
 

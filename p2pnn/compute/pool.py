@@ -8,16 +8,19 @@ loop never runs a training step.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,6 +53,13 @@ PARENT_PID_ENV = "P2PNN_PARENT_PID"
 PRELOAD_TORCH_ENV = "P2PNN_PRELOAD_TORCH"
 # How often to check for exit where pidfd_open is missing (not Linux, or old kernels).
 _EXIT_POLL = 0.05
+# A worker's stderr output is one log event once the pipe has been quiet this long (seconds):
+# long enough to join the pieces of one traceback, short enough that the log stays current.
+STDERR_QUIET = 0.2
+# At most this many bytes of stderr in one event; more becomes several events.
+MAX_STDERR_EVENT = 64 * 1024
+# Where torch's native stack trace starts in an exception's text.
+_NATIVE_FRAMES = re.compile(r"\s*(Exception raised from \S|C\+\+ CapturedTraceback:|frame #\d+:)")
 
 # Where a lone node's data-parallel groups meet when no address or ports are configured.
 DEFAULT_RENDEZVOUS_HOST = "127.0.0.1"
@@ -476,7 +486,7 @@ class KiPool:
                 return Outcome("crashed", error=f"worker {worker.describe_exit()}", retryable=True)
             if reply["type"] == "error":
                 return Outcome(
-                    "failed", error=str(reply.get("error")), retryable=bool(reply.get("retryable", False))
+                    "failed", error=user_error(str(reply.get("error"))), retryable=bool(reply.get("retryable", False))
                 )
             try:
                 artifacts = await trio.to_thread.run_sync(_collect, jobdir, reply.get("artifacts") or {})
@@ -547,6 +557,50 @@ def _free_port(host: str, ports: list[int]) -> int | None:
     return None
 
 
+def user_error(text: str) -> str:
+    """A worker's error message as a user reads it: the native stack frames torch may append cut off.
+
+    With TORCH_SHOW_CPP_STACKTRACES (and in some builds always) a torch error's
+    text goes on with "Exception raised from ..." and a list of C++ frames;
+    they help a developer reading the node's log, not a user reading an answer.
+    """
+    match = _NATIVE_FRAMES.search(text)
+    if match is not None:
+        text = text[: match.start()].rstrip(" :") or "the task failed inside a native library"
+    return text
+
+
+def _relay_stderr(pid: int, fd: int) -> None:
+    """Thread: a worker's stderr into the log, one ``worker.stderr`` event per burst of output.
+
+    A traceback is written in a few quick pieces: what arrives before the pipe
+    has been quiet for STDERR_QUIET is one event, so a traceback is one event
+    and one line of a JSON log. Ends when the worker (and any child holding
+    its stderr) is gone.
+    """
+    pending = bytearray()
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        while True:
+            ready, _, _ = select.select([pipe], [], [], STDERR_QUIET if pending else None)
+            if ready:
+                chunk = pipe.read(_READ_CHUNK)
+                if not chunk:
+                    break
+                pending += chunk
+                if len(pending) < MAX_STDERR_EVENT:
+                    continue
+            _log_stderr(pid, pending)
+            pending.clear()
+    if pending:
+        _log_stderr(pid, pending)
+
+
+def _log_stderr(pid: int, data: bytearray) -> None:
+    text = data[:MAX_STDERR_EVENT].decode(errors="replace").rstrip()
+    if text:
+        log.warning("worker.stderr", pid=pid, text=text, truncated=len(data) > MAX_STDERR_EVENT)
+
+
 def _safe_name(task_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", task_id)[:64] or "task"
 
@@ -608,16 +662,24 @@ class _Worker:
     def start(cls, command: list[str], env: dict[str, str]) -> _Worker:
         child_in, parent_out = os.pipe()
         parent_in, child_out = os.pipe()
+        err_in, child_err = os.pipe()
         try:
-            # stderr is inherited: the worker's tracebacks land in the daemon's log.
-            popen = subprocess.Popen(command, stdin=child_in, stdout=child_out, env=env, close_fds=True)
+            # stderr is a pipe of ours, not the daemon's own: raw traceback lines would break a
+            # JSON log; _relay_stderr turns each burst of them into one event.
+            popen = subprocess.Popen(command, stdin=child_in, stdout=child_out, stderr=child_err, env=env, close_fds=True)
         except BaseException:
-            for fd in (parent_out, parent_in):
+            for fd in (parent_out, parent_in, err_in):
                 os.close(fd)
             raise
         finally:
             os.close(child_in)
             os.close(child_out)
+            os.close(child_err)
+        # Run in a copy of this context, so the events carry the fields bound here (the node id).
+        relay = contextvars.copy_context()
+        threading.Thread(
+            target=relay.run, args=(_relay_stderr, popen.pid, err_in), name=f"worker-{popen.pid}-stderr", daemon=True
+        ).start()
         return cls(popen, trio.lowlevel.FdStream(parent_out), trio.lowlevel.FdStream(parent_in))
 
     def poll(self) -> int | None:

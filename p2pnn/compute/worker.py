@@ -62,10 +62,19 @@ def main() -> None:
             runner.handle(raw)
 
 
+# Seconds the background preload took to import torch; None until it has (or without preload).
+# The first job's own ``import torch`` then returns at once, so it cannot time the import itself.
+_preload_seconds: float | None = None
+
+
 def _preload() -> None:
+    global _preload_seconds
     try:
+        started = time.perf_counter()
         import safetensors.torch  # noqa: F401
         import torch
+
+        _preload_seconds = time.perf_counter() - started
 
         import p2pnn.nn.checkpoint  # noqa: F401
         import p2pnn.nn.data  # noqa: F401  (scikit-learn)
@@ -181,8 +190,9 @@ class _Runner:
         import torch
 
         if self._torch_threads is None:
-            print(f"p2pnn worker {os.getpid()}: torch {torch.__version__} ready in "
-                  f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
+            waited = time.perf_counter() - started
+            how = f"imported in {_preload_seconds:.2f} s in the background" if _preload_seconds else f"ready in {waited:.2f} s"
+            print(f"p2pnn worker {os.getpid()}: torch {torch.__version__} {how}", file=sys.stderr)
         if isinstance(threads, int) and threads > 0 and threads != self._torch_threads:
             torch.set_num_threads(threads)
             self._torch_threads = threads

@@ -26,7 +26,7 @@ from p2pnn.identity import Identity
 from p2pnn.membership.dht import resolve
 from p2pnn.membership.records import NodeRecord, capabilities
 from p2pnn.membership.view import MemberView
-from p2pnn.store import Assignment, Fence, TaskStore
+from p2pnn.store import Assignment, Fence, StoreError, TaskStore
 
 log = logs.get(__name__)
 
@@ -164,8 +164,12 @@ class SwarmNode:
                 role_map[str(node_id)] = Assignment(tuple(str(r) for r in value[0]), value[1] if isinstance(value[1], str) else None)
         self.role_map = role_map
         self.view.learn(role_map)
+        # A node the principal does not count among the live (it was cut off, or has just come back)
+        # holds no role until the principal gives it one: its An or Ki work would run outside the membership.
         mine = role_map.get(self.ident.node_id)
-        if mine is not None:
+        if mine is None:
+            self._want(frozenset(), None)
+        else:
             self._want(frozenset(mine.roles), mine.an_id)
 
     def _stepped_down(self) -> None:
@@ -183,12 +187,20 @@ class SwarmNode:
         role_map = assign_roles(self.ident.node_id, candidates, ki_per_an=self.config.swarm.ki_per_an, previous=self.role_map)
         now = self._clock()
         if role_map != self.role_map or now - self._written_at > ROLE_MAP_REWRITE_SECONDS:
-            if not await self.store.record_roles(fence, role_map, now=now):
-                return None
-            if role_map != self.role_map:
-                log.info("principal.assigned", term=fence.term, roles=_summary(role_map))
-            self.role_map, self._written_at = role_map, now
-        mine = role_map[self.ident.node_id]
+            try:
+                written = await self.store.record_roles(fence, role_map, now=now)
+            except StoreError as exc:  # a store blip costs this beat's write, not the node: the next beat tries again
+                log.warning("principal.roles_unwritten", term=fence.term, error=str(exc))
+                role_map = self.role_map
+            else:
+                if not written:
+                    return None
+                if role_map != self.role_map:
+                    log.info("principal.assigned", term=fence.term, roles=_summary(role_map))
+                self.role_map, self._written_at = role_map, now
+        mine = role_map.get(self.ident.node_id)
+        if mine is None:  # the store failed before any role map was written
+            return {"roles": {}, "lease_expires": self.election.lease_expires}
         self._want(frozenset(mine.roles), mine.an_id)
         return {
             "roles": {node: [list(a.roles), a.an_id] for node, a in role_map.items()},

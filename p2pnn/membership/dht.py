@@ -85,8 +85,11 @@ class TimedProtocol(KademliaProtocol):
             return
         if len(self._welcomed) > 4096:
             self._welcomed = {i: t for i, t in self._welcomed.items() if now - t < WELCOME_AGAIN_SECONDS}
-        self._welcomed[node.id] = now
         self.router.add_contact(node)
+        if self.router.is_new_node(node):  # its k-bucket is full: it waits in the replacement list
+            self._welcomed[node.id] = now
+        else:
+            self._welcomed.pop(node.id, None)
 
     def handle_call_response(self, result: Any, node: Node) -> Any:
         """The library drops a contact at its first unanswered RPC; here at the MISSES_TO_EVICT-th in a row.
@@ -102,6 +105,7 @@ class TimedProtocol(KademliaProtocol):
         if misses >= MISSES_TO_EVICT:
             self._misses.pop(node.id, None)
             self.router.remove_contact(node)
+            self._welcomed.pop(node.id, None)  # welcome it back as soon as it answers (a healed partition)
         else:
             self._misses[node.id] = misses
         return result

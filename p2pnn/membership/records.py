@@ -73,8 +73,12 @@ def sign_record(record: NodeRecord, ident: Identity, cred: SwarmCredential) -> s
     return seal(record.body(), ident, cred)
 
 
-def read_record(text: Any, cred: SwarmCredential, *, now: float, key_digest: bytes | None = None) -> NodeRecord:
+def read_record(
+    text: Any, cred: SwarmCredential, *, now: float, key_digest: bytes | None = None, expired_ok: bool = False
+) -> NodeRecord:
     """The record in ``text`` if it is valid now; ``key_digest``: the DHT key it was found under.
+
+    ``expired_ok``: accept a record past its end (to learn how new a stored copy is, never to use it).
 
     Error handling: raises RecordError naming the problem; readers drop such data.
     """
@@ -103,7 +107,7 @@ def read_record(text: Any, cred: SwarmCredential, *, now: float, key_digest: byt
         raise RecordError("record stored under another node's key")
     if record.timestamp > now + CLOCK_SKEW:
         raise RecordError("record from the future")
-    if record.expires_at <= now:
+    if record.expires_at <= now and not expired_ok:
         raise RecordError("record expired")
     if record.expires_at - record.timestamp > MAX_TTL:
         raise RecordError("record claims too long a life")

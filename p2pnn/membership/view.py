@@ -20,6 +20,15 @@ The DHT addresses of the members last seen are kept in a small file in the
 data directory (``dht-peers.json``) and added to the bootstrap peers at the
 next start, so a node that comes back after its configured bootstrap peer
 died still finds the swarm.
+
+Healing: a partition expires records on both sides, and Kademlia drops the
+unreachable from its routing tables, so neither side would look for the other
+again. Every ``HEAL_SECONDS`` a node that misses members (records that
+expired, for ``FORMER_SECONDS``; ids heard of but not read) or has an empty
+routing table pings the last addresses of those members, the configured
+bootstrap peers and the saved peers (``dht-peers.json``, read again each
+time); whoever answers is back in the routing table, and the next refresh
+reads its record.
 """
 
 from __future__ import annotations
@@ -49,6 +58,9 @@ CONCURRENT_LOOKUPS = 16  # remote reads of records in flight at once
 PEER_CACHE_SIZE = 32  # DHT addresses remembered for the next start
 LOOKUP_TIMEOUT_FACTOR = 3  # a network lookup gets this many RPC timeouts before it is given up for this round
 WALK_BACKOFF_MAX = 4  # while the members stay the same, lookups back off up to this many re-publish intervals
+HEAL_SECONDS = 2.0  # how often a node looks for members it lost (a healed partition is merged within a few of these)
+FORMER_SECONDS = 600.0  # how long the address of a member whose record expired is still tried
+HEAL_BATCH = 32  # addresses pinged in one re-join round at most
 
 
 class MemberView:
@@ -72,7 +84,10 @@ class MemberView:
         self.cred = cred
         self.config = config
         self._peer_cache = peer_cache
+        self._configured = list(bootstrap)
         self._bootstrap = list(dict.fromkeys([*bootstrap, *self._cached_peers()]))
+        # Members whose records expired (a partition, a crash): id -> (DHT address, until when it is tried).
+        self._former: dict[str, tuple[tuple[str, int], float]] = {}
         self._make_record = make_record
         self._clock = clock
         self.dht = DhtNode(
@@ -117,11 +132,17 @@ class MemberView:
             log.info("membership.record_dropped", reason=str(exc))
             return None
         if current is not None:
+            # An older copy never replaces a newer one, even one that has expired here: a replayed old
+            # record (validly signed, and perhaps claiming a longer life) must not bring back old data.
             try:
-                if self._check(current, dkey, now).timestamp > record.timestamp:
-                    return None  # an older copy of a record we have a newer one of
+                held: NodeRecord | None = self._check(current, dkey, now)
             except RecordError:
-                pass
+                try:
+                    held = read_record(current, self.cred, now=now, key_digest=dkey, expired_ok=True)
+                except RecordError:
+                    held = None  # what is held here is not a valid record at all
+            if held is not None and held.timestamp >= record.timestamp and current != value:
+                return None
         return record.timestamp
 
     def record(self, node_id: str) -> NodeRecord | None:
@@ -168,6 +189,7 @@ class MemberView:
             await self._publish()
             nursery.start_soon(self._publish_loop)
             nursery.start_soon(self._refresh_loop)
+            nursery.start_soon(self._heal_loop)
             task_status.started(self.dht_port)
 
     async def _join(self) -> None:
@@ -206,8 +228,6 @@ class MemberView:
             crawl = self._walk_in <= 0
             await self._publish(crawl=crawl)
             self._save_peers()
-            if not self.dht.contact_ids() and self._bootstrap:
-                await self._join()  # the bootstrap peer was not up yet, or everyone we knew is gone
             if not crawl:
                 self._walk_in -= 1
                 continue
@@ -220,6 +240,44 @@ class MemberView:
             for node_id, address in walk.items():
                 if node_id != self.ident.node_id:
                     self._walked[node_id] = (address, expires)
+
+    async def _heal_loop(self) -> None:
+        while True:
+            await trio.sleep(HEAL_SECONDS * random.uniform(0.75, 1.25))
+            await self.heal()
+
+    def missing(self) -> dict[str, tuple[str, int]]:
+        """Members this node lost (their records expired) or heard of without reading: id -> last DHT address."""
+        now = self._clock()
+        self._former = {i: (a, until) for i, (a, until) in self._former.items() if until > now and i not in self.members}
+        out = {i: a for i, (a, _) in self._former.items()}
+        for node_id in self._also - set(self.members):
+            former = self._former.get(node_id)
+            if former is not None:
+                out[node_id] = former[0]
+        return out
+
+    async def heal(self) -> None:
+        """Re-join when members are missing or the routing table is empty: ping the configured bootstrap peers,
+        the saved peers (``dht-peers.json`` read again) and the last addresses of the missing members.
+
+        A partition expires records on both sides; once it heals, whichever side pings first is welcomed
+        into the other's routing table, and the next refresh reads the records again.
+        """
+        missing = self.missing()
+        contacts = self.dht.contacts()
+        if not missing and contacts:
+            return
+        own = self.members.get(self.ident.node_id)
+        known = set(contacts.values()) | ({tuple(own.dht)} if own else set())
+        addresses = [a for a in dict.fromkeys([*missing.values(), *self._configured, *self._cached_peers()])
+                     if a not in known][:HEAL_BATCH]
+        if not addresses:
+            return
+        found = 0
+        with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
+            found = await self.dht.bootstrap(addresses)
+        log.info("dht.rejoin", missing=len(missing), pinged=len(addresses), found=found)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -249,6 +307,7 @@ class MemberView:
             if rec.expires_at <= now and node_id != self.ident.node_id:
                 del self.members[node_id]
                 self._looked_up.pop(node_id, None)
+                self._former[node_id] = (tuple(rec.dht), now + FORMER_SECONDS)
                 log.info("membership.expired", member=node_id[:12])
 
     async def _read(self, node_id: str, address: tuple[str, int] | None) -> None:

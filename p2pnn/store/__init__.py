@@ -18,13 +18,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from p2pnn.store.base import (
+    AmbiguousCommit,
     Assignment,
     Fence,
     IdempotencyConflict,
     Lease,
     NewTask,
     Page,
+    ProgressSeries,
     StoreError,
+    StoreUnreachable,
     TaskStore,
     TermRecord,
 )
@@ -32,7 +35,8 @@ from p2pnn.store.base import (
 BACKENDS = ("sqlite", "postgres")
 
 __all__ = [
-    "BACKENDS", "Assignment", "Fence", "IdempotencyConflict", "Lease", "NewTask", "Page", "StoreError", "TaskStore",
+    "BACKENDS", "AmbiguousCommit", "Assignment", "Fence", "IdempotencyConflict", "Lease", "NewTask", "Page", "ProgressSeries",
+    "StoreError", "StoreUnreachable", "TaskStore",
     "TermRecord", "open_store",
 ]
 
@@ -45,11 +49,14 @@ def open_store(
     schema: str = "public",
     pool_size: int = 4,
     sqlite_synchronous: str = "full",
+    connect_timeout: float = 5.0,
+    statement_timeout: float = 10.0,
 ) -> TaskStore:
     """A store for ``backend`` ("sqlite" needs ``sqlite_path``, "postgres" needs ``url``), not yet opened.
 
     The caller awaits ``open()`` and, at the end, ``close()``. A CockroachDB
-    URL uses the "postgres" backend.
+    URL uses the "postgres" backend; ``connect_timeout`` and
+    ``statement_timeout`` (seconds) apply to it alone.
 
     Error handling: an unknown backend or a missing path/URL raises ValueError.
     """
@@ -65,5 +72,7 @@ def open_store(
         # Imported here so the embedded default never loads psycopg.
         from p2pnn.store.postgres import PostgresTaskStore
 
-        return PostgresTaskStore(url, schema=schema, pool_size=pool_size)
+        return PostgresTaskStore(
+            url, schema=schema, pool_size=pool_size, connect_timeout=connect_timeout, statement_timeout=statement_timeout
+        )
     raise ValueError(f"unknown store backend {backend!r}; expected one of {', '.join(BACKENDS)}")

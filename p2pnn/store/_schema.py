@@ -132,6 +132,60 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        3,
+        "tasks.published_at: when the last message for a queued task was confirmed by the bus",
+        (
+            # NULL while a queued task has no message known to be on its way (handed back, its lease
+            # expired, an attempt failed and a retry is due): the sweeper's stranded rule looks for
+            # queued tasks with NULL here and an update older than sweeper.stranded_after_seconds.
+            "ALTER TABLE tasks ADD COLUMN published_at DOUBLE PRECISION",
+            "CREATE INDEX tasks_by_state_published ON tasks (state, published_at)",
+        ),
+    ),
+)
+
+MIGRATIONS += (
+    Migration(
+        4,
+        "swarm: the deny list of revoked API tokens",
+        (
+            # A row lives until the token would have expired anyway; then it is of no use and is deleted.
+            """
+            CREATE TABLE revoked_tokens (
+                jti TEXT PRIMARY KEY,
+                expires_at DOUBLE PRECISION NOT NULL,
+                revoked_at DOUBLE PRECISION NOT NULL
+            )
+            """,
+        ),
+    ),
+)
+
+MIGRATIONS += (
+    Migration(
+        5,
+        "live progress: each attempt's per-epoch series; tasks by update time",
+        (
+            # One row per progress report of an attempt (seq 1, 2, ...), at most
+            # MAX_PROGRESS_POINTS of them; the tasks row keeps only the latest.
+            """
+            CREATE TABLE task_progress (
+                task_id {uuid} NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+                attempt INTEGER NOT NULL,
+                seq INTEGER NOT NULL,
+                at DOUBLE PRECISION NOT NULL,
+                data {json} NOT NULL,
+                PRIMARY KEY (task_id, attempt, seq)
+            )
+            """,
+            # The event streams ask for "tasks changed since" every fraction of a second.
+            "CREATE INDEX tasks_by_updated ON tasks (updated_at)",
+        ),
+    ),
+)
+
 LATEST_VERSION = MIGRATIONS[-1].version
 
 _CREATE_MIGRATIONS_TABLE = """

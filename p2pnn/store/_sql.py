@@ -27,12 +27,14 @@ from typing import Any, TypeVar
 
 from p2pnn.store.base import (
     MAX_ARTIFACT_BYTES,
+    MAX_PROGRESS_POINTS,
     Assignment,
     Fence,
     IdempotencyConflict,
     Lease,
     NewTask,
     Page,
+    ProgressSeries,
     StoreError,
     TaskStore,
     TermRecord,
@@ -43,6 +45,9 @@ T = TypeVar("T")
 
 MAX_PAGE = 1000  # one page of a listing; a larger limit is clamped so a client cannot ask for the whole table
 MAX_ARTIFACT_NAME = 200  # artifact names travel in URLs and file names
+MAX_CURSOR_CHARS = 200  # longer cursors are refused unread; the ones this store makes are under 100
+# What a stored JSON value too deeply nested to parse reads as (see load_json).
+UNREADABLE_JSON = {"unreadable": "stored JSON nested too deeply to read"}
 LEASE_EXPIRED_ERROR = "lease expired on the last attempt"  # the error a task gets when its final lease lapses
 
 TASK_COLUMNS = (
@@ -163,11 +168,17 @@ def dump_json(value: dict[str, Any] | None) -> str | None:
 
 
 def load_json(value: Any) -> Any:
+    """A stored spec, progress or result. One nested deeper than the parser's stack allows
+    (written before input depth was capped, or by other means) reads as UNREADABLE_JSON, so
+    that one row cannot fail every listing it appears on."""
     if value is None:
         return None
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = bytes(value).decode()
-    return json.loads(value)
+    try:
+        return json.loads(value)
+    except RecursionError:
+        return dict(UNREADABLE_JSON)
 
 
 def _opt_float(value: Any) -> float | None:
@@ -210,15 +221,22 @@ def encode_cursor(created_at: float, task_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    """Error handling: a cursor this store did not make raises ValueError("malformed cursor")."""
+    """Error handling: a cursor this store did not make raises ValueError("malformed cursor"), whatever it holds."""
+    # A real cursor is under 100 characters; the cap keeps a crafted one from costing parse time.
+    if len(cursor) > MAX_CURSOR_CHARS:
+        raise ValueError("malformed cursor")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, task_id = json.loads(raw)
         canonical = parse_id(task_id)
         if isinstance(created_at, bool) or not isinstance(created_at, (int, float)) or canonical is None:
             raise ValueError
-        return float(created_at), canonical
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        created = float(created_at)
+        if not math.isfinite(created):
+            raise ValueError
+        return created, canonical
+    # OverflowError: an integer too large for a float; RecursionError: brackets nested thousands deep.
+    except (ValueError, TypeError, OverflowError, RecursionError, binascii.Error, UnicodeDecodeError):
         raise ValueError("malformed cursor") from None
 
 
@@ -354,12 +372,50 @@ class SqlTaskStore(TaskStore):
             return 0
         return await self._transact(
             lambda db: db.run(
-                "UPDATE tasks SET state = 'queued', updated_at = ? "
+                "UPDATE tasks SET state = 'queued', updated_at = ?, published_at = ? "
                 f"WHERE state = 'pending' AND id IN {_in_list(len(ids))}",
-                (now, *ids),
+                (now, now, *ids),
             ),
             write=True,
         )
+
+    async def mark_published(self, versions: dict[str, float], *, now: float) -> int:
+        """Record that a message for each queued task was confirmed; ``versions`` maps a task id to
+        the ``updated_at`` its publisher saw. A task that changed since (claimed and handed back
+        again meanwhile, whose message is then spent) is left alone. Returns how many were marked."""
+        rows = [(now, tid, float(at)) for tid, at in ((parse_id(t), at) for t, at in versions.items()) if tid is not None]
+        if not rows:
+            return 0
+
+        def mark(db: Db) -> int:
+            return sum(
+                db.run("UPDATE tasks SET published_at = ? WHERE id = ? AND state = 'queued' AND updated_at = ?", row)
+                for row in rows
+            )
+
+        return await self._transact(mark, write=True)
+
+    async def stranded(self, *, older_than: float, limit: int = 1000) -> dict[str, float]:
+        rows = await self._transact(
+            lambda db: db.rows(
+                "SELECT id, updated_at FROM tasks WHERE state = 'queued' AND published_at IS NULL AND updated_at < ? "
+                "ORDER BY updated_at, id LIMIT ?",
+                (older_than, limit),
+            ),
+            write=False,
+        )
+        return {str(r[0]): float(r[1]) for r in rows}
+
+    async def published_before(self, *, before: float, limit: int = 1000) -> dict[str, float]:
+        rows = await self._transact(
+            lambda db: db.rows(
+                "SELECT id, updated_at FROM tasks WHERE state = 'queued' AND published_at < ? "
+                "ORDER BY published_at, id LIMIT ?",
+                (before, limit),
+            ),
+            write=False,
+        )
+        return {str(r[0]): float(r[1]) for r in rows}
 
     async def claim(self, task_id: str, *, worker: str, now: float, lease_seconds: float) -> Task | None:
         tid = parse_id(task_id)
@@ -379,21 +435,33 @@ class SqlTaskStore(TaskStore):
         )
 
     async def _transition(
-        self, task_id: str, assignments: str, set_params: Sequence[Any], *, attempt: int, worker: str | None = None
+        self,
+        task_id: str,
+        assignments: str,
+        set_params: Sequence[Any],
+        *,
+        attempt: int,
+        worker: str | None = None,
+        also: str = "",
+        then: Callable[[Db, str], None] | None = None,
     ) -> str | None:
-        """One conditional UPDATE of a running attempt; the task's new state, or None when it was not current."""
+        """One conditional UPDATE of a running attempt; the task's new state, or None when it was not current.
+
+        ``also`` adds a condition; ``then(db, tid)`` runs in the same transaction once the update matched."""
         tid = parse_id(task_id)
         if tid is None:
             return None
         where = "id = ? AND state = 'running' AND attempts = ?" + (" AND lease_owner = ?" if worker is not None else "")
+        where += f" AND {also}" if also else ""
         where_params = (tid, attempt) + ((worker,) if worker is not None else ())
-        row = await self._transact(
-            lambda db: db.one(
-                f"UPDATE tasks SET {assignments} WHERE {where} RETURNING state", (*set_params, *where_params)
-            ),
-            write=True,
-        )
-        return None if row is None else row[0]
+
+        def transition(db: Db) -> str | None:
+            row = db.one(f"UPDATE tasks SET {assignments} WHERE {where} RETURNING state", (*set_params, *where_params))
+            if row is not None and then is not None:
+                then(db, tid)
+            return None if row is None else row[0]
+
+        return await self._transact(transition, write=True)
 
     async def renew(self, task_id: str, *, worker: str, attempt: int, now: float, lease_seconds: float) -> bool:
         changed = await self._transition(
@@ -402,10 +470,63 @@ class SqlTaskStore(TaskStore):
         return changed is not None
 
     async def progress(self, task_id: str, *, worker: str, attempt: int, progress: dict[str, Any], now: float) -> bool:
-        changed = await self._transition(
-            task_id, "progress = ?, updated_at = ?", (dump_json(progress), now), attempt=attempt, worker=worker
+        tid = parse_id(task_id)
+        if tid is None:
+            return False
+        data = dump_json(progress)
+
+        def record(db: Db) -> bool:
+            current = db.one(
+                "UPDATE tasks SET progress = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'running' AND attempts = ? AND lease_owner = ? RETURNING id",
+                (data, now, tid, attempt, worker),
+            )
+            if current is None:
+                return False
+            (kept,) = db.one("SELECT COUNT(*) FROM task_progress WHERE task_id = ? AND attempt = ?", (tid, attempt))
+            if kept == 0:  # the first report of this attempt: the series of earlier ones is obsolete
+                db.run("DELETE FROM task_progress WHERE task_id = ? AND attempt <> ?", (tid, attempt))
+            if kept < MAX_PROGRESS_POINTS:
+                # Only the attempt's lease holder gets here, one report at a time: seq cannot collide.
+                db.run(
+                    "INSERT INTO task_progress (task_id, attempt, seq, at, data) VALUES (?, ?, ?, ?, ?)",
+                    (tid, attempt, int(kept) + 1, now, data),
+                )
+            return True
+
+        return await self._transact(record, write=True)
+
+    async def progress_series(self, task_id: str) -> ProgressSeries | None:
+        tid = parse_id(task_id)
+        if tid is None:
+            return None
+
+        def read(db: Db) -> ProgressSeries | None:
+            row = db.one("SELECT attempts FROM tasks WHERE id = ?", (tid,))
+            if row is None:
+                return None
+            attempt = int(row[0])
+            rows = db.rows(
+                "SELECT data FROM task_progress WHERE task_id = ? AND attempt = ? ORDER BY seq LIMIT ?",
+                (tid, attempt, MAX_PROGRESS_POINTS + 1),
+            )
+            points = [load_json(r[0]) for r in rows]
+            return ProgressSeries(
+                task_id=tid, attempt=attempt, points=points[:MAX_PROGRESS_POINTS],
+                truncated=len(points) >= MAX_PROGRESS_POINTS,
+            )
+
+        return await self._transact(read, write=False)
+
+    async def changed_since(self, after: float, *, limit: int = 100) -> list[Task]:
+        rows = await self._transact(
+            lambda db: db.rows(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE updated_at > ? ORDER BY updated_at, id LIMIT ?",
+                (after, max(1, min(limit, MAX_PAGE))),
+            ),
+            write=False,
         )
-        return changed is not None
+        return [task_from_row(r) for r in rows]
 
     async def finish(
         self,
@@ -416,32 +537,50 @@ class SqlTaskStore(TaskStore):
         now: float,
         result: dict[str, Any] | None = None,
         error: str | None = None,
+        worker: str | None = None,
+        artifacts: dict[str, bytes] | None = None,
     ) -> bool:
         state = State(state)
         if not state.terminal:
             raise ValueError(f"finish needs a terminal state, got {state.value}")
-        # The lease owner stays as a record of who ran the winning attempt.
+        blobs = {name: bytes(data) for name, data in (artifacts or {}).items()}
+        for name, data in blobs.items():
+            _check_artifact(name, data)
+
+        def attach(db: Db, tid: str) -> None:
+            for name, data in blobs.items():
+                _put_artifact(db, tid, name, data, now)
+
+        # The lease owner stays as a record of who ran the winning attempt. The artifacts are
+        # written only when this attempt wins, in the same transaction: a late duplicate cannot
+        # replace the winner's. A cancelled result needs a cancel requested in the store.
         changed = await self._transition(
             task_id,
             "state = ?, result = ?, error = ?, finished_at = ?, updated_at = ?, lease_expires_at = NULL",
             (state.value, dump_json(result), error, now, now),
             attempt=attempt,
+            worker=worker,
+            also="cancel_requested" if state is State.CANCELLED else "",
+            then=attach if blobs else None,
         )
         return changed is not None
 
-    async def retry_or_fail(self, task_id: str, *, attempt: int, error: str, now: float) -> State | None:
+    async def retry_or_fail(
+        self, task_id: str, *, attempt: int, error: str, now: float, worker: str | None = None
+    ) -> State | None:
         """As TaskStore's; a task whose cancel was requested meanwhile becomes ``cancelled``, not queued again."""
         new_state = await self._transition(
             task_id,
             f"state = {_STATE_AFTER_LOST_ATTEMPT}, error = ?, "
             f"finished_at = CASE WHEN {_TERMINAL_AFTER_LOST_ATTEMPT} THEN ? ELSE NULL END, "
-            "lease_owner = NULL, lease_expires_at = NULL, updated_at = ?",
+            "lease_owner = NULL, lease_expires_at = NULL, published_at = NULL, updated_at = ?",
             (error, now, now),
             attempt=attempt,
+            worker=worker,
         )
         return None if new_state is None else State(new_state)
 
-    async def release(self, task_id: str, *, attempt: int, now: float) -> bool:
+    async def release(self, task_id: str, *, attempt: int, now: float, worker: str | None = None) -> bool:
         """As TaskStore's; a task whose cancel was requested is ``cancelled`` instead of queued again.
 
         The released attempt's number is handed out again by the next claim, so
@@ -452,11 +591,26 @@ class SqlTaskStore(TaskStore):
             "state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END, "
             "attempts = CASE WHEN cancel_requested THEN attempts ELSE attempts - 1 END, "
             "finished_at = CASE WHEN cancel_requested THEN ? ELSE NULL END, "
-            "lease_owner = NULL, lease_expires_at = NULL, updated_at = ?",
+            "lease_owner = NULL, lease_expires_at = NULL, published_at = NULL, updated_at = ?",
             (now, now),
             attempt=attempt,
+            worker=worker,
         )
         return changed is not None
+
+    async def fail_queued(self, task_id: str, *, error: str, now: float) -> bool:
+        tid = parse_id(task_id)
+        if tid is None:
+            return False
+        changed = await self._transact(
+            lambda db: db.run(
+                "UPDATE tasks SET state = 'failed', error = ?, finished_at = ?, updated_at = ?, published_at = NULL "
+                "WHERE id = ? AND state = 'queued'",
+                (error, now, now, tid),
+            ),
+            write=True,
+        )
+        return changed == 1
 
     async def request_cancel(self, task_id: str, *, now: float) -> Task | None:
         tid = parse_id(task_id)
@@ -491,7 +645,7 @@ class SqlTaskStore(TaskStore):
                 f"finished_at = CASE WHEN {_TERMINAL_AFTER_LOST_ATTEMPT} THEN ? ELSE NULL END, "
                 "error = CASE WHEN NOT cancel_requested AND attempts >= max_attempts THEN ? ELSE error END, "
                 "lease_owner = CASE WHEN cancel_requested OR attempts >= max_attempts THEN lease_owner ELSE NULL END, "
-                "lease_expires_at = NULL, updated_at = ? "
+                "lease_expires_at = NULL, published_at = NULL, updated_at = ? "
                 "WHERE state = 'running' AND lease_expires_at < ? AND id IN ("
                 "SELECT id FROM tasks WHERE state = 'running' AND lease_expires_at < ? "
                 "ORDER BY lease_expires_at LIMIT ?) RETURNING id, state",
@@ -605,15 +759,30 @@ class SqlTaskStore(TaskStore):
         )
         return {r[0]: (Assignment(tuple(x for x in r[1].split(",") if x), r[2]), int(r[3])) for r in rows}
 
+    # --- API tokens ---
+
+    async def revoke_token(self, jti: str, *, expires_at: float, now: float) -> None:
+        def revoke(db: Db) -> None:
+            db.run("DELETE FROM revoked_tokens WHERE expires_at < ?", (now,))
+            db.run(
+                "INSERT INTO revoked_tokens (jti, expires_at, revoked_at) VALUES (?, ?, ?) ON CONFLICT (jti) DO NOTHING",
+                (jti, expires_at, now),
+            )
+
+        await self._transact(revoke, write=True)
+
+    async def revoked_tokens(self, *, now: float) -> frozenset[str]:
+        rows = await self._transact(
+            lambda db: db.rows("SELECT jti FROM revoked_tokens WHERE expires_at >= ?", (now,)), write=False
+        )
+        return frozenset(str(r[0]) for r in rows)
+
     # --- artifacts ---
 
     async def put_artifact(self, task_id: str, name: str, data: bytes, *, now: float) -> None:
         """As TaskStore's. Error handling: StoreError over MAX_ARTIFACT_BYTES or for an unknown task;
         ValueError for an empty or overlong name."""
-        if not name or len(name) > MAX_ARTIFACT_NAME:
-            raise ValueError(f"an artifact name has 1 to {MAX_ARTIFACT_NAME} characters")
-        if len(data) > MAX_ARTIFACT_BYTES:
-            raise StoreError(f"artifact {name!r} has {len(data)} bytes, more than the limit of {MAX_ARTIFACT_BYTES}")
+        _check_artifact(name, data)
         tid = parse_id(task_id)
         if tid is None:
             raise StoreError(f"no task {task_id!r} to attach artifact {name!r} to")
@@ -622,12 +791,7 @@ class SqlTaskStore(TaskStore):
         def put(db: Db) -> None:
             if db.one("SELECT 1 FROM tasks WHERE id = ?", (tid,)) is None:
                 raise StoreError(f"no task {tid} to attach artifact {name!r} to")
-            db.run(
-                "INSERT INTO artifacts (task_id, name, data, size, created_at) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (task_id, name) DO UPDATE SET data = excluded.data, size = excluded.size, "
-                "created_at = excluded.created_at",
-                (tid, name, payload, len(payload), now),
-            )
+            _put_artifact(db, tid, name, payload, now)
 
         await self._transact(put, write=True)
 
@@ -639,6 +803,22 @@ class SqlTaskStore(TaskStore):
             lambda db: db.one("SELECT data FROM artifacts WHERE task_id = ? AND name = ?", (tid, name)), write=False
         )
         return None if row is None else bytes(row[0])
+
+
+def _check_artifact(name: str, data: bytes) -> None:
+    if not name or len(name) > MAX_ARTIFACT_NAME:
+        raise ValueError(f"an artifact name has 1 to {MAX_ARTIFACT_NAME} characters")
+    if len(data) > MAX_ARTIFACT_BYTES:
+        raise StoreError(f"artifact {name!r} has {len(data)} bytes, more than the limit of {MAX_ARTIFACT_BYTES}")
+
+
+def _put_artifact(db: Db, tid: str, name: str, payload: bytes, now: float) -> None:
+    db.run(
+        "INSERT INTO artifacts (task_id, name, data, size, created_at) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (task_id, name) DO UPDATE SET data = excluded.data, size = excluded.size, "
+        "created_at = excluded.created_at",
+        (tid, name, payload, len(payload), now),
+    )
 
 
 def _fence_holds(db: Db, fence: Fence, now: float) -> bool:

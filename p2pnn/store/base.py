@@ -15,10 +15,24 @@ from typing import Any
 from p2pnn.tasks import State, Task
 
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024  # one safetensors file; larger models do not belong in the store
+# Points kept per attempt in a progress series: one per epoch, and compute.max_epochs is far below this.
+# Reports past it still update the task's latest progress; the series says it was truncated.
+MAX_PROGRESS_POINTS = 2000
 
 
 class StoreError(RuntimeError):
     """The backend failed (connection lost, schema mismatch); the message says how."""
+
+
+class StoreUnreachable(StoreError):
+    """The database could not be reached or did not answer in time: a fault that may pass by itself."""
+
+
+class AmbiguousCommit(StoreError):
+    """The database could not tell whether the transaction committed (CockroachDB's SQLSTATE 40003).
+
+    As CockroachDB's documentation prescribes, the outcome is unknown: a caller
+    re-reads the row and acts on what it finds, never assumes either way."""
 
 
 class IdempotencyConflict(StoreError):
@@ -37,6 +51,16 @@ class NewTask:
 class Page:
     tasks: list[Task]
     next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class ProgressSeries:
+    """The progress reports of a task's current attempt, oldest first (one per epoch for training)."""
+
+    task_id: str
+    attempt: int
+    points: list[dict[str, Any]]
+    truncated: bool  # reports past MAX_PROGRESS_POINTS were not kept
 
 
 @dataclass(frozen=True)
@@ -138,6 +162,23 @@ class TaskStore(abc.ABC):
         """``pending -> queued`` for those still pending; returns how many moved."""
 
     @abc.abstractmethod
+    async def mark_published(self, versions: dict[str, float], *, now: float) -> int:
+        """The bus confirmed a message for each of these ``queued`` tasks: set ``published_at``.
+
+        ``versions`` maps a task id to the ``updated_at`` the publisher saw; a
+        task updated since (taken and handed back again) is left unmarked, so
+        the sweeper still finds it. Returns how many were marked."""
+
+    @abc.abstractmethod
+    async def stranded(self, *, older_than: float, limit: int = 1000) -> dict[str, float]:
+        """``queued`` tasks with no message known to be on its way (``published_at`` is NULL),
+        last updated before ``older_than``: task id -> updated_at, oldest first."""
+
+    @abc.abstractmethod
+    async def published_before(self, *, before: float, limit: int = 1000) -> dict[str, float]:
+        """``queued`` tasks whose last confirmed message is older than ``before``: task id -> updated_at."""
+
+    @abc.abstractmethod
     async def claim(self, task_id: str, *, worker: str, now: float, lease_seconds: float) -> Task | None:
         """``queued -> running``: attempts + 1, lease to ``worker`` until now + lease_seconds.
 
@@ -150,7 +191,28 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     async def progress(self, task_id: str, *, worker: str, attempt: int, progress: dict[str, Any], now: float) -> bool:
-        """Record progress of a running attempt; False when the attempt is no longer current."""
+        """Record progress of a running attempt; False when the attempt is no longer current.
+
+        The report becomes the task's ``progress`` and is appended to the
+        attempt's series (see ``progress_series``), in one transaction.
+        """
+
+    @abc.abstractmethod
+    async def progress_series(self, task_id: str) -> ProgressSeries | None:
+        """Every progress report of the task's latest attempt, oldest first; None for an unknown task.
+
+        Earlier attempts' series are dropped when a new attempt reports; a task
+        that never reported has an empty series.
+        """
+
+    @abc.abstractmethod
+    async def changed_since(self, after: float, *, limit: int = 100) -> list[Task]:
+        """Tasks whose ``updated_at`` is later than ``after``, oldest change first, at most ``limit``.
+
+        Times come from the writers' clocks: a caller that follows changes
+        should ask again a little before its last ``updated_at`` and drop what
+        it has seen, or a write from a node whose clock lags is missed.
+        """
 
     @abc.abstractmethod
     async def finish(
@@ -162,22 +224,35 @@ class TaskStore(abc.ABC):
         now: float,
         result: dict[str, Any] | None = None,
         error: str | None = None,
+        worker: str | None = None,
+        artifacts: dict[str, bytes] | None = None,
     ) -> bool:
         """``running -> succeeded|failed|cancelled`` for that attempt: the first terminal result wins.
 
-        A late or duplicate result returns False and changes nothing.
+        With ``worker``, the attempt must also still be leased to that worker.
+        ``artifacts`` are stored in the same transaction, only when this result
+        wins. ``cancelled`` is accepted only when a cancel was requested in the
+        store. A late or duplicate result returns False and changes nothing.
         """
 
     @abc.abstractmethod
-    async def retry_or_fail(self, task_id: str, *, attempt: int, error: str, now: float) -> State | None:
-        """The attempt failed: back to ``queued`` while attempts remain, else ``failed``.
+    async def retry_or_fail(
+        self, task_id: str, *, attempt: int, error: str, now: float, worker: str | None = None
+    ) -> State | None:
+        """The attempt failed: back to ``queued`` (no message yet: ``published_at`` cleared) while
+        attempts remain, else ``failed``.
 
-        Returns the new state, or None when the attempt was no longer current.
+        Returns the new state, or None when the attempt (with ``worker``: and its lease) was no longer current.
         """
 
     @abc.abstractmethod
-    async def release(self, task_id: str, *, attempt: int, now: float) -> bool:
-        """Hand a running attempt back (clean shutdown): ``running -> queued``, the attempt not counted."""
+    async def release(self, task_id: str, *, attempt: int, now: float, worker: str | None = None) -> bool:
+        """Hand a running attempt back (role change, shutdown): ``running -> queued``, the attempt not
+        counted, ``published_at`` cleared until the caller's new message is confirmed."""
+
+    @abc.abstractmethod
+    async def fail_queued(self, task_id: str, *, error: str, now: float) -> bool:
+        """``queued -> failed`` with ``error`` (no Ki could ever run it); False when it was no longer queued."""
 
     @abc.abstractmethod
     async def request_cancel(self, task_id: str, *, now: float) -> Task | None:
@@ -227,6 +302,16 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     async def roles(self, swarm: str) -> dict[str, tuple[Assignment, int]]:
         """The recorded role map: node id -> (assignment, term that wrote it)."""
+
+    # --- API tokens: the deny list ---
+
+    @abc.abstractmethod
+    async def revoke_token(self, jti: str, *, expires_at: float, now: float) -> None:
+        """Put the token ``jti`` on the deny list until ``expires_at`` (when it would expire anyway)."""
+
+    @abc.abstractmethod
+    async def revoked_tokens(self, *, now: float) -> frozenset[str]:
+        """The ``jti`` of every revoked token that has not expired yet."""
 
     # --- artifacts ---
 

@@ -23,7 +23,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from p2pnn.store import _schema
 from p2pnn.store._sql import POSTGRES, Db, SqlTaskStore
-from p2pnn.store.base import StoreError
+from p2pnn.store.base import AmbiguousCommit, StoreError, StoreUnreachable
 
 T = TypeVar("T")
 
@@ -38,9 +38,20 @@ MIGRATION_RACE_SQLSTATES: frozenset[str] = frozenset({"23505", "42P07", "42P06"}
 TX_MAX_ATTEMPTS = 10  # CockroachDB restarts contended transactions; ten failures in a row is a hot spot, not bad luck
 TX_BACKOFF_FIRST = 0.005  # seconds; the first retry waits up to this, doubling after each failure (full jitter)
 TX_BACKOFF_MAX = 1.0  # seconds; no single back-off waits longer, so a burst of conflicts stays interactive
-CONNECT_TIMEOUT = 10  # seconds for one TCP+auth handshake; a reachable database answers far sooner
+CONNECT_TIMEOUT = 5.0  # seconds for one TCP+auth handshake (default); a reachable database answers far sooner
+STATEMENT_TIMEOUT = 10.0  # seconds one transaction may take (default): the server's statement_timeout and our deadline
+DEADLINE_SLACK = 2.0  # the client-side deadline exceeds the server's timeout by this, so the server's error wins
 POOL_TIMEOUT = 30.0  # seconds a transaction waits for a free pooled connection before it is an error
 CANCEL_TIMEOUT = 5.0  # seconds to deliver a cancel request for an abandoned query
+# TCP keepalives and a user timeout, so that a connection whose peer vanished silently (a dead
+# host, a dropped link, a partition) errors within about 5 s instead of the kernel's two hours;
+# then the pool replaces it, and a principal's lease renewals recover.
+KEEPALIVE_IDLE = 2  # seconds of silence before the first probe
+KEEPALIVE_INTERVAL = 1  # seconds between probes
+KEEPALIVE_COUNT = 3  # unanswered probes before the connection is dead
+TCP_USER_TIMEOUT_MS = 5_000  # unacknowledged data older than this kills the connection
+# 40003 statement_completion_unknown: CockroachDB lost track of whether a commit happened.
+AMBIGUOUS_COMMIT_SQLSTATE = "40003"
 
 
 class _Attempt:
@@ -64,6 +75,22 @@ class _Attempt:
                     self.conn.cancel_safe(timeout=CANCEL_TIMEOUT)
                 except psycopg.Error:
                     pass  # the query ends on its own; the connection goes back to the pool either way
+
+
+def connection_settings(connect_timeout: float, statement_timeout: float) -> dict[str, object]:
+    """libpq keyword arguments for every pooled connection (timeouts, keepalives, the server-side statement limit)."""
+    return {
+        "autocommit": True,
+        "connect_timeout": max(1, round(connect_timeout)),  # libpq takes whole seconds
+        "application_name": "p2pnn",
+        "keepalives": 1,
+        "keepalives_idle": KEEPALIVE_IDLE,
+        "keepalives_interval": KEEPALIVE_INTERVAL,
+        "keepalives_count": KEEPALIVE_COUNT,
+        "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+        # CockroachDB and PostgreSQL both take statement_timeout as a session option at connect.
+        "options": f"-c statement_timeout={int(statement_timeout * 1000)}",
+    }
 
 
 class _Abandoned(Exception):
@@ -103,6 +130,7 @@ async def run_transaction(
     *,
     max_attempts: int = TX_MAX_ATTEMPTS,
     retry_sqlstates: Iterable[str] = RETRYABLE_SQLSTATES,
+    deadline: float | None = None,
 ) -> T:
     """Run ``fn(conn)`` in one transaction on a pooled connection in a worker thread; return its result.
 
@@ -116,14 +144,27 @@ async def run_transaction(
     query cancelled server-side; its transaction rolls back.
 
     Error handling: driver errors, and running out of attempts, raise StoreError
-    (chained to the psycopg error); exceptions raised by ``fn`` itself propagate
-    unchanged.
+    (chained to the psycopg error); an attempt that takes longer than
+    ``deadline`` seconds (a database that stopped answering, a stalled link) is
+    abandoned and raises StoreError; SQLSTATE 40003 raises AmbiguousCommit;
+    exceptions raised by ``fn`` itself propagate unchanged.
     """
     retryable = frozenset(retry_sqlstates)
     for attempt in range(1, max_attempts + 1):
         try:
-            return await _attempt(pool, fn)
+            if deadline is None:
+                return await _attempt(pool, fn)
+            with trio.fail_after(deadline):
+                return await _attempt(pool, fn)
+        except trio.TooSlowError:
+            raise StoreUnreachable(f"the database did not answer within {deadline:g} s") from None
+        except PoolTimeout as exc:
+            raise StoreUnreachable(f"no database connection available: {exc}") from exc
         except psycopg.Error as exc:
+            if exc.sqlstate == AMBIGUOUS_COMMIT_SQLSTATE:
+                raise AmbiguousCommit(f"commit outcome unknown (SQLSTATE 40003): {exc}") from exc
+            if isinstance(exc, psycopg.OperationalError) and exc.sqlstate not in retryable:
+                raise StoreUnreachable(f"database unreachable ({exc.sqlstate or type(exc).__name__}): {exc}") from exc
             if exc.sqlstate not in retryable:
                 raise StoreError(f"database error ({exc.sqlstate or type(exc).__name__}): {exc}") from exc
             if attempt == max_attempts:
@@ -153,17 +194,37 @@ class PostgresTaskStore(SqlTaskStore):
     closes the pool and its threads.
 
     Error handling: an unreachable database raises StoreError from ``open``
-    after CONNECT_TIMEOUT; every other driver error raises StoreError.
+    after ``connect_timeout``; every other driver error raises StoreError, and
+    so does a transaction that takes longer than ``statement_timeout`` (the
+    server cancels it; if the server cannot be reached, the client gives up
+    DEADLINE_SLACK later).
     Serialization failures are retried (see run_transaction).
     """
 
-    def __init__(self, url: str, *, schema: str = "public", pool_size: int = 4) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "public",
+        pool_size: int = 4,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        statement_timeout: float = STATEMENT_TIMEOUT,
+    ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
+        if connect_timeout <= 0 or statement_timeout <= 0:
+            raise ValueError("connect_timeout and statement_timeout must be positive")
         self._url = url
         self._schema = schema
         self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._statement_timeout = statement_timeout
         self._pool: ConnectionPool | None = None
+
+    @property
+    def deadline(self) -> float:
+        """Seconds one transaction attempt may take before it is abandoned."""
+        return self._statement_timeout + DEADLINE_SLACK
 
     def _configure(self, conn: psycopg.Connection) -> None:
         # JSON comes back as text, to be decoded by the code SQLite's rows share.
@@ -177,7 +238,7 @@ class PostgresTaskStore(SqlTaskStore):
             self._url,
             min_size=1,
             max_size=self._pool_size,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "p2pnn"},
+            kwargs=connection_settings(self._connect_timeout, self._statement_timeout),
             configure=self._configure,
             check=ConnectionPool.check_connection,
             timeout=POOL_TIMEOUT,
@@ -185,13 +246,13 @@ class PostgresTaskStore(SqlTaskStore):
             open=False,
         )
         try:
-            await trio.to_thread.run_sync(partial(pool.open, wait=True, timeout=CONNECT_TIMEOUT))
+            await trio.to_thread.run_sync(partial(pool.open, wait=True, timeout=self._connect_timeout))
             await run_transaction(
                 pool, self._migrate, retry_sqlstates=RETRYABLE_SQLSTATES | MIGRATION_RACE_SQLSTATES
             )
         except PoolTimeout as exc:
             await trio.to_thread.run_sync(pool.close)
-            raise StoreError(f"cannot reach the database at {describe_url(self._url)}: {exc}") from exc
+            raise StoreUnreachable(f"cannot reach the database at {describe_url(self._url)}: {exc}") from exc
         except BaseException:
             await trio.to_thread.run_sync(pool.close)
             raise
@@ -216,4 +277,4 @@ class PostgresTaskStore(SqlTaskStore):
     async def _transact(self, fn: Callable[[Db], T], *, write: bool) -> T:
         if self._pool is None:
             raise StoreError("the PostgreSQL store is not open")
-        return await run_transaction(self._pool, lambda conn: fn(Db(conn, POSTGRES)))
+        return await run_transaction(self._pool, lambda conn: fn(Db(conn, POSTGRES)), deadline=self.deadline)

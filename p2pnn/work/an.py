@@ -21,6 +21,12 @@ beat does not yet count as received. Forwards older than the Ki queue's
 message TTL stop counting (the broker has dead-lettered them back to the
 shared queue by then). An An only forwards into a free slot, so a short task
 never waits behind a long one while some Ki has a slot free.
+
+A task no live Ki is able to run (it needs a GPU and none is up) is parked:
+held unacked, out of the way of the tasks behind it, and placed on the first
+beat from a Ki that could run it. At most ``prefetch // 2`` are parked at
+once (the rest of the prefetch window keeps the queue moving); a task
+parked for ``park_fail_seconds`` fails with an error naming what no Ki had.
 """
 
 from __future__ import annotations
@@ -39,18 +45,55 @@ from p2pnn import logs
 from p2pnn.bus import BEATS, TASKS, BusError, Delivery, Inbox, TaskBus, ki_queue
 from p2pnn.metrics import Metrics
 from p2pnn.store import StoreError, TaskStore
-from p2pnn.tasks import TERMINAL, State, needs_of
+from p2pnn.tasks import MAX_WORKERS, TERMINAL, State, needs_of
 
 log = logs.get(__name__)
 
 WAIT_FOR_ROOM = 0.5  # how long an An waits for a beat before looking at its Ki again
 BUS_RETRY_SECONDS = 0.5  # pause after a forward failed (broker away)
+PARK_SHARE = 2  # at most prefetch // PARK_SHARE deliveries are parked, so unparked work keeps flowing
 
 
 def can_run(caps: dict[str, Any], needs: dict[str, Any]) -> bool:
     if needs.get("gpu") and not caps.get("gpu"):
         return False
     return int(needs.get("memory_mb", 0)) <= int(caps.get("memory_mb", 0) or 1 << 40)
+
+
+def missing(needs: dict[str, Any]) -> str:
+    """What a task needs, in words, for the error of a task no Ki could run."""
+    parts = ["a GPU"] if needs.get("gpu") else []
+    if needs.get("memory_mb"):
+        parts.append(f"{int(needs['memory_mb'])} MB of memory")
+    if int(needs.get("workers", 1)) > 1:
+        parts.append(f"{int(needs.get('min_workers', needs['workers']))} worker slots in all")
+    return " and ".join(parts) or "its needs"
+
+
+def _clean_needs(raw: Any) -> dict[str, Any] | None:
+    """A ``needs`` header as placement reads it, or None when it makes no sense."""
+    if not isinstance(raw, dict):
+        return None
+    gpu, memory = raw.get("gpu", False), raw.get("memory_mb", 0)
+    if not isinstance(gpu, bool) or isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+        return None
+    workers, least = raw.get("workers", 1), raw.get("min_workers", raw.get("workers", 1))
+    for value in (workers, least):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            return None
+    if least > workers:
+        return None
+    needs: dict[str, Any] = {"gpu": gpu, "memory_mb": memory}
+    if workers > 1:
+        needs["workers"], needs["min_workers"] = workers, least
+    return needs
+
+
+@dataclass
+class _Parked:
+    delivery: Delivery
+    needs: dict[str, Any]
+    since: float
 
 
 @dataclass
@@ -68,7 +111,13 @@ class _KiView:
     in_flight: collections.deque[float] = field(default_factory=collections.deque)  # forward times
 
     def update(self, beat: dict[str, Any], me: str, now: float) -> None:
+        """Error handling: a beat with fields of the wrong type raises ValueError/TypeError before any change."""
         received = int(beat.get("received", {}).get(me, 0))
+        slots, busy = int(beat.get("slots", 0)), int(beat.get("busy", 0))
+        raw_caps, an = beat.get("caps") or {}, beat.get("an")
+        caps = {"gpu": bool(raw_caps.get("gpu")), "memory_mb": int(raw_caps.get("memory_mb") or 0)}
+        if an is not None and not isinstance(an, str):
+            raise TypeError("an")
         if beat.get("boot") != self.boot:  # new Ki or restarted: its counters start over
             self.boot, self.in_flight = str(beat.get("boot")), collections.deque()
         else:
@@ -76,8 +125,8 @@ class _KiView:
                 if self.in_flight:
                     self.in_flight.popleft()
         self.received = received
-        self.slots, self.busy = int(beat.get("slots", 0)), int(beat.get("busy", 0))
-        self.caps, self.an, self.seen = dict(beat.get("caps") or {}), beat.get("an"), now
+        self.slots, self.busy = slots, busy
+        self.caps, self.an, self.seen = caps, an, now
 
     def free(self, now: float, ttl: float) -> int:
         while self.in_flight and self.in_flight[0] < now - ttl:
@@ -103,6 +152,7 @@ class Dispatcher:
         prefetch: int,
         beat_timeout: float,
         ki_message_ttl: float,
+        park_fail_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node_id = node_id
@@ -112,7 +162,9 @@ class Dispatcher:
         self.prefetch = prefetch
         self.beat_timeout = beat_timeout
         self.ki_message_ttl = ki_message_ttl
+        self.park_fail_seconds = park_fail_seconds
         self._clock = clock
+        self._parked: dict[str, _Parked] = {}  # task id -> delivery held until a capable Ki beats
         self.kis: dict[str, _KiView] = {}
         self._beat_arrived = trio.Event()
         self._held = 0
@@ -125,6 +177,7 @@ class Dispatcher:
             if watch is not None:
                 watch(TASKS)
             async with self.bus.consume(TASKS, prefetch=self.prefetch) as inbox:
+                nursery.start_soon(self._unpark, inbox)
                 task_status.started()
                 log.info("an.started", prefetch=self.prefetch)
                 while True:
@@ -136,11 +189,18 @@ class Dispatcher:
     async def _read_beats(self, beats: Any) -> None:
         while True:
             beat = await beats.receive()
-            node = str(beat.get("node", ""))
-            if not node:
+            node = beat.get("node") if isinstance(beat, dict) else None
+            if not isinstance(node, str) or not node:
+                self.metrics.malformed_messages.labels(source="beats").inc()
                 continue
-            view = self.kis.setdefault(node, _KiView(node))
-            view.update(beat, self.node_id, self._clock())
+            view = self.kis.get(node) or _KiView(node)
+            try:
+                view.update(beat, self.node_id, self._clock())
+            except (ValueError, TypeError, AttributeError, OverflowError):
+                self.metrics.malformed_messages.labels(source="beats").inc()
+                log.warning("an.malformed_beat", node=node[:64], beat=repr(beat)[:200])
+                continue
+            self.kis[node] = view
             self._beat_arrived.set()
             self._beat_arrived = trio.Event()
             self.metrics.kis_seen.set(len(self._live_kis()))
@@ -222,6 +282,66 @@ class Dispatcher:
         await inbox.ack(delivery)
         self._held -= 1
 
+    def _could_run(self, needs: dict[str, Any]) -> bool:
+        """Whether the live Ki could run the task once they have room (a group: enough slots in all)."""
+        capable = [k for k in self._live_kis() if can_run(k.caps, needs)]
+        if int(needs.get("workers", 1)) > 1:
+            return sum(k.slots for k in capable) >= int(needs.get("min_workers", needs["workers"]))
+        return bool(capable)
+
+    def _park(self, delivery: Delivery, needs: dict[str, Any]) -> None:
+        # No live Ki could run it however long we wait for room: out of the way it goes.
+        self._parked[delivery.task_id] = _Parked(delivery, needs, self._clock())
+        self.metrics.parked.set(len(self._parked))
+        log.info("an.parked", task_id=delivery.task_id, needs=missing(needs))
+        self._held -= 1
+
+    async def _unpark(self, inbox: Inbox) -> None:
+        """On every beat: forward parked tasks a Ki can now run; fail those parked too long."""
+        while True:
+            with trio.move_on_after(WAIT_FOR_ROOM):  # also without beats: parked tasks must time out
+                await self._beat_arrived.wait()
+            if not self._parked:
+                continue
+            now = self._clock()
+            placed: dict[str, list[tuple[Delivery, dict[str, Any]]]] = collections.defaultdict(list)
+            for task_id, parked in list(self._parked.items()):
+                if int(parked.needs.get("workers", 1)) > 1:
+                    plan = self.plan_group(parked.needs)
+                    if plan is not None:
+                        del self._parked[task_id]
+                        self._held += 1
+                        await self._forward_group(inbox, parked.delivery, parked.needs, plan)
+                        continue
+                    ki = None
+                else:
+                    ki = self.pick(parked.needs)
+                if ki is not None:
+                    del self._parked[task_id]
+                    ki.in_flight.append(now)
+                    placed[ki.node].append((parked.delivery, parked.needs))
+                elif now - parked.since >= self.park_fail_seconds and not self._could_run(parked.needs):
+                    del self._parked[task_id]
+                    await self._fail_unplaceable(inbox, parked)
+            self.metrics.parked.set(len(self._parked))
+            if placed:
+                self._held += sum(len(v) for v in placed.values())
+                await self._forward(inbox, placed)
+
+    async def _fail_unplaceable(self, inbox: Inbox, parked: _Parked) -> None:
+        error = f"no Ki with {missing(parked.needs)} for {self.park_fail_seconds:g} s"
+        try:
+            failed = await self.store.fail_queued(parked.delivery.task_id, error=error, now=time.time())
+        except StoreError as exc:  # try again on a later beat
+            self.metrics.transient_faults.labels(component="store", operation="fail_queued").inc()
+            log.warning("store.unreachable", error=str(exc))
+            self._parked[parked.delivery.task_id] = parked
+            return
+        await inbox.ack(parked.delivery)
+        if failed:
+            self.metrics.unplaceable.inc()
+            log.warning("task.unplaceable", task_id=parked.delivery.task_id, error=error)
+
     async def _needs(self, delivery: Delivery) -> dict[str, Any] | None:
         """What the task needs; None when it no longer needs running (finished, cancelled, unknown)."""
         if "group" in delivery.headers:
@@ -232,7 +352,11 @@ class Dispatcher:
                 return None
             return needs_of(task.spec)
         if "needs" in delivery.headers:
-            return dict(delivery.headers["needs"])
+            needs = _clean_needs(delivery.headers["needs"])
+            if needs is not None:
+                return needs
+            self.metrics.malformed_messages.labels(source="tasks").inc()
+            log.warning("an.malformed_needs", task_id=delivery.task_id, needs=repr(delivery.headers["needs"])[:200])
         task = await self.store.get(delivery.task_id)  # re-published by a sweeper: no headers
         if task is None or task.state in TERMINAL:
             return None
@@ -254,17 +378,31 @@ class Dispatcher:
                 await inbox.ack(delivery)
                 self._held -= 1
                 continue
+            if delivery.task_id in self._parked:  # a duplicate of a parked task's message
+                self.metrics.stale_deliveries.inc()
+                await inbox.ack(delivery)
+                self._held -= 1
+                continue
             if int(needs.get("workers", 1)) > 1:
                 while (plan := self.plan_group(needs)) is None:
+                    if not self._could_run(needs) and len(self._parked) < max(1, self.prefetch // PARK_SHARE):
+                        self._park(delivery, needs)
+                        break
                     await self._forward(inbox, placed)
                     with trio.move_on_after(WAIT_FOR_ROOM):
                         await self._beat_arrived.wait()
-                await self._forward_group(inbox, delivery, needs, plan)
+                if plan is not None:
+                    await self._forward_group(inbox, delivery, needs, plan)
                 continue
             while (ki := self.pick(needs)) is None:
+                if not self._could_run(needs) and len(self._parked) < max(1, self.prefetch // PARK_SHARE):
+                    self._park(delivery, needs)
+                    break
                 await self._forward(inbox, placed)  # what is placed goes now, not after the wait
                 with trio.move_on_after(WAIT_FOR_ROOM):
                     await self._beat_arrived.wait()
+            if ki is None:  # parked
+                continue
             ki.in_flight.append(self._clock())
             placed[ki.node].append((delivery, needs))
         await self._forward(inbox, placed)

@@ -13,10 +13,11 @@ KiAgent   the Ki role on a swarm bus: runs the KiRunner on the Ki's own
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import trio
 
@@ -26,9 +27,12 @@ from p2pnn.compute.pool import Job, KiPool, Outcome
 from p2pnn.membership.records import capabilities as machine_capabilities
 from p2pnn.metrics import Metrics
 from p2pnn.store import StoreError, TaskStore
+from p2pnn.store.base import MAX_ARTIFACT_BYTES
 from p2pnn.tasks import TERMINAL, State, Task
 
 log = logs.get(__name__)
+
+T = TypeVar("T")
 
 MODEL_ARTIFACT = "model.safetensors"
 # A train task's latest checkpoint (model, optimizer, epoch, RNG): its next attempt resumes from it.
@@ -37,8 +41,10 @@ CHECKPOINT_ARTIFACT = "checkpoint.safetensors"
 RENDEZVOUS_ARTIFACT = "rendezvous.json"
 RENDEZVOUS_POLL_SECONDS = 0.2  # how often a joining Ki looks for the rendezvous in the store
 RENEWALS_PER_LEASE = 3  # renew well before expiry: two renewals may fail before the lease lapses
-STORE_RETRY_SECONDS = 1.0  # back-off when the store is unreachable
-HANDBACK_SECONDS = 5.0  # how long a clean shutdown may spend handing running tasks back
+STORE_RETRY_SECONDS = 1.0  # pause after a claim failed on an unreachable store
+STORE_RETRY_FIRST = 0.25  # first pause before a store write of an outcome is tried again; doubles
+STORE_RETRY_MAX = 4.0  # longest pause between two tries
+HANDBACK_SECONDS = 8.0  # how long handing one task back (release, publish, confirm) may take
 # A message can arrive before the API has marked its task queued (publish, then mark):
 # claim again for about a second; a task still pending after that is the sweeper's to publish again.
 PENDING_CLAIM_TRIES = 20
@@ -57,9 +63,17 @@ class KiRunner:
 
     Resource handling: at most ``pool.slots`` tasks are taken at a time from
     ``queue`` (the shared queue on a lone node, the Ki's own queue in a
-    swarm). On cancellation (shutdown) every running attempt is handed back to
-    the store (``queued`` again, the attempt not counted), within
-    HANDBACK_SECONDS.
+    swarm); the slots are counted afresh by each ``run``, so a role stopped
+    and started any number of times keeps its full capacity. On cancellation
+    (role change, shutdown) every running attempt is handed back: released in
+    the store (``queued`` again, the attempt not counted) and published again
+    with a confirm, within HANDBACK_SECONDS; if that publish fails, the
+    sweeper's stranded rule finds the task. Deliveries not yet taken go back
+    to the broker when the consumer closes.
+
+    Error handling: a store fault while recording an outcome is retried with
+    back-off for up to a lease; after that the task is handed back (or its
+    lease lapses). No store or bus error ends ``run``.
 
     ``in_hand`` (deliveries taken and not yet finished) and ``received`` (per
     forwarding An) are what a Ki's beat reports; ``on_change`` is called
@@ -86,7 +100,6 @@ class KiRunner:
         self.metrics = metrics
         self.lease_seconds = lease_seconds
         self._clock = clock
-        self._slots = trio.Semaphore(pool.slots) if pool.slots else None
         self.running: dict[str, int] = {}  # task id -> attempt
         self.in_hand = 0
         # Slots busy beyond one per task in hand: the extra ranks of data-parallel groups running here.
@@ -99,31 +112,33 @@ class KiRunner:
         return task_id in self.running and self.pool.cancel(task_id)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        if self._slots is None:  # slots = 0: this node runs no tasks
+        if not self.pool.slots:  # slots = 0: this node runs no tasks
             task_status.started()
             await trio.sleep_forever()
+        # One semaphore per run: a permit taken while waiting for a delivery when the role stopped
+        # dies with this run instead of shrinking the next one.
+        slots = trio.Semaphore(self.pool.slots)
         async with self.bus.consume(self.queue, prefetch=self.pool.slots) as inbox, trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                await self._slots.acquire()
+                await slots.acquire()
                 delivery = await inbox.receive()
                 self.in_hand += 1
                 an = str(delivery.headers.get("an", ""))
                 # A group's part counts as its ranks: the An reserved that many slots for it.
                 self.received[an] = self.received.get(an, 0) + _group_of(delivery).get("ranks", 1)
                 self.on_change()
-                nursery.start_soon(self._handle, inbox, delivery)
+                nursery.start_soon(self._handle, inbox, delivery, slots)
 
-    async def _handle(self, inbox: Inbox, delivery: Delivery) -> None:
+    async def _handle(self, inbox: Inbox, delivery: Delivery, slots: trio.Semaphore) -> None:
         freed = False
 
         def free_slot() -> None:
             nonlocal freed
             if not freed:
                 freed = True
-                assert self._slots is not None
                 self.in_hand -= 1
-                self._slots.release()
+                slots.release()
                 self.on_change()
 
         group = _group_of(delivery)
@@ -136,6 +151,7 @@ class KiRunner:
             try:
                 task = await self._claim(delivery.task_id)
             except StoreError as exc:
+                self.metrics.transient_faults.labels(component="store", operation="claim").inc()
                 log.warning("store.claim_failed", task_id=delivery.task_id, error=str(exc))
                 await inbox.nack(delivery)
                 await trio.sleep(STORE_RETRY_SECONDS)
@@ -174,20 +190,24 @@ class KiRunner:
         started = self._clock()
         recorded = False
         try:
-            job = await self._job(task, attempt)
-            if job is not None:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._keep_lease, task.id, attempt)
-                    outcome = await self._run(task, attempt, job, group or {})
-                    nursery.cancel_scope.cancel()
-                # At shutdown the pool may stop the worker before we see the cancellation:
-                # that outcome is the shutdown's, not the task's, so hand the task back instead.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                worker_free()
-                await self._record(task, attempt, outcome, self._clock() - started)
-            recorded = True
+            try:
+                job = await self._retrying("job", lambda: self._job(task, attempt))
+                if job is not None:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._keep_lease, task.id, attempt)
+                        outcome = await self._run(task, attempt, job, group or {})
+                        nursery.cancel_scope.cancel()
+                    # At shutdown the pool may stop the worker before we see the cancellation:
+                    # that outcome is the shutdown's, not the task's, so hand the task back instead.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    worker_free()
+                    seconds = self._clock() - started
+                    await self._retrying("record", lambda: self._record(task, attempt, outcome, seconds))
+                recorded = True
+            except StoreError as exc:  # still failing after a lease's worth of tries
+                log.warning("task.store_failed", task_id=task.id, attempt=attempt, error=str(exc))
         finally:
-            # Shutdown (a Cancelled, possibly inside an exception group) or a store failure.
+            # Role stopped or shutdown (a Cancelled, possibly inside an exception group) or a store failure.
             if not recorded:
                 await self._hand_back(task.id, attempt)
             self.running.pop(task.id, None)
@@ -302,13 +322,56 @@ class KiRunner:
             return
         log.info("task.checkpoint", task_id=task_id, attempt=attempt, epoch=epoch, bytes=len(data))
 
-    async def _hand_back(self, task_id: str, attempt: int) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(HANDBACK_SECONDS):
+    async def _retrying(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, tried again with back-off while the store fails, for up to one lease.
+
+        Every step it guards is conditional on this attempt still holding the
+        task, so running one again after an unknown outcome is safe.
+
+        Error handling: the last StoreError propagates once the lease's time is spent."""
+        deadline = trio.current_time() + self.lease_seconds
+        pause = STORE_RETRY_FIRST
+        while True:
             try:
-                if await self.store.release(task_id, attempt=attempt, now=self._clock()):
-                    log.info("task.handed_back", task_id=task_id, attempt=attempt)
+                return await call()
+            except StoreError as exc:
+                self.metrics.transient_faults.labels(component="store", operation=operation).inc()
+                if trio.current_time() + pause > deadline:
+                    raise
+                log.warning("store.retrying", operation=operation, error=str(exc), retry_in=pause)
+                await trio.sleep(pause)
+                pause = min(pause * 2, STORE_RETRY_MAX)
+
+    async def _hand_back(self, task_id: str, attempt: int) -> None:
+        """Release the attempt and publish the task again, with a confirm (shielded, bounded)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(HANDBACK_SECONDS):
+            now = self._clock()
+            try:
+                released = await self.store.release(task_id, attempt=attempt, now=now, worker=self.node_id)
             except StoreError as exc:  # the lease will lapse and the sweeper re-queues it
+                self.metrics.transient_faults.labels(component="store", operation="release").inc()
                 log.warning("task.hand_back_failed", task_id=task_id, error=str(exc))
+                return
+            if released:
+                self.metrics.handed_back.inc()
+                log.info("task.handed_back", task_id=task_id, attempt=attempt)
+                await self._publish_again({task_id: now})
+
+    async def _publish_again(self, versions: dict[str, float]) -> None:
+        """Put queued tasks back on the shared queue and record the confirm; ``versions`` maps each to
+        the ``updated_at`` this node gave it. Error handling: a failure is logged and counted; the
+        task stays without ``published_at`` and the sweeper publishes it within stranded_after."""
+        try:
+            await self.bus.publish(list(versions))
+        except BusError as exc:
+            self.metrics.transient_faults.labels(component="bus", operation="publish").inc()
+            log.warning("bus.publish_failed", tasks=len(versions), error=str(exc))
+            return
+        try:
+            await self.store.mark_published(versions, now=self._clock())
+        except StoreError as exc:  # published but not marked: the sweeper sends a harmless duplicate
+            self.metrics.transient_faults.labels(component="store", operation="mark_published").inc()
+            log.warning("store.mark_published_failed", tasks=len(versions), error=str(exc))
 
     async def _job(self, task: Task, attempt: int) -> Job | None:
         model_file = source_spec = resume_file = None
@@ -320,7 +383,7 @@ class KiRunner:
             model_file = await self.store.get_artifact(task.spec["model_task"], MODEL_ARTIFACT)
             if source is None or model_file is None:
                 await self.store.finish(
-                    task.id, attempt=attempt, state=State.FAILED, now=self._clock(),
+                    task.id, attempt=attempt, state=State.FAILED, now=self._clock(), worker=self.node_id,
                     error=f"model task {task.spec['model_task']} has no {MODEL_ARTIFACT} artifact",
                 )
                 return None
@@ -337,16 +400,25 @@ class KiRunner:
             log.warning("store.progress_failed", task_id=task_id, error=str(exc))
 
     async def _keep_lease(self, task_id: str, attempt: int) -> None:
-        """Renew the lease; stop the task when the lease is lost or a cancel was requested."""
+        """Renew the lease; stop the task when the lease is lost or a cancel was requested.
+
+        Each renewal runs under a deadline of a third of the lease, so a stalled
+        store cannot hold it past the point where the next one is due."""
+        period = self.lease_seconds / RENEWALS_PER_LEASE
         while True:
-            await trio.sleep(self.lease_seconds / RENEWALS_PER_LEASE)
-            try:
-                held = await self.store.renew(
-                    task_id, worker=self.node_id, attempt=attempt, now=self._clock(), lease_seconds=self.lease_seconds
-                )
-                task = await self.store.get(task_id)
-            except StoreError as exc:
-                log.warning("store.renew_failed", task_id=task_id, error=str(exc))
+            await trio.sleep(period)
+            held, task, answered = False, None, False
+            with trio.move_on_after(period):
+                try:
+                    held = await self.store.renew(
+                        task_id, worker=self.node_id, attempt=attempt, now=self._clock(), lease_seconds=self.lease_seconds
+                    )
+                    task = await self.store.get(task_id)
+                    answered = True
+                except StoreError as exc:
+                    log.warning("store.renew_failed", task_id=task_id, error=str(exc))
+            if not answered:  # the store failed or stalled: try again; the lease has two more periods
+                self.metrics.transient_faults.labels(component="store", operation="renew").inc()
                 continue
             if not held or task is None or task.cancel_requested:
                 log.info("task.stopping", task_id=task_id, reason="cancel requested" if held else "lease lost")
@@ -354,27 +426,47 @@ class KiRunner:
                 return
 
     async def _record(self, task: Task, attempt: int, outcome: Outcome, seconds: float) -> None:
+        """Write the attempt's outcome, conditional on this worker's attempt still holding the task.
+
+        A success's artifacts go in the same transaction as its result, so a late
+        duplicate attempt can never replace the winner's."""
         now = self._clock()
+        me = self.node_id
+        oversized = [n for n, d in outcome.artifacts.items() if len(d) > MAX_ARTIFACT_BYTES]
+        if outcome.status == "succeeded" and oversized:  # no retry can make it fit: a failure, not a fault
+            outcome = dataclasses.replace(
+                outcome, status="failed", retryable=False,
+                error=f"artifact {oversized[0]} is larger than the store's limit of {MAX_ARTIFACT_BYTES} bytes",
+            )
         if outcome.status == "succeeded":
-            for name, data in outcome.artifacts.items():
-                await self.store.put_artifact(task.id, name, data, now=now)
-            won = await self.store.finish(task.id, attempt=attempt, state=State.SUCCEEDED, now=now, result=outcome.result)
+            won = await self.store.finish(
+                task.id, attempt=attempt, state=State.SUCCEEDED, now=now, result=outcome.result, worker=me,
+                artifacts=dict(outcome.artifacts),
+            )
             state = State.SUCCEEDED
         elif outcome.status == "cancelled":
-            won = await self.store.finish(task.id, attempt=attempt, state=State.CANCELLED, now=now, error="cancelled")
+            # Only a cancel the store holds ends a task as cancelled; a worker stopped for any other
+            # reason (a lease lost to the sweeper) leaves the task to whoever holds it now.
+            won = await self.store.finish(task.id, attempt=attempt, state=State.CANCELLED, now=now, error="cancelled",
+                                          worker=me)
             state = State.CANCELLED
+            if not won and await self.store.release(task.id, attempt=attempt, now=now, worker=me):
+                self.metrics.handed_back.inc()
+                log.info("task.handed_back", task_id=task.id, attempt=attempt, reason="stopped without a cancel")
+                await self._publish_again({task.id: now})
+                return
         elif outcome.retryable:
             if outcome.status == "crashed":
                 self.metrics.worker_crashes.inc()
-            new_state = await self.store.retry_or_fail(task.id, attempt=attempt, error=outcome.error or "", now=now)
+            new_state = await self.store.retry_or_fail(
+                task.id, attempt=attempt, error=outcome.error or "", now=now, worker=me
+            )
             won, state = new_state is not None, new_state or State.FAILED
             if new_state is State.QUEUED:
-                try:
-                    await self.bus.publish([task.id])
-                except BusError as exc:  # still queued in the store: the sweeper publishes it again
-                    log.warning("bus.publish_failed", task_id=task.id, error=str(exc))
+                await self._publish_again({task.id: now})
         else:
-            won = await self.store.finish(task.id, attempt=attempt, state=State.FAILED, now=now, error=outcome.error)
+            won = await self.store.finish(task.id, attempt=attempt, state=State.FAILED, now=now, error=outcome.error,
+                                          worker=me)
             state = State.FAILED
         if not won:
             self.metrics.duplicates_dropped.inc()
@@ -446,6 +538,22 @@ class KiAgent:
             task_status.started()
             while True:
                 message = await cancels.receive()
-                task_id = str(message.get("id", ""))
+                task_id = message.get("id") if isinstance(message, dict) else None
+                if not isinstance(task_id, str) or not task_id:
+                    self.runner.metrics.malformed_messages.labels(source="cancel").inc()
+                    log.warning("bus.malformed_cancel", body=repr(message)[:200])
+                    continue
+                if task_id not in self.runner.running:
+                    continue
+                # The message is only a hint: the store says whether a cancel was requested, so a
+                # stray or forged message on the topic stops nothing.
+                try:
+                    task = await self.runner.store.get(task_id)
+                except StoreError as exc:  # the lease renewal looks at cancel_requested too
+                    log.warning("store.cancel_check_failed", task_id=task_id, error=str(exc))
+                    continue
+                if task is None or not task.cancel_requested:
+                    log.warning("task.cancel_ignored", task_id=task_id, reason="no cancel requested in the store")
+                    continue
                 if self.runner.cancel_local(task_id):
                     log.info("task.cancel_received", task_id=task_id)

@@ -1,9 +1,21 @@
 """The sweeper: the principal's chore of finding tasks nobody is carrying.
 
 Sweeper   re-queues tasks whose lease lapsed and re-publishes tasks left
-          ``pending`` by a failed publish (and, on a durable bus, ``queued``
-          tasks untouched for ``queued_after``). Every transition it makes is
-          conditional, so a standby sweeper on another node may run beside it.
+          ``pending`` by a failed publish, ``queued`` tasks that are stranded
+          and, on a durable bus, ``queued`` tasks whose last message is older
+          than ``queued_after``. Every transition it makes is conditional, so a
+          standby sweeper on another node may run beside it.
+
+Stranded or in flight: a ``queued`` task's ``published_at`` is set when the
+bus confirms a message for it, and cleared by every step that puts it back
+in ``queued`` without a message (hand-back, lapsed lease, failed attempt).
+Whoever makes that step publishes at once; a ``queued`` task with no
+``published_at`` whose last update is older than ``stranded_after`` is one
+whose publisher failed or died, and the sweeper publishes it. A task with a
+``published_at`` is in flight: its message is on the shared queue, held by
+an An, or on a Ki's queue, from which the broker dead-letters it back to the
+shared queue after the Ki message TTL; only a message the broker itself lost
+(or a poison message dead-lettered for good) waits for ``queued_after``.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ REPUBLISH_PAGE = 500  # queued tasks read per page when re-publishing them all a
 
 
 class Sweeper:
-    """Re-queues lapsed leases and re-publishes stranded ``pending`` tasks.
+    """Re-queues lapsed leases and re-publishes stranded ``pending`` and ``queued`` tasks.
 
     ``republish_queued`` is for a bus that forgets on restart (the in-process
     queue): at start every ``queued`` task is published again; duplicates are
@@ -41,13 +53,14 @@ class Sweeper:
         pending_after: float,
         republish_queued: bool,
         queued_after: float = 0.0,
+        stranded_after: float = 10.0,
         active: Callable[[], bool] = lambda: True,
         fence: Callable[[], Fence | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.queued_after = queued_after
-        self._resent: dict[str, float] = {}
+        self.stranded_after = stranded_after
         self.active = active
         # In a swarm, sweeping is a principal's action: it happens only under a lease that still
         # holds (checked by the store in the same transaction). None: no fence (a lone node, or
@@ -61,14 +74,18 @@ class Sweeper:
         self._clock = clock
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        if self.republish_queued:
-            await self._republish_all_queued()
+        """Error handling: a store fault skips one sweep (logged, counted); nothing ends the loop."""
+        republish_all = self.republish_queued
         task_status.started()
         while True:
             try:
+                if republish_all:
+                    await self._republish_all_queued()
+                    republish_all = False
                 if self.active():
                     await self.sweep()
             except StoreError as exc:
+                self.metrics.transient_faults.labels(component="store", operation="sweep").inc()
                 log.warning("sweeper.store_unreachable", error=str(exc))
             await trio.sleep(self.interval)
 
@@ -81,12 +98,26 @@ class Sweeper:
         for task_id, state in expired:
             self.metrics.lease_expiries.inc()
             log.warning("task.lease_expired", task_id=task_id, new_state=state.value)
-        requeued = [task_id for task_id, state in expired if state is State.QUEUED]
-        if requeued:
-            await self._publish(requeued)
+        # expire_leases set updated_at to ``now``: that is the version mark_published checks.
+        now = self._clock()
+        await self._publish_queued({task_id: now for task_id, state in expired if state is State.QUEUED})
         await self._republish(State.PENDING, older_than=self._clock() - self.pending_after)
+        stranded = await self.store.stranded(older_than=self._clock() - self.stranded_after)
+        if stranded:
+            self.metrics.stranded.inc(len(stranded))
+            log.warning("sweeper.stranded", tasks=len(stranded))
+            await self._publish_queued(stranded)
         if self.queued_after:  # a durable bus should not lose a message; if one was lost anyway, this finds it
-            await self._republish_stale_queued()
+            stale = await self.store.published_before(before=self._clock() - self.queued_after)
+            if stale:
+                self.metrics.republished.inc(len(stale))
+                log.info("sweeper.republish", state=State.QUEUED.value, tasks=len(stale))
+                await self._publish_queued(stale)
+
+    async def _publish_queued(self, versions: dict[str, float]) -> None:
+        """Publish queued tasks and record the confirm (``versions``: task id -> the updated_at seen)."""
+        if versions and await self._publish(list(versions)) is not False:
+            await self.store.mark_published(versions, now=self._clock())
 
     async def _republish_all_queued(self) -> None:
         # Page through them: publishing leaves a queued task queued, so "the oldest N" would repeat.
@@ -102,19 +133,6 @@ class Sweeper:
         if total:
             self.metrics.republished.inc(total)
             log.info("sweeper.republish", state=State.QUEUED.value, tasks=total)
-
-    async def _republish_stale_queued(self) -> None:
-        # Publishing leaves a queued task's row as it was: remember what was sent, so each stale
-        # task is published once per ``queued_after``, not on every sweep.
-        now = self._clock()
-        self._resent = {t: at for t, at in self._resent.items() if at > now - self.queued_after}
-        ids = [t for t in await self.store.ids_in_state(State.QUEUED, older_than=now - self.queued_after)
-               if t not in self._resent]
-        if ids:
-            self._resent.update(dict.fromkeys(ids, now))
-            self.metrics.republished.inc(len(ids))
-            log.info("sweeper.republish", state=State.QUEUED.value, tasks=len(ids))
-            await self._publish(ids)
 
     async def _republish(self, state: State, *, older_than: float) -> None:
         ids = await self.store.ids_in_state(state, older_than=older_than)

@@ -1,0 +1,29 @@
+"""The client side of p2pnn: a library for a node's REST API, and the ``p2pnn`` command.
+
+- ``Client`` (``_sync.py``): blocking, for scripts and notebooks.
+- ``AsyncClient`` (``_async.py``): the same methods under asyncio or trio (httpx + anyio).
+- ``_calls.py``: what each call sends and how its answer reads, shared by both.
+- ``_errors.py``: ``ClientError`` and its subclasses, one per answer a caller handles differently.
+- ``_settings.py``: node URL and token from arguments, ``P2PNN_URL`` / ``P2PNN_TOKEN``, or a config file.
+- ``_sse.py``: the Server-Sent Events parser ``wait`` follows a task with.
+- ``cli.py``: the ``p2pnn`` command (submit, watch, ls, get, cancel, artifact, nodes).
+"""
+
+from p2pnn.client._async import AsyncClient
+from p2pnn.client._errors import (
+    ApiError,
+    BadRequest,
+    ClientError,
+    Conflict,
+    ConnectError,
+    Forbidden,
+    NotFound,
+    TaskTimeout,
+    Unauthorized,
+)
+from p2pnn.client._sync import Client
+
+__all__ = [
+    "ApiError", "AsyncClient", "BadRequest", "Client", "ClientError", "Conflict", "ConnectError", "Forbidden",
+    "NotFound", "TaskTimeout", "Unauthorized",
+]

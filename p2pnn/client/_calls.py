@@ -1,0 +1,122 @@
+"""What each API call sends and how its answer reads: shared by the sync and the async client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from p2pnn.client._errors import api_error
+from p2pnn.tasks import TERMINAL, State
+
+# How long a stream may stay silent before the client reconnects: the node sends a
+# keep-alive comment far more often than this, so silence means a dead connection.
+STREAM_READ_TIMEOUT = 60.0
+POLL_SECONDS = 0.5  # wait() against a node without the event stream asks this often
+RECONNECT_SECONDS = 0.5  # pause before re-opening a stream the node or network closed
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    raw: bool = False  # the answer is bytes (an artifact), not JSON
+    pick: str | None = None  # return only this key of the JSON answer
+
+
+def submit(spec: dict[str, Any], idempotency_key: str | None) -> Call:
+    return Call("POST", "/api/v1/tasks", json=spec, headers=_idempotency(idempotency_key))
+
+
+def submit_many(specs: list[dict[str, Any]], idempotency_key: str | None) -> Call:
+    return Call("POST", "/api/v1/tasks", json=specs, headers=_idempotency(idempotency_key), pick="tasks")
+
+
+def get(task_id: str) -> Call:
+    return Call("GET", f"/api/v1/tasks/{task_id}")
+
+
+def list_tasks(params: dict[str, Any]) -> Call:
+    return Call("GET", "/api/v1/tasks", params={k: v for k, v in params.items() if v is not None})
+
+
+def cancel(task_id: str) -> Call:
+    return Call("DELETE", f"/api/v1/tasks/{task_id}")
+
+
+def artifact(task_id: str, name: str) -> Call:
+    return Call("GET", f"/api/v1/tasks/{task_id}/artifacts/{name}", raw=True)
+
+
+def nodes() -> Call:
+    return Call("GET", "/api/v1/nodes", pick="nodes")
+
+
+def cluster() -> Call:
+    return Call("GET", "/api/v1/cluster")
+
+
+def progress(task_id: str) -> Call:
+    return Call("GET", f"/api/v1/tasks/{task_id}/progress")
+
+
+def task_events_path(task_id: str) -> str:
+    return f"/api/v1/tasks/{task_id}/events"
+
+
+def _idempotency(key: str | None) -> dict[str, str]:
+    return {"Idempotency-Key": key} if key else {}
+
+
+def error_of(resp: httpx.Response) -> Exception:
+    try:
+        body: Any = resp.json()
+    except ValueError:
+        body = resp.text
+    return api_error(resp.status_code, body)
+
+
+def parse(resp: httpx.Response, call: Call) -> Any:
+    """The answer of ``call``. Error handling: an error status raises the matching ApiError subclass."""
+    if resp.status_code >= 400:
+        raise error_of(resp)
+    if call.raw:
+        return resp.content
+    if not resp.headers.get("content-type", "").startswith("application/json"):
+        return resp.content
+    data = resp.json()
+    return data[call.pick] if call.pick else data
+
+
+def is_terminal(task: dict[str, Any]) -> bool:
+    return State(task["state"]) in TERMINAL
+
+
+class ChangeFilter:
+    """Calls ``on_update`` with a task snapshot only when it differs, for a person, from the one before.
+
+    Event streams and polls may repeat a snapshot (a reconnect starts with the
+    current one); the callback should print a line per real change.
+    """
+
+    def __init__(self, on_update: Callable[[dict[str, Any]], Any] | None) -> None:
+        self._on_update = on_update
+        self._last: tuple | None = None
+
+    def __call__(self, task: dict[str, Any]) -> None:
+        key = (task.get("state"), task.get("attempts"), json.dumps(task.get("progress"), sort_keys=True), task.get("error"))
+        if key != self._last:
+            self._last = key
+            if self._on_update is not None:
+                self._on_update(task)
+
+
+def route_missing(exc: Exception) -> bool:
+    """A 404 that means 'this node has no such route' (an older node), not 'no such task'."""
+    return getattr(exc, "status", None) == 404 and getattr(exc, "error", "") != "no such task"

@@ -1,0 +1,191 @@
+"""No task stranded: a Ki that stops (role change, SIGTERM) hands its tasks back *and* publishes them
+again; its slots survive any number of role switches; the sweeper finds what a failed publish left.
+
+Real RabbitMQ (a vhost of the test's own), a real store and real worker processes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pnn.bus import TASKS, ki_queue
+from p2pnn.bus.amqp import AmqpBus, AmqpSettings
+from p2pnn.client import AsyncClient
+from p2pnn.compute.pool import KiPool
+from p2pnn.metrics import Metrics
+from p2pnn.store import NewTask, TaskStore, open_store
+from p2pnn.tasks import Limits, State
+from p2pnn.work import KiRunner, RoleHost, Sweeper
+from tests.swarmutil import BusSwarm
+
+NODE = "ki-under-test"
+T0 = 1_700_000_000.0
+
+
+async def _queued_task(store: TaskStore, sleep: float, payload: object = None) -> str:
+    (task,), _ = await store.create(
+        [NewTask("echo", {"kind": "echo", "payload": payload, "sleep": sleep}, "tester", 3)], now=time.time()
+    )
+    await store.mark_queued([task.id], now=time.time())
+    return task.id
+
+
+async def _until_state(store: TaskStore, task_id: str, state: State, timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while (await store.get(task_id)).state is not state:
+            await trio.sleep(0.05)
+
+
+@pytest.fixture
+async def ki(amqp_url: str, tmp_path: Path):
+    """A Ki role (one slot) on RabbitMQ and SQLite, hosted by a RoleHost, and the bus to watch it with."""
+    store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
+    await store.open()
+    bus = AmqpBus(AmqpSettings(url=amqp_url, prefix="hb", ki_message_ttl=60))
+    pool = KiPool(slots=1, torch_threads=1, limits=Limits(), workdir=tmp_path / "work")
+    runner = KiRunner(
+        node_id=NODE, store=store, bus=bus, pool=pool, metrics=Metrics(), lease_seconds=30, queue=ki_queue(NODE)
+    )
+    roles = RoleHost({"ki": runner.run})
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus.run)
+            assert await bus.wait_connected(20), "no connection to RabbitMQ"
+            await nursery.start(pool.run)
+            await nursery.start(roles.run)
+            yield store, bus, roles, runner
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+
+
+async def test_a_ki_whose_role_is_taken_away_publishes_its_running_task_again(ki):
+    store, bus, roles, runner = ki
+    await roles.assume({"ki"})
+    task_id = await _queued_task(store, sleep=60)
+    await bus.publish([task_id], queue=ki_queue(NODE))
+    await _until_state(store, task_id, State.RUNNING, 60)
+
+    await roles.assume(set())  # the principal gives this node another role
+
+    task = await store.get(task_id)
+    assert task.state is State.QUEUED and task.attempts == 0
+    # The message is on the shared queue now, not 600 s later: an An would forward it at once.
+    async with bus.consume(TASKS, prefetch=5) as inbox:
+        with trio.fail_after(10):
+            delivery = await inbox.receive()
+        await inbox.ack(delivery)
+    assert delivery.task_id == task_id
+    assert await store.stranded(older_than=time.time() + 3600) == {}, "confirmed, so not stranded"
+    assert runner.metrics.handed_back._value.get() == 1
+
+
+async def test_slots_survive_three_role_switches_and_a_stopped_kis_buffer_goes_back_at_once(ki):
+    store, bus, roles, runner = ki
+    for switch in range(3):
+        await roles.assume({"ki"})
+        task_id = await _queued_task(store, sleep=0, payload=switch)
+        await bus.publish([task_id], queue=ki_queue(NODE))
+        # Before slots were counted per run, the second run found its only permit taken by the
+        # first run's wait for a delivery, and ran nothing more.
+        await _until_state(store, task_id, State.SUCCEEDED, 60)
+        assert runner.in_hand == 0
+        await roles.assume(set())
+
+    # One slot, two messages: one runs, the other waits in the consumer's prefetch buffer. When
+    # the role stops, that one is back on the Ki's queue at once, not when the connection dies.
+    await roles.assume({"ki"})
+    running, waiting = await _queued_task(store, sleep=60), await _queued_task(store, sleep=0)
+    await bus.publish([running], queue=ki_queue(NODE))
+    await _until_state(store, running, State.RUNNING, 60)
+    await bus.publish([waiting], queue=ki_queue(NODE))
+    await trio.sleep(0.5)  # let the broker push it into the buffer
+    await roles.assume(set())
+    async with bus.consume(ki_queue(NODE), prefetch=5) as inbox:
+        with trio.fail_after(10):
+            delivery = await inbox.receive()
+        await inbox.ack(delivery)
+    assert delivery.task_id == waiting
+    assert (await store.get(waiting)).state is State.QUEUED
+
+
+async def test_a_queued_task_without_a_confirmed_message_is_stranded_until_published(store):
+    """The sweeper's rule: queued, no published_at, older than stranded_after."""
+    (task,), _ = await store.create([NewTask("echo", {"kind": "echo"}, "tester", 3)], now=T0)
+    await store.mark_queued([task.id], now=T0)
+    assert await store.stranded(older_than=T0 + 100) == {}, "published and confirmed: in flight"
+    claimed = await store.claim(task.id, worker="ki-1", now=T0 + 1, lease_seconds=30)
+    assert not await store.release(task.id, attempt=claimed.attempts, now=T0 + 2, worker="ki-2"), "not its lease"
+    assert await store.release(task.id, attempt=claimed.attempts, now=T0 + 2, worker="ki-1")
+    assert await store.stranded(older_than=T0 + 2) == {}, "not yet older than the bound"
+    assert await store.stranded(older_than=T0 + 12) == {task.id: T0 + 2}
+    # A confirm for an older version of the row (the task was taken and handed back since) marks nothing.
+    assert await store.mark_published({task.id: T0 + 1}, now=T0 + 3) == 0
+    assert await store.mark_published({task.id: T0 + 2}, now=T0 + 3) == 1
+    assert await store.stranded(older_than=T0 + 12) == {}
+    assert await store.published_before(before=T0 + 4) == {task.id: T0 + 2}
+
+
+async def test_the_sweeper_publishes_a_stranded_task_within_the_bound(amqp_url, tmp_path):
+    store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
+    await store.open()
+    published: list[list[str]] = []
+
+    async def publish(ids: list[str]) -> bool:
+        published.append(list(ids))
+        return True
+
+    try:
+        task_id = await _queued_task(store, sleep=0)
+        task = await store.claim(task_id, worker="ki-1", now=time.time(), lease_seconds=30)
+        # Released, and the node died before its publish: nothing carries the task.
+        await store.release(task_id, attempt=task.attempts, now=time.time(), worker="ki-1")
+        sweeper = Sweeper(store=store, publish=publish, metrics=Metrics(), interval=0.1, pending_after=1,
+                          republish_queued=False, stranded_after=1.0)
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sweeper.run)
+            with trio.fail_after(15):
+                while not published:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert published == [[task_id]] and time.monotonic() - started >= 0.5
+        assert await store.stranded(older_than=time.time() + 60) == {}
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_sigterm_of_a_ki_hands_its_running_tasks_back_and_they_run_elsewhere(tmp_path, amqp_url, pg_schema):
+    """No principal and no standby sweeper: only the Ki's own re-publish can bring the tasks back."""
+    swarm = BusSwarm(tmp_path, amqp_url, pg_schema)
+    quiet = {"P2PNN_SWEEPER__STANDBY": "false"}
+    try:
+        swarm.start("an", "an", slots=0, **quiet)
+        swarm.start("ki1", "ki", slots=2, **quiet)
+        with trio.fail_after(60):
+            while swarm.metric("an", "p2pnn_an_kis") != 1:
+                await trio.sleep(0.2)
+        async with AsyncClient(swarm.nodes["an"].url, timeout=30) as client:
+            tasks = [await client.submit({"kind": "echo", "payload": i, "sleep": 6}) for i in range(2)]
+            ids = [t["id"] for t in tasks]
+            with trio.fail_after(60):
+                while sorted(s for (s,) in swarm.rows("SELECT state FROM tasks")) != ["running", "running"]:
+                    await trio.sleep(0.2)
+            swarm.start("ki2", "ki", slots=2, **quiet)
+            with trio.fail_after(60):
+                while swarm.metric("an", "p2pnn_an_kis") != 2:
+                    await trio.sleep(0.2)
+            assert await trio.to_thread.run_sync(swarm.nodes["ki1"].stop) == 0  # SIGTERM
+            handed = [e for e in swarm.nodes["ki1"].events() if e.get("event") == "task.handed_back"]
+            assert len(handed) == 2
+            done = await client.wait_all(ids, timeout=60)
+        assert all(t["state"] == "succeeded" for t in done.values()), done
+        owners = {o for (o,) in swarm.rows("SELECT lease_owner FROM tasks")}
+        assert owners == {swarm.nodes["ki2"].node_id}
+    finally:
+        swarm.stop_all()
