@@ -29,7 +29,7 @@ class State(str, enum.Enum):
 
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
 
-KINDS = ("train", "evaluate", "infer", "echo")
+KINDS = ("train", "evaluate", "infer", "echo", "sweep")
 MODELS = ("mlp", "cnn", "transformer")
 DATASETS = ("digits", "synthetic", "inline")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -87,6 +87,8 @@ class Task:
     error: str | None = None
     idempotency_key: str | None = None
     artifacts: list[str] = field(default_factory=list)
+    # The sweep this task is a trial of (None: submitted on its own).
+    parent: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # Shallow on purpose: asdict() deep-copies spec, progress and result recursively,
@@ -354,6 +356,134 @@ def _train(spec: dict[str, Any], limits: Limits) -> dict[str, Any]:
     }
 
 
+# --- sweeps ---------------------------------------------------------------------
+
+# Trials one sweep may run: each is a task of its own.
+MAX_TRIALS = 200
+# Trials a sweep runs at once when the spec does not say.
+DEFAULT_PARALLELISM = 2
+# Per-epoch metrics a sweep can rank trials by (what every train progress report carries).
+SWEEP_METRICS = ("test_accuracy", "test_loss", "accuracy", "loss")
+DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform")
+STOPPING_RULES = ("median", "none")
+
+
+def sweep_trials(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The raw train spec of every trial of a normalised sweep spec, in trial order."""
+    out = []
+    for params in spec["trials"]:
+        raw = json_copy(spec["base"])
+        for path, value in params.items():
+            _set_path(raw, path.split("."), value)
+        out.append(raw)
+    return out
+
+
+def json_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: json_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_copy(v) for v in value]
+    return value
+
+
+def _set_path(target: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        nxt = target.get(key)
+        if not isinstance(nxt, dict):
+            # model.hidden on a base without a model: start from the train spec's default object.
+            nxt = {"name": "mlp"} if key == "model" else {"name": "digits"} if key == "dataset" else {}
+            target[key] = nxt
+        target = nxt
+    target[keys[-1]] = json_copy(value)
+
+
+def _space(raw: Any) -> tuple[dict[str, list[Any]], dict[str, tuple[str, float, float]]]:
+    space = _object(raw, "spec.space")
+    if not space:
+        raise SpecError("spec.space", "needs at least one dimension")
+    grid: dict[str, list[Any]] = {}
+    drawn: dict[str, tuple[str, float, float]] = {}
+    for path, dim in space.items():
+        where = f"spec.space.{path}"
+        if not isinstance(path, str) or not path or any(not k for k in path.split(".")) or path.split(".")[0] == "kind":
+            raise SpecError(where, "must be a dotted path into the train spec (lr, model.hidden, ...)")
+        if isinstance(dim, list):
+            if not dim or len(dim) > MAX_TRIALS:
+                raise SpecError(where, f"a list of 1 to {MAX_TRIALS} values")
+            grid[path] = dim
+        elif isinstance(dim, dict) and len(dim) == 1 and next(iter(dim)) in DISTRIBUTIONS:
+            name, bounds = next(iter(dim.items()))
+            if not isinstance(bounds, list) or len(bounds) != 2:
+                raise SpecError(f"{where}.{name}", "must be [low, high]")
+            lo = _number(bounds[0], f"{where}.{name}[0]", lo=-1e12, hi=1e12)
+            hi = _number(bounds[1], f"{where}.{name}[1]", lo=lo, hi=1e12)
+            if name == "log_uniform" and lo <= 0:
+                raise SpecError(f"{where}.{name}[0]", "must be above 0 for a log-uniform draw")
+            drawn[path] = (name, lo, hi)
+        else:
+            raise SpecError(where, f"must be a list of values or one of {{{', '.join(DISTRIBUTIONS)}: [low, high]}}")
+    return grid, drawn
+
+
+def _sweep(spec: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    import itertools
+    import random
+
+    _no_extra(spec, "spec", {"kind", "base", "space", "trials", "parallelism", "metric", "mode", "early_stopping",
+                             "seed", "max_attempts"})
+    base = dict(_object(spec.get("base", {}), "spec.base"))
+    base.pop("kind", None)
+    base_spec = _train(base, limits)  # the base alone must be a valid train spec
+    grid, drawn = _space(spec.get("space"))
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
+    seed = _integer(spec.get("seed", 0), "spec.seed", lo=0, hi=2**31 - 1)
+    rng = random.Random(seed)
+    default_trials = len(points) if not drawn else max(len(points), 10)
+    trials = _integer(spec.get("trials", min(default_trials, MAX_TRIALS)), "spec.trials", lo=1, hi=MAX_TRIALS)
+    if trials < len(points):
+        points = rng.sample(points, trials)  # a budget below the grid: a random part of it
+    chosen = []
+    for i in range(trials):
+        params = dict(points[i % len(points)])
+        for path, (name, lo, hi) in drawn.items():
+            if name == "log_uniform":
+                params[path] = round(math.exp(rng.uniform(math.log(lo), math.log(hi))), 10)
+            elif name == "uniform":
+                params[path] = round(rng.uniform(lo, hi), 10)
+            else:
+                params[path] = rng.randint(math.ceil(lo), math.floor(hi))
+        chosen.append(params)
+    problem = base_spec["dataset"]["problem"]
+    metric = _choice(spec.get("metric", "test_accuracy" if problem == "classification" else "test_loss"),
+                     "spec.metric", SWEEP_METRICS)
+    if problem != "classification" and "accuracy" in metric:
+        raise SpecError("spec.metric", f"a {problem} base has no {metric}")
+    stopping = _object(spec.get("early_stopping", {}), "spec.early_stopping")
+    _no_extra(stopping, "spec.early_stopping", {"rule", "grace_epochs", "min_trials"})
+    out = {
+        "kind": "sweep",
+        "base": base,
+        "trials": chosen,
+        "parallelism": _integer(spec.get("parallelism", DEFAULT_PARALLELISM), "spec.parallelism", lo=1, hi=64),
+        "metric": metric,
+        "mode": _choice(spec.get("mode", "min" if metric.endswith("loss") else "max"), "spec.mode", ("min", "max")),
+        "early_stopping": {
+            "rule": _choice(stopping.get("rule", "median"), "spec.early_stopping.rule", STOPPING_RULES),
+            "grace_epochs": _integer(stopping.get("grace_epochs", 3), "spec.early_stopping.grace_epochs",
+                                     lo=1, hi=limits.max_epochs),
+            "min_trials": _integer(stopping.get("min_trials", 3), "spec.early_stopping.min_trials", lo=1, hi=MAX_TRIALS),
+        },
+        "seed": seed,
+    }
+    for i, raw in enumerate(sweep_trials(out)):
+        try:
+            _train(raw, limits)
+        except SpecError as exc:
+            raise SpecError(f"spec.trials[{i}]{exc.path[4:]}", f"{exc.message} (params {chosen[i]})") from None
+    return out
+
+
 def _model_task(spec: dict[str, Any]) -> str:
     ref = spec.get("model_task")
     if not isinstance(ref, str) or not ref:
@@ -381,6 +511,8 @@ def validate_spec(raw: Any, limits: Limits) -> dict[str, Any]:
         }
     elif kind == "train":
         out = _train(spec, limits)
+    elif kind == "sweep":
+        out = _sweep(spec, limits)
     elif kind == "evaluate":
         _no_extra(spec, "spec", {"kind", "model_task", "dataset", "batch_size", "device", "max_attempts"})
         out = {

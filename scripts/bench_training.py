@@ -38,7 +38,7 @@ import trio
 
 from p2pnn import config as config_mod
 from p2pnn.api.auth import Authenticator
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient as Client
 from p2pnn.compute.pool import Job, KiPool
 from p2pnn.launcher import start_node
 from p2pnn.tasks import Limits, validate_spec

@@ -7,7 +7,7 @@ import time
 import pytest
 import trio
 
-from p2pnn.client import Client
+from p2pnn.client import AsyncClient as Client
 from tests.swarmutil import BusSwarm
 
 pytestmark = pytest.mark.postgres

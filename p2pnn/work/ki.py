@@ -29,6 +29,7 @@ from p2pnn.metrics import Metrics
 from p2pnn.store import StoreError, TaskStore
 from p2pnn.store.base import MAX_ARTIFACT_BYTES
 from p2pnn.tasks import TERMINAL, State, Task
+from p2pnn.work.trials import SweepRunner
 
 log = logs.get(__name__)
 
@@ -193,6 +194,8 @@ class KiRunner:
             try:
                 job = await self._retrying("job", lambda: self._job(task, attempt))
                 if job is not None:
+                    if task.kind == "sweep":
+                        worker_free()  # a sweep's coordinator needs no worker: its slot takes the next task
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._keep_lease, task.id, attempt)
                         outcome = await self._run(task, attempt, job, group or {})
@@ -229,6 +232,10 @@ class KiRunner:
             except StoreError as exc:  # the others never come: rank 0 times out and the task is retried
                 log.warning("store.rendezvous_failed", task_id=task.id, error=str(exc))
 
+        if task.kind == "sweep":
+            runner = SweepRunner(sweep=task, attempt=attempt, node_id=self.node_id, store=self.store, bus=self.bus,
+                                 clock=self._clock)
+            return await runner.run()
         workers = int(task.spec.get("workers", 1)) if task.kind == "train" else 1
         if workers <= 1:
             return await self.pool.execute(job, progress, checkpoint)
