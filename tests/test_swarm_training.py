@@ -88,3 +88,29 @@ async def test_a_group_that_loses_a_ki_resumes_from_its_checkpoint_with_the_surv
           f"{result['workers']} workers after {done['attempts']} attempts")
     assert result["workers"] == 2 and result["resumed_at_epoch"] >= 4
     assert [e["epoch"] for e in result["epochs"]] == list(range(1, 61))
+
+
+async def test_a_twenty_trial_sweep_on_three_ki_cuts_epochs_early_and_finds_a_better_model(swarm):
+    await _three_ki(swarm)
+    sweep = {
+        "kind": "sweep", "trials": 20, "parallelism": 3, "seed": 3,
+        "base": {"epochs": 20, "batch_size": 16, "checkpoint_every": 0},
+        "space": {"lr": {"log_uniform": [1e-5, 3e-2]}, "model.hidden": [[32], [128], [256]]},
+        "early_stopping": {"rule": "median", "grace_epochs": 3, "min_trials": 3},
+    }
+    async with Client(swarm.nodes["principal"].url, timeout=60) as client:
+        task = await client.submit(sweep)
+        default = await client.submit({"kind": "train"})
+        done = await client.wait_all([task["id"], default["id"]], timeout=1800)
+        children = (await client.list(parent=task["id"], limit=100))["tasks"]
+    result, baseline = done[task["id"]]["result"], done[default["id"]]["result"]
+    assert done[task["id"]]["state"] == "succeeded", done[task["id"]]["error"]
+    owners = {row[0] for row in swarm.rows(
+        "SELECT lease_owner FROM tasks WHERE parent_id::text = %s AND lease_owner IS NOT NULL", task["id"])}
+    print(f"\nsweep: {len(children)} trials on {len(owners)} Ki, {result['stopped_early']} stopped early, "
+          f"{result['epochs_run']}/{result['epochs_budget']} epochs run (saved {result['epochs_saved_fraction']:.2f}); "
+          f"best {result['best']['metric']:.4f} {result['best']['params']} vs default spec "
+          f"{baseline['test_accuracy']:.4f}")
+    assert len(children) == 20 and len(owners) == 3
+    assert result["epochs_saved_fraction"] >= 1 / 3
+    assert result["best"]["metric"] > baseline["test_accuracy"]
