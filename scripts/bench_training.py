@@ -37,6 +37,7 @@ from typing import Any
 import trio
 
 from p2pnn import config as config_mod
+from p2pnn import logs
 from p2pnn.api.auth import Authenticator
 from p2pnn.client import AsyncClient as Client
 from p2pnn.compute.pool import Job, KiPool
@@ -179,6 +180,7 @@ def digits_vs_sklearn(seeds: int, threads: int) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    logs.configure("error", "text")  # the pool's own warnings (slow torch imports) are not figures
     smoke = args.cpu_smoke
     threads = args.threads
     print(f"machine: {os.cpu_count()} cores; torch threads per rank/process: {threads}")

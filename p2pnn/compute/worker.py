@@ -54,8 +54,10 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _write(protocol, {"type": "ready", "pid": os.getpid()})
     if os.environ.get(PRELOAD_TORCH_ENV) == "1":
-        # A job that needs torch meanwhile waits on the import lock, never imports twice.
+        # A job that needs torch meanwhile waits for the preload to finish, never imports twice.
         threading.Thread(target=_preload, name="preload-torch", daemon=True).start()
+    else:
+        _preloaded.set()
     runner = _Runner(protocol)
     for raw in sys.stdin.buffer:
         if raw.strip():
@@ -65,6 +67,9 @@ def main() -> None:
 # Seconds the background preload took to import torch; None until it has (or without preload).
 # The first job's own ``import torch`` then returns at once, so it cannot time the import itself.
 _preload_seconds: float | None = None
+# Set once the preload is over (or was never started): a job waits for it, because the preload's
+# last step flips the process-wide determinism flag, which the job sets for itself afterwards.
+_preloaded = threading.Event()
 
 
 def _preload() -> None:
@@ -87,6 +92,8 @@ def _preload() -> None:
         torch.use_deterministic_algorithms(False)
     except Exception:  # the job that needs it reports the failure
         traceback.print_exc(file=sys.stderr)
+    finally:
+        _preloaded.set()
 
 
 def _claim_protocol_stream() -> IO[bytes]:
@@ -187,6 +194,7 @@ class _Runner:
 
     def _prepare_torch(self, threads: Any) -> None:
         started = time.perf_counter()
+        _preloaded.wait()
         import torch
 
         if self._torch_threads is None:
