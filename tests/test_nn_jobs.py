@@ -248,3 +248,13 @@ def test_synthetic_data_is_drawn_on_the_device_with_balanced_classes_and_flipped
     assert x.device.type == "cpu" and torch.bincount(y, minlength=5).min() > 250
     noisy = load_dataset({**spec, "noise": 0.5}, "cpu")[1]
     assert 0.3 < float((noisy != y).float().mean()) < 0.5  # half relabelled at random, 4 in 5 of those change
+
+
+def test_groups_meet_on_a_literal_address_and_its_interface() -> None:
+    from p2pnn.nn.parallel import interface_of
+
+    assert interface_of("127.0.0.1") == "lo" and interface_of("127.0.0.5") == "lo"
+    with pytest.raises(ValueError):
+        Group.from_json({"rank": 0, "world": 1, "address": "localhost", "port": 1})  # never resolved by name
+    with pytest.raises(ValueError, match="group.rank"):
+        Group.from_json({"rank": 2, "world": 2, "address": "127.0.0.1", "port": 1})

@@ -17,7 +17,6 @@ pickle their payload.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import fcntl
 import ipaddress
