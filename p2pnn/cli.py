@@ -187,6 +187,9 @@ async def _revoke(cfg: Config, token: str) -> int:
 
     from p2pnn.node import store_of
 
+    if not cfg.swarm_mode:
+        raise ConfigError("swarm.name: revoke needs the swarm's configuration (a lone node's tokens are revoked by "
+                          "replacing its API key)")
     try:
         claims = jwt.decode(token.strip(), options={"verify_signature": False})
         jti, exp = str(claims["jti"]), float(claims["exp"])

@@ -128,6 +128,14 @@ def read_secret(path: Path, *, key: str = "", make: str = "p2pnn-node init") -> 
     return secret
 
 
+def read_swarm_secret(secret_file: str) -> bytes:
+    """The swarm's join secret, from the file ``swarm.secret_file`` names. Error handling: IdentityError
+    naming that key and how to make the file."""
+    return read_secret(
+        Path(secret_file).expanduser(), key="swarm.secret_file", make=f"p2pnn-node init --swarm-secret {secret_file}",
+    )
+
+
 def make_swarm_secret(path: Path) -> bool:
     """Write a new random join secret to ``path`` (mode 0600), unless a file is there; True if it wrote one.
 

@@ -13,6 +13,7 @@ import contextvars
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -90,3 +91,17 @@ def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> Non
     # hypercorn logs every request at INFO through its own loggers; our API logs what matters.
     for noisy in ("hypercorn.access", "hypercorn.error", "quart.app", "quart.serving"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Python's warnings and a thread's uncaught exception would otherwise be raw lines on stderr,
+    # breaking a JSON log: they become events like any other.
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_exception
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    thread = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("p2pnn.thread").error(
+        "thread.crashed", exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+        extra={"p2pnn_fields": {"thread": thread}},
+    )

@@ -50,6 +50,7 @@ log = logs.get(__name__)
 GRACEFUL_HTTP_SECONDS = 2.0  # requests in flight at shutdown get this long to finish
 READY_FILE = "node.json"  # pid, node id and API address of the running node, for launchers and scripts
 STANDBY_FACTOR = 5  # a standby sweeper runs this many times less often than the principal's
+READY_STORE_SECONDS = 2.0  # /ready waits this long for the store before answering 503
 OPEN_RETRY_FIRST = 0.5  # seconds before the first new try to reach the store at start; doubles
 OPEN_RETRY_MAX = 15.0  # no pause between tries longer than this
 
@@ -76,10 +77,7 @@ def make_on_assignment(roles: RoleHost, attach: Callable[[str | None], None]) ->
 
 def swarm_credential(config: Config) -> SwarmCredential:
     """The swarm's name and join secret. Error handling: IdentityError when the secret file is missing or short."""
-    return SwarmCredential(config.swarm.name, identity.read_secret(
-        Path(config.swarm.secret_file).expanduser(), key="swarm.secret_file",
-        make=f"p2pnn-node init --swarm-secret {config.swarm.secret_file}",
-    ))
+    return SwarmCredential(config.swarm.name, identity.read_swarm_secret(config.swarm.secret_file))
 
 
 def lone_cluster(node_id: str, api_url: str, roles: RoleHost, load: dict[str, int]) -> tuple[dict, list[dict]]:
@@ -283,10 +281,14 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             return lone_cluster(ident.node_id, api_url, roles, load())
 
         async def ready() -> tuple[bool, dict[str, Any]]:
-            try:
-                version = await store.schema_version()
-            except StoreError as exc:
-                return False, {"store": f"unreachable: {exc}"}
+            version = None
+            with trio.move_on_after(READY_STORE_SECONDS):  # a silent store makes /ready say so, not hang
+                try:
+                    version = await store.schema_version()
+                except StoreError as exc:
+                    return False, {"store": f"unreachable: {exc}"}
+            if version is None:
+                return False, {"store": f"unreachable: no answer within {READY_STORE_SECONDS:g} s"}
             metrics.free_slots.set(pool.free_slots)
             metrics.queue_depth.set(bus.depth(runner.queue))
             return True, {"store": "ok", "schema_version": version, "slots": pool.slots, "free_slots": pool.free_slots}

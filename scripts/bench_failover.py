@@ -176,9 +176,35 @@ async def dht_worker(first: int, count: int, total: int, bootstrap: str, secret:
                 await nursery.start(view.run, "127.0.0.1", 0)
                 if first == 0 and i == 0:
                     print(f"port {view.dht_port}", flush=True)
+            measured = False
             while True:
-                print(f"known {min(len(v.live()) for v in views)} {RPC_STATS['sent']} {RPC_STATS['timeout']}", flush=True)
+                least = min(len(v.live()) for v in views)
+                print(f"known {least} {RPC_STATS['sent']} {RPC_STATS['timeout']} {time.process_time():.3f}", flush=True)
+                if least >= total and not measured:
+                    measured = True
+                    nursery.start_soon(measure_gets, views, cred)
                 await trio.sleep(0.2)
+
+
+GETS_PER_PROCESS = 20  # network lookups of random members' records, once every node of the process knows all
+
+
+async def measure_gets(views: list[MemberView], cred: SwarmCredential) -> None:
+    """Time record lookups over the network (find_value crawls, as a node without a copy does); print the times."""
+    import random
+
+    from p2pnn.membership.records import record_key
+
+    times, ok = [], 0
+    for _ in range(GETS_PER_PROCESS):
+        view = random.choice(views)
+        target = random.choice([r for r in view.live() if r.node_id != view.ident.node_id])
+        started = time.perf_counter()
+        with trio.move_on_after(5):
+            value = await view.dht.get(record_key(cred.name, target.node_id), network=True)
+            ok += value is not None
+        times.append(time.perf_counter() - started)
+    print(f"gets {len(times)} {ok} {' '.join(f'{t:.4f}' for t in times)}", flush=True)
 
 
 def bench_dht(total: int, processes: int, rpc_timeout: float, steady: float = 0.0) -> float:
@@ -206,6 +232,9 @@ def bench_dht(total: int, processes: int, rpc_timeout: float, steady: float = 0.
     known = [0] * processes
     sent = [0] * processes
     timeouts = [0] * processes
+    cpu = [0.0] * processes
+    gets: list[float] = []
+    gets_ok = [0, 0]  # found, processes that reported
     try:
         import selectors
 
@@ -217,8 +246,13 @@ def bench_dht(total: int, processes: int, rpc_timeout: float, steady: float = 0.
         def poll() -> None:
             for key, _ in sel.select(timeout=1.0):
                 line = key.fileobj.readline().split()
-                if len(line) == 4 and line[0] == "known":
-                    known[key.data], sent[key.data], timeouts[key.data] = map(int, line[1:])
+                if len(line) == 5 and line[0] == "known":
+                    known[key.data], sent[key.data], timeouts[key.data] = map(int, line[1:4])
+                    cpu[key.data] = float(line[4])
+                elif line and line[0] == "gets":
+                    gets_ok[0] += int(line[2])
+                    gets_ok[1] += 1
+                    gets.extend(float(t) for t in line[3:])
 
         def rates(since: float, sent0: int, timeouts0: int) -> str:
             span = max(time.monotonic() - since, 1e-9)
@@ -239,13 +273,22 @@ def bench_dht(total: int, processes: int, rpc_timeout: float, steady: float = 0.
         print(f"{total} DHT nodes in {processes} processes: {result} {total} after {took:.2f} s "
               f"(from the first start; rpc timeout {rpc_timeout} s, other DHT timings default); {until}", flush=True)
         if steady and min(known) >= total:
-            since, sent0, timeouts0 = time.monotonic(), sum(sent), sum(timeouts)
+            since, sent0, timeouts0, cpu0 = time.monotonic(), sum(sent), sum(timeouts), sum(cpu)
             lowest = total
             while time.monotonic() - since < steady:
                 poll()
                 lowest = min(lowest, min(known))
+            span = time.monotonic() - since
             print(f"  steady state over {steady:.0f} s after convergence: {rates(since, sent0, timeouts0)}; "
+                  f"CPU {100 * (sum(cpu) - cpu0) / span / total:.2f} % of a core per node; "
                   f"least-informed node knew {lowest}", flush=True)
+        waited = time.monotonic()
+        while min(known) >= total and gets_ok[1] < processes and time.monotonic() - waited < 30:
+            poll()  # each process times its lookups once all its nodes know every member
+        if gets:
+            print(f"  record gets over the network (find_value lookups): {len(gets)}, {gets_ok[0]} found "
+                  f"({100 * gets_ok[0] / len(gets):.0f} %), p50 {1000 * statistics.median(gets):.1f} ms, "
+                  f"p99 {1000 * percentile(gets, 0.99):.1f} ms", flush=True)
         return took
     finally:
         for w in workers:

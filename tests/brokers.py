@@ -1,8 +1,8 @@
-"""Services a test may break: a private RabbitMQ node, and a TCP proxy that can stall or drop a link.
+"""A broker a test may break: a private RabbitMQ node.
 
-The machine's RabbitMQ and PostgreSQL are shared by everyone's tests, so a
-test that needs a broker to restart runs its own (PrivateRabbitMQ), and a
-test that needs the database to vanish puts a StallingProxy in between.
+The machine's RabbitMQ is shared by everyone's tests, so a test that needs a
+broker to restart or die runs its own. (A test that needs the database to
+vanish puts tests/tcpproxy.py in between and stops it.)
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ class StallingProxy:
     serves until cancelled and closes every link then.
     """
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, port: int = 0) -> None:
         self.target = (target_host, target_port)
-        self.port = 0
+        self.port = port  # 0: a free one; another: that one (a proxy back on the address of one stopped)
         self._flowing = trio.Event()
         self._flowing.set()
         self._links: set[trio.SocketStream] = set()
@@ -140,7 +140,7 @@ class StallingProxy:
             await stream.aclose()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             task_status.started(self.port)

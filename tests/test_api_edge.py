@@ -157,7 +157,7 @@ async def test_listing_survives_deeply_nested_stored_values(node, raw, depth):
     await trio.to_thread.run_sync(
         _store_raw, data_dir, task_id, '{"kind":"echo","payload":%s,"sleep":0.0}' % deep, '{"payload":%s}' % deep
     )
-    for route in ("/api/v1/tasks", "/tasks", f"/api/v1/tasks/{task_id}"):
+    for route in ("/api/v1/tasks", "/tasks", f"/api/v1/tasks/{task_id}", f"/api/v1/tasks/{task_id}/events"):
         resp = await raw.get(route)
         assert resp.status_code == 200, (route, resp.text[:300])
     listed = [t for t in (await raw.get("/api/v1/tasks")).json()["tasks"] if t["id"] == task_id]
@@ -186,13 +186,13 @@ def _read_response(sock: socket.socket) -> bytes | None:
     return head + b"\r\n\r\n" + body
 
 
-def _refused_then_next_request(port: int, auth: str | None) -> tuple[bytes, bytes | None]:
+def _refused_then_next_request(port: int, auth: str | None, size: int = 2000) -> tuple[bytes, bytes | None]:
     """POST headers, read the refusal, then send the body and a GET /health on the same connection.
 
     Returns the refusal and what came back for the second request: its response,
     or None if the server closed the connection. A hung connection raises TimeoutError.
     """
-    body = json.dumps({"kind": "echo", "payload": "x" * 2000}).encode()
+    body = json.dumps({"kind": "echo", "payload": "x" * size}).encode()
     head = (
         "POST /api/v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + (f"Authorization: Bearer {auth}\r\n" if auth else "")
@@ -212,11 +212,11 @@ def _refused_then_next_request(port: int, auth: str | None) -> tuple[bytes, byte
             return refusal, None
 
 
-@pytest.mark.parametrize("who, status", [(None, 401), ("viewer", 403)])
-async def test_post_refused_before_its_body_arrived_does_not_hang_the_connection(node, who, status):
+@pytest.mark.parametrize("who, size, status", [(None, 2000, 401), ("viewer", 2000, 403), ("operator", 300_000, 413)])
+async def test_post_refused_before_its_body_arrived_does_not_hang_the_connection(node, who, size, status):
     handle, tokens, _ = node
     port = int(handle.api_url.rsplit(":", 1)[1])
-    refusal, second = await trio.to_thread.run_sync(_refused_then_next_request, port, tokens.get(who))
+    refusal, second = await trio.to_thread.run_sync(_refused_then_next_request, port, tokens.get(who), size)
     assert refusal.startswith(f"HTTP/1.1 {status}".encode())
     assert b"connection: close" in refusal.lower()  # said so, then did so
     assert second is None or second.startswith(b"HTTP/1.1 200")
@@ -259,7 +259,7 @@ async def insecure_node(nursery, tmp_path):
     return await nursery.start(run_node, cfg)
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.evil.example:{port}", "10.0.0.1:{port}",
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.evil.example:{port}", "203.0.113.7:{port}",
                                   "localhost.evil.example", "[::1", "127.0.0.1:notaport", ""])
 async def test_insecure_node_refuses_foreign_host_headers(insecure_node, host):
     port = insecure_node.api_url.rsplit(":", 1)[1]

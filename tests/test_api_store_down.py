@@ -12,47 +12,12 @@ import pytest
 import trio
 
 from p2pnn.node import run_node
+from tests.brokers import StallingProxy
 from tests.nodeutil import node_config, token
 
 pytestmark = pytest.mark.postgres
 
-OUTAGE_WAIT = 120.0  # seconds for a request to give up on the database (the pool waits up to 30 s) on a loaded machine
-
-
-class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; ``stop`` closes the port and every connection through it."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self._scope: trio.CancelScope | None = None
-
-    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.CancelScope() as self._scope:
-            listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
-            self.port = listeners[0].socket.getsockname()[1]
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.serve_listeners, self._pipe, listeners)
-                task_status.started(self.port)
-
-    def stop(self) -> None:
-        assert self._scope is not None
-        self._scope.cancel()
-
-    async def _pipe(self, client: trio.SocketStream) -> None:
-        async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as server:
-            async with trio.open_nursery() as nursery:
-
-                async def copy(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                    try:
-                        async for chunk in src:
-                            await dst.send_all(chunk)
-                    except trio.BrokenResourceError:
-                        pass
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(copy, client, server)
-                nursery.start_soon(copy, server, client)
+OUTAGE_WAIT = 120.0  # seconds for a request to give up on the database (the pool's own timeout, then ours) on a loaded machine
 
 
 async def _until_status(http: httpx.AsyncClient, path: str, status: int, timeout: float) -> httpx.Response:
@@ -65,10 +30,17 @@ async def _until_status(http: httpx.AsyncClient, path: str, status: int, timeout
             await trio.sleep(0.2)
 
 
+async def _serve_in(scope: trio.CancelScope, proxy: StallingProxy, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run ``proxy`` until ``scope`` is cancelled, which closes its port and every link through it."""
+    with scope:
+        await proxy.run(task_status=task_status)
+
+
 async def test_unreachable_store_is_503_and_not_ready_then_recovers(nursery, tmp_path, postgres_url, pg_schema):
-    proxy = TcpProxy(int(httpx.URL(postgres_url).port or 5432))
-    port = await nursery.start(proxy.run)
-    url = str(httpx.URL(postgres_url).copy_with(port=port))
+    target = httpx.URL(postgres_url)
+    proxy_scope = trio.CancelScope()
+    port = await nursery.start(_serve_in, proxy_scope, StallingProxy(target.host, target.port or 5432))
+    url = str(target.copy_with(port=port))
     data_dir = tmp_path / "node"
     cfg = node_config(data_dir, store={"backend": "postgres", "url": url, "schema": pg_schema})
     handle = await nursery.start(run_node, cfg)
@@ -77,7 +49,7 @@ async def test_unreachable_store_is_503_and_not_ready_then_recovers(nursery, tmp
         assert (await http.post("/api/v1/tasks", json={"kind": "echo"})).status_code == 201
         assert (await http.get("/ready")).status_code == 200
 
-        proxy.stop()
+        proxy_scope.cancel()
         async with trio.open_nursery() as during:  # both wait out the pool's timeout at once
             answers: dict[str, httpx.Response] = {}
 
@@ -98,6 +70,6 @@ async def test_unreachable_store_is_503_and_not_ready_then_recovers(nursery, tmp
         assert (await http.get("/health")).status_code == 200  # alive, just not ready
 
         # The database comes back on the same address: the node is ready again without a restart.
-        nursery.start_soon(proxy.run)
+        await nursery.start(_serve_in, trio.CancelScope(), StallingProxy(target.host, target.port or 5432, port=port))
         await _until_status(http, "/ready", 200, OUTAGE_WAIT)
         assert (await http.get("/api/v1/tasks")).status_code == 200

@@ -170,3 +170,42 @@ async def test_bus_without_a_broker_refuses_publishes_instead_of_hanging():
         with trio.fail_after(10), pytest.raises(BusError):
             await bus.publish(["x"])
         nursery.cancel_scope.cancel()
+
+
+async def test_a_shared_queue_declared_with_older_arguments_is_used_not_refused_forever(amqp_url):
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    conn.channel().queue_declare("t.tasks", durable=True)  # as a p2pnn before at-least-once dead-lettering would
+    conn.close()
+    async with trio.open_nursery() as nursery:
+        bus = await _started(nursery, _bus(amqp_url))
+        await bus.publish(["a-task"])
+        async with bus.consume("tasks", prefetch=1) as inbox:
+            with trio.fail_after(10):
+                delivery = await inbox.receive()
+            await inbox.ack(delivery)
+        assert delivery.task_id == "a-task"
+        nursery.cancel_scope.cancel()
+
+
+async def test_malformed_bodies_are_dropped_and_counted_without_a_reconnect(amqp_url):
+    import pika
+
+    dropped: list[str] = []
+    async with trio.open_nursery() as nursery:
+        bus = await _started(nursery, AmqpBus(AmqpSettings(url=amqp_url, prefix="t"), on_malformed=dropped.append))
+        generation = bus.link.generation
+        async with bus.consume("tasks", prefetch=10) as inbox:
+            conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+            ch = conn.channel()
+            for body in (b"not json", b"[1, 2]", b'{"id": 7}', b'{"id": "x", "headers": [1, 2]}', b"[" * 5000):
+                ch.basic_publish("", "t.tasks", body)
+            ch.basic_publish("", "t.tasks", b'{"id": "good", "headers": {}}')
+            conn.close()
+            with trio.fail_after(10):
+                delivery = await inbox.receive()
+            await inbox.ack(delivery)
+        assert delivery.task_id == "good" and dropped == ["tasks"] * 5
+        assert bus.link.generation == generation, "a bad body must not cost the connection"
+        nursery.cancel_scope.cancel()

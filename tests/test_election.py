@@ -320,3 +320,25 @@ async def test_a_resigning_principal_hands_its_term_back(store, ids, nursery):
     clock.now += 0.01
     assert await store.acquire_lease("s", mid, now=clock(), lease_seconds=CONFIG.lease_seconds) == fence.term + 1
     assert [t.end_reason for t in await store.terms("s")] == ["released", None]
+
+
+async def test_a_renewal_that_hangs_stops_the_principal_within_one_heartbeat(store, ids, nursery):
+    low, mid, high = ids
+    clock = Clock()
+    h = Harness(store, mid, [low, high], clock, nursery)
+    fence = await h.win()
+    store.hang = True
+    beat_done = trio.Event()
+
+    async def beat() -> None:
+        await h.election._beat()
+        beat_done.set()
+
+    nursery.start_soon(beat)
+    await trio.sleep(0.01)  # the renewal is in flight
+    assert h.election.leading
+    clock.now += CONFIG.heartbeat_seconds
+    assert not h.election.leading and not h.election.can_lead() and h.election.current_fence() is None
+    assert await h.election.on_message({"type": "election", "term": fence.term, "id": low}, h.peer(low)) is None
+    await beat_done.wait()  # the deadline ends it: suspended until a renewal succeeds
+    assert h.election.fence is fence and not h.election.leading

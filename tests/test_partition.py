@@ -72,7 +72,9 @@ class Lab:
 
     def __init__(self, root: Path, schema: str) -> None:
         self.tag = secrets.token_hex(2)
-        net = f"10.{random.randint(100, 250)}.{random.randint(0, 250)}"  # another test run may hold another subnet
+        # 198.18.0.0/15 is reserved for network tests (RFC 2544): no real host can be behind it. Another
+        # test run may hold another /24 of it.
+        net = f"198.{random.randint(18, 19)}.{random.randint(0, 250)}"
         self.gateway = f"{net}.1"
         self.store_ip = f"{net}.2"
         self.ips = [f"{net}.{10 + i}" for i in range(8)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,19 +18,22 @@ from p2pnn.store._schema import LATEST_VERSION
 from p2pnn.store.postgres import run_transaction
 from p2pnn.tasks import State
 
-T0 = 1_700_000_000.0  # a fixed "now": the store takes time from its caller
+T0 = 1_700_000_000.0  # a fixed "now": the store takes time from its caller, except for task leases
 LEASE = 30.0
+SHORT_LEASE = 0.2  # task leases run on the database's clock: one that lapses while the test waits
 
 
 def new(owner: str = "alice", kind: str = "echo", max_attempts: int = 3, payload: object = None) -> NewTask:
     return NewTask(kind=kind, spec={"kind": kind, "payload": payload}, owner=owner, max_attempts=max_attempts)
 
 
-async def running(store: TaskStore, *, max_attempts: int = 3, worker: str = "ki-1", now: float = T0):
+async def running(
+    store: TaskStore, *, max_attempts: int = 3, worker: str = "ki-1", now: float = T0, lease: float = LEASE
+):
     """A task claimed by ``worker``: (task id, attempt)."""
     (task,), _ = await store.create([new(max_attempts=max_attempts)], now=now)
     assert await store.mark_queued([task.id], now=now) == 1
-    claimed = await store.claim(task.id, worker=worker, now=now, lease_seconds=LEASE)
+    claimed = await store.claim(task.id, worker=worker, now=now, lease_seconds=lease)
     assert claimed is not None
     return task.id, claimed.attempts
 
@@ -168,11 +172,11 @@ async def test_a_task_goes_pending_queued_running_succeeded(store: TaskStore) ->
     assert (await store.get(task.id)).state is State.QUEUED
     claimed = await store.claim(task.id, worker="ki-1", now=T0 + 2, lease_seconds=LEASE)
     assert claimed.state is State.RUNNING
-    assert (claimed.attempts, claimed.lease_owner, claimed.lease_expires_at, claimed.started_at) == (
-        1, "ki-1", T0 + 2 + LEASE, T0 + 2,
-    )
-    assert await store.renew(task.id, worker="ki-1", attempt=1, now=T0 + 3, lease_seconds=LEASE)
-    assert (await store.get(task.id)).lease_expires_at == T0 + 3 + LEASE
+    assert (claimed.attempts, claimed.lease_owner, claimed.started_at) == (1, "ki-1", T0 + 2)
+    # The lease runs on the database's clock, not the caller's: members' clock skew does not matter.
+    assert abs(claimed.lease_expires_at - (time.time() + LEASE)) < 5
+    assert await store.renew(task.id, worker="ki-1", attempt=1, now=T0 + 3, lease_seconds=2 * LEASE)
+    assert abs((await store.get(task.id)).lease_expires_at - (time.time() + 2 * LEASE)) < 5
     assert await store.finish(task.id, attempt=1, state=State.SUCCEEDED, now=T0 + 4, result={"accuracy": 0.97})
     done = await store.get(task.id)
     assert (done.state, done.result, done.finished_at, done.error) == (
@@ -278,11 +282,14 @@ async def test_a_failed_or_released_attempt_of_a_cancelled_task_is_not_requeued(
 
 
 async def test_expired_leases_requeue_fail_or_cancel(store: TaskStore) -> None:
-    requeued, _ = await running(store, max_attempts=3)
-    exhausted, _ = await running(store, max_attempts=1)
-    cancelling, _ = await running(store, max_attempts=3)
+    requeued, _ = await running(store, max_attempts=3, lease=SHORT_LEASE)
+    exhausted, _ = await running(store, max_attempts=1, lease=SHORT_LEASE)
+    cancelling, _ = await running(store, max_attempts=3, lease=SHORT_LEASE)
     await store.request_cancel(cancelling, now=T0 + 1)
-    alive, attempt = await running(store, now=T0 + LEASE)  # its lease runs until T0 + 2 * LEASE
+    alive, attempt = await running(store, now=T0 + LEASE)  # a lease of LEASE seconds from the database's now
+    # The caller's clock says nothing about leases: far in its future, nothing has lapsed yet
+    # unless the database's clock says so.
+    await trio.sleep(2 * SHORT_LEASE)
 
     outcome = dict(await store.expire_leases(now=T0 + LEASE + 1))
     assert outcome == {requeued: State.QUEUED, exhausted: State.FAILED, cancelling: State.CANCELLED}

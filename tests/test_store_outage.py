@@ -1,19 +1,23 @@
 """Transient faults never kill a node: the store goes silent for 10 s under a running task.
 
-The node reaches PostgreSQL through a TCP proxy this test owns and stalls;
-the machine's PostgreSQL itself stays up.
+The node reaches PostgreSQL through a TCP proxy this test owns (tests/tcpproxy.py)
+and stops (SIGSTOP: connections stay open, nothing moves); the machine's
+PostgreSQL itself stays up.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
 from p2pnn.client import AsyncClient
-from tests.brokers import StallingProxy
 from tests.nodeutil import start_node_process
 
 pytestmark = pytest.mark.postgres
@@ -28,9 +32,12 @@ def _metric(text: str, name: str) -> float:
 async def test_a_ten_second_store_outage_during_a_task_leaves_the_node_up_and_the_task_finishes(
     tmp_path, postgres_url, pg_schema
 ):
-    proxy = StallingProxy("127.0.0.1", 5432)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(proxy.run)
+    proxy = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("tcpproxy.py")), "127.0.0.1", "0", "127.0.0.1", "5432"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        port = int(proxy.stdout.readline().split()[1])
         url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{port}")
         env = {
             "P2PNN_STORE__BACKEND": "postgres", "P2PNN_STORE__URL": url, "P2PNN_STORE__SCHEMA": pg_schema,
@@ -45,14 +52,14 @@ async def test_a_ten_second_store_outage_during_a_task_leaves_the_node_up_and_th
                     while (await client.get(task["id"]))["state"] != "running":
                         await trio.sleep(0.1)
 
-                proxy.stall()
+                proxy.send_signal(signal.SIGSTOP)
                 stalled_at = time.monotonic()
                 ready_codes = set()
                 while time.monotonic() - stalled_at < OUTAGE_SECONDS:
                     ready_codes.add((await http.get("/ready")).status_code)
                     assert node.proc.poll() is None, "the node exited during the outage"
                     await trio.sleep(0.5)
-                proxy.resume()
+                proxy.send_signal(signal.SIGCONT)
 
                 done = await client.wait(task["id"], timeout=60)
                 assert done["state"] == "succeeded" and done["result"]["payload"] == "through", done
@@ -67,6 +74,8 @@ async def test_a_ten_second_store_outage_during_a_task_leaves_the_node_up_and_th
             print(f"\nstore outage {OUTAGE_SECONDS:g} s: /ready answered {sorted(ready_codes)}, "
                   f"transient faults counted {faults:g}, task {done['state']} after 1 attempt")
         finally:
-            proxy.resume()
+            proxy.send_signal(signal.SIGCONT)
             await trio.to_thread.run_sync(node.stop)
-            nursery.cancel_scope.cancel()
+    finally:
+        proxy.kill()
+        proxy.wait()

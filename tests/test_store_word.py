@@ -20,7 +20,8 @@ LEASE = 30.0
 async def test_a_late_duplicate_attempt_cannot_replace_the_winners_artifacts(store):
     (task,), _ = await store.create([NewTask("train", {"kind": "train"}, "o", 3)], now=T0)
     await store.mark_queued([task.id], now=T0)
-    first = await store.claim(task.id, worker="ki-1", now=T0, lease_seconds=LEASE)
+    first = await store.claim(task.id, worker="ki-1", now=T0, lease_seconds=0.1)  # database clock
+    await trio.sleep(0.3)
     assert [s for _, s in await store.expire_leases(now=T0 + LEASE + 1)] == [State.QUEUED]  # ki-1 seemed dead
     second = await store.claim(task.id, worker="ki-2", now=T0 + LEASE + 2, lease_seconds=LEASE)
     assert await store.finish(task.id, attempt=second.attempts, state=State.SUCCEEDED, now=T0 + 40,

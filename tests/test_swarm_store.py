@@ -47,7 +47,8 @@ async def test_role_map_is_written_only_under_a_holding_fence(store: TaskStore):
 async def test_stale_principal_cannot_requeue_tasks(store: TaskStore):
     [task], _ = await store.create([NewTask("echo", {"kind": "echo"}, "u", 3)], now=T0)
     await store.mark_queued([task.id], now=T0)
-    await store.claim(task.id, worker="w", now=T0, lease_seconds=1)
+    await store.claim(task.id, worker="w", now=T0, lease_seconds=0.1)  # on the database's clock
+    await trio.sleep(0.3)
     await store.acquire_lease("s", "a", now=T0, lease_seconds=LEASE)
     await store.acquire_lease("s", "b", now=T0 + 4, lease_seconds=LEASE)
     assert await store.expire_leases(now=T0 + 5, fence=Fence("s", 1, "a")) == []
@@ -79,3 +80,12 @@ async def test_a_revoked_token_stays_on_the_deny_list_until_it_would_have_expire
     await store.revoke_token("j2", expires_at=T0 + 10, now=T0 + 2)
     assert await store.revoked_tokens(now=T0 + 5) == {"j1", "j2"}
     assert await store.revoked_tokens(now=T0 + 30) == {"j1"}
+
+
+async def test_members_record_where_their_dht_listens(store: TaskStore):
+    await store.record_member("s", "a", ("127.0.3.1", 8468), now=T0)
+    await store.record_member("s", "b", ("127.0.3.2", 8468), now=T0 + 1)
+    await store.record_member("s", "a", ("127.0.3.9", 9000), now=T0 + 100)  # moved, and seen again
+    await store.record_member("other", "c", ("127.0.3.3", 8468), now=T0 + 100)
+    assert await store.members("s", since=T0) == {"a": ("127.0.3.9", 9000), "b": ("127.0.3.2", 8468)}
+    assert await store.members("s", since=T0 + 50) == {"a": ("127.0.3.9", 9000)}

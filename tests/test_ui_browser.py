@@ -1,7 +1,7 @@
 """The dashboard in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium).
 
 What a person sees: after pasting a token, the swarm's two nodes; a task submitted through the
-API (to the other node) appears in the list without a reload; its page draws a loss curve that
+API (to the node that is not principal) appears in the list without a reload; its page draws a loss curve that
 grows epoch by epoch until it succeeds; a node killed with SIGKILL disappears from the list.
 ``./scripts/test`` installs the browser (apt) when it is missing.
 """
@@ -95,24 +95,28 @@ def test_dashboard_shows_the_swarm_a_growing_curve_and_a_dead_node_gone(swarm: S
 
     shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
-    n0 = swarm.start("n0")
-    n1 = swarm.start("n1", env={"P2PNN_COMPUTE__SLOTS": "1"})  # n0 leads and runs nothing; n1 works
+    for name in ("n0", "n1"):
+        swarm.start(name, env={"P2PNN_COMPUTE__SLOTS": "1"})
     swarm.wait_for(agreed(2), CONVERGE)
+    # The principal runs no tasks in a swarm: the page is read from it, the other node does the work.
+    principal = next(iter(swarm.views().values()))["principal"]
+    lead_name, lead = next((n, p) for n, p in swarm.nodes.items() if p.node_id == principal)
+    work_name, work = next((n, p) for n, p in swarm.nodes.items() if p.node_id != principal)
 
-    viewer = token(swarm.root / "n0", "viewer", sub="dashboard")
-    browser.get(f"{n0.url}/ui")
+    viewer = token(swarm.root / lead_name, "viewer", sub="dashboard")
+    browser.get(f"{lead.url}/ui")
     browser.find_element(By.ID, "login-token").send_keys(viewer)
     browser.find_element(By.ID, "login-button").click()
-    _wait(browser, lambda d: set(_rows(d, "nodes", "data-node-id")) == {n0.node_id, n1.node_id}, SEEN, "both nodes listed")
+    _wait(browser, lambda d: set(_rows(d, "nodes", "data-node-id")) == {lead.node_id, work.node_id}, SEEN, "both nodes listed")
     assert viewer not in browser.current_url
     assert browser.execute_script("return sessionStorage.getItem('p2pnn.token')") == viewer
-    cluster = browser.find_element(By.ID, "cluster").text
-    assert f"principal {n0.node_id[:8]}" in cluster and "swarm testswarm" in cluster
+    _wait(browser, lambda d: f"principal {principal[:8]}" in d.find_element(By.ID, "cluster").text, SEEN, "the principal named")
+    assert "swarm testswarm" in browser.find_element(By.ID, "cluster").text
 
     # A task submitted through the API, to the other node, appears without a reload.
-    operator = token(swarm.root / "n1", "operator", sub="api-user")
+    operator = token(swarm.root / work_name, "operator", sub="api-user")
     spec = {"kind": "train", "model": {"name": "mlp"}, "dataset": {"name": "digits"}, "epochs": EPOCHS, "seed": 0}
-    task = httpx.post(f"{n1.url}/api/v1/tasks", json=spec, headers={"Authorization": f"Bearer {operator}"}, timeout=30).json()
+    task = httpx.post(f"{work.url}/api/v1/tasks", json=spec, headers={"Authorization": f"Bearer {operator}"}, timeout=30).json()
     _wait(browser, lambda d: task["id"] in _rows(d, "tasks", "data-task-id"), SEEN, "the submitted task listed")
 
     # Its page: the curve grows while it runs, and ends with every epoch drawn.
@@ -141,7 +145,7 @@ def test_dashboard_shows_the_swarm_a_growing_curve_and_a_dead_node_gone(swarm: S
           SEEN, "the overview again, the task succeeded")
     browser.save_screenshot(str(shots / "dashboard-swarm.png"))
     killed_at = time.monotonic()
-    swarm.kill("n1")
-    _wait(browser, lambda d: _rows(d, "nodes", "data-node-id") == [n0.node_id], GONE, "the killed node gone")
+    swarm.kill(work_name)
+    _wait(browser, lambda d: _rows(d, "nodes", "data-node-id") == [lead.node_id], GONE, "the killed node gone")
     print(f"killed node gone from the page after {time.monotonic() - killed_at:.1f} s; curve steps {drawn}")
     assert browser.find_element(By.ID, "member-count").text == "1"

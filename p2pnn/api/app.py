@@ -47,8 +47,13 @@ def create_app(ctx: ApiContext) -> QuartTrio:
     @app.before_request
     async def start_timer() -> None:
         g.started = time.perf_counter()
-        if ctx.authenticator is None and not is_loopback_host(request.headers.get("Host")):
-            raise ApiError(403, "host not allowed", "an --insecure node answers only to localhost, 127.0.0.1 or [::1]")
+
+    if ctx.authenticator is None:
+
+        @app.before_request
+        async def check_host() -> None:
+            if not is_loopback_host(request.headers.get("Host")):
+                raise ApiError(403, "host not allowed", "an --insecure node answers only to localhost, 127.0.0.1 or [::1]")
 
     @app.after_request
     async def count(response: Response) -> Response:

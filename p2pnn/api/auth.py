@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from p2pnn import identity, logs
 from p2pnn.callers import ROLES, Caller
 from p2pnn.config import Config
+from p2pnn.store import StoreError
 
 class AuthError(Exception):
     """The request is not authenticated (401) or not allowed (403)."""
@@ -97,7 +98,7 @@ class Authenticator:
             signing_key = identity.load_private_key(private) if private.exists() else None
         swarm_key = None
         if config.swarm_mode:
-            secret = identity.read_secret(Path(config.swarm.secret_file).expanduser())
+            secret = identity.read_swarm_secret(config.swarm.secret_file)
             material = swarm_token_key(secret, config.swarm.name, auth.key_generation)
             kid = f"{config.swarm.name}/{auth.key_generation}"
             if auth.algorithm == "HS256":
@@ -119,8 +120,6 @@ class Authenticator:
 
         Error handling: a failed read is logged and the list in force is kept until the next one succeeds.
         """
-        from p2pnn.store import StoreError
-
         while True:
             try:
                 self.revoke(await fetch(time.time()))

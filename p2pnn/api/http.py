@@ -140,12 +140,17 @@ class ApiError(Exception):
         self.status, self.error, self.detail = status, error, detail
 
 
-def json_response(body: Any, status: int = 200) -> Response:
+def json_text(body: Any) -> str:
+    """``body`` as JSON text, whatever a stored value holds: what nests deeper than the
+    encoder's stack allows is shown as TOO_DEEP (see clamp_depth) rather than failing."""
     try:
-        text = json.dumps(body)
-    except RecursionError:  # something stored nests deeper than the encoder's stack allows
-        text = json.dumps(clamp_depth(body))
-    return Response(text, status=status, content_type="application/json")
+        return json.dumps(body)
+    except RecursionError:
+        return json.dumps(clamp_depth(body))
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(json_text(body), status=status, content_type="application/json")
 
 
 def error_response(status: int, error: str, detail: str = "") -> Response:

@@ -214,7 +214,7 @@ class _Link:
         ch.exchange_declare(f"{p}.dead", "fanout", durable=True)
         ch.queue_declare(f"{p}.dead", durable=True, arguments=self._queue_args())
         ch.queue_bind(f"{p}.dead", f"{p}.dead")
-        ch.queue_declare(self.name(TASKS), durable=True, arguments=self._tasks_args())
+        self._declare_queue(self.name(TASKS), self._tasks_args())
         for topic in ("beats", "cancel"):
             ch.exchange_declare(f"{p}.{topic}", "fanout", durable=True)
         ch.close()
@@ -291,8 +291,26 @@ class _Link:
             **self._dead_letter_args(),
         }
 
-    def declare_ki_queue(self, ch: Any, full_name: str) -> None:
-        ch.queue_declare(full_name, durable=True, arguments=self._ki_args())
+    def declare_ki_queue(self, full_name: str) -> None:
+        self._declare_queue(full_name, self._ki_args())
+
+    def _declare_queue(self, full_name: str, arguments: dict[str, Any]) -> None:
+        """Declare a durable queue on a channel of its own.
+
+        A queue declared earlier with other arguments (by an older p2pnn, before
+        at-least-once dead-lettering) is used as it is, with a warning, rather than
+        refused with 406 on every reconnect: an operator moves it over by deleting
+        the queue or by a policy. Error handling: any other refusal raises."""
+        ch = self.conn.channel()
+        try:
+            ch.queue_declare(full_name, durable=True, arguments=arguments)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:  # PRECONDITION_FAILED: the arguments differ
+                raise
+            log.warning("bus.queue_arguments_differ", queue=full_name, error=str(exc))
+            ch = self.conn.channel()
+            ch.queue_declare(full_name, passive=True)
+        ch.close()
 
     # publishing
 
@@ -352,6 +370,8 @@ class _Link:
         consumer.channel = None
 
     def _open_consumer(self, consumer: _Consumer) -> None:
+        if consumer.ki_queue:
+            self.declare_ki_queue(consumer.queue)
         ch = self.conn.channel()
         consumer.channel, consumer.generation = ch, self.generation
         if consumer.topic:
@@ -361,8 +381,6 @@ class _Link:
             ch.queue_bind(queue, consumer.topic)
             ch.basic_consume(queue, lambda c, m, p, b: self._on_broadcast(consumer, b), auto_ack=True)
             return
-        if consumer.ki_queue:
-            self.declare_ki_queue(ch, consumer.queue)
         ch.basic_qos(prefetch_count=consumer.prefetch)
         gen = self.generation
         ch.basic_consume(consumer.queue, lambda c, m, p, b: self._on_message(consumer, gen, m, p, b))
@@ -430,10 +448,8 @@ class _Link:
         if full_name in self._declared:  # declared on this connection already
             done(None)
             return
-        ch = self.conn.channel()
         try:
-            self.declare_ki_queue(ch, full_name)
-            ch.close()
+            self.declare_ki_queue(full_name)
             self._declared.add(full_name)
             done(None)
         except pika.exceptions.ChannelClosedByBroker as exc:

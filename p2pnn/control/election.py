@@ -107,6 +107,7 @@ class Election:
         self.acting = False  # a principal whose last renewal failed holds its fence but does not act
         self.store_ok = True  # the election's last store call succeeded: this node could lead
         self.last_heard = clock()  # a node that just started listens for a principal before it runs an election
+        self._renewing_since: float | None = None  # when the renewal in flight started
         self._probe_at = 0.0  # a node that lost the store asks it again from then on
         self._retry_at: float | None = None  # a refused candidate asks again when the lease it met lapses
         self._challenge = False
@@ -118,8 +119,12 @@ class Election:
 
     @property
     def leading(self) -> bool:
-        """This node is principal, acting, and its lease has not lapsed by its own clock."""
-        return self.fence is not None and self.acting and self._clock() < self.lease_expires
+        """This node is principal, acting, its lease has not lapsed by its own clock, and no renewal has
+        been waiting for the store longer than a heartbeat (a hung connection stops it within one beat,
+        before the renewal's deadline says so)."""
+        now = self._clock()
+        return (self.fence is not None and self.acting and now < self.lease_expires
+                and (self._renewing_since is None or now - self._renewing_since < self.config.heartbeat_seconds))
 
     def current_fence(self) -> Fence | None:
         return self.fence if self.leading else None
@@ -239,7 +244,7 @@ class Election:
     async def _beat(self) -> None:
         fence = self.fence
         assert fence is not None
-        started = self._clock()
+        started = self._renewing_since = self._clock()
         renewed: bool | None
         try:
             renewed = await self._store(lambda: self.store.renew_lease(
@@ -248,6 +253,8 @@ class Election:
         except StoreError as exc:
             renewed = None
             error = str(exc)
+        finally:
+            self._renewing_since = None
         if self.fence is not fence:
             return  # stepped down while the renewal ran (a newer term arrived)
         if renewed:
@@ -291,8 +298,9 @@ class Election:
 
     def _suspend(self, why: str) -> None:
         """Stop acting (no writes, no heartbeats, no ALIVE) but keep the fence: a renewal may still succeed."""
-        if self.acting:
-            log.warning("principal.suspended", term=self.fence.term if self.fence else None, reason=why)
+        if not self.acting:
+            return
+        log.warning("principal.suspended", term=self.fence.term if self.fence else None, reason=why)
         self.acting = False
         self._stepped_down()
 

@@ -33,6 +33,8 @@ log = logs.get(__name__)
 OnAssignment = Callable[[frozenset[str], "str | None"], Awaitable[None]]
 PEER_CACHE_FILE = "dht-peers.json"  # in the data directory: DHT addresses of members seen, to bootstrap from next time
 RESIGN_TIMEOUT = 2.0  # seconds a stopping principal spends releasing its lease; else it lapses by itself
+MEMBER_RECORD_SECONDS = 60.0  # a node refreshes its address in the store this often
+MEMBER_FORGET_SECONDS = 600.0  # addresses not refreshed for this long are not tried any more
 ROLE_MAP_REWRITE_SECONDS = 10.0  # the principal re-writes an unchanged role map this often (a cheap audit trail of liveness)
 
 
@@ -93,7 +95,7 @@ class SwarmNode:
         self._apply = trio.Event()
         self.view = MemberView(
             ident=ident, cred=cred, config=config.dht, bootstrap=self.bootstrap, make_record=self._record,
-            peer_cache=config.data_dir / PEER_CACHE_FILE, clock=clock,
+            peer_cache=config.data_dir / PEER_CACHE_FILE, recorded=self._recorded_members, clock=clock,
         )
         self.links = PeerLinks(
             ident=ident, cred=cred, member=self.view.record, handler=self._on_message, term=lambda: self.election.term,
@@ -115,6 +117,7 @@ class SwarmNode:
                 await nursery.start(self.view.run, self.config.dht.host, self.config.dht.port)
                 nursery.start_soon(self._apply_loop)
                 nursery.start_soon(self.election.run)
+                nursery.start_soon(self._record_member_loop)
                 log.info("swarm.joined", swarm=self.cred.name, dht=f"{self.host}:{self.view.dht_port}",
                          peer=f"ws://{self.host}:{self.peer_port}", members=len(self.view.live()))
                 task_status.started()
@@ -130,6 +133,23 @@ class SwarmNode:
             roles=tuple(sorted(self.roles)), an_id=self.an_id, load=self._load(), term=self.election.term,
             timestamp=now, expires_at=expires_at,
         )
+
+    async def _record_member_loop(self) -> None:
+        """Keep this node's DHT address in the store, where a node that lost the swarm looks for members."""
+        while True:
+            try:
+                await self.store.record_member(self.cred.name, self.ident.node_id, (self.host, self.view.dht_port),
+                                               now=self._clock())
+            except StoreError as exc:
+                log.warning("swarm.member_unrecorded", error=str(exc))
+            await trio.sleep(MEMBER_RECORD_SECONDS)
+
+    async def _recorded_members(self) -> dict[str, tuple[str, int]]:
+        try:
+            with trio.fail_after(self.config.swarm.store_timeout_seconds):
+                return await self.store.members(self.cred.name, since=self._clock() - MEMBER_FORGET_SECONDS)
+        except (StoreError, trio.TooSlowError):
+            return {}
 
     def _peers(self) -> list[NodeRecord]:
         return [r for r in self.view.live() if r.node_id != self.ident.node_id]

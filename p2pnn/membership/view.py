@@ -24,11 +24,12 @@ died still finds the swarm.
 Healing: a partition expires records on both sides, and Kademlia drops the
 unreachable from its routing tables, so neither side would look for the other
 again. Every ``HEAL_SECONDS`` a node that misses members (records that
-expired, for ``FORMER_SECONDS``; ids heard of but not read) or has an empty
+expired, for ``FORMER_SECONDS``) or has an empty
 routing table pings the last addresses of those members, the configured
-bootstrap peers and the saved peers (``dht-peers.json``, read again each
-time); whoever answers is back in the routing table, and the next refresh
-reads its record.
+bootstrap peers, the saved peers (``dht-peers.json``, read again each
+time) and the members recorded in the store that it has no record of (read
+then, and every ``RECORDED_EVERY`` otherwise); whoever answers is back in
+the routing table, and the next refresh reads its record.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,13 @@ WALK_BACKOFF_MAX = 4  # while the members stay the same, lookups back off up to 
 HEAL_SECONDS = 2.0  # how often a node looks for members it lost (a healed partition is merged within a few of these)
 FORMER_SECONDS = 600.0  # how long the address of a member whose record expired is still tried
 HEAL_BATCH = 32  # addresses pinged in one re-join round at most
+RECORDED_EVERY = 15.0  # seconds between two reads of the members recorded elsewhere while nothing is missing
+# A record's life grows with the swarm: every member verifies every new version of every record (an Ed25519
+# check, ~0.1-1 ms), so N members re-signing every few seconds cost N^2 checks; this many seconds per member
+# keeps that linear. 15 s (the default TTL) up to 15 members; 200 members: 200 s.
+LIFE_PER_MEMBER = 1.0
+LIFE_MAX = 600.0  # seconds; no record lives longer, however large the swarm
+RESIGN_FRACTION = 3  # a record unchanged is re-signed after this fraction of its life (and read again then)
 
 
 class MemberView:
@@ -78,13 +87,17 @@ class MemberView:
         bootstrap: list[tuple[str, int]],
         make_record: Callable[[float, float], NodeRecord],
         peer_cache: Path | None = None,
+        recorded: Callable[[], Awaitable[dict[str, tuple[str, int]]]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``recorded``: the DHT addresses of the members recorded outside the DHT (the store), for healing."""
         self.ident = ident
         self.cred = cred
         self.config = config
         self._peer_cache = peer_cache
         self._configured = list(bootstrap)
+        self._recorded = recorded
+        self._recorded_at = -math.inf
         self._bootstrap = list(dict.fromkeys([*bootstrap, *self._cached_peers()]))
         # Members whose records expired (a partition, a crash): id -> (DHT address, until when it is tried).
         self._former: dict[str, tuple[tuple[str, int], float]] = {}
@@ -92,8 +105,9 @@ class MemberView:
         self._clock = clock
         self.dht = DhtNode(
             node_id=ident.node_id, validator=self._validate, rpc_timeout=config.rpc_timeout_seconds,
-            ttl=config.record_ttl_seconds,
+            ttl=max(config.record_ttl_seconds, LIFE_MAX),  # copies end with their records' own expiry
         )
+        self._own: tuple[NodeRecord, str] | None = None  # our record as last signed, and its text
         self.members: dict[str, NodeRecord] = {}
         self.dropped = 0
         self._also: set[str] = set()
@@ -199,16 +213,30 @@ class MemberView:
             found = await self.dht.bootstrap(self._bootstrap)
             log.info("dht.joined", via=",".join(f"{h}:{p}" for h, p in self._bootstrap), found=found)
 
+    def record_life(self) -> float:
+        """How long our record lives: the configured TTL, longer in a large swarm (see LIFE_PER_MEMBER)."""
+        return min(max(self.config.record_ttl_seconds, LIFE_PER_MEMBER * len(self.members)), LIFE_MAX)
+
     async def _publish(self, crawl: bool = True) -> None:
+        """Store our record on the nodes closest to its key. It is signed again only when what it says
+        changed or a third of its life has passed: an unchanged text is verified by nobody twice."""
         now = self._clock()
-        record = self._make_record(now, now + self.config.record_ttl_seconds)
+        candidate = self._make_record(now, now + self.record_life())
+        if self._own is not None:
+            last, text = self._own
+            same = replace(candidate, timestamp=last.timestamp, expires_at=last.expires_at) == last
+            if same and now - last.timestamp < (last.expires_at - last.timestamp) / RESIGN_FRACTION:
+                if not crawl:
+                    return  # the copies are in place; the next crawl round places them again
+                candidate = last
+        if self._own is None or candidate is not self._own[0]:
+            self._own = (candidate, sign_record(candidate, self.ident, self.cred))
+        record, text = self._own
         self.members[record.node_id] = record
         # Bounded by half the re-publish interval rather than an RPC timeout: a store to k nodes under
         # load takes a while, and cutting it short is how records expire across a busy swarm.
         with trio.move_on_after(self.config.republish_seconds / 2):
-            await self.dht.put(
-                record_key(self.cred.name, record.node_id), sign_record(record, self.ident, self.cred), crawl=crawl
-            )
+            await self.dht.put(record_key(self.cred.name, record.node_id), text, crawl=crawl)
 
     async def _publish_loop(self) -> None:
         next_at = trio.current_time() + self.config.republish_seconds
@@ -247,15 +275,10 @@ class MemberView:
             await self.heal()
 
     def missing(self) -> dict[str, tuple[str, int]]:
-        """Members this node lost (their records expired) or heard of without reading: id -> last DHT address."""
+        """Members this node lost (their records expired, not read since): id -> last DHT address."""
         now = self._clock()
         self._former = {i: (a, until) for i, (a, until) in self._former.items() if until > now and i not in self.members}
-        out = {i: a for i, (a, _) in self._former.items()}
-        for node_id in self._also - set(self.members):
-            former = self._former.get(node_id)
-            if former is not None:
-                out[node_id] = former[0]
-        return out
+        return {i: a for i, (a, _) in self._former.items()}
 
     async def heal(self) -> None:
         """Re-join when members are missing or the routing table is empty: ping the configured bootstrap peers,
@@ -266,6 +289,14 @@ class MemberView:
         """
         missing = self.missing()
         contacts = self.dht.contacts()
+        now = self._clock()
+        if self._recorded is not None and (missing or not contacts or now - self._recorded_at >= RECORDED_EVERY):
+            # Members recorded in the store that this node has no record of: the other side of a partition
+            # it never knew, or everyone, for a node whose bootstrap and saved peers are gone.
+            self._recorded_at = now
+            for node_id, address in (await self._recorded()).items():
+                if node_id != self.ident.node_id and node_id not in self.members and node_id not in contacts:
+                    missing[node_id] = address
         if not missing and contacts:
             return
         own = self.members.get(self.ident.node_id)
@@ -277,7 +308,8 @@ class MemberView:
         found = 0
         with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
             found = await self.dht.bootstrap(addresses)
-        log.info("dht.rejoin", missing=len(missing), pinged=len(addresses), found=found)
+        # Dead members stay "missing" for a while: only a round that reached someone is worth an info line.
+        (log.info if found else log.debug)("dht.rejoin", missing=len(missing), pinged=len(addresses), found=found)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -299,9 +331,15 @@ class MemberView:
             held[rec.node_id] = tuple(rec.dht)
         contacts = {**held, **{i: a for i, (a, _) in self._walked.items()}, **self.dht.contacts()}
         ids = (set(contacts) | self._also | set(self.members)) - {self.ident.node_id}
+        # The copies held here are checked in this task; only remote reads get tasks of their own (a
+        # task per member per refresh was most of a large swarm's CPU).
         async with trio.open_nursery() as nursery:
             for node_id in ids:
-                nursery.start_soon(self._read, node_id, contacts.get(node_id))
+                record, remote = self._read_local(node_id, now)
+                if remote:
+                    nursery.start_soon(self._read_remote, node_id, contacts.get(node_id), record)
+                elif record is not None:
+                    self._accept(node_id, record)
         now = self._clock()
         for node_id, rec in list(self.members.items()):
             if rec.expires_at <= now and node_id != self.ident.node_id:
@@ -310,38 +348,48 @@ class MemberView:
                 self._former[node_id] = (tuple(rec.dht), now + FORMER_SECONDS)
                 log.info("membership.expired", member=node_id[:12])
 
-    async def _read(self, node_id: str, address: tuple[str, int] | None) -> None:
+    def _read_local(self, node_id: str, now: float) -> tuple[NodeRecord | None, bool]:
+        """The newest copy of ``node_id``'s record held here, and whether to read it remotely now."""
+        # Only the copy held here: a network lookup for every record not stored here, every refresh,
+        # was most of the DHT traffic. The remote read is at most once per re-publish interval.
+        key = record_key(self.cred.name, node_id)
+        record = self._parse(self.dht.local(key), self.dht.digest(key), now)
+        known = self.members.get(node_id)
+        newest = max((r for r in (record, known) if r is not None), key=lambda r: r.timestamp, default=None)
+        # Its owner signs a new version after a third of its life: read again a re-publish interval later.
+        stale = newest is None or now >= (
+            newest.timestamp + (newest.expires_at - newest.timestamp) / RESIGN_FRACTION + self.config.republish_seconds
+        )
+        due = now - self._looked_up.get(node_id, -math.inf) >= self.config.republish_seconds
+        return record, stale and due
+
+    async def _read_remote(self, node_id: str, address: tuple[str, int] | None, record: NodeRecord | None) -> None:
+        """Ask the member itself (one RPC), else look its record up (a crawl, several RPCs); a few at a time."""
         key = record_key(self.cred.name, node_id)
         dkey = self.dht.digest(key)
         now = self._clock()
-        # Only the copy held here: a network lookup for every record not stored here, every refresh,
-        # was most of the DHT traffic. The remote read below is at most once per re-publish interval.
-        record = self._parse(self.dht.local(key), dkey, now)
         known = self.members.get(node_id)
-        newest = max((r for r in (record, known) if r is not None), key=lambda r: r.timestamp, default=None)
-        stale = newest is None or newest.timestamp < now - 2 * self.config.republish_seconds
-        # At most one remote read per node per re-publish interval (a record is not newer before then),
-        # a few at a time: asked of the node itself (one RPC), else looked up (a crawl, several RPCs).
-        due = now - self._looked_up.get(node_id, -math.inf) >= self.config.republish_seconds
-        if stale and due:
-            self._looked_up[node_id] = now
-            async with self._lookups:
-                with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
-                    if address is None and known is not None:
-                        address = known.dht
-                    if address is not None:
-                        value = await self.dht.ask(node_id, address, key)
-                    else:
-                        value = await self.dht.get(key, network=True)
-                    fresher = self._parse(value, dkey, now)
-                    if fresher is not None and (record is None or fresher.timestamp > record.timestamp):
-                        record = fresher
-            if known is not None and (record is None or record.timestamp <= known.timestamp):
-                # No newer copy of a member's record close to expiry (a reply lost on a busy host):
-                # try again at the next refresh rather than a re-publish interval later, after it expired.
-                self._looked_up.pop(node_id, None)
-        if record is None:
-            return
+        self._looked_up[node_id] = now
+        async with self._lookups:
+            with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
+                if address is None and known is not None:
+                    address = known.dht
+                if address is not None:
+                    value = await self.dht.ask(node_id, address, key)
+                else:
+                    value = await self.dht.get(key, network=True)
+                fresher = self._parse(value, dkey, now)
+                if fresher is not None and (record is None or fresher.timestamp > record.timestamp):
+                    record = fresher
+        if known is not None and (record is None or record.timestamp <= known.timestamp):
+            # No newer copy of a member's record close to expiry (a reply lost on a busy host):
+            # try again at the next refresh rather than a re-publish interval later, after it expired.
+            self._looked_up.pop(node_id, None)
+        if record is not None:
+            self._accept(node_id, record)
+
+    def _accept(self, node_id: str, record: NodeRecord) -> None:
+        known = self.members.get(node_id)
         if known is None or record.timestamp >= known.timestamp:
             if known is None:
                 log.info("membership.joined", member=node_id[:12], peer=record.peer)

@@ -149,7 +149,7 @@ MIGRATIONS += (
 MIGRATIONS += (
     Migration(
         4,
-        "swarm: the deny list of revoked API tokens",
+        "swarm: the deny list of revoked API tokens, members' DHT addresses",
         (
             # A row lives until the token would have expired anyway; then it is of no use and is deleted.
             """
@@ -157,6 +157,18 @@ MIGRATIONS += (
                 jti TEXT PRIMARY KEY,
                 expires_at DOUBLE PRECISION NOT NULL,
                 revoked_at DOUBLE PRECISION NOT NULL
+            )
+            """,
+            # Where each member's DHT listens, written by the member itself: a node whose bootstrap
+            # peers and saved peers are all gone (or on the other side of a partition) finds the swarm here.
+            """
+            CREATE TABLE swarm_members (
+                swarm TEXT NOT NULL,
+                node_id TEXT NOT NULL,
+                dht_host TEXT NOT NULL,
+                dht_port INTEGER NOT NULL,
+                seen_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (swarm, node_id)
             )
             """,
         ),

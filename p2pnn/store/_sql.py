@@ -65,16 +65,19 @@ _TERMINAL_AFTER_LOST_ATTEMPT = "(cancel_requested OR attempts >= max_attempts)"
 
 @dataclass(frozen=True)
 class Dialect:
-    """What differs between the SQL databases: placeholders and three column types."""
+    """What differs between the SQL databases: placeholders, three column types, and the clock."""
 
     name: str
     placeholder: str
     uuid_type: str
     json_type: str
     blob_type: str
+    now: str  # the database's own time, in Unix seconds, as an SQL expression
 
     def sql(self, text: str) -> str:
-        """``text`` with ``?`` placeholders in this dialect's style (no query here contains a literal ``?``)."""
+        """``text`` with ``?`` placeholders in this dialect's style (no query here contains a literal ``?``)
+        and ``{now}`` replaced by the database's clock."""
+        text = text.replace("{now}", self.now)
         return text if self.placeholder == "?" else _translate(text, self.placeholder)
 
     def ddl(self, text: str) -> str:
@@ -88,8 +91,16 @@ def _translate(text: str, placeholder: str) -> str:
 
 # SQLite: TEXT for ids and JSON because a type name without TEXT in it gives a
 # column NUMERIC affinity, which would try to turn strings into numbers.
-SQLITE = Dialect("sqlite", "?", uuid_type="TEXT", json_type="TEXT", blob_type="BLOB")
-POSTGRES = Dialect("postgres", "%s", uuid_type="UUID", json_type="JSONB", blob_type="BYTEA")
+SQLITE = Dialect(
+    "sqlite", "?", uuid_type="TEXT", json_type="TEXT", blob_type="BLOB",
+    now="((julianday('now') - 2440587.5) * 86400.0)",
+)
+# now() is the transaction's start: one time for every row a statement touches. EXTRACT gives a
+# NUMERIC on PostgreSQL 14+ and a FLOAT on CockroachDB; the cast makes both a DOUBLE PRECISION.
+POSTGRES = Dialect(
+    "postgres", "%s", uuid_type="UUID", json_type="JSONB", blob_type="BYTEA",
+    now="CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)",
+)
 
 
 class Db:
@@ -436,9 +447,10 @@ class SqlTaskStore(TaskStore):
             lambda db: _updated_task(
                 db,
                 tid,
-                "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_expires_at = ?, "
-                "started_at = ?, updated_at = ?, progress = NULL WHERE id = ? AND state = 'queued'",
-                (worker, now + lease_seconds, now, now, tid),
+                "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?, "
+                "lease_expires_at = {now} + ?, started_at = ?, updated_at = ?, progress = NULL "
+                "WHERE id = ? AND state = 'queued'",
+                (worker, lease_seconds, now, now, tid),
             ),
             write=True,
         )
@@ -474,7 +486,7 @@ class SqlTaskStore(TaskStore):
 
     async def renew(self, task_id: str, *, worker: str, attempt: int, now: float, lease_seconds: float) -> bool:
         changed = await self._transition(
-            task_id, "lease_expires_at = ?, updated_at = ?", (now + lease_seconds, now), attempt=attempt, worker=worker
+            task_id, "lease_expires_at = {now} + ?, updated_at = ?", (lease_seconds, now), attempt=attempt, worker=worker
         )
         return changed is not None
 
@@ -655,10 +667,10 @@ class SqlTaskStore(TaskStore):
                 "error = CASE WHEN NOT cancel_requested AND attempts >= max_attempts THEN ? ELSE error END, "
                 "lease_owner = CASE WHEN cancel_requested OR attempts >= max_attempts THEN lease_owner ELSE NULL END, "
                 "lease_expires_at = NULL, published_at = NULL, updated_at = ? "
-                "WHERE state = 'running' AND lease_expires_at < ? AND id IN ("
-                "SELECT id FROM tasks WHERE state = 'running' AND lease_expires_at < ? "
+                "WHERE state = 'running' AND lease_expires_at < {now} AND id IN ("
+                "SELECT id FROM tasks WHERE state = 'running' AND lease_expires_at < {now} "
                 "ORDER BY lease_expires_at LIMIT ?) RETURNING id, state",
-                (now, LEASE_EXPIRED_ERROR, now, now, now, limit),
+                (now, LEASE_EXPIRED_ERROR, now, limit),
             )
 
         rows = await self._transact(expire, write=True)
@@ -767,6 +779,26 @@ class SqlTaskStore(TaskStore):
             write=False,
         )
         return {r[0]: (Assignment(tuple(x for x in r[1].split(",") if x), r[2]), int(r[3])) for r in rows}
+
+    async def record_member(self, swarm: str, node_id: str, dht: tuple[str, int], *, now: float) -> None:
+        await self._transact(
+            lambda db: db.run(
+                "INSERT INTO swarm_members (swarm, node_id, dht_host, dht_port, seen_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (swarm, node_id) DO UPDATE SET dht_host = excluded.dht_host, "
+                "dht_port = excluded.dht_port, seen_at = excluded.seen_at",
+                (swarm, node_id, dht[0], int(dht[1]), now),
+            ),
+            write=True,
+        )
+
+    async def members(self, swarm: str, *, since: float) -> dict[str, tuple[str, int]]:
+        rows = await self._transact(
+            lambda db: db.rows(
+                "SELECT node_id, dht_host, dht_port FROM swarm_members WHERE swarm = ? AND seen_at >= ?", (swarm, since)
+            ),
+            write=False,
+        )
+        return {str(r[0]): (str(r[1]), int(r[2])) for r in rows}
 
     # --- API tokens ---
 

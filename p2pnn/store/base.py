@@ -3,7 +3,11 @@
 The store is the source of truth. Every state change is a conditional update
 (``UPDATE ... WHERE state = ANY(expected)``): an illegal or stale transition
 changes nothing and the method says so by returning ``None`` / ``False``.
-Times are Unix seconds (floats) taken from the caller's clock.
+Times are Unix seconds (floats) taken from the caller's clock, except task
+leases: ``claim``, ``renew`` and ``expire_leases`` compute them from the
+database's own clock, so that members whose clocks disagree still agree on
+when a lease lapsed (``lease_seconds`` is a duration; ``now`` only stamps
+``updated_at``/``started_at``).
 """
 
 from __future__ import annotations
@@ -184,14 +188,15 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     async def claim(self, task_id: str, *, worker: str, now: float, lease_seconds: float) -> Task | None:
-        """``queued -> running``: attempts + 1, lease to ``worker`` until now + lease_seconds.
+        """``queued -> running``: attempts + 1, lease to ``worker`` until the database's now + lease_seconds.
 
         None when the task is not queued (taken, cancelled, finished) or does not exist.
         """
 
     @abc.abstractmethod
     async def renew(self, task_id: str, *, worker: str, attempt: int, now: float, lease_seconds: float) -> bool:
-        """Extend a running task's lease; False when the lease is no longer this worker's attempt."""
+        """Extend a running task's lease to the database's now + lease_seconds; False when the lease is no
+        longer this worker's attempt."""
 
     @abc.abstractmethod
     async def progress(self, task_id: str, *, worker: str, attempt: int, progress: dict[str, Any], now: float) -> bool:
@@ -267,7 +272,7 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     async def expire_leases(self, *, now: float, limit: int = 1000, fence: Fence | None = None) -> list[tuple[str, State]]:
-        """Every running task whose lease lapsed goes back to ``queued`` (or ``failed`` when out of
+        """Every running task whose lease lapsed (by the database's clock) goes back to ``queued`` (or ``failed`` when out of
         attempts, or ``cancelled`` when a cancel was requested). Returns (task id, new state) pairs.
 
         With a ``fence``, nothing changes (and ``[]`` is returned) unless that
@@ -306,6 +311,14 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     async def roles(self, swarm: str) -> dict[str, tuple[Assignment, int]]:
         """The recorded role map: node id -> (assignment, term that wrote it)."""
+
+    @abc.abstractmethod
+    async def record_member(self, swarm: str, node_id: str, dht: tuple[str, int], *, now: float) -> None:
+        """Record (or refresh) where ``node_id``'s DHT listens."""
+
+    @abc.abstractmethod
+    async def members(self, swarm: str, *, since: float) -> dict[str, tuple[str, int]]:
+        """The DHT address of every member recorded at or after ``since``: node id -> (host, port)."""
 
     # --- API tokens: the deny list ---
 

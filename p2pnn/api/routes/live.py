@@ -27,7 +27,7 @@ import trio
 from quart import Blueprint, Response
 
 from p2pnn import logs
-from p2pnn.api.http import ApiContext, ApiError, json_response
+from p2pnn.api.http import ApiContext, ApiError, json_response, json_text
 from p2pnn.store import StoreError
 from p2pnn.tasks import Task
 
@@ -56,7 +56,7 @@ def task_summary(task: Task) -> dict[str, Any]:
 
 def sse_event(name: str, data: Any) -> bytes:
     # json.dumps never emits a raw newline, so the data is one line.
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    return f"event: {name}\ndata: {json_text(data)}\n\n".encode()
 
 
 KEEPALIVE = b": keep-alive\n\n"
