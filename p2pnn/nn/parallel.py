@@ -107,8 +107,8 @@ def joined(group: Group, device: torch.device) -> Iterator[Comm]:
     """Join ``group`` for the body of the ``with``; leave it (and free its sockets) afterwards.
 
     Resource handling: rank 0 binds ``group.address:group.port`` for the
-    rendezvous store until the group is left; every rank's gloo/NCCL sockets
-    are closed by ``destroy_process_group``.
+    rendezvous store, which owns the socket until it is dropped; every rank's
+    gloo/NCCL sockets are closed by ``destroy_process_group``.
     Error handling: raises RuntimeError (torch's DistBackendError) when the
     others do not arrive within ``group.timeout`` or a peer disappears; the
     attempt fails and the placer decides what happens next.
@@ -119,27 +119,30 @@ def joined(group: Group, device: torch.device) -> Iterator[Comm]:
         os.environ["GLOO_SOCKET_IFNAME"] = interface
         os.environ["NCCL_SOCKET_IFNAME"] = interface
     timeout = timedelta(seconds=group.timeout)
-    listener = None
+    listen_fd = None
     if group.rank == 0:
-        listener = socket.create_server((group.address, group.port), backlog=max(16, group.world * 2))
+        # Bound here, to the one address, and handed over: the store owns (and closes) the socket.
+        with socket.create_server((group.address, group.port), backlog=max(16, group.world * 2)) as listener:
+            listen_fd = listener.detach()
     try:
         store = dist.TCPStore(
             group.address, group.port, world_size=group.world, is_master=group.rank == 0, timeout=timeout,
-            wait_for_workers=False, master_listen_fd=None if listener is None else listener.fileno(),
+            wait_for_workers=False, master_listen_fd=listen_fd,
         )
-        dist.init_process_group("gloo", store=store, rank=group.rank, world_size=group.world, timeout=timeout)
-        try:
-            backend, process_group = "gloo", dist.group.WORLD
-            if group.backend == "nccl" or (group.backend == "auto" and device.type == "cuda"):
-                gpus = torch.tensor([1 if device.type == "cuda" else 0], dtype=torch.int64)
-                dist.all_reduce(gpus)
-                if int(gpus) == group.world:
-                    backend, process_group = "nccl", dist.new_group(backend="nccl", timeout=timeout)
-                elif group.backend == "nccl":
-                    raise RuntimeError("backend nccl: not every rank of the group trains on a GPU")
-            yield Comm(rank=group.rank, world=group.world, backend=backend, group=process_group)
-        finally:
-            dist.destroy_process_group()
+    except BaseException:
+        if listen_fd is not None:
+            os.close(listen_fd)  # never handed over
+        raise
+    dist.init_process_group("gloo", store=store, rank=group.rank, world_size=group.world, timeout=timeout)
+    try:
+        backend, process_group = "gloo", dist.group.WORLD
+        if group.backend == "nccl" or (group.backend == "auto" and device.type == "cuda"):
+            gpus = torch.tensor([1 if device.type == "cuda" else 0], dtype=torch.int64)
+            dist.all_reduce(gpus)
+            if int(gpus) == group.world:
+                backend, process_group = "nccl", dist.new_group(backend="nccl", timeout=timeout)
+            elif group.backend == "nccl":
+                raise RuntimeError("backend nccl: not every rank of the group trains on a GPU")
+        yield Comm(rank=group.rank, world=group.world, backend=backend, group=process_group)
     finally:
-        if listener is not None:
-            listener.close()
+        dist.destroy_process_group()
