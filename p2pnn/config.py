@@ -124,6 +124,13 @@ class ComputeConfig:
     max_wall_seconds: float = field(default=3600.0, metadata=_key(lo=1, hi=7 * 86400))
     max_tensor_elements: int = field(default=1_000_000, metadata=_key(lo=1, hi=1 << 34))
     max_samples: int = field(default=100_000, metadata=_key(lo=10, hi=1 << 30))
+    rendezvous_port_first: int = field(
+        default=29400, metadata=_key(lo=1, hi=65535, doc="first port data-parallel groups meet on at this node")
+    )
+    rendezvous_port_count: int = field(default=100, metadata=_key(lo=1, hi=10_000, doc="ports from the first one on"))
+    rendezvous_timeout_seconds: float = field(
+        default=120.0, metadata=_key(lo=1, hi=3600, doc="how long a rank waits for its group before the attempt fails")
+    )
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from p2pnn import identity, logs
 from p2pnn.api.app import ApiContext, create_app
 from p2pnn.api.auth import Authenticator
 from p2pnn.bus import TASKS, LocalBus, TaskBus, ki_queue
-from p2pnn.compute.pool import KiPool
+from p2pnn.compute.pool import DEFAULT_RENDEZVOUS_HOST, KiPool
 from p2pnn.config import Config, ConfigError
 from p2pnn.control.swarm import OnAssignment, SwarmNode
 from p2pnn.credential import SwarmCredential
@@ -228,6 +228,13 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         pool = KiPool(
             slots=config.compute.slots if "ki" in initial_roles or cred else 0, torch_threads=config.compute.torch_threads,
             limits=limits_of(config), workdir=workdir, preload_torch=config.compute.preload_torch,
+            # Groups meet on the address other nodes reach this one at; a lone node keeps them on loopback.
+            rendezvous_host=config.swarm.advertise_host or DEFAULT_RENDEZVOUS_HOST,
+            rendezvous_ports=range(
+                config.compute.rendezvous_port_first,
+                min(65536, config.compute.rendezvous_port_first + config.compute.rendezvous_port_count),
+            ),
+            rendezvous_timeout=config.compute.rendezvous_timeout_seconds,
         )
         runner = KiRunner(
             node_id=ident.node_id, store=store, bus=bus, pool=pool, metrics=metrics,

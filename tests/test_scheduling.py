@@ -196,6 +196,58 @@ async def test_a_task_not_known_to_be_short_is_never_sent_ahead():
         nursery.cancel_scope.cancel()
 
 
+def _group_parts(bus: LocalBus, *kis: str) -> dict[str, tuple[int, int, int]]:
+    """Each Ki's part of the one group in its queue: (first rank, ranks, world)."""
+    parts = {}
+    for ki in kis:
+        for item in bus._queues[ki_queue(ki)].items:
+            group = item.headers["group"]
+            parts[ki] = (group["first"], group["ranks"], group["world"])
+    return parts
+
+
+async def test_a_groups_ranks_go_to_distinct_ki_first_whole_or_not_at_all():
+    bus = LocalBus()
+    async with trio.open_nursery() as nursery:
+        await _an(nursery, bus)
+        await bus.broadcast(BEATS, _beat("one", slots=1))
+        await bus.broadcast(BEATS, _beat("busy", slots=2, busy=2))
+        await bus.broadcast(BEATS, _beat("three", slots=3, busy=1))
+        await _settle()
+        await bus.publish(["g1"], headers={"g1": {"needs": {"workers": 3, "min_workers": 3}}})
+        await _settle()
+        # Free slots: one 1, busy 0, three 2. Three ranks fit only by taking a second slot of "three".
+        parts = _group_parts(bus, "one", "busy", "three")
+        assert parts == {"three": (0, 2, 3), "one": (2, 1, 3)}, parts  # rank 0 where most slots are free
+        assert bus.depth() == 0
+
+        # Nothing free now: a second group waits whole, nothing of it goes out.
+        await bus.publish(["g2"], headers={"g2": {"needs": {"workers": 2, "min_workers": 2}}})
+        await _settle()
+        assert bus.depth(ki_queue("busy")) == 0 and bus.depth(ki_queue("one")) == 1
+        # Two Ki free up a slot each: the group goes out, one rank on each.
+        await bus.broadcast(BEATS, _beat("busy", slots=2, busy=1))
+        await bus.broadcast(BEATS, _beat("one", slots=1, busy=0, received=1))
+        await _settle()
+        assert bus.depth(ki_queue("busy")) == 1 and bus.depth(ki_queue("one")) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_swarm_with_fewer_slots_than_workers_runs_the_group_smaller_down_to_min_workers():
+    bus = LocalBus()
+    async with trio.open_nursery() as nursery:
+        await _an(nursery, bus)
+        await bus.broadcast(BEATS, _beat("pair", slots=2))
+        await _settle()
+        await bus.publish(["g1"], headers={"g1": {"needs": {"workers": 4, "min_workers": 2}}})
+        await _settle()
+        assert _group_parts(bus, "pair") == {"pair": (0, 2, 2)}  # both ranks on one node's two slots
+        await bus.publish(["g2"], headers={"g2": {"needs": {"workers": 4, "min_workers": 3}}})
+        await _settle()
+        assert bus.depth(ki_queue("pair")) == 1 and bus.depth() == 0  # parked: the swarm is too small for it
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_gpu_task_with_no_gpu_ki_is_parked_out_of_the_way_then_placed_or_failed(tmp_path):
     from p2pnn.store import NewTask, open_store
 

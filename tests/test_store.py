@@ -76,6 +76,20 @@ async def test_list_filters_by_state_kind_and_owner(store: TaskStore) -> None:
     assert (await store.list(owner="carol")).tasks == []
 
 
+async def test_a_sweeps_trials_name_it_as_parent_and_are_listed_by_it(store: TaskStore) -> None:
+    (sweep,), _ = await store.create([new(kind="sweep")], now=T0)
+    trials, _ = await store.create(
+        [NewTask(kind="train", spec={"kind": "train", "lr": lr}, owner="alice", max_attempts=3, parent=sweep.id)
+         for lr in (0.1, 0.2)], now=T0 + 1,
+    )
+    await store.create([new()], now=T0 + 2)
+    assert sweep.parent is None and {t.parent for t in trials} == {sweep.id}
+    listed = (await store.list(parent=sweep.id)).tasks
+    assert sorted(t.id for t in listed) == sorted(t.id for t in trials)
+    assert (await store.get(trials[0].id)).parent == sweep.id
+    assert (await store.list(parent="not-a-task-id")).tasks == []
+
+
 async def test_list_pages_newest_first_without_duplicates_or_gaps(store: TaskStore) -> None:
     # Batches share a created_at, so the pages must break ties by id.
     made = []

@@ -89,7 +89,7 @@ class AsyncClient:
         return _calls.parse(resp, call)
 
     async def list(self, **params: Any) -> dict[str, Any]:
-        """One page: ``{"tasks": [...], "next_cursor": ...}``; params ``state``, ``kind``, ``limit``, ``cursor``."""
+        """One page: ``{"tasks": [...], "next_cursor": ...}``; params ``state``, ``kind``, ``owner``, ``parent``, ``limit``, ``cursor``."""
         return await self._send(_calls.list_tasks(params))
 
     async def cancel(self, task_id: str) -> dict[str, Any]:

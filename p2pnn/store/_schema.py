@@ -220,6 +220,18 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        7,
+        "tasks.parent_id: the sweep a trial task belongs to",
+        (
+            # NULL for a task submitted on its own; a sweep's trials name it, and are listed by it.
+            "ALTER TABLE tasks ADD COLUMN parent_id {uuid}",
+            "CREATE INDEX tasks_by_parent ON tasks (parent_id, created_at)",
+        ),
+    ),
+)
+
 LATEST_VERSION = MIGRATIONS[-1].version
 
 _CREATE_MIGRATIONS_TABLE = """

@@ -57,7 +57,7 @@ COUNT_SHARDS = 8  # rows per (state, kind) in task_counts: concurrent transactio
 
 TASK_COLUMNS = (
     "id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, started_at, finished_at, "
-    "lease_owner, lease_expires_at, cancel_requested, progress, result, error, idempotency_key"
+    "lease_owner, lease_expires_at, cancel_requested, progress, result, error, idempotency_key, parent_id"
 )
 
 # What an attempt that ended without a result leads to: a requested cancel wins,
@@ -205,7 +205,7 @@ def task_from_row(row: Sequence[Any], artifacts: list[str] | None = None) -> Tas
     """A Task from a row selected as TASK_COLUMNS."""
     (
         id_, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, started_at, finished_at,
-        lease_owner, lease_expires_at, cancel_requested, progress, result, error, idempotency_key,
+        lease_owner, lease_expires_at, cancel_requested, progress, result, error, idempotency_key, parent_id,
     ) = row
     return Task(
         id=str(id_),
@@ -227,6 +227,7 @@ def task_from_row(row: Sequence[Any], artifacts: list[str] | None = None) -> Tas
         error=error,
         idempotency_key=idempotency_key,
         artifacts=sorted(artifacts or []),
+        parent=None if parent_id is None else str(parent_id),
     )
 
 
@@ -296,6 +297,7 @@ class SqlTaskStore(TaskStore):
                 created_at=float(now),
                 updated_at=float(now),
                 idempotency_key=idempotency_key,
+                parent=t.parent,
             )
             for t in tasks
         ]
@@ -313,9 +315,10 @@ class SqlTaskStore(TaskStore):
                     return _repeat(db, key_owner, idempotency_key, request_hash)
             db.run_many(
                 "INSERT INTO tasks (id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, "
-                "idempotency_key, batch_index) VALUES (?, ?, ?, 'pending', ?, 0, ?, ?, ?, ?, ?)",
+                "idempotency_key, batch_index, parent_id) VALUES (?, ?, ?, 'pending', ?, 0, ?, ?, ?, ?, ?, ?)",
                 [
-                    (t.id, t.kind, dump_json(t.spec), t.owner, t.max_attempts, now, now, idempotency_key, i)
+                    (t.id, t.kind, dump_json(t.spec), t.owner, t.max_attempts, now, now, idempotency_key, i,
+                     None if t.parent is None else parse_id(t.parent))
                     for i, t in enumerate(new)
                 ],
             )
@@ -336,16 +339,22 @@ class SqlTaskStore(TaskStore):
         state: State | None = None,
         kind: str | None = None,
         owner: str | None = None,
+        parent: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
     ) -> Page:
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        parent_id = None
+        if parent is not None:
+            parent_id = parse_id(parent)
+            if parent_id is None:
+                return Page(tasks=[], next_cursor=None)  # not a task id: no task has it as parent
         limit = min(limit, MAX_PAGE)
         where: list[str] = []
         params: list[Any] = []
         state_value = State(state).value if state is not None else None
-        for column, value in (("state", state_value), ("kind", kind), ("owner", owner)):
+        for column, value in (("state", state_value), ("kind", kind), ("owner", owner), ("parent_id", parent_id)):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)

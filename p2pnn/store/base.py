@@ -50,6 +50,8 @@ class NewTask:
     spec: dict[str, Any]
     owner: str
     max_attempts: int
+    # The sweep this task is a trial of.
+    parent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,10 +170,12 @@ class TaskStore(abc.ABC):
         state: State | None = None,
         kind: str | None = None,
         owner: str | None = None,
+        parent: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
     ) -> Page:
-        """Tasks, newest first, ``limit`` at a time; ``cursor`` is the previous page's ``next_cursor``."""
+        """Tasks, newest first, ``limit`` at a time; ``cursor`` is the previous page's ``next_cursor``.
+        ``parent``: only the trials of that sweep."""
 
     @abc.abstractmethod
     async def ids_in_state(self, state: State, *, older_than: float, limit: int = 1000) -> list[str]:

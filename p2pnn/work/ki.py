@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import time
 import uuid
 from typing import Any, Awaitable, Callable, TypeVar
@@ -34,13 +35,19 @@ from p2pnn.membership.records import capabilities as machine_capabilities
 from p2pnn.metrics import Metrics
 from p2pnn.store import ClaimOp, FinishOp, StoreError, TaskStore
 from p2pnn.store.base import MAX_ARTIFACT_BYTES
-from p2pnn.tasks import State, Task
+from p2pnn.tasks import TERMINAL, State, Task
+from p2pnn.work.trials import SweepRunner
 
 log = logs.get(__name__)
 
 T = TypeVar("T")
 
 MODEL_ARTIFACT = "model.safetensors"
+# A train task's latest checkpoint (model, optimizer, epoch, RNG): its next attempt resumes from it.
+CHECKPOINT_ARTIFACT = "checkpoint.safetensors"
+# Where a data-parallel group spread over several Ki meets: rank 0's Ki writes it, the others read it.
+RENDEZVOUS_ARTIFACT = "rendezvous.json"
+RENDEZVOUS_POLL_SECONDS = 0.2  # how often a joining Ki looks for the rendezvous in the store
 RENEWALS_PER_LEASE = 3  # renew well before expiry: two renewals may fail before the lease lapses
 STORE_RETRY_SECONDS = 1.0  # pause after a claim failed on an unreachable store
 STORE_RETRY_FIRST = 0.25  # first pause before a store write of an outcome is tried again; doubles
@@ -105,6 +112,12 @@ class GroupCommit:
         return waiter.value
 
 
+def _group_of(delivery: Delivery) -> dict[str, Any]:
+    """The ``group`` header an An puts on its part of a data-parallel task ({} for any other)."""
+    group = delivery.headers.get("group")
+    return group if isinstance(group, dict) else {}
+
+
 class KiRunner:
     """Feeds the pool from the bus.
 
@@ -152,6 +165,8 @@ class KiRunner:
         self.in_hand = 0
         self._in_hand_since: dict[int, float] = {}  # one entry per delivery in hand: when it was taken
         self._long_in_hand: set[int] = set()  # deliveries in hand not known to be short (see tasks.needs_of)
+        # Slots busy beyond one per task in hand: the extra ranks of data-parallel groups running here.
+        self.group_ranks = 0
         self.received: dict[str, int] = {}  # forwarding An -> deliveries taken from it
         self.on_change: Callable[[], None] = lambda: None
         self.on_finished: Callable[[str], None] = lambda task_id: None  # a task's terminal result was recorded here
@@ -189,7 +204,8 @@ class KiRunner:
                 if not (delivery.headers.get("needs") or {}).get("short"):
                     self._long_in_hand.add(id(delivery))
                 an = str(delivery.headers.get("an", ""))
-                self.received[an] = self.received.get(an, 0) + 1
+                # A group's part counts as its ranks: the An reserved that many slots for it.
+                self.received[an] = self.received.get(an, 0) + _group_of(delivery).get("ranks", 1)
                 self.on_change()
                 nursery.start_soon(self._handle, inbox, delivery, slots)
 
@@ -206,7 +222,13 @@ class KiRunner:
                 slots.release()
                 self.on_change()
 
+        group = _group_of(delivery)
         try:
+            if group.get("first", 0) > 0:
+                # Ranks of a group whose rank 0 runs on another Ki: that Ki holds the task's lease.
+                await inbox.ack(delivery)
+                await self._join_group(delivery.task_id, group, free_slot)
+                return
             try:
                 task = await self._claim(delivery.task_id)
             except StoreError as exc:
@@ -218,7 +240,7 @@ class KiRunner:
             # From here the lease, not the message, covers the task: a run may outlast any broker timeout.
             await inbox.ack(delivery)
             if task is not None:
-                await self._execute(task, free_slot)
+                await self._execute(task, free_slot, group)
             else:  # taken elsewhere, cancelled or finished meanwhile: a duplicate message
                 self.metrics.stale_deliveries.inc()
         finally:
@@ -229,7 +251,9 @@ class KiRunner:
         # the claim takes a pending task too, so there is nothing to wait for.
         return await self._commits.submit(ClaimOp(task_id, self.node_id, self.lease_seconds))
 
-    async def _execute(self, task: Task, worker_free: Callable[[], None] = lambda: None) -> None:
+    async def _execute(
+        self, task: Task, worker_free: Callable[[], None] = lambda: None, group: dict[str, Any] | None = None
+    ) -> None:
         """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
         so the next task can be taken while this one's outcome is being recorded."""
         attempt = task.attempts
@@ -242,9 +266,11 @@ class KiRunner:
             try:
                 job = await self._retrying("job", lambda: self._job(task, attempt))
                 if job is not None:
+                    if task.kind == "sweep":
+                        worker_free()  # a sweep's coordinator needs no worker: its slot takes the next task
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._keep_lease, task.id, attempt)
-                        outcome = await self.pool.execute(job, lambda p: self._progress(task.id, attempt, p))
+                        outcome = await self._run(task, attempt, job, group or {})
                         nursery.cancel_scope.cancel()
                     # At shutdown the pool may stop the worker before we see the cancellation:
                     # that outcome is the shutdown's, not the task's, so hand the task back instead.
@@ -260,6 +286,120 @@ class KiRunner:
             if not recorded:
                 await self._hand_back(task.id, attempt)
             self.running.pop(task.id, None)
+
+    async def _run(self, task: Task, attempt: int, job: Job, group: dict[str, Any]) -> Outcome:
+        """Run the job on the pool: one worker, or rank 0 (and maybe more ranks) of a group."""
+
+        async def progress(p: dict[str, Any]) -> None:
+            await self._progress(task.id, attempt, p)
+
+        async def checkpoint(epoch: int, data: bytes) -> None:
+            await self._checkpoint(task.id, attempt, epoch, data)
+
+        async def publish(address: str, port: int) -> None:
+            # Where the other Ki's ranks meet rank 0; they read it from the store.
+            record = {"group": group.get("id"), "attempt": attempt, "address": address, "port": port}
+            try:
+                await self.store.put_artifact(task.id, RENDEZVOUS_ARTIFACT, json.dumps(record).encode(), now=self._clock())
+            except StoreError as exc:  # the others never come: rank 0 times out and the task is retried
+                log.warning("store.rendezvous_failed", task_id=task.id, error=str(exc))
+
+        if task.kind == "sweep":
+            runner = SweepRunner(sweep=task, attempt=attempt, node_id=self.node_id, store=self.store, bus=self.bus,
+                                 clock=self._clock)
+            return await runner.run()
+        workers = int(task.spec.get("workers", 1)) if task.kind == "train" else 1
+        if workers <= 1:
+            return await self.pool.execute(job, progress, checkpoint)
+        if group:  # placed by an An: this Ki runs ranks 0 .. ranks-1 of a group of world
+            world, ranks = int(group["world"]), int(group["ranks"])
+        else:  # a lone node: as many ranks as its slots hold, down to min_workers
+            world = ranks = min(workers, self.pool.slots)
+            least = int(task.spec.get("min_workers", workers))
+            if ranks < least:
+                return Outcome("failed", error=f"spec.min_workers: {least} ranks do not fit this node's {self.pool.slots} slots")
+        self.group_ranks += ranks - 1
+        self.on_change()
+        try:
+            log.info("task.group", task_id=task.id, attempt=attempt, world=world, ranks_here=ranks, asked=workers)
+            return await self.pool.execute_group(
+                job, world, progress, checkpoint, ranks=range(ranks), on_rendezvous=publish if world > ranks else None
+            )
+        finally:
+            self.group_ranks -= ranks - 1
+            self.on_change()
+
+    async def _join_group(self, task_id: str, group: dict[str, Any], free_slot: Callable[[], None]) -> None:
+        """Run ranks ``first .. first+ranks-1`` of a group whose rank 0 runs on another Ki.
+
+        Waits (up to the pool's rendezvous timeout) for rank 0's Ki to publish
+        where the group meets; the outcome here is not recorded: rank 0's Ki
+        records the task's, and a rank that fails here makes rank 0's fail too.
+        """
+        first, ranks, world = int(group["first"]), int(group["ranks"]), int(group["world"])
+        record = await self._rendezvous(task_id, str(group.get("id")))
+        if record is None:
+            log.warning("task.group_no_rendezvous", task_id=task_id, group=group.get("id"))
+            return
+        task = await self.store.get(task_id)
+        if task is None or task.state is not State.RUNNING:
+            return
+        resume_file = await self.store.get_artifact(task_id, CHECKPOINT_ARTIFACT)
+        job = Job(task_id=task_id, attempt=task.attempts, spec=task.spec, resume_file=resume_file)
+
+        async def ignore_progress(p: dict[str, Any]) -> None:
+            pass  # ranks other than 0 report nothing
+
+        self.running[task_id] = task.attempts
+        self.group_ranks += ranks - 1
+        self.on_change()
+        try:
+            log.info("task.group_joined", task_id=task_id, group=group.get("id"), first=first, ranks_here=ranks, world=world)
+            outcome = await self.pool.execute_group(
+                job, world, ignore_progress, ranks=range(first, first + ranks),
+                rendezvous=(str(record["address"]), int(record["port"])),
+            )
+            log.info("task.group_left", task_id=task_id, group=group.get("id"), status=outcome.status, error=outcome.error)
+        finally:
+            self.running.pop(task_id, None)
+            self.group_ranks -= ranks - 1
+            free_slot()
+
+    async def _rendezvous(self, task_id: str, group_id: str) -> dict[str, Any] | None:
+        """Rank 0's published meeting point for ``group_id``; None if it does not come in time."""
+        with trio.move_on_after(self.pool.rendezvous_timeout):
+            while True:
+                try:
+                    raw = await self.store.get_artifact(task_id, RENDEZVOUS_ARTIFACT)
+                    task = await self.store.get(task_id)
+                except StoreError as exc:
+                    log.warning("store.rendezvous_failed", task_id=task_id, error=str(exc))
+                    raw, task = None, None
+                if task is not None and task.state in TERMINAL:
+                    return None
+                if raw is not None:
+                    try:
+                        record = json.loads(raw)
+                    except ValueError:
+                        record = {}
+                    if isinstance(record, dict) and record.get("group") == group_id:
+                        return record
+                await trio.sleep(RENDEZVOUS_POLL_SECONDS)
+        return None
+
+    async def _checkpoint(self, task_id: str, attempt: int, epoch: int, data: bytes) -> None:
+        """Keep the attempt's latest checkpoint in the store, while the attempt still holds its lease."""
+        try:
+            held = await self.store.renew(
+                task_id, worker=self.node_id, attempt=attempt, now=self._clock(), lease_seconds=self.lease_seconds
+            )
+            if not held:  # a later attempt owns the task now: its checkpoints are the ones that count
+                return
+            await self.store.put_artifact(task_id, CHECKPOINT_ARTIFACT, data, now=self._clock())
+        except StoreError as exc:  # the previous checkpoint (or none) stays: a resume just redoes more epochs
+            log.warning("task.checkpoint_failed", task_id=task_id, epoch=epoch, error=str(exc))
+            return
+        log.info("task.checkpoint", task_id=task_id, attempt=attempt, epoch=epoch, bytes=len(data))
 
     async def _retrying(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``, tried again with back-off while the store fails, for up to one lease.
@@ -313,7 +453,10 @@ class KiRunner:
             log.warning("store.mark_published_failed", tasks=len(versions), error=str(exc))
 
     async def _job(self, task: Task, attempt: int) -> Job | None:
-        model_file = source_spec = None
+        model_file = source_spec = resume_file = None
+        if task.kind == "train":
+            # An earlier attempt's checkpoint, if one was kept: this attempt starts after its epoch.
+            resume_file = await self.store.get_artifact(task.id, CHECKPOINT_ARTIFACT)
         if task.kind in ("evaluate", "infer"):
             source = await self.store.get(task.spec["model_task"])
             model_file = await self.store.get_artifact(task.spec["model_task"], MODEL_ARTIFACT)
@@ -324,7 +467,10 @@ class KiRunner:
                 )
                 return None
             source_spec = source.spec
-        return Job(task_id=task.id, attempt=attempt, spec=task.spec, model_file=model_file, source_spec=source_spec)
+        return Job(
+            task_id=task.id, attempt=attempt, spec=task.spec, model_file=model_file, source_spec=source_spec,
+            resume_file=resume_file,
+        )
 
     async def _progress(self, task_id: str, attempt: int, progress: dict[str, Any]) -> None:
         try:
@@ -466,7 +612,7 @@ class KiAgent:
     def beat(self) -> dict[str, Any]:
         r = self.runner
         return {
-            "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand,
+            "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand + r.group_ranks,
             "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
             "oldest": round(r.oldest_in_hand(), 3), "long": r.long_in_hand, "finished": self._take_finished(),
         }

@@ -28,6 +28,8 @@ def page_args() -> dict[str, Any]:
         out["kind"] = args["kind"]
     if "owner" in args:
         out["owner"] = args["owner"]
+    if "parent" in args:
+        out["parent"] = args["parent"]  # a sweep's trials
     try:
         out["limit"] = int(args.get("limit", "100"))
     except ValueError:
