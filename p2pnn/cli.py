@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command(
         "demo", "start a throw-away node, train a digits classifier through the REST API, infer, print accuracy",
     )
-    demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    demo.add_argument("--epochs", type=int, default=40, help="training epochs (default 40, the train spec's default)")
     demo.add_argument("--model", default="mlp", choices=("mlp", "cnn", "transformer"), help="model (default mlp)")
     demo.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="torch device (default cpu)")
     return parser

@@ -104,6 +104,10 @@ class BusConfig:
     delivery_limit: int = field(default=20, metadata=_key(lo=1, hi=1000))
     beat_interval_seconds: float = field(default=1.0, metadata=_key(lo=0.05, hi=60))
     beat_timeout_seconds: float = field(default=5.0, metadata=_key(lo=0.2, hi=600))
+    forward_ahead: float = field(default=1.0, metadata=_key(
+        lo=0, hi=16, doc="short tasks an An may forward to a Ki beyond its free slots, per slot (0: only into free slots)"))
+    forward_ahead_age_seconds: float = field(default=0.5, metadata=_key(
+        lo=0, hi=3600, doc="no forwarding ahead to a Ki whose oldest task in hand is older than this"))
     park_fail_seconds: float = field(
         default=300.0, metadata=_key(lo=1, hi=7 * 86400, doc="a task no live Ki can run fails after this long")
     )
@@ -120,6 +124,13 @@ class ComputeConfig:
     max_wall_seconds: float = field(default=3600.0, metadata=_key(lo=1, hi=7 * 86400))
     max_tensor_elements: int = field(default=1_000_000, metadata=_key(lo=1, hi=1 << 34))
     max_samples: int = field(default=100_000, metadata=_key(lo=10, hi=1 << 30))
+    rendezvous_port_first: int = field(
+        default=29400, metadata=_key(lo=1, hi=65535, doc="first port data-parallel groups meet on at this node")
+    )
+    rendezvous_port_count: int = field(default=100, metadata=_key(lo=1, hi=10_000, doc="ports from the first one on"))
+    rendezvous_timeout_seconds: float = field(
+        default=120.0, metadata=_key(lo=1, hi=3600, doc="how long a rank waits for its group before the attempt fails")
+    )
 
 
 @dataclass(frozen=True)

@@ -78,16 +78,17 @@ def start_node(
 ) -> NodeProcess:
     """Start `p2pnn-node <command> --data-dir DIR ARGS` and return once its API answers.
 
-    ``env`` is added to this process's environment without its P2PNN_*
-    variables, so a caller's shell cannot leak configuration in.
+    ``env`` is added to this process's environment, P2PNN_* variables
+    included, and wins over them: a benchmark run as ``P2PNN_X=... script``
+    tunes every node it starts, while what the caller sets in ``env`` (the
+    store, the bus, the ports a test gave the node) stays what it set.
 
     Error handling: raises RuntimeError (with the node's log) when the node
     exits during start-up, TimeoutError when it is not ready in ``timeout``.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"node-{time.time_ns()}.log"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("P2PNN_")}
-    full_env.update({"P2PNN_LOG__FORMAT": "json", **(env or {})})
+    full_env = {**os.environ, "P2PNN_LOG__FORMAT": "json", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "p2pnn.cli", command, "--data-dir", str(data_dir), *args],

@@ -35,7 +35,7 @@ from p2pnn import identity, logs
 from p2pnn.api.app import ApiContext, create_app
 from p2pnn.api.auth import Authenticator
 from p2pnn.bus import TASKS, LocalBus, TaskBus, ki_queue
-from p2pnn.compute.pool import KiPool
+from p2pnn.compute.pool import DEFAULT_RENDEZVOUS_HOST, KiPool
 from p2pnn.config import Config, ConfigError
 from p2pnn.control.swarm import OnAssignment, SwarmNode
 from p2pnn.credential import SwarmCredential
@@ -228,6 +228,13 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         pool = KiPool(
             slots=config.compute.slots if "ki" in initial_roles or cred else 0, torch_threads=config.compute.torch_threads,
             limits=limits_of(config), workdir=workdir, preload_torch=config.compute.preload_torch,
+            # Groups meet on the address other nodes reach this one at; a lone node keeps them on loopback.
+            rendezvous_host=config.swarm.advertise_host or DEFAULT_RENDEZVOUS_HOST,
+            rendezvous_ports=range(
+                config.compute.rendezvous_port_first,
+                min(65536, config.compute.rendezvous_port_first + config.compute.rendezvous_port_count),
+            ),
+            rendezvous_timeout=config.compute.rendezvous_timeout_seconds,
         )
         runner = KiRunner(
             node_id=ident.node_id, store=store, bus=bus, pool=pool, metrics=metrics,
@@ -237,6 +244,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             store, bus, limits=limits_of(config), max_attempts=config.compute.max_attempts,
             cancel_local=runner.cancel_local,
         )
+        runner.on_finished = service.finished  # wakes long polls on this node at once
         swarm: SwarmNode | None = None
         sweeping = dict(
             store=store, publish=service.publish, metrics=metrics, pending_after=config.sweeper.pending_after_seconds,
@@ -259,6 +267,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             dispatcher = Dispatcher(
                 node_id=ident.node_id, store=store, bus=bus, metrics=metrics, prefetch=config.bus.prefetch,
                 beat_timeout=config.bus.beat_timeout_seconds, ki_message_ttl=config.bus.ki_message_ttl_seconds,
+                forward_ahead=config.bus.forward_ahead, forward_ahead_age=config.bus.forward_ahead_age_seconds,
                 park_fail_seconds=config.bus.park_fail_seconds,
             )
             services.update(ki=agent.run, an=dispatcher.run)
@@ -318,6 +327,8 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
                     # Alone, a node holds every role: it sweeps, dispatches (trivially) and works. With roles
                     # from configuration it holds its configured one; in a swarm it waits for the principal.
                     await roles.assume(initial_roles)
+                    if fanout:  # Ki on other nodes name the tasks they finished in their beats: wakes long polls here
+                        await nursery.start(service.follow_beats)
                     if fanout and cred is None and config.sweeper.standby:
                         # Roles from configuration: nobody replaces a dead principal, so every node sweeps a little.
                         standby = Sweeper(

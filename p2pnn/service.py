@@ -8,18 +8,33 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import trio
 
 from p2pnn import logs
 from p2pnn.callers import Caller
-from p2pnn.bus import CANCEL, TaskBus
+from p2pnn.bus import BEATS, CANCEL, TaskBus
 from p2pnn.store import NewTask, TaskStore
-from p2pnn.tasks import Limits, SpecError, State, Task, check_against_model, needs_of, validate_spec
+from p2pnn.tasks import TERMINAL, Limits, SpecError, State, Task, check_against_model, needs_of, validate_spec
 
 log = logs.get(__name__)
 MAX_BATCH = 1000  # specs in one submission; keeps a single transaction and response bounded
+# A waiter is woken at once when this node records the task's result, or when a Ki's beat names
+# it as finished (a swarm bus). The store is asked as well, in case no hint comes (a sweeper's
+# or another node's cancel, a lost beat): first often, then less, so a long wait costs about
+# one query a second whatever the task's length.
+WAIT_POLL_SECONDS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass
+class _Waiting:
+    event: trio.Event = field(default_factory=trio.Event)
+    count: int = 0
 
 
 class Forbidden(Exception):
@@ -47,6 +62,7 @@ class TaskService:
         self.max_attempts = max_attempts
         self._cancel_local = cancel_local
         self._clock = clock
+        self._finished: dict[str, _Waiting] = {}  # task id -> its waiters, woken when this node finishes it
 
     async def submit(
         self, raw_specs: list[Any], caller: Caller, *, idempotency_key: str | None = None, body_hash: str | None = None
@@ -104,6 +120,53 @@ class TaskService:
     async def get(self, task_id: str) -> Task | None:
         return await self.store.get(task_id)
 
+    async def wait(self, task_id: str, timeout: float) -> Task | None:
+        """The task once it is terminal, or as it is after ``timeout`` seconds; None if unknown.
+
+        Resource handling: one store read per poll (WAIT_POLL_SECONDS); ``finished``
+        (this node recorded the result, or a Ki's beat named the task) wakes it at once.
+        """
+        task = await self.store.get(task_id)
+        if task is None or task.state in TERMINAL or timeout <= 0:
+            return task
+        key = task.id  # the canonical id: the one results and beats name
+        waiting = self._finished.setdefault(key, _Waiting())
+        waiting.count += 1
+        try:
+            with trio.move_on_after(timeout):
+                for i in itertools.count():
+                    pause = WAIT_POLL_SECONDS[min(i, len(WAIT_POLL_SECONDS) - 1)]
+                    if waiting.event.is_set():  # woken, yet not terminal when read: poll on
+                        await trio.sleep(pause)
+                    else:
+                        with trio.move_on_after(pause):
+                            await waiting.event.wait()
+                    task = await self.store.get(key)
+                    if task is None or task.state in TERMINAL:
+                        return task
+            return await self.store.get(key)
+        finally:
+            waiting.count -= 1
+            if waiting.count == 0:
+                del self._finished[key]
+
+    def finished(self, task_id: str) -> None:
+        """A hint that ``task_id`` reached a terminal state: wakes whoever waits for it here."""
+        waiting = self._finished.get(task_id)
+        if waiting is not None:
+            waiting.event.set()
+
+    async def follow_beats(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Wake long polls for the tasks that Ki beats name as finished (a swarm bus: Ki on other nodes)."""
+        async with self.bus.subscribe(BEATS) as beats:
+            task_status.started()
+            while True:
+                beat = await beats.receive()
+                finished = beat.get("finished")
+                if isinstance(finished, list) and self._finished:
+                    for task_id in finished:
+                        self.finished(str(task_id))
+
     async def cancel(self, task_id: str, caller: Caller) -> Task | None:
         """Cancel a task; an operator only its own. A task running here is stopped at once;
         elsewhere a broadcast reaches its Ki, which also sees ``cancel_requested`` when it
@@ -119,4 +182,6 @@ class TaskService:
                 await self.bus.broadcast(CANCEL, {"id": task_id})
         if task is not None:
             log.info("task.cancel_requested", task_id=task_id, state=task.state.value)
+            if task.state in TERMINAL:
+                self.finished(task_id)
         return task

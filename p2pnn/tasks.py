@@ -29,11 +29,17 @@ class State(str, enum.Enum):
 
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
 
-KINDS = ("train", "evaluate", "infer", "echo")
+KINDS = ("train", "evaluate", "infer", "echo", "sweep")
 MODELS = ("mlp", "cnn", "transformer")
 DATASETS = ("digits", "synthetic", "inline")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("cpu", "cuda", "auto")
+LR_SCHEDULES = ("constant", "cosine")
+NORMALIZATIONS = ("standardize", "none")
+AMP_MODES = ("none", "bf16")
+BACKENDS = ("auto", "gloo", "nccl")
+# Ranks one data-parallel train task may ask for: a group is placed all at once, so it must fit a swarm.
+MAX_WORKERS = 64
 PROBLEMS = ("classification", "regression")
 
 # scikit-learn's bundled digits: 1,797 images of 8x8 pixels, ten classes.
@@ -81,6 +87,8 @@ class Task:
     error: str | None = None
     idempotency_key: str | None = None
     artifacts: list[str] = field(default_factory=list)
+    # The sweep this task is a trial of (None: submitted on its own).
+    parent: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # Shallow on purpose: asdict() deep-copies spec, progress and result recursively,
@@ -298,25 +306,182 @@ def _model(raw: Any, path: str, sample_shape: list[int]) -> dict[str, Any]:
     }
 
 
+TRAIN_FIELDS = {
+    "kind", "model", "dataset", "optimizer", "lr", "epochs", "batch_size", "seed", "weight_decay", "device",
+    "max_attempts", "lr_schedule", "normalize", "deterministic", "amp", "checkpoint_every", "workers",
+    "min_workers", "backend",
+}
+# With standardised inputs and a cosine decay of the rate per step, the default MLP on
+# digits matches scikit-learn's MLPClassifier(128) (scripts/bench_training.py measures both).
+DEFAULT_LR = 3e-3
+DEFAULT_EPOCHS = 40
+# Every few epochs a train task's state is saved, so a dead Ki costs at most this many epochs.
+DEFAULT_CHECKPOINT_EVERY = 5
+
+
 def _train(spec: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    _no_extra(
-        spec, "spec",
-        {"kind", "model", "dataset", "optimizer", "lr", "epochs", "batch_size", "seed", "weight_decay", "device", "max_attempts"},
-    )
+    _no_extra(spec, "spec", TRAIN_FIELDS)
     dataset = _dataset(spec.get("dataset", {"name": "digits"}), "spec.dataset", limits)
     model = _model(spec.get("model", {"name": "mlp"}), "spec.model", dataset["sample_shape"])
+    epochs = _integer(spec.get("epochs", DEFAULT_EPOCHS), "spec.epochs", lo=1, hi=limits.max_epochs)
+    deterministic = spec.get("deterministic", "auto")
+    if deterministic != "auto" and not isinstance(deterministic, bool):
+        raise SpecError("spec.deterministic", f"must be true, false or \"auto\" (on CPU only), got {deterministic!r}")
+    workers = _integer(spec.get("workers", 1), "spec.workers", lo=1, hi=MAX_WORKERS)
+    min_workers = _integer(spec.get("min_workers", workers), "spec.min_workers", lo=1, hi=workers)
+    batch_size = _integer(spec.get("batch_size", 64), "spec.batch_size", lo=1, hi=65536)
+    if batch_size < workers:
+        raise SpecError("spec.batch_size", f"must be at least workers ({workers}): each rank takes a slice of a batch")
     return {
         "kind": "train",
         "model": model,
         "dataset": dataset,
         "optimizer": _choice(spec.get("optimizer", "adam"), "spec.optimizer", OPTIMIZERS),
-        "lr": _number(spec.get("lr", 1e-3), "spec.lr", lo=1e-7, hi=10.0),
+        "lr": _number(spec.get("lr", DEFAULT_LR), "spec.lr", lo=1e-7, hi=10.0),
         "weight_decay": _number(spec.get("weight_decay", 0.0), "spec.weight_decay", lo=0.0, hi=1.0),
-        "epochs": _integer(spec.get("epochs", 20), "spec.epochs", lo=1, hi=limits.max_epochs),
-        "batch_size": _integer(spec.get("batch_size", 64), "spec.batch_size", lo=1, hi=65536),
+        "epochs": epochs,
+        "batch_size": batch_size,
         "seed": _integer(spec.get("seed", 0), "spec.seed", lo=0, hi=2**31 - 1),
         "device": _choice(spec.get("device", "cpu"), "spec.device", DEVICES),
+        "lr_schedule": _choice(spec.get("lr_schedule", "cosine"), "spec.lr_schedule", LR_SCHEDULES),
+        "normalize": _choice(spec.get("normalize", "standardize"), "spec.normalize", NORMALIZATIONS),
+        "deterministic": deterministic,
+        "amp": _choice(spec.get("amp", "none"), "spec.amp", AMP_MODES),
+        "checkpoint_every": _integer(
+            spec.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY), "spec.checkpoint_every", lo=0, hi=limits.max_epochs
+        ),
+        "workers": workers,
+        "min_workers": min_workers,
+        "backend": _choice(spec.get("backend", "auto"), "spec.backend", BACKENDS),
     }
+
+
+# --- sweeps ---------------------------------------------------------------------
+
+# Trials one sweep may run: each is a task of its own.
+MAX_TRIALS = 200
+# Trials a sweep runs at once when the spec does not say.
+DEFAULT_PARALLELISM = 2
+# Per-epoch metrics a sweep can rank trials by (what every train progress report carries).
+SWEEP_METRICS = ("test_accuracy", "test_loss", "accuracy", "loss")
+DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform")
+STOPPING_RULES = ("median", "none")
+
+
+def sweep_trials(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The raw train spec of every trial of a normalised sweep spec, in trial order."""
+    out = []
+    for params in spec["trials"]:
+        raw = json_copy(spec["base"])
+        for path, value in params.items():
+            _set_path(raw, path.split("."), value)
+        out.append(raw)
+    return out
+
+
+def json_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: json_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_copy(v) for v in value]
+    return value
+
+
+def _set_path(target: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        nxt = target.get(key)
+        if not isinstance(nxt, dict):
+            # model.hidden on a base without a model: start from the train spec's default object.
+            nxt = {"name": "mlp"} if key == "model" else {"name": "digits"} if key == "dataset" else {}
+            target[key] = nxt
+        target = nxt
+    target[keys[-1]] = json_copy(value)
+
+
+def _space(raw: Any) -> tuple[dict[str, list[Any]], dict[str, tuple[str, float, float]]]:
+    space = _object(raw, "spec.space")
+    if not space:
+        raise SpecError("spec.space", "needs at least one dimension")
+    grid: dict[str, list[Any]] = {}
+    drawn: dict[str, tuple[str, float, float]] = {}
+    for path, dim in space.items():
+        where = f"spec.space.{path}"
+        if not isinstance(path, str) or not path or any(not k for k in path.split(".")) or path.split(".")[0] == "kind":
+            raise SpecError(where, "must be a dotted path into the train spec (lr, model.hidden, ...)")
+        if isinstance(dim, list):
+            if not dim or len(dim) > MAX_TRIALS:
+                raise SpecError(where, f"a list of 1 to {MAX_TRIALS} values")
+            grid[path] = dim
+        elif isinstance(dim, dict) and len(dim) == 1 and next(iter(dim)) in DISTRIBUTIONS:
+            name, bounds = next(iter(dim.items()))
+            if not isinstance(bounds, list) or len(bounds) != 2:
+                raise SpecError(f"{where}.{name}", "must be [low, high]")
+            lo = _number(bounds[0], f"{where}.{name}[0]", lo=-1e12, hi=1e12)
+            hi = _number(bounds[1], f"{where}.{name}[1]", lo=lo, hi=1e12)
+            if name == "log_uniform" and lo <= 0:
+                raise SpecError(f"{where}.{name}[0]", "must be above 0 for a log-uniform draw")
+            drawn[path] = (name, lo, hi)
+        else:
+            raise SpecError(where, f"must be a list of values or one of {{{', '.join(DISTRIBUTIONS)}: [low, high]}}")
+    return grid, drawn
+
+
+def _sweep(spec: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    import itertools
+    import random
+
+    _no_extra(spec, "spec", {"kind", "base", "space", "trials", "parallelism", "metric", "mode", "early_stopping",
+                             "seed", "max_attempts"})
+    base = dict(_object(spec.get("base", {}), "spec.base"))
+    base.pop("kind", None)
+    base_spec = _train(base, limits)  # the base alone must be a valid train spec
+    grid, drawn = _space(spec.get("space"))
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
+    seed = _integer(spec.get("seed", 0), "spec.seed", lo=0, hi=2**31 - 1)
+    rng = random.Random(seed)
+    default_trials = len(points) if not drawn else max(len(points), 10)
+    trials = _integer(spec.get("trials", min(default_trials, MAX_TRIALS)), "spec.trials", lo=1, hi=MAX_TRIALS)
+    if trials < len(points):
+        points = rng.sample(points, trials)  # a budget below the grid: a random part of it
+    chosen = []
+    for i in range(trials):
+        params = dict(points[i % len(points)])
+        for path, (name, lo, hi) in drawn.items():
+            if name == "log_uniform":
+                params[path] = round(math.exp(rng.uniform(math.log(lo), math.log(hi))), 10)
+            elif name == "uniform":
+                params[path] = round(rng.uniform(lo, hi), 10)
+            else:
+                params[path] = rng.randint(math.ceil(lo), math.floor(hi))
+        chosen.append(params)
+    problem = base_spec["dataset"]["problem"]
+    metric = _choice(spec.get("metric", "test_accuracy" if problem == "classification" else "test_loss"),
+                     "spec.metric", SWEEP_METRICS)
+    if problem != "classification" and "accuracy" in metric:
+        raise SpecError("spec.metric", f"a {problem} base has no {metric}")
+    stopping = _object(spec.get("early_stopping", {}), "spec.early_stopping")
+    _no_extra(stopping, "spec.early_stopping", {"rule", "grace_epochs", "min_trials"})
+    out = {
+        "kind": "sweep",
+        "base": base,
+        "trials": chosen,
+        "parallelism": _integer(spec.get("parallelism", DEFAULT_PARALLELISM), "spec.parallelism", lo=1, hi=64),
+        "metric": metric,
+        "mode": _choice(spec.get("mode", "min" if metric.endswith("loss") else "max"), "spec.mode", ("min", "max")),
+        "early_stopping": {
+            "rule": _choice(stopping.get("rule", "median"), "spec.early_stopping.rule", STOPPING_RULES),
+            "grace_epochs": _integer(stopping.get("grace_epochs", 3), "spec.early_stopping.grace_epochs",
+                                     lo=1, hi=limits.max_epochs),
+            "min_trials": _integer(stopping.get("min_trials", 3), "spec.early_stopping.min_trials", lo=1, hi=MAX_TRIALS),
+        },
+        "seed": seed,
+    }
+    for i, raw in enumerate(sweep_trials(out)):
+        try:
+            _train(raw, limits)
+        except SpecError as exc:
+            raise SpecError(f"spec.trials[{i}]{exc.path[4:]}", f"{exc.message} (params {chosen[i]})") from None
+    return out
 
 
 def _model_task(spec: dict[str, Any]) -> str:
@@ -346,6 +511,8 @@ def validate_spec(raw: Any, limits: Limits) -> dict[str, Any]:
         }
     elif kind == "train":
         out = _train(spec, limits)
+    elif kind == "sweep":
+        out = _sweep(spec, limits)
     elif kind == "evaluate":
         _no_extra(spec, "spec", {"kind", "model_task", "dataset", "batch_size", "device", "max_attempts"})
         out = {
@@ -394,6 +561,18 @@ def check_against_model(spec: dict[str, Any], model_task: Task | None) -> None:
             raise SpecError("spec.dataset", f"has {ds['classes']} classes; the model knows {trained_on['classes']}")
 
 
+# An echo task sleeping no longer than this is known to be short. Only such tasks are sent
+# ahead of a free slot: for a task of unknown length the few milliseconds saved are nothing,
+# and it could hold up the tasks queued behind it at its Ki.
+SHORT_SECONDS = 0.1
+
+
 def needs_of(spec: dict[str, Any]) -> dict[str, Any]:
-    """What a Ki must offer to run a task: an An matches it against Ki beats."""
-    return {"gpu": spec.get("device") == "cuda"}
+    """What a Ki must offer to run a task (an An matches it against Ki beats), whether the task is
+    known to be short (``short``: only those are forwarded ahead of a free slot), and for a
+    data-parallel task how many ranks it needs."""
+    short = spec.get("kind") == "echo" and float(spec.get("sleep") or 0) <= SHORT_SECONDS
+    needs: dict[str, Any] = {"gpu": spec.get("device") == "cuda", "short": short}
+    if spec.get("workers", 1) > 1:
+        needs["workers"], needs["min_workers"] = spec["workers"], spec.get("min_workers", spec["workers"])
+    return needs

@@ -20,6 +20,7 @@
    from the first start until every one of them has read every other's record.
 
     .venv/bin/python scripts/bench_failover.py [--kills 20] [--nodes 4] [--dht-nodes 50] [--idle 600 --hog 2]
+    (no DHT run without --dht-nodes)
 """
 
 from __future__ import annotations
@@ -300,7 +301,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--nodes", type=int, default=4)
-    parser.add_argument("--dht-nodes", type=int, default=50)
+    parser.add_argument("--dht-nodes", type=int, default=0, help="DHT nodes for the convergence run (0, the default: no DHT run)")
     parser.add_argument("--dht-processes", type=int, default=10, help="processes the DHT nodes are spread over")
     parser.add_argument("--dht-rpc-timeout", type=float, default=DhtConfig().rpc_timeout_seconds,
                         help="dht.rpc_timeout_seconds for the DHT benchmark (default: the configuration default)")

@@ -170,6 +170,25 @@ async def test_bad_list_parameters_are_400(raw, query):
     _error(await raw.get(f"/api/v1/tasks?{query}"), 400)
 
 
+async def test_long_poll_answers_when_the_task_finishes_or_the_wait_ends(raw):
+    slow = (await raw.post("/api/v1/tasks", json={"kind": "echo", "payload": 1, "sleep": 1.0})).json()
+    started = time.monotonic()
+    done = await raw.get(f"/api/v1/tasks/{slow['id']}", params={"wait": "20"})
+    assert done.status_code == 200 and done.json()["state"] == "succeeded"
+    assert time.monotonic() - started < 15  # woken by the finish, not by the end of the wait
+    long = (await raw.post("/api/v1/tasks", json={"kind": "echo", "sleep": 30})).json()
+    started = time.monotonic()
+    still = await raw.get(f"/api/v1/tasks/{long['id']}", params={"wait": "0.3"})
+    assert still.status_code == 200 and still.json()["state"] in ("queued", "running")
+    assert time.monotonic() - started >= 0.3
+    cancelled = await raw.delete(f"/api/v1/tasks/{long['id']}")
+    assert cancelled.status_code == 200
+    assert (await raw.get(f"/api/v1/tasks/{long['id']}", params={"wait": "20"})).json()["state"] == "cancelled"
+    for bad in ("-1", "61", "soon", "nan"):
+        _error(await raw.get(f"/api/v1/tasks/{slow['id']}", params={"wait": bad}), 400)
+    _error(await raw.get("/api/v1/tasks/00000000-0000-0000-0000-000000000000", params={"wait": "1"}), 404)
+
+
 async def test_unknown_and_malformed_ids_are_404(raw):
     _error(await raw.get("/api/v1/tasks/00000000-0000-0000-0000-000000000000"), 404)
     _error(await raw.get("/api/v1/tasks/not-a-uuid"), 404)

@@ -172,6 +172,29 @@ async def test_bus_without_a_broker_refuses_publishes_instead_of_hanging():
         nursery.cancel_scope.cancel()
 
 
+async def test_ack_many_settles_a_batch_and_only_that_batch(amqp_url):
+    async with trio.open_nursery() as nursery:
+        bus = await _started(nursery, _bus(amqp_url))
+        await bus.publish([f"m{i}" for i in range(10)])
+        async with bus.consume("tasks", prefetch=10) as inbox:
+            got = [await inbox.receive() for _ in range(10)]
+            await inbox.ack_many(got[:4])  # the oldest four: one multiple ack
+            await inbox.ack_many([got[5], got[7]])  # with gaps below them: acked one by one
+            await inbox.nack(got[9])
+        # The consumer is gone: whatever it did not ack comes back (before a message published
+        # after it went), and nothing it acked.
+        await bus.publish(["end"])
+        async with bus.consume("tasks", prefetch=10) as inbox:
+            again = []
+            with trio.fail_after(20):
+                while not again or again[-1] != "end":
+                    delivery = await inbox.receive()
+                    again.append(delivery.task_id)
+                    await inbox.ack_many([delivery])
+            assert sorted(again[:-1]) == ["m4", "m6", "m8", "m9"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_shared_queue_declared_with_older_arguments_is_used_not_refused_forever(amqp_url):
     import pika
 

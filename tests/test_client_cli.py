@@ -132,7 +132,34 @@ def test_version_and_help_name_every_subcommand():
     version = p2pnn("--version")
     assert version.returncode == 0 and version.stdout.startswith("p2pnn ")
     helped = p2pnn("--help").stdout
-    for command in ("submit", "watch", "ls", "get", "cancel", "artifact", "nodes"):
+    for command in ("submit", "watch", "ls", "get", "cancel", "artifact", "nodes", "sweep"):
         assert command in helped
         sub = p2pnn(command, "--help")
         assert sub.returncode == 0 and sub.stdout.split("\n\n")[1].strip(), sub.stdout  # a description line
+
+
+def test_sweep_runs_its_trials_lists_them_by_parent_and_prints_the_trial_table(user, tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"kind": "train", "dataset": {"name": "digits"}, "epochs": 2, "model": {"name": "mlp", "hidden": [32]}}))
+    swept = p2pnn(
+        "sweep", str(base), "--space", "lr=[0.001,0.01]", "--space", "model.hidden=[[16],[32]]", "--trials", "3",
+        "--parallelism", "2", "--early-stopping", "none", "--watch", env=user,
+    )
+    assert swept.returncode == 0, swept.stderr
+    sweep_id = swept.stderr.split("submitted sweep ")[1].split()[0]
+    rows = [line for line in swept.stdout.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    assert len(rows) == 3 and all(" succeeded " in row for row in rows), swept.stdout  # the trial table
+    assert "best: trial " in swept.stdout and f"p2pnn artifact " in swept.stdout
+
+    trials = json.loads(p2pnn("ls", "--parent", sweep_id, "--json", env=user).stdout)
+    assert len(trials) == 3 and {t["kind"] for t in trials} == {"train"}
+    assert {(t["spec"]["lr"], tuple(t["spec"]["model"]["hidden"])) for t in trials} <= {
+        (lr, (h,)) for lr in (0.001, 0.01) for h in (16, 32)
+    }
+    got = json.loads(p2pnn("get", sweep_id, "--json", env=user).stdout)
+    assert got["kind"] == "sweep" and got["result"]["best"]["task_id"] in {t["id"] for t in trials}
+
+
+def test_sweep_needs_a_space(user):
+    refused = p2pnn("sweep", env=user)
+    assert refused.returncode == 2 and "--space" in refused.stderr

@@ -346,6 +346,23 @@ async def test_a_renewal_that_hangs_stops_the_principal_within_one_heartbeat(sto
     assert h.election.fence is fence and not h.election.leading
 
 
+async def test_a_follower_that_hears_no_principal_for_longer_than_a_failover_is_orphaned(store, ids, nursery):
+    low, mid, high = ids
+    clock = Clock()
+    h = Harness(store, mid, [low, high], clock, nursery)
+    await h.election.on_message({"type": "coordinator", "term": 3, "id": high, "roles": {}}, h.peer(high))
+    failover = CONFIG.election_timeout_seconds + CONFIG.lease_seconds + CONFIG.heartbeat_seconds
+    clock.now += failover - 0.01
+    assert not h.election.orphaned()
+    clock.now += 0.02
+    assert h.election.orphaned()
+    # A principal renewing its lease is never orphaned, however long it hears nobody else.
+    clock.now += 60
+    await h.win()
+    clock.now += failover + 1
+    assert not h.election.orphaned()
+
+
 async def test_the_principals_fenced_sweep_runs_under_the_elections_deadline_and_only_while_it_leads(store, ids, nursery):
     low, mid, high = ids
     clock = Clock()

@@ -129,56 +129,6 @@ async def test_slots_survive_three_role_switches_and_a_stopped_kis_buffer_goes_b
     assert (await store.get(waiting)).state is State.QUEUED
 
 
-class _SlowClaims:
-    """The real store, except that a claim answers only ``delay`` seconds after it was made (a slow database)."""
-
-    def __init__(self, store: TaskStore, delay: float) -> None:
-        self._store, self.delay, self.claiming = store, delay, trio.Event()
-
-    def __getattr__(self, name: str):
-        return getattr(self._store, name)
-
-    async def claim(self, *args, **kwargs):
-        task = await self._store.claim(*args, **kwargs)
-        self.claiming.set()
-        await trio.sleep(self.delay)
-        return task
-
-
-async def test_a_ki_whose_role_stops_while_its_claim_is_in_flight_hands_that_task_back(amqp_url, tmp_path):
-    """The claim is made in the store, then the role stops before the Ki learns of it: the task must not
-    stay ``running`` under a lease nobody renews until it lapses."""
-    real = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
-    await real.open()
-    store = _SlowClaims(real, delay=2.0)
-    bus = AmqpBus(AmqpSettings(url=amqp_url, prefix="hbc", ki_message_ttl=60))
-    pool = KiPool(slots=1, torch_threads=1, limits=Limits(), workdir=tmp_path / "work")
-    runner = KiRunner(node_id=NODE, store=store, bus=bus, pool=pool, metrics=Metrics(), lease_seconds=600,
-                      queue=ki_queue(NODE))
-    roles = RoleHost({"ki": runner.run})
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(bus.run)
-            assert await bus.wait_connected(20), "no connection to RabbitMQ"
-            await nursery.start(pool.run)
-            await nursery.start(roles.run)
-            await roles.assume({"ki"})
-            task_id = await _queued_task(real, sleep=0)
-            await bus.publish([task_id], queue=ki_queue(NODE))
-            with trio.fail_after(30):
-                await store.claiming.wait()
-            await roles.assume(set())
-            assert (await real.get(task_id)).state is State.QUEUED, "claimed, then left running"
-            async with bus.consume(TASKS, prefetch=1) as inbox:
-                with trio.fail_after(20):
-                    delivery = await inbox.receive()
-                await inbox.ack(delivery)
-            assert delivery.task_id == task_id
-            nursery.cancel_scope.cancel()
-    finally:
-        await real.close()
-
-
 async def test_a_queued_task_without_a_confirmed_message_is_stranded_until_published(store):
     """The sweeper's rule: queued, no published_at, older than stranded_after."""
     (task,), _ = await store.create([NewTask("echo", {"kind": "echo"}, "tester", 3)], now=T0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.conftest import PG_URL
 
-SUBCOMMANDS = ("run", "principal", "an", "ki", "init", "token", "demo")
+SUBCOMMANDS = ("run", "principal", "an", "ki", "init", "token", "revoke", "demo")
 
 
 def node_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -188,6 +188,7 @@ class Lab:
             except httpx.HTTPError:
                 continue
             cluster["members"] = sorted(n["id"] for n in nodes)
+            cluster["own_roles"] = next((n["roles"] for n in nodes if n["id"] == cluster["node_id"]), None)
             out[name] = cluster
         return out
 
@@ -297,6 +298,9 @@ def test_after_a_partition_heals_the_swarm_is_one_within_ten_seconds(lab: Lab, s
             return all(set(v["members"]).isdisjoint(side_b if v["node_id"] in side_a else side_a) for v in views.values())
 
         lab.wait_for(split, 60)
+        # The side that hears no principal holds no role: its An or Ki work would run outside the membership.
+        leaderless = [lab.nodes[m].node_id for m in lab.nodes if m not in cuts]  # the principal's side is cut off
+        lab.wait_for(lambda views: all(v["own_roles"] == [] for v in views.values() if v["node_id"] in leaderless), 30)
     healed_at = time.time()
     for name, targets in cuts.items():
         lab.heal(name, targets)

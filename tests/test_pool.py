@@ -278,3 +278,84 @@ async def test_preloading_workers_import_torch_before_their_first_job(tmp_path: 
 async def test_a_pool_of_no_slots_runs_nothing_and_starts_no_process(tmp_path: Path) -> None:
     async with running_pool(tmp_path, slots=0) as pool:
         assert pool.slots == 0 and pool.worker_pids() == []
+
+
+# --- checkpoints and data-parallel groups ---------------------------------------
+
+
+async def test_checkpoints_reach_the_caller_and_a_later_attempt_resumes_from_one(tmp_path: Path) -> None:
+    spec = validate_spec({"kind": "train", "epochs": 3, "checkpoint_every": 1, "model": {"name": "mlp", "hidden": [16]}}, LIMITS)
+    checkpoints: list[tuple[int, bytes]] = []
+
+    async def keep(epoch: int, data: bytes) -> None:
+        checkpoints.append((epoch, data))
+
+    async with running_pool(tmp_path / "pool", slots=1) as pool:
+        whole = await pool.execute(Job("t", 1, spec), ignore, keep)
+        assert whole.status == "succeeded", whole.error
+        assert [e for e, _ in checkpoints] == [1, 2] and checkpoints[0][1][8:9] == b"{"
+        resumed = await pool.execute(Job("t", 2, spec, resume_file=checkpoints[1][1]), ignore)
+        assert resumed.status == "succeeded", resumed.error
+    assert resumed.result is not None and whole.result is not None
+    assert resumed.result["resumed_at_epoch"] == 2 and resumed.result["epochs"] == whole.result["epochs"]
+    assert list((tmp_path / "pool").iterdir()) == []
+
+
+async def test_a_group_of_two_ranks_on_one_node_trains_like_one_process(tmp_path: Path) -> None:
+    spec = validate_spec({"kind": "train", "epochs": 8, "workers": 2}, LIMITS)
+    single = validate_spec({"kind": "train", "epochs": 8}, LIMITS)
+    progress: list[dict[str, Any]] = []
+
+    async def collect(p: dict[str, Any]) -> None:
+        progress.append(p)
+
+    async with running_pool(tmp_path / "pool", slots=2) as pool:
+        grouped = await pool.execute_group(Job("g", 1, spec), 2, collect)
+        assert grouped.status == "succeeded", grouped.error
+        alone = await pool.execute(Job("s", 1, single), ignore)
+    assert grouped.result is not None and alone.result is not None
+    assert grouped.result["workers"] == 2 and grouped.result["backend"] == "gloo"
+    assert [p["epoch"] for p in progress] == list(range(1, 9)) and progress[0]["workers"] == 2
+    assert "model.safetensors" in grouped.artifacts
+    assert abs(grouped.result["test_accuracy"] - alone.result["test_accuracy"]) <= 0.005 + 1e-9
+
+
+async def test_two_groups_competing_for_the_slots_both_finish(tmp_path: Path) -> None:
+    spec = validate_spec({"kind": "train", "epochs": 1, "workers": 2, "model": {"name": "mlp", "hidden": [8]}}, LIMITS)
+    outcomes: dict[str, Outcome] = {}
+
+    async with running_pool(tmp_path / "pool", slots=3) as pool:
+
+        async def run(task_id: str) -> None:
+            outcomes[task_id] = await pool.execute_group(Job(task_id, 1, spec), 2, ignore)
+
+        with trio.fail_after(300):
+            async with trio.open_nursery() as nursery:
+                for name in ("a", "b"):
+                    nursery.start_soon(run, name)
+        too_big = await pool.execute_group(Job("c", 1, spec), 4, ignore)
+    assert {k: o.status for k, o in outcomes.items()} == {"a": "succeeded", "b": "succeeded"}, outcomes
+    assert too_big.status == "failed" and "do not fit" in (too_big.error or "")
+
+
+async def test_a_killed_rank_ends_its_group_at_once_as_a_retryable_crash(tmp_path: Path) -> None:
+    spec = validate_spec({"kind": "train", "epochs": 200, "workers": 2, "dataset": {"name": "synthetic", "samples": 20000}}, LIMITS)
+    async with running_pool(tmp_path / "pool", slots=2) as pool:
+        outcome: list[Outcome] = []
+
+        async def run() -> None:
+            outcome.append(await pool.execute_group(Job("g", 1, spec), 2, ignore))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            with trio.fail_after(60):
+                while (pid := pool.pid_of("g", rank=1)) is None:
+                    await trio.sleep(0.05)
+            peer = pool.pid_of("g", rank=0)
+            await trio.sleep(2)  # let the group form, so rank 0 would otherwise wait in a collective
+            os.kill(pid, signal.SIGKILL)
+            with trio.fail_after(60):  # far less than the rendezvous timeout: the peer is killed, not waited out
+                while not outcome:
+                    await trio.sleep(0.05)
+    assert outcome[0].status == "crashed" and outcome[0].retryable
+    assert peer is not None and not alive(peer)

@@ -16,7 +16,7 @@ from psycopg_pool import ConnectionPool
 from p2pnn.store import IdempotencyConflict, NewTask, StoreError, TaskStore, open_store
 from p2pnn.store._schema import LATEST_VERSION
 from p2pnn.store.postgres import run_transaction
-from p2pnn.tasks import State
+from p2pnn.tasks import State, Task
 
 T0 = 1_700_000_000.0  # a fixed "now": the store takes time from its caller, except for task leases
 LEASE = 30.0
@@ -74,6 +74,20 @@ async def test_list_filters_by_state_kind_and_owner(store: TaskStore) -> None:
     assert ids(await store.list(state=State.QUEUED)) == {a[1].id}
     assert ids(await store.list(state=State.PENDING, kind="echo", owner="bob")) == {b[0].id}
     assert (await store.list(owner="carol")).tasks == []
+
+
+async def test_a_sweeps_trials_name_it_as_parent_and_are_listed_by_it(store: TaskStore) -> None:
+    (sweep,), _ = await store.create([new(kind="sweep")], now=T0)
+    trials, _ = await store.create(
+        [NewTask(kind="train", spec={"kind": "train", "lr": lr}, owner="alice", max_attempts=3, parent=sweep.id)
+         for lr in (0.1, 0.2)], now=T0 + 1,
+    )
+    await store.create([new()], now=T0 + 2)
+    assert sweep.parent is None and {t.parent for t in trials} == {sweep.id}
+    listed = (await store.list(parent=sweep.id)).tasks
+    assert sorted(t.id for t in listed) == sorted(t.id for t in trials)
+    assert (await store.get(trials[0].id)).parent == sweep.id
+    assert (await store.list(parent="not-a-task-id")).tasks == []
 
 
 async def test_list_pages_newest_first_without_duplicates_or_gaps(store: TaskStore) -> None:
@@ -177,13 +191,21 @@ async def test_only_pending_tasks_are_marked_queued(store: TaskStore) -> None:
     assert await store.mark_queued([], now=T0) == 0
 
 
-async def test_claim_refuses_a_task_that_is_not_queued(store: TaskStore) -> None:
+async def test_claim_takes_a_queued_or_pending_task_once(store: TaskStore) -> None:
     (task,), _ = await store.create([new()], now=T0)
-    assert await store.claim(task.id, worker="ki-1", now=T0, lease_seconds=LEASE) is None  # still pending
     await store.mark_queued([task.id], now=T0)
     assert await store.claim(task.id, worker="ki-1", now=T0, lease_seconds=LEASE) is not None
     assert await store.claim(task.id, worker="ki-2", now=T0, lease_seconds=LEASE) is None  # taken
     assert (await store.get(task.id)).lease_owner == "ki-1"
+    # Published, its message already at a worker, not yet marked queued by the API: claimed all the same,
+    # and the late mark changes nothing.
+    (early,), _ = await store.create([new()], now=T0)
+    claimed = await store.claim(early.id, worker="ki-1", now=T0, lease_seconds=LEASE)
+    assert claimed is not None and claimed.state is State.RUNNING and claimed.attempts == 1
+    assert await store.mark_queued([early.id], now=T0) == 0
+    (gone,), _ = await store.create([new()], now=T0)
+    await store.request_cancel(gone.id, now=T0)
+    assert await store.claim(gone.id, worker="ki-1", now=T0, lease_seconds=LEASE) is None  # cancelled
 
 
 async def test_a_stale_attempt_cannot_finish_renew_or_report(store: TaskStore) -> None:
@@ -314,6 +336,38 @@ async def test_counts_by_state_and_kind(store: TaskStore) -> None:
     tasks, _ = await store.create([new(kind="echo"), new(kind="echo"), new(kind="train")], now=T0)
     await store.mark_queued([tasks[0].id], now=T0)
     assert await store.counts() == {("queued", "echo"): 1, ("pending", "echo"): 1, ("pending", "train"): 1}
+
+
+async def test_counts_follow_every_transition(store: TaskStore) -> None:
+    """counts() reads kept counts, not the tasks table: after every kind of transition they still
+    agree with the tasks themselves."""
+    a, b, c, d, e, f = [(await running(store))[0] for _ in range(6)]
+    await store.finish(a, attempt=1, state=State.SUCCEEDED, now=T0, result={})
+    await store.finish(b, attempt=1, state=State.FAILED, now=T0, error="x")
+    await store.retry_or_fail(c, attempt=1, error="crash", now=T0)  # queued again
+    await store.release(d, attempt=1, now=T0)  # queued again
+    await store.request_cancel(e, now=T0)  # running, cancel requested
+    await store.finish(e, attempt=1, state=State.CANCELLED, now=T0, error="cancelled")
+    await store.renew(f, worker="ki-1", attempt=1, now=T0, lease_seconds=LEASE)  # stays running
+    pending, _ = await store.create([new(kind="train"), new(kind="train")], now=T0)
+    await store.request_cancel(pending[0].id, now=T0)  # pending -> cancelled
+    queued, _ = await store.create([new()], now=T0)
+    await store.mark_queued([queued[0].id, queued[0].id, pending[1].id], now=T0)
+    await store.request_cancel(queued[0].id, now=T0)  # queued -> cancelled
+    await store.request_cancel(queued[0].id, now=T0)  # already cancelled: nothing moves
+    for _ in range(2):
+        await running(store, max_attempts=1, lease=SHORT_LEASE)  # its lease lapses first
+    await trio.sleep(2 * SHORT_LEASE)
+    assert [s for _, s in await store.expire_leases(now=T0 + 1, limit=1)] == [State.FAILED]  # out of attempts
+    assert await store.finish(a, attempt=1, state=State.FAILED, now=T0) is False  # a late duplicate moves nothing
+
+    tasks = (await store.list(limit=1000)).tasks
+    expected: dict[tuple[str, str], int] = {}
+    for t in tasks:
+        expected[(t.state.value, t.kind)] = expected.get((t.state.value, t.kind), 0) + 1
+    assert await store.counts() == expected
+    assert set(expected) == {(s.value, "echo") for s in State if s is not State.PENDING} | {
+        ("cancelled", "train"), ("queued", "train")}
 
 
 # --- artifacts --------------------------------------------------------------------
@@ -506,3 +560,59 @@ async def test_a_cancelled_transaction_is_abandoned_and_its_connection_reused(po
             assert await run_transaction(pool, lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)
     finally:
         pool.close()
+
+
+@pytest.mark.postgres
+async def test_a_dead_pooled_connection_costs_one_failed_transaction(postgres_url: str, pg_schema: str) -> None:
+    """Connections are not checked on checkout: a connection the server dropped fails the one
+    transaction that meets it (StoreError), and the pool then hands out live connections."""
+    store = open_store("postgres", url=postgres_url, schema=pg_schema, pool_size=2)
+    await store.open()
+    try:
+        (task,), _ = await store.create([new()], now=T0)
+        pids = set()
+        for _ in range(4):  # whichever pooled connections exist by now
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(lambda: _remember_pid(store, pids))
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            for pid in pids:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        failures = 0
+        for _ in range(len(pids) + 2):
+            try:
+                assert (await store.get(task.id)).id == task.id
+            except StoreError:
+                failures += 1
+        assert failures == 1  # the first error makes the pool check (and drop) every idle connection
+        assert (await store.get(task.id)).id == task.id
+    finally:
+        await store.close()
+
+
+async def _remember_pid(store: TaskStore, pids: set[int]) -> None:
+    pids.add((await store._transact(lambda db: db.one("SELECT pg_backend_pid()"), write=False))[0])
+    await trio.sleep(0.05)
+
+
+async def test_apply_runs_claims_and_finishes_in_one_transaction_each_as_alone(store: TaskStore) -> None:
+    from p2pnn.store import ClaimOp, FinishOp
+
+    done_id, attempt = await running(store)
+    taken_id, _ = await running(store)
+    (fresh,), _ = await store.create([new(kind="train")], now=T0)
+    await store.mark_queued([fresh.id], now=T0)
+    out = await store.apply([
+        FinishOp(done_id, attempt, State.SUCCEEDED, result={"ok": 1}),
+        ClaimOp(fresh.id, "ki-2", LEASE),
+        ClaimOp(taken_id, "ki-2", LEASE),  # running already: refused
+        FinishOp(taken_id, attempt + 1, State.FAILED, error="x"),  # not its attempt: refused
+        ClaimOp("not-a-uuid", "ki-2", LEASE),
+    ], now=T0 + 1)
+    assert out[0] is True and out[2] is None and out[3] is False and out[4] is None
+    assert isinstance(out[1], Task) and out[1].state is State.RUNNING and out[1].lease_owner == "ki-2"
+    assert (await store.get(done_id)).result == {"ok": 1}
+    assert (await store.apply([FinishOp(done_id, attempt, State.FAILED)], now=T0 + 2)) == [False]  # first result won
+    assert await store.counts() == {("succeeded", "echo"): 1, ("running", "echo"): 1, ("running", "train"): 1}
+    with pytest.raises(ValueError):
+        await store.apply([FinishOp(taken_id, 1, State.RUNNING)], now=T0)

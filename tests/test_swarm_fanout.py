@@ -32,7 +32,7 @@ TASKS = 30
 @pytest.fixture
 def swarm(tmp_path, postgres_url, pg_schema, amqp_url):
     env = {
-        **SWARM_ENV, **{k: v for k, v in FANOUT_ENV.items() if k.startswith("P2PNN_BUS__")},
+        **SWARM_ENV, **{k: v for k, v in FANOUT_ENV.items() if k.startswith(("P2PNN_BUS__", "P2PNN_SWEEPER__STRANDED"))},
         "P2PNN_BUS__URL": amqp_url, "P2PNN_COMPUTE__SLOTS": "2", "P2PNN_COMPUTE__PRELOAD_TORCH": "false",
     }
     s = LocalSwarm(tmp_path, postgres_url, pg_schema, name="fanout", env=env)

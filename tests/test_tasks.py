@@ -2,7 +2,7 @@
 
 import pytest
 
-from p2pnn.tasks import Limits, SpecError, State, Task, check_against_model, validate_spec
+from p2pnn.tasks import Limits, SpecError, State, Task, check_against_model, sweep_trials, validate_spec
 
 LIMITS = Limits()
 
@@ -10,7 +10,9 @@ LIMITS = Limits()
 def test_defaults_make_the_demo_training():
     spec = validate_spec({"kind": "train"}, LIMITS)
     assert spec["model"]["name"] == "mlp" and spec["dataset"]["name"] == "digits"
-    assert (spec["optimizer"], spec["lr"], spec["epochs"], spec["batch_size"], spec["seed"]) == ("adam", 1e-3, 20, 64, 0)
+    assert (spec["optimizer"], spec["lr"], spec["epochs"], spec["batch_size"], spec["seed"]) == ("adam", 3e-3, 40, 64, 0)
+    assert (spec["lr_schedule"], spec["normalize"], spec["deterministic"], spec["amp"]) == ("cosine", "standardize", "auto", "none")
+    assert (spec["workers"], spec["min_workers"], spec["backend"], spec["checkpoint_every"]) == (1, 1, "auto", 5)
     assert spec["dataset"]["sample_shape"] == [8, 8]
 
 
@@ -34,6 +36,21 @@ def test_defaults_make_the_demo_training():
         ({"kind": "infer", "model_task": "t", "inputs": [1.0, 2.0]}, "spec.inputs"),
         ({"kind": "infer", "model_task": "", "inputs": [[1.0]]}, "spec.model_task"),
         ({"kind": "echo", "max_attempts": 0}, "spec.max_attempts"),
+        ({"kind": "train", "deterministic": "yes"}, "spec.deterministic"),
+        ({"kind": "train", "amp": "fp16"}, "spec.amp"),
+        ({"kind": "train", "lr_schedule": "step"}, "spec.lr_schedule"),
+        ({"kind": "train", "workers": 0}, "spec.workers"),
+        ({"kind": "train", "workers": 2, "min_workers": 3}, "spec.min_workers"),
+        ({"kind": "train", "workers": 4, "batch_size": 2}, "spec.batch_size"),
+        ({"kind": "train", "backend": "mpi"}, "spec.backend"),
+        ({"kind": "train", "checkpoint_every": -1}, "spec.checkpoint_every"),
+        ({"kind": "sweep", "space": {}}, "spec.space"),
+        ({"kind": "sweep", "space": {"lr": {"log_uniform": [0, 1]}}}, "spec.space.lr.log_uniform[0]"),
+        ({"kind": "sweep", "space": {"lr": {"normal": [0, 1]}}}, "spec.space.lr"),
+        ({"kind": "sweep", "space": {"kind": ["echo"]}}, "spec.space.kind"),
+        ({"kind": "sweep", "space": {"lr": [0.1]}, "metric": "f1"}, "spec.metric"),
+        ({"kind": "sweep", "space": {"epochs": [5, 5000]}}, "spec.trials[1].epochs"),
+        ({"kind": "sweep", "base": {"lr": -1}, "space": {"epochs": [5]}}, "spec.lr"),
     ],
 )
 def test_invalid_fields_are_named(raw, path):
@@ -76,3 +93,22 @@ def test_unfinished_or_missing_model_task_is_refused():
     running = Task(**{**_trained().__dict__, "state": State.RUNNING})
     with pytest.raises(SpecError, match="not a succeeded train task"):
         check_against_model(spec, running)
+
+
+def test_a_sweep_expands_grid_and_random_dimensions_into_seeded_trials():
+    raw = {"kind": "sweep", "base": {"epochs": 5}, "trials": 6,
+           "space": {"lr": {"log_uniform": [1e-4, 1e-2]}, "model.hidden": [[64], [128, 64]]}}
+    spec = validate_spec(raw, LIMITS)
+    assert spec == validate_spec(raw, LIMITS)  # same seed, same trials
+    assert len(spec["trials"]) == 6 and all(1e-4 <= t["lr"] <= 1e-2 for t in spec["trials"])
+    assert [t["model.hidden"] for t in spec["trials"]] == [[64], [128, 64]] * 3  # the grid, cycled
+    assert (spec["metric"], spec["mode"], spec["parallelism"]) == ("test_accuracy", "max", 2)
+    assert spec["early_stopping"] == {"rule": "median", "grace_epochs": 3, "min_trials": 3}
+    trial = sweep_trials(spec)[1]
+    assert trial["model"] == {"name": "mlp", "hidden": [128, 64]} and trial["epochs"] == 5
+    grid = validate_spec({"kind": "sweep", "space": {"lr": [1e-3, 3e-3], "batch_size": [32, 64, 128]}}, LIMITS)
+    assert len(grid["trials"]) == 6 and len({tuple(t.values()) for t in grid["trials"]}) == 6
+    part = validate_spec({"kind": "sweep", "trials": 4, "space": {"lr": [1e-3, 3e-3], "batch_size": [32, 64, 128]}}, LIMITS)
+    assert len(part["trials"]) == 4 and len({tuple(t.values()) for t in part["trials"]}) == 4
+    other_seed = validate_spec({**raw, "seed": 1}, LIMITS)
+    assert other_seed["trials"] != spec["trials"]

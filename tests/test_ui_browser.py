@@ -139,9 +139,22 @@ def test_dashboard_shows_the_swarm_a_growing_curve_and_a_dead_node_gone(swarm: S
     assert browser.find_element(By.CSS_SELECTOR, "[data-artifact='model.safetensors']").is_displayed()
     browser.save_screenshot(str(shots / "dashboard-task.png"))
 
+    # A sweep's page lists its trials as they run and, once it ends, names the best one.
+    sweep_spec = {"kind": "sweep", "base": {**spec, "epochs": 2}, "space": {"lr": [0.001, 0.01]}, "parallelism": 2,
+                  "early_stopping": {"rule": "none"}}
+    sweep = httpx.post(f"{work.url}/api/v1/tasks", json=sweep_spec, headers={"Authorization": f"Bearer {operator}"},
+                       timeout=30).json()
+    browser.get(f"{lead.url}/ui#/tasks/{sweep['id']}")
+    _wait(browser, lambda d: d.find_element(By.ID, "task-id").text == sweep["id"], SEEN, "the sweep's page")
+    _wait(browser, lambda d: len(_rows(d, "trials", "data-task-id")) == 2 and d.find_element(By.ID, "task-state").text == "succeeded"
+          and _rows(d, "trials", "data-state") == ["succeeded", "succeeded"], SEEN, "two trials listed, the sweep done")
+    _wait(browser, lambda d: d.find_element(By.ID, "trials-best").text.startswith("best: trial "), 30, "the best trial named")
+    assert '"lr"' in browser.find_element(By.ID, "trials").text
+    browser.save_screenshot(str(shots / "dashboard-sweep.png"))
+
     # Back to the overview; kill the working node: it disappears from the list.
     _click(browser, By.LINK_TEXT, "← all tasks")
-    _wait(browser, lambda d: len(_rows(d, "nodes", "data-node-id")) == 2 and _rows(d, "tasks", "data-state") == ["succeeded"],
+    _wait(browser, lambda d: len(_rows(d, "nodes", "data-node-id")) == 2 and set(_rows(d, "tasks", "data-state")) == {"succeeded"},
           SEEN, "the overview again, the task succeeded")
     browser.save_screenshot(str(shots / "dashboard-swarm.png"))
     killed_at = time.monotonic()

@@ -29,6 +29,7 @@ _LIST_PARAMS = [
     {"name": "state", "in": "query", "schema": {"type": "string", "enum": [s.value for s in State]}},
     {"name": "kind", "in": "query", "schema": {"type": "string", "enum": list(KINDS)}},
     {"name": "owner", "in": "query", "schema": {"type": "string"}},
+    {"name": "parent", "in": "query", "schema": {"type": "string"}, "description": "a sweep's id: its trial tasks"},
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}, "description": "next_cursor of the previous page"},
 ]
@@ -67,7 +68,8 @@ def openapi() -> dict[str, Any]:
                     "started_at": {"type": ["number", "null"]}, "finished_at": {"type": ["number", "null"]},
                     "progress": {"type": ["object", "null"]}, "result": {"type": ["object", "null"]},
                     "error": {"type": ["string", "null"]}, "artifacts": {"type": "array", "items": {"type": "string"}},
-                    "cancel_requested": {"type": "boolean"}}},
+                    "cancel_requested": {"type": "boolean"},
+                    "parent": {"type": ["string", "null"], "description": "the sweep this task is a trial of"}}},
             },
         },
         "paths": {
@@ -100,8 +102,12 @@ def openapi() -> dict[str, Any]:
                             **_errors(400, 401, 403)}},
             },
             "/api/v1/tasks/{task_id}": {
-                "get": {"summary": "One task: state, attempts, progress, result, error", "security": secured,
-                        "parameters": [_ID], "responses": {"200": _resp("the task", _TASK), **_errors(401, 403, 404)}},
+                "get": {"summary": "One task: state, attempts, progress, result, error; with ?wait=SECONDS (0 to 60) "
+                                   "the answer comes once the task is terminal or the wait is over (long poll)",
+                        "security": secured,
+                        "parameters": [_ID, {"name": "wait", "in": "query", "required": False,
+                                             "schema": {"type": "number", "minimum": 0, "maximum": 60}}],
+                        "responses": {"200": _resp("the task", _TASK), **_errors(400, 401, 403, 404)}},
                 "delete": {"summary": "Cancel a task; a running one is stopped", "security": secured, "parameters": [_ID],
                            "responses": {"200": _resp("the task", _TASK), **_errors(401, 403, 404)}},
             },

@@ -45,7 +45,7 @@ import ssl
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping
 
 import pika
@@ -117,6 +117,7 @@ class _Consumer:
     channel: Any = None
     generation: int = -1
     deliveries: int = 0
+    unacked: set[int] = field(default_factory=set)  # delivery tags on this channel not yet settled
 
 
 @dataclass(frozen=True)
@@ -378,7 +379,7 @@ class _Link:
         if consumer.ki_queue:
             self.declare_ki_queue(consumer.queue)
         ch = self.conn.channel()
-        consumer.channel, consumer.generation = ch, self.generation
+        consumer.channel, consumer.generation, consumer.unacked = ch, self.generation, set()
         if consumer.topic:
             queue = ch.queue_declare(
                 "", exclusive=True, auto_delete=True, arguments={"x-message-ttl": BROADCAST_TTL_MS}
@@ -407,6 +408,7 @@ class _Link:
         if method.redelivered:
             self._on_redelivery(consumer.queue)
         delivery = Delivery(task_id, _Tag(gen, consumer, method.delivery_tag), method.redelivered, headers)
+        consumer.unacked.add(method.delivery_tag)
         send = consumer.send
 
         def hand_over() -> None:
@@ -441,10 +443,30 @@ class _Link:
         c = tag.consumer
         if tag.generation != self.generation or c.generation != tag.generation or c.channel is None:
             return  # from a lost connection or a closed consumer: the broker delivers it again
+        c.unacked.discard(tag.delivery_tag)
         if ack:
             c.channel.basic_ack(tag.delivery_tag)
         else:
             c.channel.basic_nack(tag.delivery_tag, requeue=True)
+
+    def ack_many(self, tags: list[_Tag]) -> None:
+        """Ack ``tags``: one ``multiple`` ack per channel when they are every unsettled delivery up to
+        the highest of them (the usual case for an An acking a forwarded batch), else one ack each."""
+        by_consumer: dict[int, tuple[_Consumer, set[int]]] = {}
+        for tag in tags:
+            c = tag.consumer
+            if tag.generation != self.generation or c.generation != tag.generation or c.channel is None:
+                continue  # from a lost connection or a closed consumer: the broker delivers it again
+            by_consumer.setdefault(id(c), (c, set()))[1].add(tag.delivery_tag)
+        for c, acked in by_consumer.values():
+            top = max(acked)
+            if all(t in acked for t in c.unacked if t <= top):
+                c.channel.basic_ack(top, multiple=True)
+                c.unacked -= {t for t in c.unacked if t <= top}
+            else:
+                for t in sorted(acked):
+                    c.channel.basic_ack(t)
+                c.unacked -= acked
 
     def ensure_ki_queue(self, full_name: str, done: Callable[[str | None], None]) -> None:
         if self.conn is None or not self.connected.is_set():
@@ -494,6 +516,12 @@ class _AmqpInbox(Inbox):
 
     async def nack(self, delivery: Delivery) -> None:
         self._link.submit(lambda: self._link.settle(delivery.tag, False))
+        await trio.lowlevel.checkpoint()
+
+    async def ack_many(self, deliveries: list[Delivery]) -> None:
+        tags = [d.tag for d in deliveries]
+        if tags:
+            self._link.submit(lambda: self._link.ack_many(tags))
         await trio.lowlevel.checkpoint()
 
 

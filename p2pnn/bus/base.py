@@ -50,6 +50,11 @@ class Inbox(abc.ABC):
     @abc.abstractmethod
     async def ack(self, delivery: Delivery) -> None: ...
 
+    async def ack_many(self, deliveries: list[Delivery]) -> None:
+        """Ack several deliveries; a transport may send fewer acknowledgements than deliveries."""
+        for delivery in deliveries:
+            await self.ack(delivery)
+
     @abc.abstractmethod
     async def nack(self, delivery: Delivery) -> None:
         """Give the message back to be delivered again."""

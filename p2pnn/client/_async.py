@@ -15,7 +15,8 @@ from p2pnn.client._errors import ClientError, ConnectError, TaskTimeout
 from p2pnn.client._settings import Settings, resolve
 from p2pnn.client._sse import EventParser
 
-WAIT_ALL_POLL_SECONDS = 0.05  # wait_all serves short tasks (benchmarks, tests), finished in milliseconds
+WAIT_ALL_POLL_SECONDS = 0.05  # pause after a non-terminal answer (a node without ?wait answers at once)
+LONG_POLL_SECONDS = 20.0  # one GET ?wait= of wait_all; the node allows up to 60, and the read timeout is widened to match
 
 OnUpdate = Callable[[dict[str, Any]], Any]
 
@@ -73,11 +74,22 @@ class AsyncClient:
         """Submit several specs in one request: all are stored, or none."""
         return await self._send(_calls.submit_many(specs, idempotency_key))
 
-    async def get(self, task_id: str) -> dict[str, Any]:
-        return await self._send(_calls.get(task_id))
+    async def get(self, task_id: str, *, wait: float | None = None) -> dict[str, Any]:
+        """The task; with ``wait`` (seconds, at most 60) a long poll: the node answers once the
+        task is terminal or the wait is over."""
+        if wait is None:
+            return await self._send(_calls.get(task_id))
+        call = _calls.get(task_id)
+        try:
+            resp = await self._http.request(
+                call.method, call.path, params={"wait": f"{wait:.3f}"}, timeout=self._timeout + wait
+            )
+        except httpx.TransportError as exc:
+            raise ConnectError(f"{self.url}: {exc or type(exc).__name__}") from exc
+        return _calls.parse(resp, call)
 
     async def list(self, **params: Any) -> dict[str, Any]:
-        """One page: ``{"tasks": [...], "next_cursor": ...}``; params ``state``, ``kind``, ``limit``, ``cursor``."""
+        """One page: ``{"tasks": [...], "next_cursor": ...}``; params ``state``, ``kind``, ``owner``, ``parent``, ``limit``, ``cursor``."""
         return await self._send(_calls.list_tasks(params))
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
@@ -130,15 +142,15 @@ class AsyncClient:
     async def wait_all(self, task_ids: list[str], *, timeout: float = 600.0) -> dict[str, dict[str, Any]]:
         """Wait for many tasks; returns id -> terminal task. Raises TaskTimeout past ``timeout``.
 
-        Tasks are checked in the order given and each is asked about until it
-        is terminal: tasks run roughly first-in first-out, so the cost is about
-        one request per task, not one per task per round.
+        Tasks are waited for in the order given, one long poll (GET ?wait=) at a
+        time: tasks run roughly first-in first-out, so the cost is about one
+        request per task, answered as soon as the task ends.
         """
         done: dict[str, dict[str, Any]] = {}
         try:
             with anyio.fail_after(timeout):
                 for task_id in task_ids:
-                    while not _calls.is_terminal(task := await self.get(task_id)):
+                    while not _calls.is_terminal(task := await self.get(task_id, wait=LONG_POLL_SECONDS)):
                         await anyio.sleep(WAIT_ALL_POLL_SECONDS)
                     done[task_id] = task
         except TimeoutError:

@@ -21,7 +21,7 @@ from p2pnn import __version__
 from p2pnn.client._errors import ApiError, ClientError, ConnectError, TaskTimeout
 from p2pnn.client._settings import CONFIG_ENV, DEFAULT_URL, TOKEN_ENV, URL_ENV, resolve
 from p2pnn.client._sync import Client
-from p2pnn.tasks import DATASETS, DEVICES, KINDS, MODELS, OPTIMIZERS, State
+from p2pnn.tasks import DATASETS, DEVICES, KINDS, MODELS, OPTIMIZERS, STOPPING_RULES, SWEEP_METRICS, State
 
 EXIT_FAILED = 1  # an error, or the watched task failed
 EXIT_USAGE = 2  # bad arguments or client configuration: nothing was asked of the node
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--state", choices=[s.value for s in State])
     ls.add_argument("--kind", choices=KINDS)
     ls.add_argument("--limit", type=int, default=LS_DEFAULT_LIMIT, help=f"how many (default {LS_DEFAULT_LIMIT})")
+    ls.add_argument("--parent", metavar="ID", help="only the trials of this sweep")
 
     get = command("get", "show one task: state, progress, result, error, spec")
     get.add_argument("id", metavar="ID")
@@ -124,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     artifact.add_argument("id", metavar="ID")
     artifact.add_argument("name", metavar="NAME")
     artifact.add_argument("-o", "--output", metavar="FILE", help="where to write it (default: NAME here; '-': stdout)")
+
+    sweep = command("sweep", "submit a hyper-parameter sweep over a base train spec; prints its id")
+    sweep.add_argument("base", nargs="?", metavar="BASE", help="JSON file with the base train spec ('-': stdin; default: digits with the defaults)")
+    sweep.add_argument("--space", action="append", default=[], metavar="PATH=JSON", required=True,
+                       help='a dimension (repeatable): a list is a grid, --space model.hidden=[[64],[128,64]]; '
+                            'an object is drawn, --space \'lr={"log_uniform":[1e-4,1e-2]}\'')
+    sweep.add_argument("--trials", type=int, help="trial budget (default: the whole grid, or 10 with drawn dimensions)")
+    sweep.add_argument("--parallelism", type=int, help="trials queued or running at once (default 2)")
+    sweep.add_argument("--metric", choices=SWEEP_METRICS, help="what the best trial is chosen by (default test_accuracy)")
+    sweep.add_argument("--mode", choices=("max", "min"), help="max for accuracies (default), min for losses")
+    sweep.add_argument("--early-stopping", choices=STOPPING_RULES, help="end trials worse than the median early (default median)")
+    sweep.add_argument("--seed", type=int, help="seed of the trial draw (default 0)")
+    sweep.add_argument("--idempotency-key", metavar="KEY", help="the same key again returns the same sweep")
+    sweep.add_argument("--watch", action="store_true", help="then watch it, and print its trial table when it ends")
+    sweep.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="with --watch: give up after this long")
 
     command("nodes", "the swarm's nodes: roles, principal and term, free slots, GPUs, health")
     return parser
@@ -190,16 +206,36 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         if spec["kind"] == "train":
             spec.setdefault("dataset", {"name": "digits"})
         for item in args.set:
-            path, sep, raw = item.partition("=")
-            if not sep or not path:
-                raise UsageError(f"--set {item}: expected PATH=VALUE")
-            try:
-                value = json.loads(raw)
-            except ValueError:
-                value = raw
-            _set_path(spec, path, value)
+            _set_path(spec, *_assignment(item, "--set"))
         out.append(spec)
     return out
+
+
+def _assignment(item: str, flag: str) -> tuple[str, Any]:
+    """``PATH=VALUE`` of a flag: the value as JSON, else the bare word as a string."""
+    path, sep, raw = item.partition("=")
+    if not sep or not path:
+        raise UsageError(f"{flag} {item}: expected PATH=VALUE")
+    try:
+        return path, json.loads(raw)
+    except ValueError:
+        return path, raw
+
+
+def build_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """The sweep spec: the base file's train spec (or the default one) and a dimension per --space."""
+    base = _read_json(args.base, "base spec file") if args.base else {"kind": "train", "dataset": {"name": "digits"}}
+    if not isinstance(base, dict):
+        raise UsageError("base spec file: expected a JSON object (a train spec)")
+    base.setdefault("kind", "train")
+    space = dict(_assignment(item, "--space") for item in args.space)
+    spec: dict[str, Any] = {"kind": "sweep", "base": base, "space": space}
+    for key in ("trials", "parallelism", "metric", "mode", "seed"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    if args.early_stopping:
+        spec["early_stopping"] = {"rule": args.early_stopping}
+    return spec
 
 
 # --- output ------------------------------------------------------------------
@@ -285,6 +321,50 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(client: Client, args: argparse.Namespace) -> int:
+    sweep = client.submit(build_sweep(args), idempotency_key=args.idempotency_key)
+    if not args.watch:
+        if args.json:
+            _print_json(sweep)
+        else:
+            print(sweep["id"])
+        return 0
+    if not args.json:
+        _console(stderr=True).print(f"submitted sweep {sweep['id']}")
+    code = _watch(client, sweep["id"], args)
+    if not args.json:
+        _print_trials(_console(), client.get(sweep["id"]))
+    return code
+
+
+def _print_trials(console: Any, sweep: dict[str, Any]) -> None:
+    """A finished sweep's trial table, best first as its mode ranks them, and its best trial."""
+    result = sweep.get("result") or {}
+    trials = result.get("trials") or []
+    if not trials:
+        return
+    from rich.table import Table
+
+    metric = result.get("metric", "metric")
+    table = Table(box=None, pad_edge=False)
+    for column in ("TRIAL", "TASK", "STATE", metric.upper(), "EPOCHS", "STOPPED AT", "PARAMS"):
+        table.add_column(column, no_wrap=True)
+    for t in trials:
+        value = t.get("metric")
+        table.add_row(
+            str(t.get("trial", "")), str(t.get("task_id", ""))[:8], str(t.get("state", "")),
+            "-" if value is None else f"{value:.4f}", str(t.get("epochs", "-")),
+            str(t.get("stopped_at_epoch") or "-"), json.dumps(t.get("params", {})),
+        )
+    console.print(table)
+    best = result.get("best") or {}
+    if best:
+        console.print(f"best: trial {best.get('trial')} (task {best.get('task_id')}) {metric} {best.get('metric')} "
+                      f"{json.dumps(best.get('params', {}))}; its weights: p2pnn artifact {best.get('task_id')} model.safetensors")
+    if result.get("epochs_saved_fraction") is not None:
+        console.print(f"early stopping saved {result['epochs_saved_fraction']:.0%} of {result.get('epochs_budget')} epochs")
+
+
 def cmd_watch(client: Client, args: argparse.Namespace) -> int:
     return _watch(client, args.id, args)
 
@@ -358,7 +438,7 @@ def cmd_ls(client: Client, args: argparse.Namespace) -> int:
     tasks: list[dict[str, Any]] = []
     cursor = None
     while len(tasks) < args.limit:
-        page = client.list(state=args.state, kind=args.kind, limit=min(args.limit - len(tasks), 100), cursor=cursor)
+        page = client.list(state=args.state, kind=args.kind, parent=args.parent, limit=min(args.limit - len(tasks), 100), cursor=cursor)
         tasks.extend(page["tasks"])
         cursor = page.get("next_cursor")
         if not cursor:
@@ -398,8 +478,12 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
     epochs = result.pop("epochs", None)
     if isinstance(epochs, list):
         result["epochs"] = f"[{len(epochs)} epochs; --json shows them]"
+    if task["kind"] == "sweep":
+        result.pop("trials", None)
     console.print(f"{'result':<10} {json.dumps(result) if result else '-'}")
     console.print(f"{'spec':<10} {json.dumps(task['spec'])}")
+    if task["kind"] == "sweep":
+        _print_trials(console, task)
     return 0
 
 
@@ -458,7 +542,7 @@ def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "submit": cmd_submit, "watch": cmd_watch, "ls": cmd_ls, "get": cmd_get, "cancel": cmd_cancel,
-    "artifact": cmd_artifact, "nodes": cmd_nodes,
+    "artifact": cmd_artifact, "nodes": cmd_nodes, "sweep": cmd_sweep,
 }
 
 

@@ -17,6 +17,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -60,8 +61,18 @@ MAX_STDERR_EVENT = 64 * 1024
 # Where torch's native stack trace starts in an exception's text.
 _NATIVE_FRAMES = re.compile(r"\s*(Exception raised from \S|C\+\+ CapturedTraceback:|frame #\d+:)")
 
+# Where a lone node's data-parallel groups meet when no address or ports are configured.
+DEFAULT_RENDEZVOUS_HOST = "127.0.0.1"
+DEFAULT_RENDEZVOUS_PORTS = range(29400, 29500)
+# How long ranks wait for each other (at rendezvous and in a collective) before the attempt fails.
+DEFAULT_RENDEZVOUS_TIMEOUT = 120.0
+
 Status = Literal["succeeded", "failed", "crashed", "cancelled", "timeout"]
 OnProgress = Callable[[dict[str, Any]], Awaitable[None]]
+# Awaited with the epoch and the bytes of each checkpoint a train job writes.
+OnCheckpoint = Callable[[int, bytes], Awaitable[None]]
+# Awaited with the address and port a group's rank 0 will listen on, before any rank starts.
+OnRendezvous = Callable[[str, int], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,10 @@ class Job:
     model_file: bytes | None = None
     # The normalised train spec of the model task (evaluate, infer).
     source_spec: dict[str, Any] | None = None
+    # Bytes of a checkpoint of this task (train): the attempt resumes after its epoch.
+    resume_file: bytes | None = None
+    # This rank's place in a data-parallel group (p2pnn.nn.parallel.Group as JSON), or None.
+    group: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,9 +128,22 @@ class KiPool:
         python: str = sys.executable,
         env: dict[str, str] | None = None,
         preload_torch: bool = False,
+        rendezvous_host: str = DEFAULT_RENDEZVOUS_HOST,
+        rendezvous_ports: range = DEFAULT_RENDEZVOUS_PORTS,
+        rendezvous_timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT,
     ) -> None:
         if slots < 0:
             raise ValueError(f"slots must not be negative, got {slots}")
+        self._rendezvous_host = rendezvous_host
+        self._rendezvous_ports = rendezvous_ports
+        self._rendezvous_timeout = rendezvous_timeout
+        # Held while a group's ranks are handed to workers, so two groups never each hold
+        # part of the slots while waiting for the rest (gang placement: all ranks or none).
+        self._gang_lock = trio.Lock()
+        # Unparked whenever a worker becomes idle: a group waits there for all its workers.
+        self._idle_lot = trio.lowlevel.ParkingLot()
+        self._ports_in_use: set[int] = set()
+        self._port_lock = trio.Lock()
         self._preload_torch = preload_torch
         self._slots = slots
         self._torch_threads = torch_threads
@@ -127,11 +155,15 @@ class KiPool:
         self._send_request, self._receive_request = trio.open_memory_channel[_Request](0)
         self._workers: list[_Worker | None] = [None] * slots
         self._idle = 0
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, list[_Request]] = {}
 
     @property
     def slots(self) -> int:
         return self._slots
+
+    @property
+    def rendezvous_timeout(self) -> float:
+        return self._rendezvous_timeout
 
     @property
     def free_slots(self) -> int:
@@ -141,8 +173,9 @@ class KiPool:
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers if w is not None and w.returncode is None]
 
-    def pid_of(self, task_id: str) -> int | None:
-        request = self._requests.get(task_id)
+    def pid_of(self, task_id: str, rank: int = 0) -> int | None:
+        requests = self._requests.get(task_id) or []
+        request = requests[rank] if rank < len(requests) else None
         return request.worker.pid if request is not None and request.worker is not None else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -162,48 +195,161 @@ class KiPool:
             # Jobs still waiting for a slot now get an answer instead of hanging.
             self._receive_request.close()
 
-    async def execute(self, job: Job, on_progress: OnProgress) -> Outcome:
-        """Run ``job`` on the next free worker, awaiting ``on_progress`` for each progress report.
+    async def execute(self, job: Job, on_progress: OnProgress, on_checkpoint: OnCheckpoint | None = None) -> Outcome:
+        """Run ``job`` on the next free worker, awaiting ``on_progress`` for each progress report
+        and ``on_checkpoint`` for each checkpoint it writes.
 
-        Resource handling: if the caller is cancelled, or ``on_progress``
-        raises, the job's worker is killed (and replaced) before this returns.
+        Resource handling: if the caller is cancelled, or a callback raises,
+        the job's worker is killed (and replaced) before this returns.
         Error handling: every way a job can end is an Outcome; raises
         ValueError if ``job.task_id`` is already executing in this pool.
         """
         if job.task_id in self._requests:
             raise ValueError(f"task {job.task_id} is already executing in this pool")
         request = _Request(job)
-        self._requests[job.task_id] = request
+        self._requests[job.task_id] = [request]
         try:
             with trio.CancelScope() as request.wait_scope:
                 try:
-                    await self._send_request.send(request)
+                    # Behind a group waiting for its workers, so that group cannot starve.
+                    async with self._gang_lock:
+                        await self._send_request.send(request)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return Outcome("crashed", error="the worker pool is not running", retryable=True)
             if request.wait_scope.cancelled_caught:
                 return Outcome("cancelled", error="cancelled before it started")
             request.wait_scope = None
-            async for kind, payload in request.receive_events:
-                if kind == "outcome":
-                    return payload
-                await on_progress(payload)
-            return Outcome("crashed", error="the worker pool stopped before the task finished", retryable=True)
+            return await self._follow(request, on_progress, on_checkpoint)
         finally:
+            self._forget(job.task_id, [request])
+
+    async def execute_group(
+        self,
+        job: Job,
+        workers: int,
+        on_progress: OnProgress,
+        on_checkpoint: OnCheckpoint | None = None,
+        *,
+        ranks: range | None = None,
+        rendezvous: tuple[str, int] | None = None,
+        on_rendezvous: OnRendezvous | None = None,
+    ) -> Outcome:
+        """Run ``ranks`` (default: all) of a data-parallel group of ``workers`` ranks on this
+        pool's slots; the outcome is that of the lowest rank here (rank 0's when it is here).
+
+        The group meets at ``rendezvous`` (rank 0's address and port, for the
+        ranks of a group whose rank 0 runs on another node); without it this
+        pool opens the rendezvous on its own address at a free port of its
+        range and awaits ``on_rendezvous(address, port)`` before any rank
+        starts, so the caller can tell the other nodes where to meet.
+
+        Ranks are handed to workers all together, once enough workers are
+        idle; meanwhile no other job is handed out, so two groups never each
+        hold part of the slots and wait for the rest, and single jobs cannot
+        starve a group. A rank that fails ends the group here: the other
+        ranks' workers are killed and the first failure is the outcome
+        (``crashed`` ranks are retryable).
+
+        Error handling: ``failed`` at once when the ranks do not fit the pool;
+        otherwise as :meth:`execute`.
+        """
+        if job.task_id in self._requests:
+            raise ValueError(f"task {job.task_id} is already executing in this pool")
+        ranks = range(workers) if ranks is None else ranks
+        if not 1 <= len(ranks) <= self._slots or not 0 <= ranks.start < ranks.stop <= workers:
+            return Outcome("failed", error=f"spec.workers: {len(ranks)} ranks do not fit this node's {self._slots} slots")
+        port = None
+        if rendezvous is None:
+            # Chosen under a lock and remembered: two groups starting together never pick the same port.
+            async with self._port_lock:
+                port = await trio.to_thread.run_sync(
+                    _free_port, self._rendezvous_host, [p for p in self._rendezvous_ports if p not in self._ports_in_use]
+                )
+                if port is None:
+                    return Outcome("crashed", error="no free rendezvous port in the configured range", retryable=True)
+                self._ports_in_use.add(port)
+            rendezvous = (self._rendezvous_host, port)
+        requests = [
+            _Request(dataclasses.replace(job, group={
+                "rank": rank, "world": workers, "address": rendezvous[0], "port": rendezvous[1],
+                "backend": job.spec.get("backend", "auto"), "timeout": self._rendezvous_timeout,
+            }))
+            for rank in ranks
+        ]
+        self._requests[job.task_id] = requests
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        first_failure: list[Outcome] = []
+        try:
+            if port is not None and on_rendezvous is not None:
+                await on_rendezvous(*rendezvous)
+            with trio.CancelScope() as waiting:
+                for request in requests:
+                    request.wait_scope = waiting
+                async with self._gang_lock:
+                    # All ranks start together or none does: a rank handed out early would
+                    # sit at the rendezvous while a later one waited behind another task.
+                    while self._idle < len(requests):
+                        await self._idle_lot.park()
+                    for request in requests:
+                        try:
+                            await self._send_request.send(request)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            return Outcome("crashed", error="the worker pool is not running", retryable=True)
+            for request in requests:
+                request.wait_scope = None
+            if waiting.cancelled_caught:
+                return Outcome("cancelled", error="cancelled before it started")
+
+            async def follow(index: int) -> None:
+                outcome = await self._follow(requests[index], on_progress, on_checkpoint)
+                outcomes[index] = outcome
+                if outcome.status != "succeeded" and not first_failure:
+                    first_failure.append(outcome)
+                    log.warning("pool.rank_failed", task_id=job.task_id, rank=ranks[index], status=outcome.status,
+                                error=outcome.error)
+                    for other in requests:
+                        if other is not requests[index] and not other.done:
+                            self._kill(other)  # peers would otherwise wait in a collective until it times out
+
+            async with trio.open_nursery() as nursery:
+                for index in range(len(requests)):
+                    nursery.start_soon(follow, index)
+            if first_failure:
+                return first_failure[0]
+            assert outcomes[0] is not None
+            return outcomes[0]
+        finally:
+            if port is not None:
+                self._ports_in_use.discard(port)
+            self._forget(job.task_id, requests)
+
+    async def _follow(self, request: _Request, on_progress: OnProgress, on_checkpoint: OnCheckpoint | None) -> Outcome:
+        async for kind, payload in request.receive_events:
+            if kind == "outcome":
+                return payload
+            if kind == "progress":
+                await on_progress(payload)
+            elif kind == "checkpoint" and on_checkpoint is not None:
+                await on_checkpoint(*payload)
+        return Outcome("crashed", error="the worker pool stopped before the task finished", retryable=True)
+
+    def _forget(self, task_id: str, requests: list[_Request]) -> None:
+        for request in requests:
             if not request.done:
                 # The caller is gone: the job must not run (or keep running) for nobody.
                 request.cancelled = True
                 self._kill(request)
             request.receive_events.close()
-            del self._requests[job.task_id]
+        del self._requests[task_id]
 
     def cancel(self, task_id: str) -> bool:
-        """Stop ``task_id``: its ``execute`` returns ``cancelled``. False if it is not here."""
-        request = self._requests.get(task_id)
-        if request is None or request.done:
-            return False
-        request.cancelled = True
-        self._kill(request)
-        return True
+        """Stop ``task_id`` (every rank of a group): its ``execute`` returns ``cancelled``.
+        False if it is not here."""
+        requests = [r for r in self._requests.get(task_id) or [] if not r.done]
+        for request in requests:
+            request.cancelled = True
+            self._kill(request)
+        return bool(requests)
 
     # --- slots -------------------------------------------------------------
 
@@ -247,6 +393,7 @@ class KiPool:
         """The next job, or None if the idle worker died first."""
         request = None
         self._idle += 1
+        self._idle_lot.unpark_all()
         try:
             async with trio.open_nursery() as nursery:
 
@@ -303,10 +450,13 @@ class KiPool:
         try:
             # The directory is made only where a file goes in (here, or by a train job's
             # worker): an echo job then costs no filesystem work at all.
-            model_path = None
+            model_path = resume_path = None
             if job.model_file is not None:
                 model_path = jobdir / "source.safetensors"
                 await trio.to_thread.run_sync(_write_file, model_path, job.model_file)
+            if job.resume_file is not None:
+                resume_path = jobdir / "resume.safetensors"
+                await trio.to_thread.run_sync(_write_file, resume_path, job.resume_file)
             message = {
                 "task_id": job.task_id,
                 "attempt": job.attempt,
@@ -316,10 +466,12 @@ class KiPool:
                 "model_file": None if model_path is None else str(model_path),
                 "source_spec": job.source_spec,
                 "torch_threads": self._torch_threads,
+                "group": job.group,
+                "resume_file": None if resume_path is None else str(resume_path),
             }
             reply = None
             with trio.move_on_after(self._limits.max_wall_seconds) as deadline:
-                reply = await self._converse(worker, request, message)
+                reply = await self._converse(worker, request, message, jobdir)
             if deadline.cancelled_caught:
                 worker.kill()
                 await worker.wait()
@@ -336,8 +488,10 @@ class KiPool:
                 return Outcome(
                     "failed", error=user_error(str(reply.get("error"))), retryable=bool(reply.get("retryable", False))
                 )
+            named = reply.get("artifacts") or {}
             try:
-                artifacts = await trio.to_thread.run_sync(_collect, jobdir, reply.get("artifacts") or {})
+                # No thread hand-off for a job that wrote no files (echo): its reply names none.
+                artifacts = await trio.to_thread.run_sync(_collect, jobdir, named) if named else {}
             except (OSError, ValueError) as exc:
                 return Outcome("failed", error=f"could not read the task's artifacts: {exc}", retryable=True)
             return Outcome("succeeded", result=reply.get("result"), artifacts=artifacts)
@@ -346,7 +500,9 @@ class KiPool:
             if jobdir.exists():
                 await trio.to_thread.run_sync(shutil.rmtree, jobdir, True)
 
-    async def _converse(self, worker: _Worker, request: _Request, message: dict[str, Any]) -> dict[str, Any] | None:
+    async def _converse(
+        self, worker: _Worker, request: _Request, message: dict[str, Any], jobdir: Path
+    ) -> dict[str, Any] | None:
         """Send the job, relay progress; the final result/error message, or None if the worker died."""
         try:
             await worker.send(message)
@@ -360,6 +516,13 @@ class KiPool:
                 log.warning("pool.stray_message", pid=worker.pid, type=reply.get("type"))
             elif reply.get("type") == "progress":
                 request.event("progress", reply.get("progress") or {})
+            elif reply.get("type") == "checkpoint":
+                try:
+                    data = await trio.to_thread.run_sync(_take, jobdir, str(reply.get("file")))
+                except (OSError, ValueError) as exc:  # the next checkpoint may do better
+                    log.warning("pool.checkpoint_unreadable", task_id=request.job.task_id, error=str(exc))
+                else:
+                    request.event("checkpoint", (int(reply.get("epoch") or 0), data))
             elif reply.get("type") in ("result", "error"):
                 return reply
 
@@ -371,15 +534,29 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def _collect(jobdir: Path, named: dict[str, str]) -> dict[str, bytes]:
     """Read each artifact into memory; only files inside the job's directory are accepted."""
-    out = {}
-    root = jobdir.resolve()
-    for name, path in named.items():
-        resolved = Path(path).resolve()
-        if not resolved.is_relative_to(root):
-            raise ValueError(f"artifact {name} is outside the job directory: {path}")
-        out[name] = resolved.read_bytes()
-        resolved.unlink()
-    return out
+    return {name: _take(jobdir, path) for name, path in named.items()}
+
+
+def _take(jobdir: Path, path: str) -> bytes:
+    """Read and remove a file the worker wrote; only files inside the job's directory are accepted."""
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(jobdir.resolve()):
+        raise ValueError(f"{path} is outside the job directory")
+    data = resolved.read_bytes()
+    resolved.unlink()
+    return data
+
+
+def _free_port(host: str, ports: list[int]) -> int | None:
+    """A port of ``ports`` nobody listens on at ``host`` now (rank 0 binds it moments later)."""
+    for port in ports:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return None
 
 
 def user_error(text: str) -> str:

@@ -4,8 +4,12 @@ Protocol (one JSON object per line):
 
 - out, once at start: ``{"type": "ready", "pid": int}``
 - in, one per job: ``{"task_id", "attempt", "spec", "limits", "workdir",
-  "model_file", "source_spec", "torch_threads"}``
+  "model_file", "source_spec", "torch_threads", "group", "resume_file"}``
+  (``group``: this rank's place in a data-parallel group, see
+  ``p2pnn.nn.parallel.Group``; ``resume_file``: a checkpoint to resume from)
 - out, per epoch: ``{"type": "progress", "task_id", "progress": {...}}``
+- out, per checkpoint: ``{"type": "checkpoint", "task_id", "epoch", "file"}``
+  (the file is the reader's to take; the worker never touches it again)
 - out, exactly one per job: ``{"type": "result", "task_id", "result", "artifacts"}``
   or ``{"type": "error", "task_id", "error": "one line", "retryable": bool}``
 
@@ -50,8 +54,10 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _write(protocol, {"type": "ready", "pid": os.getpid()})
     if os.environ.get(PRELOAD_TORCH_ENV) == "1":
-        # A job that needs torch meanwhile waits on the import lock, never imports twice.
+        # A job that needs torch meanwhile waits for the preload to finish, never imports twice.
         threading.Thread(target=_preload, name="preload-torch", daemon=True).start()
+    else:
+        _preloaded.set()
     runner = _Runner(protocol)
     for raw in sys.stdin.buffer:
         if raw.strip():
@@ -61,6 +67,9 @@ def main() -> None:
 # Seconds the background preload took to import torch; None until it has (or without preload).
 # The first job's own ``import torch`` then returns at once, so it cannot time the import itself.
 _preload_seconds: float | None = None
+# Set once the preload is over (or was never started): a job waits for it, because the preload's
+# last step flips the process-wide determinism flag, which the job sets for itself afterwards.
+_preloaded = threading.Event()
 
 
 def _preload() -> None:
@@ -68,14 +77,23 @@ def _preload() -> None:
     try:
         started = time.perf_counter()
         import safetensors.torch  # noqa: F401
-        import torch  # noqa: F401
+        import torch
 
         _preload_seconds = time.perf_counter() - started
 
+        import p2pnn.nn.checkpoint  # noqa: F401
         import p2pnn.nn.data  # noqa: F401  (scikit-learn)
         import p2pnn.nn.models  # noqa: F401
+        import p2pnn.nn.parallel  # noqa: F401  (torch.distributed)
+
+        # The first call imports torch._dynamo and friends (over a second): pay it here,
+        # not inside the first training job. Each job sets the flag it needs anyway.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(False)
     except Exception:  # the job that needs it reports the failure
         traceback.print_exc(file=sys.stderr)
+    finally:
+        _preloaded.set()
 
 
 def _claim_protocol_stream() -> IO[bytes]:
@@ -154,10 +172,19 @@ class _Runner:
             if not job.get("workdir"):
                 raise JobError("bad job: a train job needs a workdir")
 
+            from p2pnn.nn.parallel import Group
+
             def report(progress: dict[str, Any]) -> None:
                 _write(self._protocol, {"type": "progress", "task_id": task_id, "progress": progress})
 
-            return jobs.run_train(spec, report, job["workdir"], limits=limits)
+            def checkpoint(epoch: int, path: str) -> None:
+                _write(self._protocol, {"type": "checkpoint", "task_id": task_id, "epoch": epoch, "file": path})
+
+            group = Group.from_json(job["group"]) if job.get("group") is not None else None
+            return jobs.run_train(
+                spec, report, job["workdir"], limits=limits, group=group,
+                resume_file=job.get("resume_file"), on_checkpoint=checkpoint,
+            )
         if kind in ("evaluate", "infer"):
             if not job.get("model_file"):
                 raise JobError(f"bad job: an {kind} job needs the model file of its model task")
@@ -167,6 +194,7 @@ class _Runner:
 
     def _prepare_torch(self, threads: Any) -> None:
         started = time.perf_counter()
+        _preloaded.wait()
         import torch
 
         if self._torch_threads is None:

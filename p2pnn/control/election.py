@@ -109,6 +109,7 @@ class Election:
         self.acting = False  # a principal whose last renewal failed holds its fence but does not act
         self.store_ok = True  # the election's last store call succeeded: this node could lead
         self.last_heard = clock()  # a node that just started listens for a principal before it runs an election
+        self.principal_heard_at = clock()  # the last heartbeat of a principal (or our own last renewal)
         self._renewing_since: float | None = None  # when the renewal in flight started
         self._probe_at = 0.0  # a node that lost the store asks it again from then on
         self._retry_at: float | None = None  # a refused candidate asks again when the lease it met lapses
@@ -273,6 +274,7 @@ class Election:
             return  # stepped down while the renewal ran (a newer term arrived)
         if renewed:
             self.lease_expires = started + self.config.lease_seconds
+            self.principal_heard_at = self._clock()
             if not self.acting:
                 log.info("principal.resumed", term=fence.term)
                 self.acting = True
@@ -370,7 +372,7 @@ class Election:
             if self.principal != sender.node_id:
                 log.info("election.follow", principal=sender.node_id[:12], term=term)
             self.principal = sender.node_id
-            self.last_heard = self._clock()
+            self.last_heard = self.principal_heard_at = self._clock()
             self._retry_at = None
             self._follow(body)
             if (self.config.preempt and self.my_rank > sender_rank and self.fence is None and not self._challenge
@@ -382,6 +384,12 @@ class Election:
         if kind == "ping":
             return {"type": "pong"}
         return {"type": "unknown"}
+
+    def orphaned(self) -> bool:
+        """No principal has been heard for longer than a failover takes (election timeout + lease + a beat):
+        this node is cut off from whoever leads, or nobody can lead."""
+        limit = self.config.election_timeout_seconds + self.config.lease_seconds + self.config.heartbeat_seconds
+        return self.fence is None and self._clock() - self.principal_heard_at > limit
 
     def _principal_fresh(self) -> bool:
         return self.principal is not None and self._clock() - self.last_heard < self.config.election_timeout_seconds

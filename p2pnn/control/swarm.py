@@ -118,6 +118,7 @@ class SwarmNode:
                 nursery.start_soon(self._apply_loop)
                 nursery.start_soon(self.election.run)
                 nursery.start_soon(self._record_member_loop)
+                nursery.start_soon(self._orphan_watch)
                 log.info("swarm.joined", swarm=self.cred.name, dht=f"{self.host}:{self.view.dht_port}",
                          peer=f"ws://{self.host}:{self.peer_port}", members=len(self.view.live()))
                 task_status.started()
@@ -191,6 +192,15 @@ class SwarmNode:
             self._want(frozenset(), None)
         else:
             self._want(frozenset(mine.roles), mine.an_id)
+
+    async def _orphan_watch(self) -> None:
+        """A node that hears no principal for longer than a failover takes drops its roles: whatever An or Ki
+        work it did would run outside the membership of the principal it can no longer hear (a partition)."""
+        while True:
+            await trio.sleep(self.config.swarm.heartbeat_seconds)
+            if self.roles and self.election.orphaned() and self._wanted != (frozenset(), None):
+                log.warning("swarm.orphaned", detail="no principal heard: roles dropped until one assigns them again")
+                self._want(frozenset(), None)
 
     def _stepped_down(self) -> None:
         self._want(self.roles - {"principal"}, self.an_id)

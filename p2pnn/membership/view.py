@@ -40,7 +40,6 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +63,6 @@ HEAL_SECONDS = 2.0  # how often a node looks for members it lost (a healed parti
 FORMER_SECONDS = 600.0  # how long the address of a member whose record expired is still tried
 HEAL_BATCH = 32  # addresses pinged in one re-join round at most
 RECORDED_EVERY = 15.0  # seconds between two reads of the members recorded elsewhere while nothing is missing
-# A record's life grows with the swarm: every member verifies every new version of every record (an Ed25519
-# check, ~0.1-1 ms), so N members re-signing every few seconds cost N^2 checks; this many seconds per member
-# keeps that linear. 15 s (the default TTL) up to 15 members; 200 members: 200 s.
-LIFE_PER_MEMBER = 1.0
-LIFE_MAX = 600.0  # seconds; no record lives longer, however large the swarm
-RESIGN_FRACTION = 3  # a record unchanged is re-signed after this fraction of its life (and read again then)
 
 
 class MemberView:
@@ -105,9 +98,8 @@ class MemberView:
         self._clock = clock
         self.dht = DhtNode(
             node_id=ident.node_id, validator=self._validate, rpc_timeout=config.rpc_timeout_seconds,
-            ttl=max(config.record_ttl_seconds, LIFE_MAX),  # copies end with their records' own expiry
+            ttl=config.record_ttl_seconds,
         )
-        self._own: tuple[NodeRecord, str] | None = None  # our record as last signed, and its text
         self.members: dict[str, NodeRecord] = {}
         self.dropped = 0
         self._also: set[str] = set()
@@ -213,30 +205,16 @@ class MemberView:
             found = await self.dht.bootstrap(self._bootstrap)
             log.info("dht.joined", via=",".join(f"{h}:{p}" for h, p in self._bootstrap), found=found)
 
-    def record_life(self) -> float:
-        """How long our record lives: the configured TTL, longer in a large swarm (see LIFE_PER_MEMBER)."""
-        return min(max(self.config.record_ttl_seconds, LIFE_PER_MEMBER * len(self.members)), LIFE_MAX)
-
     async def _publish(self, crawl: bool = True) -> None:
-        """Store our record on the nodes closest to its key. It is signed again only when what it says
-        changed or a third of its life has passed: an unchanged text is verified by nobody twice."""
         now = self._clock()
-        candidate = self._make_record(now, now + self.record_life())
-        if self._own is not None:
-            last, text = self._own
-            same = replace(candidate, timestamp=last.timestamp, expires_at=last.expires_at) == last
-            if same and now - last.timestamp < (last.expires_at - last.timestamp) / RESIGN_FRACTION:
-                if not crawl:
-                    return  # the copies are in place; the next crawl round places them again
-                candidate = last
-        if self._own is None or candidate is not self._own[0]:
-            self._own = (candidate, sign_record(candidate, self.ident, self.cred))
-        record, text = self._own
+        record = self._make_record(now, now + self.config.record_ttl_seconds)
         self.members[record.node_id] = record
         # Bounded by half the re-publish interval rather than an RPC timeout: a store to k nodes under
         # load takes a while, and cutting it short is how records expire across a busy swarm.
         with trio.move_on_after(self.config.republish_seconds / 2):
-            await self.dht.put(record_key(self.cred.name, record.node_id), text, crawl=crawl)
+            await self.dht.put(
+                record_key(self.cred.name, record.node_id), sign_record(record, self.ident, self.cred), crawl=crawl
+            )
 
     async def _publish_loop(self) -> None:
         next_at = trio.current_time() + self.config.republish_seconds
@@ -331,15 +309,9 @@ class MemberView:
             held[rec.node_id] = tuple(rec.dht)
         contacts = {**held, **{i: a for i, (a, _) in self._walked.items()}, **self.dht.contacts()}
         ids = (set(contacts) | self._also | set(self.members)) - {self.ident.node_id}
-        # The copies held here are checked in this task; only remote reads get tasks of their own (a
-        # task per member per refresh was most of a large swarm's CPU).
         async with trio.open_nursery() as nursery:
             for node_id in ids:
-                record, remote = self._read_local(node_id, now)
-                if remote:
-                    nursery.start_soon(self._read_remote, node_id, contacts.get(node_id), record)
-                elif record is not None:
-                    self._accept(node_id, record)
+                nursery.start_soon(self._read, node_id, contacts.get(node_id))
         now = self._clock()
         for node_id, rec in list(self.members.items()):
             if rec.expires_at <= now and node_id != self.ident.node_id:
@@ -348,48 +320,38 @@ class MemberView:
                 self._former[node_id] = (tuple(rec.dht), now + FORMER_SECONDS)
                 log.info("membership.expired", member=node_id[:12])
 
-    def _read_local(self, node_id: str, now: float) -> tuple[NodeRecord | None, bool]:
-        """The newest copy of ``node_id``'s record held here, and whether to read it remotely now."""
-        # Only the copy held here: a network lookup for every record not stored here, every refresh,
-        # was most of the DHT traffic. The remote read is at most once per re-publish interval.
-        key = record_key(self.cred.name, node_id)
-        record = self._parse(self.dht.local(key), self.dht.digest(key), now)
-        known = self.members.get(node_id)
-        newest = max((r for r in (record, known) if r is not None), key=lambda r: r.timestamp, default=None)
-        # Its owner signs a new version after a third of its life: read again a re-publish interval later.
-        stale = newest is None or now >= (
-            newest.timestamp + (newest.expires_at - newest.timestamp) / RESIGN_FRACTION + self.config.republish_seconds
-        )
-        due = now - self._looked_up.get(node_id, -math.inf) >= self.config.republish_seconds
-        return record, stale and due
-
-    async def _read_remote(self, node_id: str, address: tuple[str, int] | None, record: NodeRecord | None) -> None:
-        """Ask the member itself (one RPC), else look its record up (a crawl, several RPCs); a few at a time."""
+    async def _read(self, node_id: str, address: tuple[str, int] | None) -> None:
         key = record_key(self.cred.name, node_id)
         dkey = self.dht.digest(key)
         now = self._clock()
+        # Only the copy held here: a network lookup for every record not stored here, every refresh,
+        # was most of the DHT traffic. The remote read below is at most once per re-publish interval.
+        record = self._parse(self.dht.local(key), dkey, now)
         known = self.members.get(node_id)
-        self._looked_up[node_id] = now
-        async with self._lookups:
-            with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
-                if address is None and known is not None:
-                    address = known.dht
-                if address is not None:
-                    value = await self.dht.ask(node_id, address, key)
-                else:
-                    value = await self.dht.get(key, network=True)
-                fresher = self._parse(value, dkey, now)
-                if fresher is not None and (record is None or fresher.timestamp > record.timestamp):
-                    record = fresher
-        if known is not None and (record is None or record.timestamp <= known.timestamp):
-            # No newer copy of a member's record close to expiry (a reply lost on a busy host):
-            # try again at the next refresh rather than a re-publish interval later, after it expired.
-            self._looked_up.pop(node_id, None)
-        if record is not None:
-            self._accept(node_id, record)
-
-    def _accept(self, node_id: str, record: NodeRecord) -> None:
-        known = self.members.get(node_id)
+        newest = max((r for r in (record, known) if r is not None), key=lambda r: r.timestamp, default=None)
+        stale = newest is None or newest.timestamp < now - 2 * self.config.republish_seconds
+        # At most one remote read per node per re-publish interval (a record is not newer before then),
+        # a few at a time: asked of the node itself (one RPC), else looked up (a crawl, several RPCs).
+        due = now - self._looked_up.get(node_id, -math.inf) >= self.config.republish_seconds
+        if stale and due:
+            self._looked_up[node_id] = now
+            async with self._lookups:
+                with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
+                    if address is None and known is not None:
+                        address = known.dht
+                    if address is not None:
+                        value = await self.dht.ask(node_id, address, key)
+                    else:
+                        value = await self.dht.get(key, network=True)
+                    fresher = self._parse(value, dkey, now)
+                    if fresher is not None and (record is None or fresher.timestamp > record.timestamp):
+                        record = fresher
+            if known is not None and (record is None or record.timestamp <= known.timestamp):
+                # No newer copy of a member's record close to expiry (a reply lost on a busy host):
+                # try again at the next refresh rather than a re-publish interval later, after it expired.
+                self._looked_up.pop(node_id, None)
+        if record is None:
+            return
         if known is None or record.timestamp >= known.timestamp:
             if known is None:
                 log.info("membership.joined", member=node_id[:12], peer=record.peer)

@@ -2,7 +2,8 @@
 
 Every model takes a batch of samples shaped ``[N, *sample_shape]`` and returns
 ``[N, out_features]``: class logits for classification, one column for
-regression.
+regression. :class:`Standardize` puts a trained model's input scaling in front
+of it, so it takes samples in the data set's own units.
 """
 
 from __future__ import annotations
@@ -35,6 +36,35 @@ def build_model(model_spec: dict[str, Any], sample_shape: list[int] | tuple[int,
     if name == "transformer":
         return _Transformer(model_spec, shape, out_features)
     raise ValueError(f"unknown model {name!r}")
+
+
+# A feature whose spread in the train split is below this is constant there: it is
+# centred but not divided, so it cannot blow up at inference.
+MIN_SPREAD = 1e-6
+
+
+def input_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element mean and spread of the samples ``x`` (``[N, *sample_shape]``), for :class:`Standardize`."""
+    mean = x.mean(dim=0)
+    spread = x.std(dim=0, unbiased=False)
+    return mean, torch.where(spread < MIN_SPREAD, torch.ones_like(spread), spread)
+
+
+class Standardize(nn.Module):
+    """``net((x - mean) / spread)``: a model that carries the scaling it was trained with.
+
+    The statistics are separate from ``net``'s state dict, so the weights file
+    keeps ``net``'s own parameter names and stores them beside the weights.
+    """
+
+    def __init__(self, net: nn.Module, mean: torch.Tensor, spread: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", mean)
+        self.register_buffer("spread", spread)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.spread)
 
 
 def _mlp(spec: dict[str, Any], shape: list[int], out_features: int) -> nn.Module:

@@ -20,7 +20,9 @@ from pathlib import Path
 from p2pnn.store.base import (
     AmbiguousCommit,
     Assignment,
+    ClaimOp,
     Fence,
+    FinishOp,
     IdempotencyConflict,
     Lease,
     NewTask,
@@ -35,8 +37,8 @@ from p2pnn.store.base import (
 BACKENDS = ("sqlite", "postgres")
 
 __all__ = [
-    "BACKENDS", "AmbiguousCommit", "Assignment", "Fence", "IdempotencyConflict", "Lease", "NewTask", "Page", "ProgressSeries",
-    "StoreError", "StoreUnreachable", "TaskStore",
+    "BACKENDS", "AmbiguousCommit", "Assignment", "ClaimOp", "Fence", "FinishOp", "IdempotencyConflict", "Lease", "NewTask",
+    "Page", "ProgressSeries", "StoreError", "StoreUnreachable", "TaskStore",
     "TermRecord", "open_store",
 ]
 

@@ -198,6 +198,40 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        6,
+        "task_counts: tasks by state and kind, kept by every transition, so /metrics reads a few rows",
+        (
+            # A (state, kind) count is split over a few shard rows: concurrent transactions each
+            # add to a shard of their own choosing, so no single row serialises every state change.
+            """
+            CREATE TABLE task_counts (
+                state TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                shard INTEGER NOT NULL,
+                n INTEGER NOT NULL,
+                PRIMARY KEY (state, kind, shard)
+            )
+            """,
+            # Tasks stored before this migration are counted once, here.
+            "INSERT INTO task_counts (state, kind, shard, n) SELECT state, kind, 0, COUNT(*) FROM tasks GROUP BY state, kind",
+        ),
+    ),
+)
+
+MIGRATIONS += (
+    Migration(
+        7,
+        "tasks.parent_id: the sweep a trial task belongs to",
+        (
+            # NULL for a task submitted on its own; a sweep's trials name it, and are listed by it.
+            "ALTER TABLE tasks ADD COLUMN parent_id {uuid}",
+            "CREATE INDEX tasks_by_parent ON tasks (parent_id, created_at)",
+        ),
+    ),
+)
+
 LATEST_VERSION = MIGRATIONS[-1].version
 
 _CREATE_MIGRATIONS_TABLE = """

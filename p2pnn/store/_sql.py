@@ -18,7 +18,9 @@ import abc
 import base64
 import binascii
 import json
+import collections
 import math
+import random
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from p2pnn.store.base import (
     MAX_ARTIFACT_BYTES,
     MAX_PROGRESS_POINTS,
     Assignment,
+    ClaimOp,
+    FinishOp,
     Fence,
     IdempotencyConflict,
     Lease,
@@ -49,10 +53,11 @@ MAX_CURSOR_CHARS = 200  # longer cursors are refused unread; the ones this store
 # What a stored JSON value too deeply nested to parse reads as (see load_json).
 UNREADABLE_JSON = {"unreadable": "stored JSON nested too deeply to read"}
 LEASE_EXPIRED_ERROR = "lease expired on the last attempt"  # the error a task gets when its final lease lapses
+COUNT_SHARDS = 8  # rows per (state, kind) in task_counts: concurrent transactions seldom pick the same one
 
 TASK_COLUMNS = (
     "id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, started_at, finished_at, "
-    "lease_owner, lease_expires_at, cancel_requested, progress, result, error, idempotency_key"
+    "lease_owner, lease_expires_at, cancel_requested, progress, result, error, idempotency_key, parent_id"
 )
 
 # What an attempt that ended without a result leads to: a requested cancel wins,
@@ -200,7 +205,7 @@ def task_from_row(row: Sequence[Any], artifacts: list[str] | None = None) -> Tas
     """A Task from a row selected as TASK_COLUMNS."""
     (
         id_, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, started_at, finished_at,
-        lease_owner, lease_expires_at, cancel_requested, progress, result, error, idempotency_key,
+        lease_owner, lease_expires_at, cancel_requested, progress, result, error, idempotency_key, parent_id,
     ) = row
     return Task(
         id=str(id_),
@@ -222,6 +227,7 @@ def task_from_row(row: Sequence[Any], artifacts: list[str] | None = None) -> Tas
         error=error,
         idempotency_key=idempotency_key,
         artifacts=sorted(artifacts or []),
+        parent=None if parent_id is None else str(parent_id),
     )
 
 
@@ -291,6 +297,7 @@ class SqlTaskStore(TaskStore):
                 created_at=float(now),
                 updated_at=float(now),
                 idempotency_key=idempotency_key,
+                parent=t.parent,
             )
             for t in tasks
         ]
@@ -308,12 +315,14 @@ class SqlTaskStore(TaskStore):
                     return _repeat(db, key_owner, idempotency_key, request_hash)
             db.run_many(
                 "INSERT INTO tasks (id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, "
-                "idempotency_key, batch_index) VALUES (?, ?, ?, 'pending', ?, 0, ?, ?, ?, ?, ?)",
+                "idempotency_key, batch_index, parent_id) VALUES (?, ?, ?, 'pending', ?, 0, ?, ?, ?, ?, ?, ?)",
                 [
-                    (t.id, t.kind, dump_json(t.spec), t.owner, t.max_attempts, now, now, idempotency_key, i)
+                    (t.id, t.kind, dump_json(t.spec), t.owner, t.max_attempts, now, now, idempotency_key, i,
+                     None if t.parent is None else parse_id(t.parent))
                     for i, t in enumerate(new)
                 ],
             )
+            _count(db, collections.Counter((State.PENDING.value, t.kind) for t in new))
             return new, True
 
         return await self._transact(create, write=True)
@@ -330,16 +339,22 @@ class SqlTaskStore(TaskStore):
         state: State | None = None,
         kind: str | None = None,
         owner: str | None = None,
+        parent: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
     ) -> Page:
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        parent_id = None
+        if parent is not None:
+            parent_id = parse_id(parent)
+            if parent_id is None:
+                return Page(tasks=[], next_cursor=None)  # not a task id: no task has it as parent
         limit = min(limit, MAX_PAGE)
         where: list[str] = []
         params: list[Any] = []
         state_value = State(state).value if state is not None else None
-        for column, value in (("state", state_value), ("kind", kind), ("owner", owner)):
+        for column, value in (("state", state_value), ("kind", kind), ("owner", owner), ("parent_id", parent_id)):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
@@ -370,10 +385,11 @@ class SqlTaskStore(TaskStore):
         return [str(r[0]) for r in rows]
 
     async def counts(self) -> dict[tuple[str, str], int]:
+        # task_counts, not tasks: a few rows per (state, kind) whatever the number of tasks.
         rows = await self._transact(
-            lambda db: db.rows("SELECT state, kind, COUNT(*) FROM tasks GROUP BY state, kind"), write=False
+            lambda db: db.rows("SELECT state, kind, SUM(n) FROM task_counts GROUP BY state, kind"), write=False
         )
-        return {(state, kind): int(n) for state, kind, n in rows}
+        return {(state, kind): int(n) for state, kind, n in rows if n}
 
     # --- transitions ---
 
@@ -381,14 +397,16 @@ class SqlTaskStore(TaskStore):
         ids = sorted({tid for tid in map(parse_id, task_ids) if tid is not None})
         if not ids:
             return 0
-        return await self._transact(
-            lambda db: db.run(
+        def mark(db: Db) -> int:
+            kinds = [kind for (kind,) in db.rows(
                 "UPDATE tasks SET state = 'queued', updated_at = ?, published_at = ? "
-                f"WHERE state = 'pending' AND id IN {_in_list(len(ids))}",
+                f"WHERE state = 'pending' AND id IN {_in_list(len(ids))} RETURNING kind",
                 (now, now, *ids),
-            ),
-            write=True,
-        )
+            )]
+            _count_moves(db, [(kind, State.PENDING.value, State.QUEUED.value) for kind in kinds])
+            return len(kinds)
+
+        return await self._transact(mark, write=True)
 
     async def mark_published(self, versions: dict[str, float], *, now: float) -> int:
         """Record that a message for each queued task was confirmed; ``versions`` maps a task id to
@@ -432,19 +450,30 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return None
+        return await self._transact(lambda db: _counted(db, lambda moves: _claim(db, tid, worker, now, lease_seconds, moves)),
+                                    write=True)
 
-        # progress belongs to an attempt: a new attempt starts without one.
-        return await self._transact(
-            lambda db: _updated_task(
-                db,
-                tid,
-                "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?, "
-                "lease_expires_at = {now} + ?, started_at = ?, updated_at = ?, progress = NULL "
-                "WHERE id = ? AND state = 'queued'",
-                (worker, lease_seconds, now, now, tid),
-            ),
-            write=True,
-        )
+    async def apply(self, ops: Sequence[ClaimOp | FinishOp], *, now: float) -> list[Task | None | bool]:
+        for op in ops:
+            if isinstance(op, FinishOp) and not State(op.state).terminal:
+                raise ValueError(f"finish needs a terminal state, got {State(op.state).value}")
+        # Rows are locked in task id order, so two batches touching the same tasks cannot deadlock.
+        order = sorted(range(len(ops)), key=lambda i: ops[i].task_id)
+
+        def run(moves: list[tuple[str, str, str]], db: Db) -> list[Task | None | bool]:
+            out: list[Task | None | bool] = [None] * len(ops)
+            for i in order:
+                op, tid = ops[i], parse_id(ops[i].task_id)
+                if isinstance(op, ClaimOp):
+                    out[i] = None if tid is None else _claim(db, tid, op.worker, now, op.lease_seconds, moves)
+                else:
+                    out[i] = tid is not None and _transition(
+                        db, tid, FINISH_ASSIGNMENTS, _finish_params(op.state, op.result, op.error, now), op.attempt,
+                        op.worker, moves, _finish_condition(op.state),
+                    ) is not None
+            return out
+
+        return await self._transact(lambda db: _counted(db, lambda moves: run(moves, db)), write=True)
 
     async def _transition(
         self,
@@ -463,17 +492,12 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return None
-        where = "id = ? AND state = 'running' AND attempts = ?" + (" AND lease_owner = ?" if worker is not None else "")
-        where += f" AND {also}" if also else ""
-        where_params = (tid, attempt) + ((worker,) if worker is not None else ())
-
-        def transition(db: Db) -> str | None:
-            row = db.one(f"UPDATE tasks SET {assignments} WHERE {where} RETURNING state", (*set_params, *where_params))
-            if row is not None and then is not None:
-                then(db, tid)
-            return None if row is None else row[0]
-
-        return await self._transact(transition, write=True)
+        return await self._transact(
+            lambda db: _counted(
+                db, lambda moves: _transition(db, tid, assignments, set_params, attempt, worker, moves, also, then)
+            ),
+            write=True,
+        )
 
     async def renew(self, task_id: str, *, worker: str, attempt: int, now: float, lease_seconds: float) -> bool:
         changed = await self._transition(
@@ -563,16 +587,15 @@ class SqlTaskStore(TaskStore):
             for name, data in blobs.items():
                 _put_artifact(db, tid, name, data, now)
 
-        # The lease owner stays as a record of who ran the winning attempt. The artifacts are
-        # written only when this attempt wins, in the same transaction: a late duplicate cannot
-        # replace the winner's. A cancelled result needs a cancel requested in the store.
+        # The artifacts are written only when this attempt wins, in the same transaction: a late
+        # duplicate cannot replace the winner's. A cancelled result needs a cancel requested in the store.
         changed = await self._transition(
             task_id,
-            "state = ?, result = ?, error = ?, finished_at = ?, updated_at = ?, lease_expires_at = NULL",
-            (state.value, dump_json(result), error, now, now),
+            FINISH_ASSIGNMENTS,
+            _finish_params(state, result, error, now),
             attempt=attempt,
             worker=worker,
-            also="cancel_requested" if state is State.CANCELLED else "",
+            also=_finish_condition(state),
             then=attach if blobs else None,
         )
         return changed is not None
@@ -614,15 +637,17 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return False
-        changed = await self._transact(
-            lambda db: db.run(
+        def fail(db: Db) -> bool:
+            row = db.one(
                 "UPDATE tasks SET state = 'failed', error = ?, finished_at = ?, updated_at = ?, published_at = NULL "
-                "WHERE id = ? AND state = 'queued'",
+                "WHERE id = ? AND state = 'queued' RETURNING kind",
                 (error, now, now, tid),
-            ),
-            write=True,
-        )
-        return changed == 1
+            )
+            if row is not None:
+                _count_moves(db, [(row[0], State.QUEUED.value, State.FAILED.value)])
+            return row is not None
+
+        return await self._transact(fail, write=True)
 
     async def request_cancel(self, task_id: str, *, now: float) -> Task | None:
         tid = parse_id(task_id)
@@ -630,6 +655,10 @@ class SqlTaskStore(TaskStore):
             return None
 
         def cancel(db: Db) -> Task | None:
+            # The row is locked first (SQLite: the whole database already is), so the state read
+            # here is the one the UPDATE below changes: task_counts learns where the task came from.
+            lock = " FOR UPDATE" if db.dialect.name == "postgres" else ""
+            before = db.one(f"SELECT state FROM tasks WHERE id = ?{lock}", (tid,))
             changed = _updated_task(
                 db,
                 tid,
@@ -641,7 +670,11 @@ class SqlTaskStore(TaskStore):
                 (now, now, tid),
             )
             # None: unknown, finished, or a cancel already requested; the task is returned as it is.
-            return changed if changed is not None else _get(db, tid)
+            if changed is None:
+                return _get(db, tid)
+            if before is not None:
+                _count_moves(db, [(changed.kind, before[0], changed.state.value)])
+            return changed
 
         return await self._transact(cancel, write=True)
 
@@ -652,7 +685,7 @@ class SqlTaskStore(TaskStore):
         def expire(db: Db) -> list[tuple[Any, ...]]:
             if fence is not None and not _fence_holds(db, fence, now):
                 return []
-            return db.rows(
+            rows = db.rows(
                 f"UPDATE tasks SET state = {_STATE_AFTER_LOST_ATTEMPT}, "
                 f"finished_at = CASE WHEN {_TERMINAL_AFTER_LOST_ATTEMPT} THEN ? ELSE NULL END, "
                 "error = CASE WHEN NOT cancel_requested AND attempts >= max_attempts THEN ? ELSE error END, "
@@ -660,9 +693,11 @@ class SqlTaskStore(TaskStore):
                 "lease_expires_at = NULL, published_at = NULL, updated_at = ? "
                 "WHERE state = 'running' AND lease_expires_at < {now} AND id IN ("
                 "SELECT id FROM tasks WHERE state = 'running' AND lease_expires_at < {now} "
-                "ORDER BY lease_expires_at LIMIT ?) RETURNING id, state",
+                "ORDER BY lease_expires_at LIMIT ?) RETURNING id, state, kind",
                 (now, LEASE_EXPIRED_ERROR, now, limit),
             )
+            _count_moves(db, [(kind, State.RUNNING.value, state) for _, state, kind in rows])
+            return [(tid, state) for tid, state, _ in rows]
 
         rows = await self._transact(expire, write=True)
         return [(str(tid), State(state)) for tid, state in rows]
@@ -860,6 +895,95 @@ def _fence_holds(db: Db, fence: Fence, now: float) -> bool:
         "UPDATE swarm_lease SET expires_at = expires_at WHERE swarm = ? AND term = ? AND holder = ? AND expires_at > ?",
         (fence.swarm, fence.term, fence.holder, now),
     ) == 1
+
+
+# What finish sets. The lease owner stays as a record of who ran the winning attempt.
+FINISH_ASSIGNMENTS = "state = ?, result = ?, error = ?, finished_at = ?, updated_at = ?, lease_expires_at = NULL"
+
+
+def _finish_params(state: State, result: dict[str, Any] | None, error: str | None, now: float) -> tuple[Any, ...]:
+    return (State(state).value, dump_json(result), error, now, now)
+
+
+def _finish_condition(state: State) -> str:
+    """What finish also requires: a cancelled result only where a cancel was requested."""
+    return "cancel_requested" if State(state) is State.CANCELLED else ""
+
+
+def _claim(db: Db, tid: str, worker: str, now: float, lease_seconds: float, moves: list[tuple[str, str, str]]) -> Task | None:
+    """``claim`` inside a transaction; the move it made is appended to ``moves``."""
+    # A pending task is claimed too: its message is what the worker holds, so it was
+    # published; only the API's "mark queued" has not landed yet. Queued first: the usual case.
+    # Queued once more at the end: the API may mark it queued between the first two statements
+    # (each sees the latest committed row), and pending -> queued happens only once.
+    # progress belongs to an attempt: a new attempt starts without one.
+    for before in (State.QUEUED.value, State.PENDING.value, State.QUEUED.value):
+        task = _updated_task(
+            db,
+            tid,
+            "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?, "
+            "lease_expires_at = {now} + ?, started_at = ?, updated_at = ?, progress = NULL WHERE id = ? AND state = ?",
+            (worker, lease_seconds, now, now, tid, before),
+        )
+        if task is not None:
+            moves.append((task.kind, before, State.RUNNING.value))
+            return task
+    return None
+
+
+def _transition(
+    db: Db, tid: str, assignments: str, set_params: Sequence[Any], attempt: int, worker: str | None,
+    moves: list[tuple[str, str, str]], also: str = "", then: Callable[[Db, str], None] | None = None,
+) -> str | None:
+    """One conditional UPDATE of a running attempt inside a transaction; its new state, or None.
+
+    ``also`` adds a condition; ``then(db, tid)`` runs in the same transaction once the update matched."""
+    where = "id = ? AND state = 'running' AND attempts = ?" + (" AND lease_owner = ?" if worker is not None else "")
+    where += f" AND {also}" if also else ""
+    where_params = (tid, attempt) + ((worker,) if worker is not None else ())
+    row = db.one(f"UPDATE tasks SET {assignments} WHERE {where} RETURNING state, kind", (*set_params, *where_params))
+    if row is None:
+        return None
+    if then is not None:
+        then(db, tid)
+    moves.append((row[1], State.RUNNING.value, row[0]))
+    return row[0]
+
+
+def _counted(db: Db, fn: Callable[[list[tuple[str, str, str]]], T]) -> T:
+    """Run ``fn(moves)`` and then count every move it recorded, in one task_counts write."""
+    moves: list[tuple[str, str, str]] = []
+    out = fn(moves)
+    _count_moves(db, moves)
+    return out
+
+
+def _count(db: Db, deltas: collections.Counter[tuple[str, str]] | dict[tuple[str, str], int]) -> None:
+    """Add ``deltas`` ((state, kind) -> change) to task_counts, in the caller's transaction.
+
+    One shard row per transaction, chosen at random, and the rows in a fixed
+    order: two transactions lock shard rows in the same order, so they may
+    wait for each other but never deadlock."""
+    changes = sorted((key, n) for key, n in deltas.items() if n)
+    if not changes:
+        return
+    shard = random.randrange(COUNT_SHARDS)
+    db.run(
+        "INSERT INTO task_counts (state, kind, shard, n) VALUES "
+        + ", ".join("(?, ?, ?, ?)" for _ in changes)
+        + " ON CONFLICT (state, kind, shard) DO UPDATE SET n = task_counts.n + excluded.n",
+        [v for (state, kind), n in changes for v in (state, kind, shard, n)],
+    )
+
+
+def _count_moves(db: Db, moves: list[tuple[str, str, str]]) -> None:
+    """Count tasks that moved: (kind, old state, new state) each; a task that stayed put changes nothing."""
+    deltas: collections.Counter[tuple[str, str]] = collections.Counter()
+    for kind, old, new in moves:
+        if old != new:
+            deltas[(old, kind)] -= 1
+            deltas[(new, kind)] += 1
+    _count(db, deltas)
 
 
 def _artifact_names(db: Db, tid: str) -> list[str]:

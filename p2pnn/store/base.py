@@ -13,6 +13,7 @@ when a lease lapsed (``lease_seconds`` is a duration; ``now`` only stamps
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,29 @@ class NewTask:
     spec: dict[str, Any]
     owner: str
     max_attempts: int
+    # The sweep this task is a trial of.
+    parent: str | None = None
+
+
+@dataclass(frozen=True)
+class ClaimOp:
+    """``claim`` as one step of ``apply``."""
+
+    task_id: str
+    worker: str
+    lease_seconds: float
+
+
+@dataclass(frozen=True)
+class FinishOp:
+    """``finish`` as one step of ``apply``."""
+
+    task_id: str
+    attempt: int
+    state: State
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    worker: str | None = None  # set: the attempt must still be leased to this worker
 
 
 @dataclass(frozen=True)
@@ -146,10 +170,12 @@ class TaskStore(abc.ABC):
         state: State | None = None,
         kind: str | None = None,
         owner: str | None = None,
+        parent: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
     ) -> Page:
-        """Tasks, newest first, ``limit`` at a time; ``cursor`` is the previous page's ``next_cursor``."""
+        """Tasks, newest first, ``limit`` at a time; ``cursor`` is the previous page's ``next_cursor``.
+        ``parent``: only the trials of that sweep."""
 
     @abc.abstractmethod
     async def ids_in_state(self, state: State, *, older_than: float, limit: int = 1000) -> list[str]:
@@ -184,9 +210,11 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     async def claim(self, task_id: str, *, worker: str, now: float, lease_seconds: float) -> Task | None:
-        """``queued -> running``: attempts + 1, lease to ``worker`` until the database's now + lease_seconds.
+        """``queued|pending -> running``: attempts + 1, lease to ``worker`` until the database's now + lease_seconds.
 
-        None when the task is not queued (taken, cancelled, finished) or does not exist.
+        A pending task is taken too: the worker holds its message, so it was published and only
+        the submitter's ``mark_queued`` is still to land (it then changes nothing). None when the
+        task is neither (taken, cancelled, finished) or does not exist.
         """
 
     @abc.abstractmethod
@@ -238,6 +266,15 @@ class TaskStore(abc.ABC):
         ``artifacts`` are stored in the same transaction, only when this result
         wins. ``cancelled`` is accepted only when a cancel was requested in the
         store. A late or duplicate result returns False and changes nothing.
+        """
+
+    @abc.abstractmethod
+    async def apply(self, ops: Sequence[ClaimOp | FinishOp], *, now: float) -> list[Task | None | bool]:
+        """Several claims and finishes in one transaction (group commit: one commit for all).
+
+        Each step does exactly what ``claim`` or ``finish`` alone would, conditions
+        included; the answers come back in the order of ``ops``. Error handling: a
+        backend failure fails them all (StoreError), nothing is applied.
         """
 
     @abc.abstractmethod

@@ -83,6 +83,11 @@ def connection_settings(connect_timeout: float, statement_timeout: float) -> dic
         "autocommit": True,
         "connect_timeout": max(1, round(connect_timeout)),  # libpq takes whole seconds
         "application_name": "p2pnn",
+        # No server-side prepared statements. A generic plan made while the tasks table was new and
+        # small looked tasks up through a (state, ...) index instead of the primary key, reading
+        # every task in that state on each claim and finish; an unnamed statement is planned for
+        # its actual values, and takes the primary key.
+        "prepare_threshold": None,
         "keepalives": 1,
         "keepalives_idle": KEEPALIVE_IDLE,
         "keepalives_interval": KEEPALIVE_INTERVAL,
@@ -115,6 +120,16 @@ async def _attempt(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T]) 
 
     try:
         return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+    except psycopg.OperationalError:
+        # Connections are not checked on checkout (that would cost a round trip per transaction):
+        # when one turns out dead, the pool checks every idle one before this error is reported,
+        # so the next transactions get live ones (a broken connection never goes back in the pool).
+        with trio.CancelScope(shield=True), trio.move_on_after(CONNECT_TIMEOUT):
+            try:
+                await trio.to_thread.run_sync(pool.check, abandon_on_cancel=True)
+            except psycopg.Error:
+                pass  # the pool is closing, or the server is gone: the caller sees the first error
+        raise
     except trio.Cancelled:
         with state.lock:
             state.abandoned = True
@@ -240,7 +255,6 @@ class PostgresTaskStore(SqlTaskStore):
             max_size=self._pool_size,
             kwargs=connection_settings(self._connect_timeout, self._statement_timeout),
             configure=self._configure,
-            check=ConnectionPool.check_connection,
             timeout=POOL_TIMEOUT,
             name=f"p2pnn-store-{self._schema}",
             open=False,

@@ -6,12 +6,29 @@ Dispatcher  consumes the shared task queue, picks for each task the capable
             confirmed publish and only then acks it. An An that dies before
             the ack gets its messages redelivered to another.
 
-How an An counts what a Ki has room for: ``free = slots - busy - in
-flight``, where ``in flight`` is what this An forwarded that the Ki's last
+A data-parallel train task (``workers`` > 1) is placed whole or not at all
+(:meth:`Dispatcher.plan_group`): its ranks go to distinct Ki first, then to
+more slots of Ki with room, and it waits until free slots hold every rank.
+It asks for ``workers`` ranks, or as many as the live capable Ki have slots
+for, down to ``min_workers``. Each Ki of the plan gets the task with a
+``group`` header (group id, size, its first rank and rank count); the first
+(rank 0's) claims the task and publishes where the group meets, the others
+join it.
+
+How an An counts what a Ki has room for: ``free = slots + ahead - busy -
+in flight``, where ``in flight`` is what this An forwarded that the Ki's last
 beat does not yet count as received. Forwards older than the Ki queue's
 message TTL stop counting (the broker has dead-lettered them back to the
-shared queue by then). An An only forwards into a free slot, so a short task
-never waits behind a long one while some Ki has a slot free.
+shared queue by then).
+
+``ahead`` (credit ahead, ``slots x forward_ahead``) keeps slots busy: a slot
+that frees finds its next task already in its Ki's queue instead of waiting
+for a beat to reach the An and a forward to come back. Only tasks known to
+be short (``needs["short"]``) are sent ahead, and only to a Ki whose tasks in
+hand are all known to be short and younger than ``ahead_age``, so no task
+waits behind a long one; ``pick`` looks at free slots first, so an idle slot
+anywhere is filled before any task is sent ahead.
+Both terms scale with slots, so placement stays proportional to capacity.
 
 A task no live Ki is able to run (it needs a GPU and none is up) is parked:
 held unacked, out of the way of the tasks behind it, and placed on the first
@@ -23,9 +40,11 @@ parked for ``park_fail_seconds`` fails with an error naming what no Ki had.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -35,7 +54,7 @@ from p2pnn import logs
 from p2pnn.bus import BEATS, TASKS, BusError, Delivery, Inbox, TaskBus, ki_queue
 from p2pnn.metrics import Metrics
 from p2pnn.store import StoreError, TaskStore
-from p2pnn.tasks import TERMINAL, needs_of
+from p2pnn.tasks import MAX_WORKERS, TERMINAL, State, needs_of
 
 log = logs.get(__name__)
 
@@ -55,6 +74,8 @@ def missing(needs: dict[str, Any]) -> str:
     parts = ["a GPU"] if needs.get("gpu") else []
     if needs.get("memory_mb"):
         parts.append(f"{int(needs['memory_mb'])} MB of memory")
+    if int(needs.get("workers", 1)) > 1:
+        parts.append(f"{int(needs.get('min_workers', needs['workers']))} worker slots in all")
     return " and ".join(parts) or "its needs"
 
 
@@ -62,10 +83,21 @@ def _clean_needs(raw: Any) -> dict[str, Any] | None:
     """A ``needs`` header as placement reads it, or None when it makes no sense."""
     if not isinstance(raw, dict):
         return None
-    gpu, memory = raw.get("gpu", False), raw.get("memory_mb", 0)
+    gpu, memory, short = raw.get("gpu", False), raw.get("memory_mb", 0), raw.get("short", False)
     if not isinstance(gpu, bool) or isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
         return None
-    return {"gpu": gpu, "memory_mb": memory}
+    if not isinstance(short, bool):
+        return None
+    workers, least = raw.get("workers", 1), raw.get("min_workers", raw.get("workers", 1))
+    for value in (workers, least):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            return None
+    if least > workers:
+        return None
+    needs: dict[str, Any] = {"gpu": gpu, "memory_mb": memory, "short": short}
+    if workers > 1:
+        needs["workers"], needs["min_workers"] = workers, least
+    return needs
 
 
 @dataclass
@@ -87,12 +119,15 @@ class _KiView:
     an: str | None = None
     seen: float = 0.0
     received: int = 0  # deliveries from this An, as of the last beat
+    oldest: float = 0.0  # age of the Ki's oldest task in hand, as of the last beat
+    long: int = 0  # tasks in hand not known to be short, as of the last beat
     in_flight: collections.deque[float] = field(default_factory=collections.deque)  # forward times
 
     def update(self, beat: dict[str, Any], me: str, now: float) -> None:
         """Error handling: a beat with fields of the wrong type raises ValueError/TypeError before any change."""
         received = int(beat.get("received", {}).get(me, 0))
         slots, busy = int(beat.get("slots", 0)), int(beat.get("busy", 0))
+        oldest, long_tasks = float(beat.get("oldest", 0.0)), int(beat.get("long", 0))
         raw_caps, an = beat.get("caps") or {}, beat.get("an")
         caps = {"gpu": bool(raw_caps.get("gpu")), "memory_mb": int(raw_caps.get("memory_mb") or 0)}
         if an is not None and not isinstance(an, str):
@@ -105,12 +140,17 @@ class _KiView:
                     self.in_flight.popleft()
         self.received = received
         self.slots, self.busy = slots, busy
+        self.oldest, self.long = oldest, long_tasks
         self.caps, self.an, self.seen = caps, an, now
 
-    def free(self, now: float, ttl: float) -> int:
+    def free(self, now: float, ttl: float, ahead: float = 0.0, ahead_age: float = 0.0) -> int:
+        """Tasks this Ki has room for: free slots, plus the credit ahead while its tasks are short and young."""
         while self.in_flight and self.in_flight[0] < now - ttl:
             self.in_flight.popleft()
-        return self.slots - self.busy - len(self.in_flight)
+        credit = self.slots
+        if ahead and self.long == 0 and (self.busy == 0 or self.oldest + (now - self.seen) < ahead_age):
+            credit += math.ceil(self.slots * ahead)
+        return credit - self.busy - len(self.in_flight)
 
 
 class Dispatcher:
@@ -131,6 +171,8 @@ class Dispatcher:
         prefetch: int,
         beat_timeout: float,
         ki_message_ttl: float,
+        forward_ahead: float = 0.0,
+        forward_ahead_age: float = 0.0,
         park_fail_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -141,6 +183,8 @@ class Dispatcher:
         self.prefetch = prefetch
         self.beat_timeout = beat_timeout
         self.ki_message_ttl = ki_message_ttl
+        self.forward_ahead = forward_ahead
+        self.forward_ahead_age = forward_ahead_age
         self.park_fail_seconds = park_fail_seconds
         self._clock = clock
         self._parked: dict[str, _Parked] = {}  # task id -> delivery held until a capable Ki beats
@@ -190,21 +234,94 @@ class Dispatcher:
         return [k for k in self.kis.values() if now - k.seen < self.beat_timeout and k.an in (None, self.node_id)]
 
     def pick(self, needs: dict[str, Any]) -> _KiView | None:
-        """The capable Ki with the most free slots (ties: at random); None when all are full."""
+        """The capable Ki with the most free slots (ties: at random); when no slot is free anywhere
+        and the task is known to be short, the one with the most credit ahead left; None when all are full."""
         now = self._clock()
-        best, best_free = [], 0
-        for ki in self._live_kis():
-            if not can_run(ki.caps, needs):
-                continue
-            free = ki.free(now, self.ki_message_ttl)
-            if free > best_free:
-                best, best_free = [ki], free
-            elif free == best_free and free > 0:
-                best.append(ki)
-        return self._rng.choice(best) if best else None
+        for ahead in (0.0, self.forward_ahead) if self.forward_ahead and needs.get("short") else (0.0,):
+            best, best_free = [], 0
+            for ki in self._live_kis():
+                if not can_run(ki.caps, needs):
+                    continue
+                free = ki.free(now, self.ki_message_ttl, ahead, self.forward_ahead_age)
+                if free > best_free:
+                    best, best_free = [ki], free
+                elif free == best_free and free > 0:
+                    best.append(ki)
+            if best:
+                return self._rng.choice(best)
+        return None
 
-    def _capable_kis(self, needs: dict[str, Any]) -> bool:
-        return any(can_run(k.caps, needs) for k in self._live_kis())
+    def plan_group(self, needs: dict[str, Any]) -> list[tuple[_KiView, int]] | None:
+        """Where a group's ranks go: ``[(ki, ranks), ...]``, rank 0's Ki first; None to wait.
+
+        The size is ``workers``, or the slots of every live capable Ki when they
+        are fewer, never below ``min_workers`` (then None until more Ki come).
+        Ranks spread over distinct Ki first, most free slots first, then fill
+        more slots of the same Ki; None while free slots cannot hold them all.
+        """
+        now = self._clock()
+        kis = [k for k in self._live_kis() if can_run(k.caps, needs)]
+        workers = int(needs.get("workers", 1))
+        size = min(workers, sum(k.slots for k in kis))
+        if size < int(needs.get("min_workers", workers)) or size < 1:
+            return None
+        free = {k.node: k.free(now, self.ki_message_ttl) for k in kis}
+        self._rng.shuffle(kis)  # ties broken at random, so groups do not all lead from one Ki
+        ordered = sorted((k for k in kis if free[k.node] > 0), key=lambda k: -free[k.node])
+        plan: dict[str, int] = {}
+        left = size
+        while left:
+            placed = 0
+            for ki in ordered:
+                if left and plan.get(ki.node, 0) < free[ki.node]:
+                    plan[ki.node] = plan.get(ki.node, 0) + 1
+                    left -= 1
+                    placed += 1
+            if not placed:
+                return None
+        return [(ki, plan[ki.node]) for ki in ordered if ki.node in plan]
+
+    async def _forward_group(
+        self, inbox: Inbox, delivery: Delivery, needs: dict[str, Any], plan: list[tuple[_KiView, int]]
+    ) -> None:
+        """Send each Ki of the plan its part of the group; ack the shared queue's message once all hold theirs."""
+        group_id = uuid.uuid4().hex
+        world = sum(ranks for _, ranks in plan)
+        first = 0
+        try:
+            for ki, ranks in plan:
+                group = {"id": group_id, "world": world, "first": first, "ranks": ranks, "leader": plan[0][0].node}
+                headers = {delivery.task_id: {"an": self.node_id, "needs": needs, "group": group}}
+                await self.bus.publish([delivery.task_id], queue=ki_queue(ki.node), headers=headers)
+                # One per rank: the Ki counts a group's part as that many received (see KiRunner.run).
+                ki.in_flight.extend([self._clock()] * ranks)
+                self.metrics.forwarded.labels(ki=ki.node[:12]).inc()
+                first += ranks
+        except BusError as exc:
+            # Parts already sent find no rendezvous (or no peers) and give up; the task comes back here.
+            log.warning("an.forward_failed", task_id=delivery.task_id, group=group_id, error=str(exc))
+            await inbox.nack(delivery)
+            self._held -= 1
+            await trio.sleep(BUS_RETRY_SECONDS)
+            return
+        log.info("an.group_placed", task_id=delivery.task_id, group=group_id, world=world,
+                 kis={ki.node[:12]: ranks for ki, ranks in plan})
+        await inbox.ack(delivery)
+        self._held -= 1
+
+    def _could_run(self, needs: dict[str, Any]) -> bool:
+        """Whether the live Ki could run the task once they have room (a group: enough slots in all)."""
+        capable = [k for k in self._live_kis() if can_run(k.caps, needs)]
+        if int(needs.get("workers", 1)) > 1:
+            return sum(k.slots for k in capable) >= int(needs.get("min_workers", needs["workers"]))
+        return bool(capable)
+
+    def _park(self, delivery: Delivery, needs: dict[str, Any]) -> None:
+        # No live Ki could run it however long we wait for room: out of the way it goes.
+        self._parked[delivery.task_id] = _Parked(delivery, needs, self._clock())
+        self.metrics.parked.set(len(self._parked))
+        log.info("an.parked", task_id=delivery.task_id, needs=missing(needs))
+        self._held -= 1
 
     async def _unpark(self, inbox: Inbox) -> None:
         """On every beat: forward parked tasks a Ki can now run; fail those parked too long."""
@@ -216,12 +333,21 @@ class Dispatcher:
             now = self._clock()
             placed: dict[str, list[tuple[Delivery, dict[str, Any]]]] = collections.defaultdict(list)
             for task_id, parked in list(self._parked.items()):
-                ki = self.pick(parked.needs)
+                if int(parked.needs.get("workers", 1)) > 1:
+                    plan = self.plan_group(parked.needs)
+                    if plan is not None:
+                        del self._parked[task_id]
+                        self._held += 1
+                        await self._forward_group(inbox, parked.delivery, parked.needs, plan)
+                        continue
+                    ki = None
+                else:
+                    ki = self.pick(parked.needs)
                 if ki is not None:
                     del self._parked[task_id]
                     ki.in_flight.append(now)
                     placed[ki.node].append((parked.delivery, parked.needs))
-                elif now - parked.since >= self.park_fail_seconds and not self._capable_kis(parked.needs):
+                elif now - parked.since >= self.park_fail_seconds and not self._could_run(parked.needs):
                     del self._parked[task_id]
                     await self._fail_unplaceable(inbox, parked)
             self.metrics.parked.set(len(self._parked))
@@ -245,6 +371,13 @@ class Dispatcher:
 
     async def _needs(self, delivery: Delivery) -> dict[str, Any] | None:
         """What the task needs; None when it no longer needs running (finished, cancelled, unknown)."""
+        if "group" in delivery.headers:
+            # A group's part back from a Ki's queue (its Ki died or was too slow): the group
+            # either formed without it and failed, or never formed; the store says which.
+            task = await self.store.get(delivery.task_id)
+            if task is None or task.state not in (State.PENDING, State.QUEUED):
+                return None
+            return needs_of(task.spec)
         if "needs" in delivery.headers:
             needs = _clean_needs(delivery.headers["needs"])
             if needs is not None:
@@ -277,13 +410,20 @@ class Dispatcher:
                 await inbox.ack(delivery)
                 self._held -= 1
                 continue
+            if int(needs.get("workers", 1)) > 1:
+                while (plan := self.plan_group(needs)) is None:
+                    if not self._could_run(needs) and len(self._parked) < max(1, self.prefetch // PARK_SHARE):
+                        self._park(delivery, needs)
+                        break
+                    await self._forward(inbox, placed)
+                    with trio.move_on_after(WAIT_FOR_ROOM):
+                        await self._beat_arrived.wait()
+                if plan is not None:
+                    await self._forward_group(inbox, delivery, needs, plan)
+                continue
             while (ki := self.pick(needs)) is None:
-                if not self._capable_kis(needs) and len(self._parked) < max(1, self.prefetch // PARK_SHARE):
-                    # No live Ki could run it however long we wait for room: out of the way it goes.
-                    self._parked[delivery.task_id] = _Parked(delivery, needs, self._clock())
-                    self.metrics.parked.set(len(self._parked))
-                    log.info("an.parked", task_id=delivery.task_id, needs=missing(needs))
-                    self._held -= 1
+                if not self._could_run(needs) and len(self._parked) < max(1, self.prefetch // PARK_SHARE):
+                    self._park(delivery, needs)
                     break
                 await self._forward(inbox, placed)  # what is placed goes now, not after the wait
                 with trio.move_on_after(WAIT_FOR_ROOM):
@@ -312,7 +452,6 @@ class Dispatcher:
                 await trio.sleep(BUS_RETRY_SECONDS)
                 continue
             # Only now, with the Ki's queue holding them, may the shared queue forget them.
-            for d, _ in items:
-                await inbox.ack(d)
+            await inbox.ack_many([d for d, _ in items])
             self._held -= len(items)
             self.metrics.forwarded.labels(ki=ki[:12]).inc(len(ids))

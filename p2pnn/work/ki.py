@@ -1,19 +1,27 @@
 """The Ki: takes tasks from its queue, runs them in the worker pool, reports.
 
+GroupCommit  a Ki's claims and results, committed together: whatever arrives
+          while one store transaction is in flight goes into the next one, so
+          a slot's result and its next task's claim usually share one commit.
+
 KiRunner  takes deliveries while a worker slot is free, claims each task in
           the store (the lease, not the message, covers it from then on),
           acks, runs it in the KiPool, renews the lease, records the outcome.
 KiAgent   the Ki role on a swarm bus: runs the KiRunner on the Ki's own
           queue, beats its capacity (slots, tasks in hand, deliveries
-          received per An, capabilities, the An it is attached to) on the
-          ``beats`` topic, and stops tasks named on the ``cancel`` topic.
+          received per An, capabilities, the An it is attached to, and the
+          tasks it finished since the last beat, so a node holding a long
+          poll learns at once) on the ``beats`` topic, and stops tasks
+          named on the ``cancel`` topic.
           ``attach(an_id)`` is the hook the control plane uses to move a Ki
           between An at runtime.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import time
 import uuid
 from typing import Any, Awaitable, Callable, TypeVar
@@ -25,25 +33,89 @@ from p2pnn.bus import BEATS, CANCEL, TASKS, BusError, Delivery, Inbox, TaskBus
 from p2pnn.compute.pool import Job, KiPool, Outcome
 from p2pnn.membership.records import capabilities as machine_capabilities
 from p2pnn.metrics import Metrics
-from p2pnn.store import StoreError, TaskStore
+from p2pnn.store import ClaimOp, FinishOp, StoreError, TaskStore
 from p2pnn.store.base import MAX_ARTIFACT_BYTES
-from p2pnn.tasks import State, Task
+from p2pnn.tasks import TERMINAL, State, Task
+from p2pnn.work.trials import SweepRunner
 
 log = logs.get(__name__)
 
 T = TypeVar("T")
 
 MODEL_ARTIFACT = "model.safetensors"
+# A train task's latest checkpoint (model, optimizer, epoch, RNG): its next attempt resumes from it.
+CHECKPOINT_ARTIFACT = "checkpoint.safetensors"
+# Where a data-parallel group spread over several Ki meets: rank 0's Ki writes it, the others read it.
+RENDEZVOUS_ARTIFACT = "rendezvous.json"
+RENDEZVOUS_POLL_SECONDS = 0.2  # how often a joining Ki looks for the rendezvous in the store
 RENEWALS_PER_LEASE = 3  # renew well before expiry: two renewals may fail before the lease lapses
 STORE_RETRY_SECONDS = 1.0  # pause after a claim failed on an unreachable store
 STORE_RETRY_FIRST = 0.25  # first pause before a store write of an outcome is tried again; doubles
 STORE_RETRY_MAX = 4.0  # longest pause between two tries
 HANDBACK_SECONDS = 8.0  # how long handing one task back (release, publish, confirm) may take
-# A message can arrive before the API has marked its task queued (publish, then mark):
-# claim again for about a second; a task still pending after that is the sweeper's to publish again.
-PENDING_CLAIM_TRIES = 20
-PENDING_CLAIM_PAUSE = 0.05
 BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
+FINISHED_PER_BEAT = 256  # task ids a beat names as finished; beyond that, waiters learn it from the store
+MAX_GROUP = 64  # claims and results in one transaction; bounds how long the row locks are held
+# Scheduler turns a woken committer lets pass before it takes what is waiting: a freed slot's
+# next delivery reaches its claim in about that many, so it joins the result just sent.
+GATHER_TURNS = 3
+
+
+class _Waiter:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: Any = None
+
+
+class GroupCommit:
+    """Claims and finishes of one Ki, several to a transaction.
+
+    Resource handling: ``run`` commits until cancelled; a request waits for the
+    transaction that carries it. A request whose caller is cancelled may still
+    be applied (a claim then lapses with its lease, as an abandoned one would).
+
+    Error handling: a store failure fails every request of that transaction
+    with the same StoreError; refusals (None / False) are per request.
+    """
+
+    def __init__(self, store: TaskStore, clock: Callable[[], float]) -> None:
+        self.store = store
+        self._clock = clock
+        self._waiting: list[tuple[ClaimOp | FinishOp, _Waiter]] = []
+        self._wake = trio.Event()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            for _ in range(GATHER_TURNS):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            while self._waiting:
+                group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
+                try:
+                    results: list[Any] = await self.store.apply([op for op, _ in group], now=self._clock())
+                except StoreError as exc:
+                    results = [exc] * len(group)
+                for (_, waiter), result in zip(group, results):
+                    waiter.value = result
+                    waiter.done.set()
+
+    async def submit(self, op: ClaimOp | FinishOp) -> Any:
+        """What ``store.apply`` answers for ``op``. Error handling: StoreError as the store raised it."""
+        waiter = _Waiter()
+        self._waiting.append((op, waiter))
+        self._wake.set()
+        await waiter.done.wait()
+        if isinstance(waiter.value, StoreError):
+            raise waiter.value
+        return waiter.value
+
+
+def _group_of(delivery: Delivery) -> dict[str, Any]:
+    """The ``group`` header an An puts on its part of a data-parallel task ({} for any other)."""
+    group = delivery.headers.get("group")
+    return group if isinstance(group, dict) else {}
 
 
 class KiRunner:
@@ -88,10 +160,25 @@ class KiRunner:
         self.metrics = metrics
         self.lease_seconds = lease_seconds
         self._clock = clock
+        self._commits = GroupCommit(store, clock)
         self.running: dict[str, int] = {}  # task id -> attempt
         self.in_hand = 0
+        self._in_hand_since: dict[int, float] = {}  # one entry per delivery in hand: when it was taken
+        self._long_in_hand: set[int] = set()  # deliveries in hand not known to be short (see tasks.needs_of)
+        # Slots busy beyond one per task in hand: the extra ranks of data-parallel groups running here.
+        self.group_ranks = 0
         self.received: dict[str, int] = {}  # forwarding An -> deliveries taken from it
         self.on_change: Callable[[], None] = lambda: None
+        self.on_finished: Callable[[str], None] = lambda task_id: None  # a task's terminal result was recorded here
+
+    @property
+    def long_in_hand(self) -> int:
+        """Tasks in hand not known to be short: an An sends nothing ahead to a Ki holding one."""
+        return len(self._long_in_hand)
+
+    def oldest_in_hand(self) -> float:
+        """Seconds the oldest task in hand has been here (0 with none): an An forwards ahead only to young ones."""
+        return time.monotonic() - min(self._in_hand_since.values()) if self._in_hand_since else 0.0
 
     def cancel_local(self, task_id: str) -> bool:
         """Stop a task if it runs on this node's pool."""
@@ -104,14 +191,21 @@ class KiRunner:
         # One semaphore per run: a permit taken while waiting for a delivery when the role stopped
         # dies with this run instead of shrinking the next one.
         slots = trio.Semaphore(self.pool.slots)
+        # A committer per run too: a request left by a stopped run is not applied by the next one.
+        self._commits = GroupCommit(self.store, self._clock)
         async with self.bus.consume(self.queue, prefetch=self.pool.slots) as inbox, trio.open_nursery() as nursery:
+            await nursery.start(self._commits.run)
             task_status.started()
             while True:
                 await slots.acquire()
                 delivery = await inbox.receive()
                 self.in_hand += 1
+                self._in_hand_since[id(delivery)] = time.monotonic()
+                if not (delivery.headers.get("needs") or {}).get("short"):
+                    self._long_in_hand.add(id(delivery))
                 an = str(delivery.headers.get("an", ""))
-                self.received[an] = self.received.get(an, 0) + 1
+                # A group's part counts as its ranks: the An reserved that many slots for it.
+                self.received[an] = self.received.get(an, 0) + _group_of(delivery).get("ranks", 1)
                 self.on_change()
                 nursery.start_soon(self._handle, inbox, delivery, slots)
 
@@ -123,50 +217,43 @@ class KiRunner:
             if not freed:
                 freed = True
                 self.in_hand -= 1
+                self._in_hand_since.pop(id(delivery), None)
+                self._long_in_hand.discard(id(delivery))
                 slots.release()
                 self.on_change()
 
+        group = _group_of(delivery)
         try:
-            # Shielded (the store's own deadlines bound it): a claim the store made while the role was
-            # stopping must reach _execute, whose hand-back releases it; abandoned, it would hold the
-            # task under a lease nobody renews until that lapsed.
-            with trio.CancelScope(shield=True):
-                try:
-                    task = await self._claim(delivery.task_id)
-                except StoreError as exc:
-                    self.metrics.transient_faults.labels(component="store", operation="claim").inc()
-                    log.warning("store.claim_failed", task_id=delivery.task_id, error=str(exc))
-                    await inbox.nack(delivery)
-                    task = None
-                    failed = True
-                else:
-                    failed = False
-                    # From here the lease, not the message, covers the task: a run may outlast any broker timeout.
-                    await inbox.ack(delivery)
-            if failed:
+            if group.get("first", 0) > 0:
+                # Ranks of a group whose rank 0 runs on another Ki: that Ki holds the task's lease.
+                await inbox.ack(delivery)
+                await self._join_group(delivery.task_id, group, free_slot)
+                return
+            try:
+                task = await self._claim(delivery.task_id)
+            except StoreError as exc:
+                self.metrics.transient_faults.labels(component="store", operation="claim").inc()
+                log.warning("store.claim_failed", task_id=delivery.task_id, error=str(exc))
+                await inbox.nack(delivery)
                 await trio.sleep(STORE_RETRY_SECONDS)
                 return
+            # From here the lease, not the message, covers the task: a run may outlast any broker timeout.
+            await inbox.ack(delivery)
             if task is not None:
-                await self._execute(task, free_slot)
+                await self._execute(task, free_slot, group)
             else:  # taken elsewhere, cancelled or finished meanwhile: a duplicate message
                 self.metrics.stale_deliveries.inc()
         finally:
             free_slot()
 
     async def _claim(self, task_id: str) -> Task | None:
-        for _ in range(PENDING_CLAIM_TRIES):
-            task = await self.store.claim(task_id, worker=self.node_id, now=self._clock(), lease_seconds=self.lease_seconds)
-            if task is not None:
-                return task
-            current = await self.store.get(task_id)
-            if current is None or current.state not in (State.PENDING, State.QUEUED):
-                return None
-            if current.state is State.PENDING:  # published, not yet marked queued
-                await trio.sleep(PENDING_CLAIM_PAUSE)
-            # QUEUED: marked between our claim and our look; claim again at once.
-        return None
+        # A message can arrive before the API has marked its task queued (publish, then mark):
+        # the claim takes a pending task too, so there is nothing to wait for.
+        return await self._commits.submit(ClaimOp(task_id, self.node_id, self.lease_seconds))
 
-    async def _execute(self, task: Task, worker_free: Callable[[], None] = lambda: None) -> None:
+    async def _execute(
+        self, task: Task, worker_free: Callable[[], None] = lambda: None, group: dict[str, Any] | None = None
+    ) -> None:
         """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
         so the next task can be taken while this one's outcome is being recorded."""
         attempt = task.attempts
@@ -179,9 +266,11 @@ class KiRunner:
             try:
                 job = await self._retrying("job", lambda: self._job(task, attempt))
                 if job is not None:
+                    if task.kind == "sweep":
+                        worker_free()  # a sweep's coordinator needs no worker: its slot takes the next task
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._keep_lease, task.id, attempt)
-                        outcome = await self.pool.execute(job, lambda p: self._progress(task.id, attempt, p))
+                        outcome = await self._run(task, attempt, job, group or {})
                         nursery.cancel_scope.cancel()
                     # At shutdown the pool may stop the worker before we see the cancellation:
                     # that outcome is the shutdown's, not the task's, so hand the task back instead.
@@ -197,6 +286,120 @@ class KiRunner:
             if not recorded:
                 await self._hand_back(task.id, attempt)
             self.running.pop(task.id, None)
+
+    async def _run(self, task: Task, attempt: int, job: Job, group: dict[str, Any]) -> Outcome:
+        """Run the job on the pool: one worker, or rank 0 (and maybe more ranks) of a group."""
+
+        async def progress(p: dict[str, Any]) -> None:
+            await self._progress(task.id, attempt, p)
+
+        async def checkpoint(epoch: int, data: bytes) -> None:
+            await self._checkpoint(task.id, attempt, epoch, data)
+
+        async def publish(address: str, port: int) -> None:
+            # Where the other Ki's ranks meet rank 0; they read it from the store.
+            record = {"group": group.get("id"), "attempt": attempt, "address": address, "port": port}
+            try:
+                await self.store.put_artifact(task.id, RENDEZVOUS_ARTIFACT, json.dumps(record).encode(), now=self._clock())
+            except StoreError as exc:  # the others never come: rank 0 times out and the task is retried
+                log.warning("store.rendezvous_failed", task_id=task.id, error=str(exc))
+
+        if task.kind == "sweep":
+            runner = SweepRunner(sweep=task, attempt=attempt, node_id=self.node_id, store=self.store, bus=self.bus,
+                                 clock=self._clock)
+            return await runner.run()
+        workers = int(task.spec.get("workers", 1)) if task.kind == "train" else 1
+        if workers <= 1:
+            return await self.pool.execute(job, progress, checkpoint)
+        if group:  # placed by an An: this Ki runs ranks 0 .. ranks-1 of a group of world
+            world, ranks = int(group["world"]), int(group["ranks"])
+        else:  # a lone node: as many ranks as its slots hold, down to min_workers
+            world = ranks = min(workers, self.pool.slots)
+            least = int(task.spec.get("min_workers", workers))
+            if ranks < least:
+                return Outcome("failed", error=f"spec.min_workers: {least} ranks do not fit this node's {self.pool.slots} slots")
+        self.group_ranks += ranks - 1
+        self.on_change()
+        try:
+            log.info("task.group", task_id=task.id, attempt=attempt, world=world, ranks_here=ranks, asked=workers)
+            return await self.pool.execute_group(
+                job, world, progress, checkpoint, ranks=range(ranks), on_rendezvous=publish if world > ranks else None
+            )
+        finally:
+            self.group_ranks -= ranks - 1
+            self.on_change()
+
+    async def _join_group(self, task_id: str, group: dict[str, Any], free_slot: Callable[[], None]) -> None:
+        """Run ranks ``first .. first+ranks-1`` of a group whose rank 0 runs on another Ki.
+
+        Waits (up to the pool's rendezvous timeout) for rank 0's Ki to publish
+        where the group meets; the outcome here is not recorded: rank 0's Ki
+        records the task's, and a rank that fails here makes rank 0's fail too.
+        """
+        first, ranks, world = int(group["first"]), int(group["ranks"]), int(group["world"])
+        record = await self._rendezvous(task_id, str(group.get("id")))
+        if record is None:
+            log.warning("task.group_no_rendezvous", task_id=task_id, group=group.get("id"))
+            return
+        task = await self.store.get(task_id)
+        if task is None or task.state is not State.RUNNING:
+            return
+        resume_file = await self.store.get_artifact(task_id, CHECKPOINT_ARTIFACT)
+        job = Job(task_id=task_id, attempt=task.attempts, spec=task.spec, resume_file=resume_file)
+
+        async def ignore_progress(p: dict[str, Any]) -> None:
+            pass  # ranks other than 0 report nothing
+
+        self.running[task_id] = task.attempts
+        self.group_ranks += ranks - 1
+        self.on_change()
+        try:
+            log.info("task.group_joined", task_id=task_id, group=group.get("id"), first=first, ranks_here=ranks, world=world)
+            outcome = await self.pool.execute_group(
+                job, world, ignore_progress, ranks=range(first, first + ranks),
+                rendezvous=(str(record["address"]), int(record["port"])),
+            )
+            log.info("task.group_left", task_id=task_id, group=group.get("id"), status=outcome.status, error=outcome.error)
+        finally:
+            self.running.pop(task_id, None)
+            self.group_ranks -= ranks - 1
+            free_slot()
+
+    async def _rendezvous(self, task_id: str, group_id: str) -> dict[str, Any] | None:
+        """Rank 0's published meeting point for ``group_id``; None if it does not come in time."""
+        with trio.move_on_after(self.pool.rendezvous_timeout):
+            while True:
+                try:
+                    raw = await self.store.get_artifact(task_id, RENDEZVOUS_ARTIFACT)
+                    task = await self.store.get(task_id)
+                except StoreError as exc:
+                    log.warning("store.rendezvous_failed", task_id=task_id, error=str(exc))
+                    raw, task = None, None
+                if task is not None and task.state in TERMINAL:
+                    return None
+                if raw is not None:
+                    try:
+                        record = json.loads(raw)
+                    except ValueError:
+                        record = {}
+                    if isinstance(record, dict) and record.get("group") == group_id:
+                        return record
+                await trio.sleep(RENDEZVOUS_POLL_SECONDS)
+        return None
+
+    async def _checkpoint(self, task_id: str, attempt: int, epoch: int, data: bytes) -> None:
+        """Keep the attempt's latest checkpoint in the store, while the attempt still holds its lease."""
+        try:
+            held = await self.store.renew(
+                task_id, worker=self.node_id, attempt=attempt, now=self._clock(), lease_seconds=self.lease_seconds
+            )
+            if not held:  # a later attempt owns the task now: its checkpoints are the ones that count
+                return
+            await self.store.put_artifact(task_id, CHECKPOINT_ARTIFACT, data, now=self._clock())
+        except StoreError as exc:  # the previous checkpoint (or none) stays: a resume just redoes more epochs
+            log.warning("task.checkpoint_failed", task_id=task_id, epoch=epoch, error=str(exc))
+            return
+        log.info("task.checkpoint", task_id=task_id, attempt=attempt, epoch=epoch, bytes=len(data))
 
     async def _retrying(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``, tried again with back-off while the store fails, for up to one lease.
@@ -250,7 +453,10 @@ class KiRunner:
             log.warning("store.mark_published_failed", tasks=len(versions), error=str(exc))
 
     async def _job(self, task: Task, attempt: int) -> Job | None:
-        model_file = source_spec = None
+        model_file = source_spec = resume_file = None
+        if task.kind == "train":
+            # An earlier attempt's checkpoint, if one was kept: this attempt starts after its epoch.
+            resume_file = await self.store.get_artifact(task.id, CHECKPOINT_ARTIFACT)
         if task.kind in ("evaluate", "infer"):
             source = await self.store.get(task.spec["model_task"])
             model_file = await self.store.get_artifact(task.spec["model_task"], MODEL_ARTIFACT)
@@ -261,7 +467,10 @@ class KiRunner:
                 )
                 return None
             source_spec = source.spec
-        return Job(task_id=task.id, attempt=attempt, spec=task.spec, model_file=model_file, source_spec=source_spec)
+        return Job(
+            task_id=task.id, attempt=attempt, spec=task.spec, model_file=model_file, source_spec=source_spec,
+            resume_file=resume_file,
+        )
 
     async def _progress(self, task_id: str, attempt: int, progress: dict[str, Any]) -> None:
         try:
@@ -309,16 +518,20 @@ class KiRunner:
                 error=f"artifact {oversized[0]} is larger than the store's limit of {MAX_ARTIFACT_BYTES} bytes",
             )
         if outcome.status == "succeeded":
-            won = await self.store.finish(
-                task.id, attempt=attempt, state=State.SUCCEEDED, now=now, result=outcome.result, worker=me,
-                artifacts=dict(outcome.artifacts),
-            )
+            if outcome.artifacts:  # in the same transaction as the result
+                won = await self.store.finish(
+                    task.id, attempt=attempt, state=State.SUCCEEDED, now=now, result=outcome.result, worker=me,
+                    artifacts=dict(outcome.artifacts),
+                )
+            else:  # the common case: grouped with other results and claims
+                won = await self._commits.submit(
+                    FinishOp(task.id, attempt, State.SUCCEEDED, result=outcome.result, worker=me)
+                )
             state = State.SUCCEEDED
         elif outcome.status == "cancelled":
             # Only a cancel the store holds ends a task as cancelled; a worker stopped for any other
             # reason (a lease lost to the sweeper) leaves the task to whoever holds it now.
-            won = await self.store.finish(task.id, attempt=attempt, state=State.CANCELLED, now=now, error="cancelled",
-                                          worker=me)
+            won = await self._commits.submit(FinishOp(task.id, attempt, State.CANCELLED, error="cancelled", worker=me))
             state = State.CANCELLED
             if not won and await self.store.release(task.id, attempt=attempt, now=now, worker=me):
                 self.metrics.handed_back.inc()
@@ -335,13 +548,14 @@ class KiRunner:
             if new_state is State.QUEUED:
                 await self._publish_again({task.id: now})
         else:
-            won = await self.store.finish(task.id, attempt=attempt, state=State.FAILED, now=now, error=outcome.error,
-                                          worker=me)
+            won = await self._commits.submit(FinishOp(task.id, attempt, State.FAILED, error=outcome.error, worker=me))
             state = State.FAILED
         if not won:
             self.metrics.duplicates_dropped.inc()
             log.info("task.result_dropped", task_id=task.id, attempt=attempt, status=outcome.status)
             return
+        if state.terminal:
+            self.on_finished(task.id)
         self.metrics.task_duration.labels(kind=task.kind, state=state.value).observe(seconds)
         log.info("task.finished", task_id=task.id, attempt=attempt, state=state.value,
                  seconds=round(seconds, 3), error=outcome.error)
@@ -366,7 +580,16 @@ class KiAgent:
         self.boot = uuid.uuid4().hex[:12]  # tells an An that counters restarted
         self.caps = capabilities()
         self._changed = trio.Event()
+        self._finished: collections.deque[str] = collections.deque(maxlen=FINISHED_PER_BEAT)
         runner.on_change = self._on_change
+        local = runner.on_finished
+
+        def finished(task_id: str) -> None:
+            local(task_id)
+            self._finished.append(task_id)
+            self._on_change()
+
+        runner.on_finished = finished
 
     def attach(self, an_id: str | None) -> None:
         """Work for ``an_id`` from the next beat on (None: for any An that sees the beats).
@@ -378,14 +601,20 @@ class KiAgent:
         self.an_id = an_id
         self._on_change()
 
+    def _take_finished(self) -> list[str]:
+        out = list(self._finished)
+        self._finished.clear()
+        return out
+
     def _on_change(self) -> None:
         self._changed.set()
 
     def beat(self) -> dict[str, Any]:
         r = self.runner
         return {
-            "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand,
+            "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand + r.group_ranks,
             "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
+            "oldest": round(r.oldest_in_hand(), 3), "long": r.long_in_hand, "finished": self._take_finished(),
         }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

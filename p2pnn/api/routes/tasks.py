@@ -12,6 +12,7 @@ from p2pnn.tasks import State
 
 MAX_PAGE = 500  # tasks in one page of GET /tasks
 MAX_IDEMPOTENCY_KEY = 200  # characters; longer keys are refused rather than truncated
+MAX_WAIT_SECONDS = 60.0  # longest long poll: under common proxies' idle timeouts; a client asks again
 
 
 def page_args() -> dict[str, Any]:
@@ -27,6 +28,8 @@ def page_args() -> dict[str, Any]:
         out["kind"] = args["kind"]
     if "owner" in args:
         out["owner"] = args["owner"]
+    if "parent" in args:
+        out["parent"] = args["parent"]  # a sweep's trials
     try:
         out["limit"] = int(args.get("limit", "100"))
     except ValueError:
@@ -98,7 +101,19 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     @bp.get("/api/v1/tasks/<task_id>")
     async def get_task(task_id: str) -> Response:
         ctx.caller("viewer")
-        return json_response((await ctx.task_or_404(task_id)).to_json())
+        if "wait" not in request.args:
+            return json_response((await ctx.task_or_404(task_id)).to_json())
+        # Long poll: answer once the task is terminal, or with the task as it is after ``wait`` seconds.
+        try:
+            wait = float(request.args["wait"])
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait <= MAX_WAIT_SECONDS:  # also refuses nan
+            raise ApiError(400, "invalid wait", f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}")
+        task = await service.wait(task_id, wait)
+        if task is None:
+            raise ApiError(404, "no such task", task_id)
+        return json_response(task.to_json())
 
     @bp.delete("/api/v1/tasks/<task_id>")
     async def cancel(task_id: str) -> Response:

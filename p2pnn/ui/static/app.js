@@ -6,6 +6,7 @@
   const TOKEN_KEY = "p2pnn.token";
   const RECONNECT_MS = 1000; // a broken stream is opened again after this pause
   const REFRESH_MS = 30000; // the task list is re-read this often, in case a stream missed a change
+  const TRIALS_MS = 2000; // a sweep's trials (tasks of their own, not in its stream) are re-read this often
   const MAX_ROWS = 200; // tasks shown in the list
 
   const ui = {
@@ -44,6 +45,7 @@
     if (!p) return "";
     const parts = [];
     if (p.epoch != null) parts.push(`epoch ${p.epoch}/${p.epochs ?? "?"}`);
+    if (typeof p.workers === "number" && p.workers > 1) parts.push(`${p.workers} workers`);
     if (typeof p.loss === "number") parts.push(`loss ${p.loss.toFixed(4)}`);
     if (typeof p.test_accuracy === "number") parts.push(`test acc ${p.test_accuracy.toFixed(4)}`);
     return parts.join("  ");
@@ -273,6 +275,7 @@
   function renderTask(t) {
     $("#task-id").textContent = t.id;
     $("#task-kind").textContent = t.kind;
+    $("#task-charts").hidden = t.kind === "sweep"; // a sweep has no curve of its own: its trials do
     const state = $("#task-state");
     state.textContent = t.state + (t.cancel_requested && !["succeeded", "failed", "cancelled"].includes(t.state) ? " (cancelling)" : "");
     state.className = `state-${t.state}`;
@@ -282,9 +285,21 @@
     $("#task-progress").textContent = metrics(t.progress);
     $("#task-error").textContent = t.error || "";
     $("#task-cancel").hidden = ["succeeded", "failed", "cancelled"].includes(t.state);
+    if (t.spec) {
+      // A data-parallel group: the ranks asked for, and those it runs with once placed.
+      const asked = t.spec.workers || 1, running = (t.progress || {}).workers;
+      $("#task-group").hidden = asked <= 1;
+      $("#task-workers").textContent = running && running !== asked ? `${running} of ${asked}` : String(asked);
+    }
+    $("#task-parent").hidden = !t.parent;
+    if (t.parent) {
+      $("#task-parent-link").textContent = short(t.parent);
+      $("#task-parent-link").href = `#/tasks/${t.parent}`;
+    }
     if (t.result !== undefined) {
       const result = t.result ? { ...t.result } : null;
       if (result && Array.isArray(result.epochs)) result.epochs = `[${result.epochs.length} epochs, drawn above]`;
+      if (result && Array.isArray(result.trials)) result.trials = `[${result.trials.length} trials, listed above]`;
       $("#task-result").textContent = result ? JSON.stringify(result, null, 2) : "–";
     }
     if (t.spec) $("#task-spec").textContent = JSON.stringify(t.spec, null, 2);
@@ -304,16 +319,48 @@
     setTimeout(() => URL.revokeObjectURL(a.href), 10000);
   }
 
+  function renderTrials(sweep, trials) {
+    // The sweep's result, once there, says where each trial was stopped; until then, their live state.
+    const rows = new Map((((sweep.result || {}).trials) || []).map((r) => [r.task_id, r]));
+    $("#trials tbody").replaceChildren(...trials.map((t) => {
+      const row = el("tr", { class: "link", "data-task-id": t.id, "data-state": t.state },
+        el("td", { class: "mono", title: t.id }, short(t.id)),
+        el("td", { class: `state-${t.state}` }, t.state),
+        el("td", { class: "mono" }, JSON.stringify((rows.get(t.id) || {}).params || {})),
+        el("td", {}, t.error ? t.error.slice(0, 60) : metrics(t.progress)),
+        el("td", {}, String((rows.get(t.id) || {}).stopped_at_epoch ?? "–")),
+      );
+      row.addEventListener("click", () => { location.hash = `#/tasks/${t.id}`; });
+      return row;
+    }));
+    const best = (sweep.result || {}).best;
+    $("#trials-best").textContent = best
+      ? `best: trial ${short(best.task_id)}, ${sweep.result.metric} ${best.metric}, ${JSON.stringify(best.params)}` : "";
+  }
+
   async function showTask(id, signal) {
     ui.charts = makeCharts();
     $("#task-result").textContent = "–";
+    $("#task-trials").hidden = true;
+    const refreshTrials = async (sweep) => {
+      if (sweep.kind !== "sweep") return;
+      const page = await getJSON(`/api/v1/tasks?parent=${encodeURIComponent(id)}&limit=500`, signal);
+      $("#task-trials").hidden = false;
+      renderTrials(sweep, page.tasks.sort((a, b) => a.created_at - b.created_at));
+    };
     let lastEpoch = -1;
     const refreshSeries = async () => {
       const series = await getJSON(`/api/v1/tasks/${id}/progress`, signal);
       drawSeries(series.points);
     };
-    renderTask(await getJSON(`/api/v1/tasks/${id}`, signal));
+    const first = await getJSON(`/api/v1/tasks/${id}`, signal);
+    renderTask(first);
     await refreshSeries();
+    await refreshTrials(first);
+    if (first.kind === "sweep") {
+      const poll = setInterval(() => getJSON(`/api/v1/tasks/${id}`, signal).then(refreshTrials).catch(() => {}), TRIALS_MS);
+      signal.addEventListener("abort", () => clearInterval(poll));
+    }
     $("#task-cancel").onclick = async () => {
       try { renderTask(await (await api(`/api/v1/tasks/${id}`, { method: "DELETE" })).json()); }
       catch (e) { $("#task-error").textContent = e.message; }
