@@ -341,10 +341,14 @@ class KiRunner:
         if record is None:
             log.warning("task.group_no_rendezvous", task_id=task_id, group=group.get("id"))
             return
-        task = await self.store.get(task_id)
-        if task is None or task.state is not State.RUNNING:
+        try:
+            task = await self.store.get(task_id)
+            if task is None or task.state is not State.RUNNING:
+                return
+            resume_file = await self.store.get_artifact(task_id, CHECKPOINT_ARTIFACT)
+        except StoreError as exc:  # rank 0 waits for these ranks in vain, fails, and the task is placed again
+            log.warning("task.group_join_failed", task_id=task_id, error=str(exc))
             return
-        resume_file = await self.store.get_artifact(task_id, CHECKPOINT_ARTIFACT)
         job = Job(task_id=task_id, attempt=task.attempts, spec=task.spec, resume_file=resume_file)
 
         async def ignore_progress(p: dict[str, Any]) -> None:

@@ -212,9 +212,11 @@ class SweepRunner:
             if t.task.state is State.SUCCEEDED and t.task.result:
                 epochs = len(t.task.result.get("epochs") or [])
             ran += epochs
+            # A trial that finished before its stop reached it was not stopped: it has its model.
+            stopped = t.stopped_at if t.task.state is State.CANCELLED else None
             table.append({
                 "trial": t.index, "task_id": t.task.id, "params": t.params, "state": t.task.state.value,
-                "metric": self._final(t), "epochs": epochs, "stopped_at_epoch": t.stopped_at,
+                "metric": self._final(t), "epochs": epochs, "stopped_at_epoch": stopped,
             })
         finished = [row for row in table if row["metric"] is not None]
         if not finished:
