@@ -26,7 +26,7 @@ from psycopg import sql
 
 from p2pnn import config as config_mod
 from p2pnn.api.auth import Authenticator
-from p2pnn.client import AsyncClient
+from p2pnn.client import AsyncClient, ConnectError
 from p2pnn.launcher import LocalSwarm, agreed, led
 from tests.swarmutil import FANOUT_ENV, SWARM_ENV
 
@@ -217,7 +217,7 @@ async def test_chaos_swarm_loses_nothing_strands_nothing_and_rarely_runs_twice(c
                         async with AsyncClient(swarm.nodes[name].url, chaos.token(name), timeout=30) as client:
                             accepted |= {t["id"] for t in await client.submit_many(batch, idempotency_key=key)}
                         break
-                    except (httpx.HTTPError, OSError) as exc:
+                    except (ConnectError, httpx.HTTPError, OSError) as exc:
                         chaos.note(f"batch {number} via {name}: {type(exc).__name__}, again elsewhere")
                         await trio.sleep(0.5)
             await trio.sleep(0.2)

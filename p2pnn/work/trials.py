@@ -29,7 +29,7 @@ from p2pnn.tasks import Limits, State, Task, needs_of, sweep_trials, validate_sp
 
 log = logs.get(__name__)
 
-POLL_SECONDS = 1.0  # how often the coordinator looks at its trials: epochs take longer than this
+POLL_SECONDS = 0.25  # how often the coordinator looks at its trials: a small model's epoch can take well under a second
 LIST_PAGE = 500  # trials read per page
 
 
