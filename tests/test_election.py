@@ -382,3 +382,40 @@ async def test_the_principals_fenced_sweep_runs_under_the_elections_deadline_and
     store.hang = True
     with trio.fail_after(30), pytest.raises(StoreTimeout):  # the election's deadline ends it, nothing else
         await sweeper.sweep()
+
+
+class CountingStore:
+    """The store, counting the lease calls a candidate makes."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.asked = 0
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self._store, name)
+        if name not in ("acquire_lease", "lease"):
+            return real
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.asked += 1
+            return await real(*args, **kwargs)
+
+        return call
+
+
+async def test_a_refused_candidate_waits_for_the_lease_to_lapse_instead_of_asking_again_at_once(store, ids, nursery):
+    import time
+
+    low, mid, high = ids
+    holder = Harness(store, high, [low, mid], time.time, nursery)
+    await holder.win()  # and then it dies: its lease runs out unrenewed
+    counting = CountingStore(store)
+    candidate = Harness(counting, mid, [low, high], time.time, nursery)  # type: ignore[arg-type]
+    candidate.election.last_heard = time.time() - 10 * CONFIG.election_timeout_seconds  # it heard nobody for long
+    nursery.start_soon(candidate.election.run)
+    await trio.sleep(CONFIG.lease_seconds / 3)
+    # One refused candidacy (its lease ask and the read of whose lease it met), then quiet until the lapse.
+    assert candidate.election.fence is None and counting.asked <= 4, counting.asked
+    with trio.fail_after(CONFIG.lease_seconds + 5):
+        while not candidate.election.leading:
+            await trio.sleep(0.02)

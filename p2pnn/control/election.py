@@ -54,6 +54,7 @@ T = TypeVar("T")
 Rank = tuple[int, int, str]
 PREFERENCE_RANK = {"principal": 2, "auto": 1, "an": 0, "ki": 0}  # started as an/ki: lead only as a last resort
 LAPSE_MARGIN = 0.01  # seconds after a lease's recorded end before a candidate asks for it (clock rounding)
+RETRY_MIN_SECONDS = 0.02  # a refused candidate waits at least this long: a lease that seems lapsed already is no reason to spin
 
 
 def rank(priority: int, prefers: str, node_id: str) -> Rank:
@@ -182,9 +183,11 @@ class Election:
                     with trio.move_on_at(next_beat):
                         await self._wake.wait()
                 else:
+                    # A refused candidate asks again when the lease it met lapses, not before: the silence
+                    # that made it a candidate is still there, and would have it ask again at once.
                     due = self.last_heard + self.config.election_timeout_seconds
                     if self._retry_at is not None:
-                        due = min(due, self._retry_at)
+                        due = self._retry_at
                     if not self.store_ok:
                         due = min(due, self._probe_at)
                     if self._challenge or self._clock() >= due:
@@ -246,7 +249,8 @@ class Election:
             now = self._clock()
             self._retry_at = now + self.config.heartbeat_seconds
             if lease is not None:
-                self._retry_at = min(max(now, lease.expires_at + LAPSE_MARGIN), now + self.config.election_timeout_seconds)
+                self._retry_at = min(max(now + RETRY_MIN_SECONDS, lease.expires_at + LAPSE_MARGIN),
+                                     now + self.config.election_timeout_seconds)
             log.info("election.lease_held", holder=lease.holder[:12] if lease else None,
                      term=lease.term if lease else None, retry_in=round(self._retry_at - now, 3))
             return
