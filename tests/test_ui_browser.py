@@ -115,7 +115,10 @@ def test_dashboard_shows_the_swarm_a_growing_curve_and_a_dead_node_gone(swarm: S
 
     # A task submitted through the API, to the other node, appears without a reload.
     operator = token(swarm.root / work_name, "operator", sub="api-user")
-    spec = {"kind": "train", "model": {"name": "mlp"}, "dataset": {"name": "digits"}, "epochs": EPOCHS, "seed": 0}
+    # Batches of 2 make an epoch last long enough (~0.5 s) for the page to draw the curve in several steps
+    # even on an idle machine, where a default epoch is over before the next event reaches the page.
+    spec = {"kind": "train", "model": {"name": "mlp"}, "dataset": {"name": "digits"}, "epochs": EPOCHS, "seed": 0,
+            "batch_size": 2}
     task = httpx.post(f"{work.url}/api/v1/tasks", json=spec, headers={"Authorization": f"Bearer {operator}"}, timeout=30).json()
     _wait(browser, lambda d: task["id"] in _rows(d, "tasks", "data-task-id"), SEEN, "the submitted task listed")
 
@@ -140,7 +143,7 @@ def test_dashboard_shows_the_swarm_a_growing_curve_and_a_dead_node_gone(swarm: S
     browser.save_screenshot(str(shots / "dashboard-task.png"))
 
     # A sweep's page lists its trials as they run and, once it ends, names the best one.
-    sweep_spec = {"kind": "sweep", "base": {**spec, "epochs": 2}, "space": {"lr": [0.001, 0.01]}, "parallelism": 2,
+    sweep_spec = {"kind": "sweep", "base": {**spec, "epochs": 2, "batch_size": 64}, "space": {"lr": [0.001, 0.01]}, "parallelism": 2,
                   "early_stopping": {"rule": "none"}}
     sweep = httpx.post(f"{work.url}/api/v1/tasks", json=sweep_spec, headers={"Authorization": f"Bearer {operator}"},
                        timeout=30).json()
