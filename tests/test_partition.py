@@ -54,17 +54,27 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, check=check)
 
 
-def _netns_available() -> bool:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return False
+def _netns_missing() -> str | None:
+    """Why network namespaces cannot be made here, or None when they can."""
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is missing"
     probe = f"p2probe{secrets.token_hex(2)}"
-    if sh("ip", "netns", "add", probe, check=False).returncode != 0:
-        return False
+    made = sh("ip", "netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"ip netns add failed: {made.stderr.strip()}"
     sh("ip", "netns", "del", probe, check=False)
-    return True
+    return None
 
 
-pytestmark = [pytest.mark.postgres, pytest.mark.skipif(not _netns_available(), reason="needs root and ip netns")]
+# Only root can make namespaces: a developer without it skips these; as root (CI) a broken `ip netns` fails them.
+pytestmark = [pytest.mark.postgres, pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _namespaces_work() -> None:
+    why = _netns_missing()
+    if why is not None:
+        pytest.fail(f"cannot make network namespaces as root: {why}", pytrace=False)
 
 
 class Lab:

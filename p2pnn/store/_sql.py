@@ -425,22 +425,17 @@ class SqlTaskStore(TaskStore):
         return await self._transact(mark, write=True)
 
     async def stranded(self, *, older_than: float, limit: int = 1000) -> dict[str, float]:
-        rows = await self._transact(
-            lambda db: db.rows(
-                "SELECT id, updated_at FROM tasks WHERE state = 'queued' AND published_at IS NULL AND updated_at < ? "
-                "ORDER BY updated_at, id LIMIT ?",
-                (older_than, limit),
-            ),
-            write=False,
-        )
-        return {str(r[0]): float(r[1]) for r in rows}
+        return await self._queued_where("published_at IS NULL AND updated_at < ?", "updated_at", older_than, limit)
 
     async def published_before(self, *, before: float, limit: int = 1000) -> dict[str, float]:
+        return await self._queued_where("published_at < ?", "published_at", before, limit)
+
+    async def _queued_where(self, condition: str, order: str, bound: float, limit: int) -> dict[str, float]:
+        """Queued tasks matching ``condition`` (one ``?``, given ``bound``), oldest ``order`` first: id -> updated_at."""
         rows = await self._transact(
             lambda db: db.rows(
-                "SELECT id, updated_at FROM tasks WHERE state = 'queued' AND published_at < ? "
-                "ORDER BY published_at, id LIMIT ?",
-                (before, limit),
+                f"SELECT id, updated_at FROM tasks WHERE state = 'queued' AND {condition} ORDER BY {order}, id LIMIT ?",
+                (bound, limit),
             ),
             write=False,
         )
