@@ -262,6 +262,9 @@ def _dataset(raw: Any, path: str, limits: Limits) -> dict[str, Any]:
     return out
 
 
+DEFAULT_MLP_HIDDEN = [256]  # see DEFAULT_LR
+
+
 def _model(raw: Any, path: str, sample_shape: list[int]) -> dict[str, Any]:
     m = _object(raw, path)
     name = _choice(m.get("name"), f"{path}.name", MODELS)
@@ -270,7 +273,7 @@ def _model(raw: Any, path: str, sample_shape: list[int]) -> dict[str, Any]:
         _no_extra(m, path, {"name", "hidden", "dropout", "activation"})
         return {
             "name": "mlp",
-            "hidden": _int_list(m.get("hidden", [128]), f"{path}.hidden", lo=1, hi=8192, max_len=8),
+            "hidden": _int_list(m.get("hidden", DEFAULT_MLP_HIDDEN), f"{path}.hidden", lo=1, hi=8192, max_len=8),
             "dropout": dropout,
             "activation": _choice(m.get("activation", "relu"), f"{path}.activation", ("relu", "gelu", "tanh")),
         }
@@ -311,8 +314,9 @@ TRAIN_FIELDS = {
     "max_attempts", "lr_schedule", "normalize", "deterministic", "amp", "checkpoint_every", "workers",
     "min_workers", "backend",
 }
-# With standardised inputs and a cosine decay of the rate per step, the default MLP on
-# digits matches scikit-learn's MLPClassifier(128) (scripts/bench_training.py measures both).
+# With standardised inputs, a cosine decay of the rate per step and one hidden layer of 256,
+# the default MLP on digits reaches scikit-learn's MLPClassifier(128) on every seed,
+# seed 0 (the demo's) included (scripts/bench_training.py measures both).
 DEFAULT_LR = 3e-3
 DEFAULT_EPOCHS = 40
 # Every few epochs a train task's state is saved, so a dead Ki costs at most this many epochs.

@@ -5,7 +5,7 @@ It imports nothing from p2pnn, so the gap between the two is p2pnn's overhead.
 With its defaults it is the default p2pnn train task (``validate_spec({"kind":
 "train"})``): scikit-learn's digits with the same stratified 20 % test split
 (random_state 0), inputs standardised with the train split's per-pixel mean
-and spread, an MLP 64 -> 128 -> 10 (ReLU), Adam, the same learning rate with
+and spread, an MLP 64 -> 256 -> 10 (ReLU), Adam, the same learning rate with
 the same per-step cosine decay, batches of 64, seed 0, the same initialisation
 order and shuffling: on CPU it reaches the same test accuracy as the node.
 Like a p2pnn train task it measures the test split after every epoch.
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=0, help="transformer: sequence length T (features = T x F)")
     parser.add_argument("--model", choices=("mlp", "transformer"), default="mlp")
-    parser.add_argument("--hidden", default="128", help="mlp hidden widths, comma separated")
+    parser.add_argument("--hidden", default="256", help="mlp hidden widths, comma separated")
     parser.add_argument("--d-model", type=int, default=32)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2)

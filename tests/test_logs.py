@@ -63,3 +63,16 @@ def test_events_carry_bound_fields_and_mask_secrets(json_log):
     contextvars.copy_context().run(in_a_node)
     [event] = [e for e in _events(json_log) if e["event"] == "thing.happened"]
     assert (event["node"], event["count"], event["api_token"]) == ("abc", 2, "***")
+
+
+def test_a_workers_own_notice_is_info_and_anything_else_on_its_stderr_a_warning(json_log):
+    from p2pnn.compute import pool
+
+    pool._log_stderr(4242, bytearray(b"p2pnn worker 4242: torch 2.13.0 imported in 1.10 s in the background\n"))
+    pool._log_stderr(4242, bytearray(b"p2pnn worker 999: not this worker's prefix\n"))
+    pool._log_stderr(4242, bytearray(b"p2pnn worker 4242: first line\nTraceback (most recent call last):\n"))
+    notice, foreign, traceback = _events(json_log)
+    assert (notice["level"], notice["event"], notice["text"]) == (
+        "info", "worker.notice", "torch 2.13.0 imported in 1.10 s in the background")
+    assert (foreign["level"], foreign["event"]) == ("warning", "worker.stderr")
+    assert (traceback["level"], traceback["event"]) == ("warning", "worker.stderr") and "Traceback" in traceback["text"]

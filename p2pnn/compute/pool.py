@@ -599,7 +599,11 @@ def _relay_stderr(pid: int, fd: int) -> None:
 
 def _log_stderr(pid: int, data: bytearray) -> None:
     text = data[:MAX_STDERR_EVENT].decode(errors="replace").rstrip()
-    if text:
+    own = f"p2pnn worker {pid}: "
+    if text.startswith(own) and "\n" not in text:
+        # The worker's own one-line notice (which torch it loaded, how long it took): news, not trouble.
+        log.info("worker.notice", pid=pid, text=text[len(own):])
+    elif text:
         log.warning("worker.stderr", pid=pid, text=text, truncated=len(data) > MAX_STDERR_EVENT)
 
 
