@@ -191,6 +191,19 @@ async def test_only_pending_tasks_are_marked_queued(store: TaskStore) -> None:
     assert await store.mark_queued([], now=T0) == 0
 
 
+async def test_tasks_created_queued_count_as_published_and_are_not_stranded(store: TaskStore) -> None:
+    """The in-process queue's path: stored queued (published at creation), no mark_queued needed."""
+    tasks, created = await store.create([new(), new(kind="train")], now=T0, queued=True)
+    assert created is True and [t.state for t in tasks] == [State.QUEUED, State.QUEUED]
+    assert (await store.get(tasks[0].id)).state is State.QUEUED
+    assert await store.mark_queued([tasks[0].id], now=T0) == 0
+    assert await store.counts() == {("queued", "echo"): 1, ("queued", "train"): 1}
+    assert await store.stranded(older_than=T0 + 100) == {}
+    assert set(await store.published_before(before=T0 + 1)) == {t.id for t in tasks}
+    claimed = await store.claim(tasks[0].id, worker="w", now=T0, lease_seconds=LEASE)
+    assert claimed is not None and claimed.state is State.RUNNING
+
+
 async def test_claim_takes_a_queued_or_pending_task_once(store: TaskStore) -> None:
     (task,), _ = await store.create([new()], now=T0)
     await store.mark_queued([task.id], now=T0)
