@@ -629,3 +629,19 @@ async def test_apply_runs_claims_and_finishes_in_one_transaction_each_as_alone(s
     assert await store.counts() == {("succeeded", "echo"): 1, ("running", "echo"): 1, ("running", "train"): 1}
     with pytest.raises(ValueError):
         await store.apply([FinishOp(taken_id, 1, State.RUNNING)], now=T0)
+
+
+async def test_mark_queued_alone_commits_without_waiting_for_the_disk_on_postgresql(store: TaskStore) -> None:
+    """Only mark_queued's own transaction relaxes synchronous_commit (PostgreSQL); the setting
+    does not leak into the next transaction on the pooled connection."""
+    from p2pnn.store.postgres import PostgresTaskStore
+
+    if not isinstance(store, PostgresTaskStore):
+        assert store._relaxed_commit is None
+        return
+    assert store._relaxed_commit == "SET LOCAL synchronous_commit = off"
+    (task,), _ = await store.create([new()], now=T0)
+    assert await store.mark_queued([task.id], now=T0) == 1
+    settings = [await store._transact(lambda db: db.rows("SHOW synchronous_commit")[0][0], write=False) for _ in range(4)]
+    assert settings == ["on"] * 4
+    assert (await store.get(task.id)).state is State.QUEUED
