@@ -645,3 +645,24 @@ async def test_mark_queued_alone_commits_without_waiting_for_the_disk_on_postgre
     settings = [await store._transact(lambda db: db.rows("SHOW synchronous_commit")[0][0], write=False) for _ in range(4)]
     assert settings == ["on"] * 4
     assert (await store.get(task.id)).state is State.QUEUED
+
+
+async def test_sqlite_point_reads_see_every_commit_and_never_write(tmp_path: Path) -> None:
+    """SQLite's get reads on the trio thread through a second, read-only connection: it sees each
+    commit of the writer at once, and cannot change the database."""
+    store = open_store("sqlite", sqlite_path=tmp_path / "t.sqlite3")
+    await store.open()
+    try:
+        assert store._reader is not None
+        (task,), _ = await store.create([new()], now=T0)
+        assert (await store.get(task.id)).state is State.PENDING
+        claimed = await store.claim(task.id, worker="w", now=T0, lease_seconds=LEASE)
+        assert (await store.get(task.id)).state is State.RUNNING
+        assert await store.finish(task.id, attempt=claimed.attempts, state=State.SUCCEEDED, now=T0, result={"ok": 1}, worker="w")
+        assert (await store.get(task.id)).result == {"ok": 1}
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            store._reader.execute("DELETE FROM tasks")
+    finally:
+        await store.close()
+    with pytest.raises(StoreError, match="not open"):
+        await store.get(task.id)
