@@ -14,6 +14,7 @@ slots) on a loopback port and prints:
     script (scripts/train_digits_plain.py), as ratios, with both accuracies
     (the node's workers import torch when they start, the script when it runs);
   - the daemon's idle RSS and whether it has torch loaded.
+Measured once the workers have imported torch in the background (their preload) and gone quiet.
 
 Usage: .venv/bin/python scripts/bench_single_node.py [--tasks 1000] [--latency-samples 200]
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -53,6 +55,23 @@ def _rss_mb(pid: int) -> float:
 
 def _has_torch(pid: int) -> bool:
     return "torch/lib" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _workers_settled(pid: int, timeout: float = 120.0) -> None:
+    """Wait until the node's workers have imported torch in the background and gone quiet, so
+    that the figures measure a warm node, not one whose workers still compete for the CPU."""
+    with trio.move_on_after(timeout):
+        while True:
+            workers = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+            before = sum(_cpu_seconds(w) for w in workers)
+            await trio.sleep(0.5)
+            if workers and all(_has_torch(w) for w in workers) and sum(_cpu_seconds(w) for w in workers) - before < 0.02:
+                return
 
 
 async def _drain(client: AsyncClient, ids: list[str], timeout: float = 600.0) -> float:
@@ -133,7 +152,7 @@ async def main(args: argparse.Namespace) -> None:
                                      "P2PNN_COMPUTE__SLOTS": "2", "P2PNN_COMPUTE__TORCH_THREADS": str(TORCH_THREADS),
                                      "P2PNN_LOG__LEVEL": "warning"})
         try:
-            await trio.sleep(1.0)
+            await _workers_settled(node.proc.pid)
             idle_rss = _rss_mb(node.proc.pid)
             cfg = config_mod.load(env={}).replace("node", data_dir=str(data))
             token = Authenticator.from_config(cfg).mint("bench", "operator", 3600)
