@@ -183,13 +183,15 @@ class TaskService:
 
     async def _until_terminal(self, key: str, waiting: _Waiting) -> Task | None:
         """Wait (woken by ``finished``, else polling the store) until the task is terminal; None if gone."""
+        read_since_woken = False
         for i in itertools.count():
             pause = WAIT_POLL_SECONDS[min(i, len(WAIT_POLL_SECONDS) - 1)]
-            if waiting.event.is_set():  # woken, yet not terminal when read: poll on
+            if read_since_woken:  # woken, yet not terminal when read: poll on
                 await trio.sleep(pause)
-            else:
+            else:  # returns at once if woken before this call (a result recorded during the submit)
                 with trio.move_on_after(pause):
                     await waiting.event.wait()
+            read_since_woken = waiting.event.is_set()
             task = await self.store.get(key)
             if task is None or task.state in TERMINAL:
                 return task
