@@ -11,6 +11,9 @@ import hashlib
 import itertools
 import json
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -35,6 +38,19 @@ WAIT_POLL_SECONDS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 class _Waiting:
     event: trio.Event = field(default_factory=trio.Event)
     count: int = 0
+
+
+def _headers(tasks: list[Task]) -> dict[str, dict[str, Any]]:
+    """Each message carries what its task needs (GPU, memory), so an An places it without reading the store."""
+    return {t.id: {"needs": needs_of(t.spec)} for t in tasks}
+
+
+def _canonical_id(task_id: str) -> str | None:
+    """The form results and beats name a task by (task ids are UUIDs); None for what is no UUID."""
+    try:
+        return str(uuid.UUID(task_id))
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 class Forbidden(Exception):
@@ -65,9 +81,14 @@ class TaskService:
         self._finished: dict[str, _Waiting] = {}  # task id -> its waiters, woken when this node finishes it
 
     async def submit(
-        self, raw_specs: list[Any], caller: Caller, *, idempotency_key: str | None = None, body_hash: str | None = None
+        self, raw_specs: list[Any], caller: Caller, *, idempotency_key: str | None = None, body_hash: str | None = None,
+        wait: float = 0.0,
     ) -> tuple[list[Task], bool]:
-        """Validate, store as ``pending``, publish, mark ``queued``.
+        """Validate, store as ``pending``, publish, mark ``queued`` (on an in-process
+        bus: store as ``queued``, publish).
+
+        With ``wait`` (seconds), the tasks are returned once all are terminal, or
+        as they are after ``wait`` seconds: a submit and a long poll in one call.
 
         Error handling: raises SpecError (path names the spec and field) before
         anything is stored; a failed publish is logged and left to the sweeper,
@@ -93,14 +114,23 @@ class TaskService:
             NewTask(kind=s["kind"], spec=s, owner=caller.sub, max_attempts=s.get("max_attempts", self.max_attempts))
             for s in specs
         ]
+        # A queue in this process cannot lose a message without the process: the tasks are stored
+        # ``queued`` and published after the commit, one transaction fewer than pending -> queued.
+        in_process = self.bus.in_process
         tasks, created = await self.store.create(
-            new, now=self._clock(), idempotency_key=idempotency_key, request_hash=body_hash
+            new, now=self._clock(), idempotency_key=idempotency_key, request_hash=body_hash, queued=in_process
         )
-        if created:
-            for task in tasks:
-                log.info("task.submitted", task_id=task.id, kind=task.kind, owner=task.owner)
-            if await self.publish([t.id for t in tasks], tasks=tasks):
-                tasks = [dataclasses.replace(t, state=State.QUEUED) for t in tasks]
+        # Watched from before the publish, so a result recorded at once still wakes the wait.
+        with self._watching([t.id for t in tasks] if wait > 0 else []) as watched:
+            if created:
+                for task in tasks:
+                    log.info("task.submitted", task_id=task.id, kind=task.kind, owner=task.owner)
+                if in_process:
+                    await self.bus.publish([t.id for t in tasks], headers=_headers(tasks))
+                elif await self.publish([t.id for t in tasks], tasks=tasks):
+                    tasks = [dataclasses.replace(t, state=State.QUEUED) for t in tasks]
+            if wait > 0:
+                tasks = await self._until_all_terminal(tasks, watched, wait)
         return tasks, created
 
     async def publish(self, task_ids: list[str], *, tasks: list[Task] | None = None) -> bool:
@@ -108,9 +138,8 @@ class TaskService:
 
         With ``tasks``, each message carries what its task needs (GPU, memory), so an An
         places it without reading the store."""
-        headers = {t.id: {"needs": needs_of(t.spec)} for t in tasks or []}
         try:
-            await self.bus.publish(task_ids, headers=headers)
+            await self.bus.publish(task_ids, headers=_headers(tasks or []))
         except Exception as exc:  # the sweeper re-publishes whatever stayed pending
             log.warning("bus.publish_failed", tasks=len(task_ids), error=str(exc))
             return False
@@ -125,30 +154,63 @@ class TaskService:
 
         Resource handling: one store read per poll (WAIT_POLL_SECONDS); ``finished``
         (this node recorded the result, or a Ki's beat named the task) wakes it at once.
+        The waiter is registered before the first read, so a result recorded in between
+        is not missed.
         """
-        task = await self.store.get(task_id)
-        if task is None or task.state in TERMINAL or timeout <= 0:
-            return task
-        key = task.id  # the canonical id: the one results and beats name
-        waiting = self._finished.setdefault(key, _Waiting())
-        waiting.count += 1
-        try:
+        key = _canonical_id(task_id)
+        if key is None or timeout <= 0:
+            return await self.store.get(task_id)
+        with self._watching([key]) as watched:
+            task = await self.store.get(key)
+            if task is None or task.state in TERMINAL:
+                return task
             with trio.move_on_after(timeout):
-                for i in itertools.count():
-                    pause = WAIT_POLL_SECONDS[min(i, len(WAIT_POLL_SECONDS) - 1)]
-                    if waiting.event.is_set():  # woken, yet not terminal when read: poll on
-                        await trio.sleep(pause)
-                    else:
-                        with trio.move_on_after(pause):
-                            await waiting.event.wait()
-                    task = await self.store.get(key)
-                    if task is None or task.state in TERMINAL:
-                        return task
+                return await self._until_terminal(key, watched[key])
             return await self.store.get(key)
+
+    async def _until_all_terminal(self, tasks: list[Task], watched: dict[str, _Waiting], timeout: float) -> list[Task]:
+        """``tasks`` once each is terminal, or as they are after ``timeout`` seconds (read again)."""
+        out = list(tasks)
+        with trio.move_on_after(timeout):
+            for i, task in enumerate(out):
+                if task.state not in TERMINAL:
+                    out[i] = await self._until_terminal(task.id, watched[task.id]) or task
+            return out
+        for i, task in enumerate(out):
+            if task.state not in TERMINAL:
+                out[i] = await self.store.get(task.id) or task
+        return out
+
+    async def _until_terminal(self, key: str, waiting: _Waiting) -> Task | None:
+        """Wait (woken by ``finished``, else polling the store) until the task is terminal; None if gone."""
+        read_since_woken = False
+        for i in itertools.count():
+            pause = WAIT_POLL_SECONDS[min(i, len(WAIT_POLL_SECONDS) - 1)]
+            if read_since_woken:  # woken, yet not terminal when read: poll on
+                await trio.sleep(pause)
+            else:  # returns at once if woken before this call (a result recorded during the submit)
+                with trio.move_on_after(pause):
+                    await waiting.event.wait()
+            read_since_woken = waiting.event.is_set()
+            task = await self.store.get(key)
+            if task is None or task.state in TERMINAL:
+                return task
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def _watching(self, keys: list[str]) -> Iterator[dict[str, _Waiting]]:
+        """Register waiters for ``keys`` (canonical task ids) for the length of the ``with``."""
+        watched = {}
+        for key in keys:
+            waiting = watched[key] = self._finished.setdefault(key, _Waiting())
+            waiting.count += 1
+        try:
+            yield watched
         finally:
-            waiting.count -= 1
-            if waiting.count == 0:
-                del self._finished[key]
+            for key, waiting in watched.items():
+                waiting.count -= 1
+                if waiting.count == 0:
+                    del self._finished[key]
 
     def finished(self, task_id: str) -> None:
         """A hint that ``task_id`` reached a terminal state: wakes whoever waits for it here."""

@@ -29,8 +29,11 @@ went:
   - CPU ms of each process (user + system, from /proc): the p2pnn nodes
     and their worker processes, Celery's worker and its pool processes.
 With ``--sequential N``: N tasks one at a time, submit -> done as the client
-sees it (p2pnn: a long poll, GET ?wait=; Celery: ``AsyncResult.get`` polling
-the database every millisecond), p50/p99 for both.
+sees it, p50/p99 (p2pnn: a POST then a long poll, GET ?wait=, and then N more
+as one POST ?wait=, submit and long poll in one request; the same two on an
+embedded node, SQLite and the in-process queue, started after the swarm's
+nodes stopped; Celery: ``AsyncResult.get`` polling the database every
+millisecond).
 
 Needs the `bench` extra: .venv/bin/pip install -e '.[bench]'
 Usage: .venv/bin/python scripts/bench_throughput.py [--tasks 1000] [--workers 2] [--sequential 200]
@@ -214,12 +217,7 @@ async def bench_p2pnn(n: int, workers: int, vhost: str, dbname: str, root: Path,
                 await trio.sleep(POLL)
             rows = pg("SELECT id::text, state, finished_at FROM tasks WHERE id = ANY(%s::uuid[])", ids, schema=schema, url=url)
             cpu1, frames1 = cpu_of(procs), amqp_frames(vhost)
-            seq = []
-            for j in range(sequential):
-                sent = time.time()
-                done = await client.get((await client.submit({"kind": "echo", "payload": j}))["id"], wait=30)  # long poll
-                assert done["state"] == "succeeded"
-                seq.append(time.time() - sent)
+            seq = await sequential_latency(client, sequential)
         assert all(state == "succeeded" for _, state, _ in rows)
         finished = {tid: float(at) for tid, _, at in rows}
     finally:
@@ -227,11 +225,42 @@ async def bench_p2pnn(n: int, workers: int, vhost: str, dbname: str, root: Path,
         ki.stop()
     latencies = [finished[t] - submitted[t] for t in ids]
     return {
-        "seconds": max(finished.values()) - start, "latencies": latencies, "sequential": seq,
+        "seconds": max(finished.values()) - start, "latencies": latencies, "sequential": seq["get"],
+        "sequential_wait": seq["submit_wait"],
         "cpu": {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1},
         "frames": (frames1[0] - frames0[0], frames1[1] - frames0[1]),
-        "commits": commits(dbname), "tasks_run": n + WARMUP + sequential, "index": busiest_index(dbname),
+        "commits": commits(dbname), "tasks_run": n + WARMUP + 2 * sequential, "index": busiest_index(dbname),
     }
+
+
+async def sequential_latency(client: AsyncClient, n: int) -> dict[str, list[float]]:
+    """``n`` echo tasks one at a time, submit -> done as the client sees it, each way a client can wait:
+    ``get``: POST, then a long poll (GET ?wait=); ``submit_wait``: one POST ?wait= (submit and long poll in one)."""
+    out: dict[str, list[float]] = {"get": [], "submit_wait": []}
+    for mode in out:
+        for j in range(n):
+            sent = time.time()
+            if mode == "get":
+                done = await client.get((await client.submit({"kind": "echo", "payload": j}))["id"], wait=30)
+            else:
+                done = await client.submit({"kind": "echo", "payload": j}, wait=30)
+            assert done["state"] == "succeeded", done
+            out[mode].append(time.time() - sent)
+    return out
+
+
+async def bench_embedded(workers: int, root: Path, sequential: int) -> dict[str, list[float]]:
+    """The sequential latency of an embedded node (SQLite, the in-process queue), in the same run."""
+    node = start_node(root, "--insecure", "--slots", str(workers), env={
+        "P2PNN_API__HOST": "127.0.0.1", "P2PNN_API__PORT": "0", "P2PNN_COMPUTE__PRELOAD_TORCH": "false",
+        "P2PNN_LOG__LEVEL": "warning",
+    })
+    try:
+        async with AsyncClient(node.url, timeout=120) as client:
+            await client.wait_all([t["id"] for t in await client.submit_many([{"kind": "echo"}] * WARMUP)], timeout=120)
+            return await sequential_latency(client, sequential)
+    finally:
+        node.stop()
 
 
 def bench_celery(n: int, workers: int, vhost: str, dbname: str, root: Path, sequential: int) -> dict:
@@ -313,9 +342,15 @@ def report_costs(name: str, n: int, r: dict) -> None:
           f"db commits {r['commits'] / r['tasks_run']:.2f} (over all {r['tasks_run']} tasks and start-up); "
           f"busiest index {index}: {scans / r['tasks_run']:.2f} scans, {read / r['tasks_run']:.1f} rows read")
     if r["sequential"]:
-        p50, p99 = percentiles(r["sequential"])
-        print(f"{name:7s} sequential, {len(r['sequential'])} tasks one at a time, submit->done as the client sees it: "
-              f"p50 {p50 * 1000:.1f} ms  p99 {p99 * 1000:.1f} ms")
+        report_sequential(name, r["sequential"], "" if name == "celery" else "swarm path, POST then GET ?wait=")
+    if r.get("sequential_wait"):
+        report_sequential(name, r["sequential_wait"], "swarm path, one POST ?wait=")
+
+
+def report_sequential(name: str, latencies: list[float], how: str) -> None:
+    p50, p99 = percentiles(latencies)
+    print(f"{name:7s} sequential, {len(latencies)} tasks one at a time, submit->done as the client sees it"
+          f"{f' ({how})' if how else ''}: p50 {p50 * 1000:.1f} ms  p99 {p99 * 1000:.1f} ms")
 
 
 def main() -> int:
@@ -339,11 +374,15 @@ def main() -> int:
                   f"PostgreSQL databases {', '.join(dbs.values())}")
             p = trio.run(bench_p2pnn, args.tasks, args.workers, vhosts["p2pnn"], dbs["p2pnn"], Path(tmp) / "p2pnn",
                          args.sequential)
+            embedded = trio.run(bench_embedded, args.workers, Path(tmp) / "embedded", args.sequential) if args.sequential else None
             (Path(tmp) / "celery").mkdir()
             c = bench_celery(args.tasks, args.workers, vhosts["celery"], dbs["celery"], Path(tmp) / "celery", args.sequential)
             p_rate, c_rate = report("p2pnn", args.tasks, p), report("celery", args.tasks, c)
             print(f"ratio p2pnn/celery: {p_rate / c_rate:.2f}")
             report_costs("p2pnn", args.tasks, p)
+            if embedded:
+                report_sequential("p2pnn", embedded["get"], "embedded node, POST then GET ?wait=")
+                report_sequential("p2pnn", embedded["submit_wait"], "embedded node, one POST ?wait=")
             report_costs("celery", args.tasks, c)
     finally:
         for vhost in vhosts.values():

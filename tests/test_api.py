@@ -189,6 +189,30 @@ async def test_long_poll_answers_when_the_task_finishes_or_the_wait_ends(raw):
     _error(await raw.get("/api/v1/tasks/00000000-0000-0000-0000-000000000000", params={"wait": "1"}), 404)
 
 
+async def test_submit_with_wait_answers_with_the_finished_task_or_as_it_is_after_the_wait(raw, clients):
+    started = time.monotonic()
+    resp = await raw.post("/api/v1/tasks", params={"wait": "20"}, json={"kind": "echo", "payload": 7, "sleep": 0.5})
+    assert resp.status_code == 201 and resp.json()["state"] == "succeeded" and resp.json()["result"] == {"payload": 7}
+    assert time.monotonic() - started < 15  # woken by the finish, not by the end of the wait
+    started = time.monotonic()
+    resp = await raw.post("/api/v1/tasks", params={"wait": "0.3"}, json={"kind": "echo", "sleep": 30})
+    assert resp.status_code == 201 and resp.json()["state"] in ("queued", "running")
+    assert time.monotonic() - started >= 0.3
+    await raw.delete(f"/api/v1/tasks/{resp.json()['id']}")
+    # A list waits for every task; an idempotent repeat waits too, and answers 200 with the same tasks.
+    specs = [{"kind": "echo", "payload": i, "sleep": 0.2 * i} for i in range(3)]
+    batch = await raw.post("/api/v1/tasks", params={"wait": "20"}, json=specs, headers={"Idempotency-Key": "w-1"})
+    assert batch.status_code == 201 and [t["state"] for t in batch.json()["tasks"]] == ["succeeded"] * 3
+    again = await raw.post("/api/v1/tasks", params={"wait": "20"}, json=specs, headers={"Idempotency-Key": "w-1"})
+    assert again.status_code == 200 and again.json()["tasks"] == batch.json()["tasks"]
+    for bad in ("-1", "61", "soon", "nan"):
+        _error(await raw.post("/api/v1/tasks", params={"wait": bad}, json={"kind": "echo"}), 400)
+    # The client: submit(wait=) and submit_many(wait=) give the terminal tasks.
+    op = clients["operator"]
+    assert (await op.submit({"kind": "echo", "payload": "x"}, wait=20))["result"] == {"payload": "x"}
+    assert [t["state"] for t in await op.submit_many([{"kind": "echo"}] * 2, wait=20)] == ["succeeded"] * 2
+
+
 async def test_unknown_and_malformed_ids_are_404(raw):
     _error(await raw.get("/api/v1/tasks/00000000-0000-0000-0000-000000000000"), 404)
     _error(await raw.get("/api/v1/tasks/not-a-uuid"), 404)

@@ -158,3 +158,29 @@ def test_a_revoked_swarm_token_is_refused_and_a_node_local_token_works_on_its_no
     assert a.verify(f"Bearer {local}").sub == "bob"
     with pytest.raises(AuthError, match="invalid token"):
         b.verify(f"Bearer {local}")
+
+
+def test_a_verified_token_kept_for_reuse_is_still_refused_once_revoked_or_expired(hs256, monkeypatch):
+    token = hs256.mint("alice", "operator", 60)
+    assert hs256.verify(f"Bearer {token}") == Caller("alice", "operator")
+    assert hs256.verify(f"Bearer  {token} ") == Caller("alice", "operator")  # the kept verification
+    hs256.revoke([jwt.decode(token, options={"verify_signature": False})["jti"]])
+    with pytest.raises(AuthError, match="revoked"):
+        hs256.verify(f"Bearer {token}")
+    hs256.revoke([])
+    assert hs256.verify(f"Bearer {token}").sub == "alice"
+    monkeypatch.setattr(hs256, "_leeway", 0)
+    short = hs256.mint("bob", "viewer", 1)
+    assert hs256.verify(f"Bearer {short}").sub == "bob"
+    exp = jwt.decode(short, options={"verify_signature": False})["exp"]
+    time.sleep(max(0.0, exp - time.time()) + 0.05)
+    with pytest.raises(AuthError, match="expired"):
+        hs256.verify(f"Bearer {short}")
+
+
+def test_the_kept_verifications_are_bounded(hs256, monkeypatch):
+    monkeypatch.setattr("p2pnn.api.auth.VERIFIED_CACHE_SIZE", 3)
+    tokens = [hs256.mint(f"user{i}", "viewer", 60) for i in range(5)]
+    for t in tokens:
+        hs256.verify(f"Bearer {t}")
+    assert len(hs256._verified) == 3 and tokens[-1] in hs256._verified and tokens[0] not in hs256._verified

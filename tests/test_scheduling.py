@@ -298,3 +298,30 @@ async def test_a_gpu_task_with_no_gpu_ki_is_parked_out_of_the_way_then_placed_or
             nursery.cancel_scope.cancel()
     finally:
         await store.close()
+
+
+async def test_a_wait_woken_before_it_began_reads_at_once(tmp_path, monkeypatch):
+    """A result recorded while a submit with ?wait= was still publishing (the finish hint came
+    before the wait proper began) is read at once, not after a poll interval."""
+    import time
+
+    from p2pnn import service as service_mod
+    from p2pnn.callers import ANONYMOUS_ADMIN
+    from p2pnn.store import open_store
+    from p2pnn.tasks import Limits, State
+
+    monkeypatch.setattr(service_mod, "WAIT_POLL_SECONDS", (30.0,))  # a poll would come far too late
+    store = open_store("sqlite", sqlite_path=tmp_path / "tasks.db")
+    await store.open()
+    try:
+        service = service_mod.TaskService(store, LocalBus(), limits=Limits(), max_attempts=3)
+        (task,), _ = await service.submit([{"kind": "echo"}], ANONYMOUS_ADMIN)
+        with service._watching([task.id]) as watched:
+            claimed = await store.claim(task.id, worker="ki-1", now=time.time(), lease_seconds=30)
+            assert await store.finish(task.id, attempt=claimed.attempts, state=State.SUCCEEDED, now=time.time(), result={})
+            service.finished(task.id)
+            with trio.fail_after(5):
+                done = await service._until_terminal(task.id, watched[task.id])
+        assert done.state is State.SUCCEEDED
+    finally:
+        await store.close()

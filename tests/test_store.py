@@ -191,6 +191,19 @@ async def test_only_pending_tasks_are_marked_queued(store: TaskStore) -> None:
     assert await store.mark_queued([], now=T0) == 0
 
 
+async def test_tasks_created_queued_count_as_published_and_are_not_stranded(store: TaskStore) -> None:
+    """The in-process queue's path: stored queued (published at creation), no mark_queued needed."""
+    tasks, created = await store.create([new(), new(kind="train")], now=T0, queued=True)
+    assert created is True and [t.state for t in tasks] == [State.QUEUED, State.QUEUED]
+    assert (await store.get(tasks[0].id)).state is State.QUEUED
+    assert await store.mark_queued([tasks[0].id], now=T0) == 0
+    assert await store.counts() == {("queued", "echo"): 1, ("queued", "train"): 1}
+    assert await store.stranded(older_than=T0 + 100) == {}
+    assert set(await store.published_before(before=T0 + 1)) == {t.id for t in tasks}
+    claimed = await store.claim(tasks[0].id, worker="w", now=T0, lease_seconds=LEASE)
+    assert claimed is not None and claimed.state is State.RUNNING
+
+
 async def test_claim_takes_a_queued_or_pending_task_once(store: TaskStore) -> None:
     (task,), _ = await store.create([new()], now=T0)
     await store.mark_queued([task.id], now=T0)
@@ -616,3 +629,40 @@ async def test_apply_runs_claims_and_finishes_in_one_transaction_each_as_alone(s
     assert await store.counts() == {("succeeded", "echo"): 1, ("running", "echo"): 1, ("running", "train"): 1}
     with pytest.raises(ValueError):
         await store.apply([FinishOp(taken_id, 1, State.RUNNING)], now=T0)
+
+
+async def test_mark_queued_alone_commits_without_waiting_for_the_disk_on_postgresql(store: TaskStore) -> None:
+    """Only mark_queued's own transaction relaxes synchronous_commit (PostgreSQL); the setting
+    does not leak into the next transaction on the pooled connection."""
+    from p2pnn.store.postgres import PostgresTaskStore
+
+    if not isinstance(store, PostgresTaskStore):
+        assert store._relaxed_commit is None
+        return
+    assert store._relaxed_commit == "SET LOCAL synchronous_commit = off"
+    (task,), _ = await store.create([new()], now=T0)
+    assert await store.mark_queued([task.id], now=T0) == 1
+    settings = [await store._transact(lambda db: db.rows("SHOW synchronous_commit")[0][0], write=False) for _ in range(4)]
+    assert settings == ["on"] * 4
+    assert (await store.get(task.id)).state is State.QUEUED
+
+
+async def test_sqlite_point_reads_see_every_commit_and_never_write(tmp_path: Path) -> None:
+    """SQLite's get reads on the trio thread through a second, read-only connection: it sees each
+    commit of the writer at once, and cannot change the database."""
+    store = open_store("sqlite", sqlite_path=tmp_path / "t.sqlite3")
+    await store.open()
+    try:
+        assert store._reader is not None
+        (task,), _ = await store.create([new()], now=T0)
+        assert (await store.get(task.id)).state is State.PENDING
+        claimed = await store.claim(task.id, worker="w", now=T0, lease_seconds=LEASE)
+        assert (await store.get(task.id)).state is State.RUNNING
+        assert await store.finish(task.id, attempt=claimed.attempts, state=State.SUCCEEDED, now=T0, result={"ok": 1}, worker="w")
+        assert (await store.get(task.id)).result == {"ok": 1}
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            store._reader.execute("DELETE FROM tasks")
+    finally:
+        await store.close()
+    with pytest.raises(StoreError, match="not open"):
+        await store.get(task.id)

@@ -88,8 +88,12 @@ def openapi() -> dict[str, Any]:
                            "responses": {"200": _resp("the task", _TASK), **_errors(401, 403, 404)}},
             },
             "/api/v1/tasks": {
-                "post": {"summary": "Submit one spec or a list of specs", "security": secured,
-                         "parameters": [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 200}}],
+                "post": {"summary": "Submit one spec or a list of specs; with ?wait=SECONDS (0 to 60) the answer comes "
+                                    "once every task is terminal or the wait is over (submit and long poll in one)",
+                         "security": secured,
+                         "parameters": [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 200}},
+                                        {"name": "wait", "in": "query", "required": False,
+                                         "schema": {"type": "number", "minimum": 0, "maximum": 60}}],
                          "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
                              {"$ref": "#/components/schemas/Spec"},
                              {"type": "array", "items": {"$ref": "#/components/schemas/Spec"}}]}}}},

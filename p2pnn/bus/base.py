@@ -78,6 +78,11 @@ class TaskBus(abc.ABC):
     best-effort: it never raises.
     """
 
+    # True for a queue inside this process that is rebuilt from the store at start (LocalBus):
+    # a task can then be stored ``queued`` right away and published after the commit, since
+    # its message is lost only with the process, and the node's next start publishes it again.
+    in_process: bool = False
+
     @abc.abstractmethod
     async def run(self, *, task_status) -> None: ...
 

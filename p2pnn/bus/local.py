@@ -71,6 +71,8 @@ class _LocalSubscription(Subscription):
 
 
 class LocalBus(TaskBus):
+    in_process = True
+
     def __init__(self) -> None:
         self._queues: dict[str, _Queue] = collections.defaultdict(_Queue)
         self._topics: dict[str, set[trio.MemorySendChannel]] = collections.defaultdict(set)

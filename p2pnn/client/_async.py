@@ -54,7 +54,8 @@ class AsyncClient:
     async def _send(self, call: Call) -> Any:
         try:
             resp = await self._http.request(
-                call.method, call.path, params=call.params, json=call.json, headers=call.headers
+                call.method, call.path, params=call.params, json=call.json, headers=call.headers,
+                timeout=self._timeout + call.wait if call.wait else httpx.USE_CLIENT_DEFAULT,
             )
         except httpx.TransportError as exc:
             raise ConnectError(f"{self.url}: {exc or type(exc).__name__}") from exc
@@ -66,27 +67,25 @@ class AsyncClient:
 
     # --- tasks ---
 
-    async def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
-        """Submit one task spec; returns the task (state ``pending`` or later)."""
-        return await self._send(_calls.submit(spec, idempotency_key))
+    async def submit(
+        self, spec: dict[str, Any], *, idempotency_key: str | None = None, wait: float | None = None
+    ) -> dict[str, Any]:
+        """Submit one task spec; returns the task (state ``pending`` or later). With ``wait``
+        (seconds, at most 60) the node answers once the task is terminal or the wait is over:
+        a submit and a long poll in one request."""
+        return await self._send(_calls.submit(spec, idempotency_key, wait))
 
-    async def submit_many(self, specs: list[dict[str, Any]], *, idempotency_key: str | None = None) -> list[dict[str, Any]]:
-        """Submit several specs in one request: all are stored, or none."""
-        return await self._send(_calls.submit_many(specs, idempotency_key))
+    async def submit_many(
+        self, specs: list[dict[str, Any]], *, idempotency_key: str | None = None, wait: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Submit several specs in one request: all are stored, or none. ``wait`` as for ``submit``,
+        until every task is terminal."""
+        return await self._send(_calls.submit_many(specs, idempotency_key, wait))
 
     async def get(self, task_id: str, *, wait: float | None = None) -> dict[str, Any]:
         """The task; with ``wait`` (seconds, at most 60) a long poll: the node answers once the
         task is terminal or the wait is over."""
-        if wait is None:
-            return await self._send(_calls.get(task_id))
-        call = _calls.get(task_id)
-        try:
-            resp = await self._http.request(
-                call.method, call.path, params={"wait": f"{wait:.3f}"}, timeout=self._timeout + wait
-            )
-        except httpx.TransportError as exc:
-            raise ConnectError(f"{self.url}: {exc or type(exc).__name__}") from exc
-        return _calls.parse(resp, call)
+        return await self._send(_calls.get(task_id, wait))
 
     async def list(self, **params: Any) -> dict[str, Any]:
         """One page: ``{"tasks": [...], "next_cursor": ...}``; params ``state``, ``kind``, ``owner``, ``parent``, ``limit``, ``cursor``."""

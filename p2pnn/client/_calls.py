@@ -28,18 +28,24 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     raw: bool = False  # the answer is bytes (an artifact), not JSON
     pick: str | None = None  # return only this key of the JSON answer
+    wait: float | None = None  # a long poll of this many seconds: the read timeout is widened to match
 
 
-def submit(spec: dict[str, Any], idempotency_key: str | None) -> Call:
-    return Call("POST", "/api/v1/tasks", json=spec, headers=_idempotency(idempotency_key))
+def submit(spec: dict[str, Any], idempotency_key: str | None, wait: float | None = None) -> Call:
+    return Call("POST", "/api/v1/tasks", json=spec, headers=_idempotency(idempotency_key), params=_wait(wait), wait=wait)
 
 
-def submit_many(specs: list[dict[str, Any]], idempotency_key: str | None) -> Call:
-    return Call("POST", "/api/v1/tasks", json=specs, headers=_idempotency(idempotency_key), pick="tasks")
+def submit_many(specs: list[dict[str, Any]], idempotency_key: str | None, wait: float | None = None) -> Call:
+    return Call("POST", "/api/v1/tasks", json=specs, headers=_idempotency(idempotency_key), pick="tasks",
+                params=_wait(wait), wait=wait)
 
 
-def get(task_id: str) -> Call:
-    return Call("GET", f"/api/v1/tasks/{task_id}")
+def get(task_id: str, wait: float | None = None) -> Call:
+    return Call("GET", f"/api/v1/tasks/{task_id}", params=_wait(wait), wait=wait)
+
+
+def _wait(wait: float | None) -> dict[str, str] | None:
+    return None if wait is None else {"wait": f"{wait:.3f}"}
 
 
 def list_tasks(params: dict[str, Any]) -> Call:

@@ -52,23 +52,33 @@ class Client:
 
     def _send(self, call: Call) -> Any:
         try:
-            resp = self._http.request(call.method, call.path, params=call.params, json=call.json, headers=call.headers)
+            resp = self._http.request(
+                call.method, call.path, params=call.params, json=call.json, headers=call.headers,
+                timeout=self._timeout + call.wait if call.wait else httpx.USE_CLIENT_DEFAULT,
+            )
         except httpx.TransportError as exc:
             raise ConnectError(f"{self.url}: {exc or type(exc).__name__}") from exc
         return _calls.parse(resp, call)
 
     # --- tasks ---
 
-    def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
-        """Submit one task spec; returns the task (state ``pending`` or later)."""
-        return self._send(_calls.submit(spec, idempotency_key))
+    def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None, wait: float | None = None) -> dict[str, Any]:
+        """Submit one task spec; returns the task (state ``pending`` or later). With ``wait``
+        (seconds, at most 60) the node answers once the task is terminal or the wait is over:
+        a submit and a long poll in one request."""
+        return self._send(_calls.submit(spec, idempotency_key, wait))
 
-    def submit_many(self, specs: list[dict[str, Any]], *, idempotency_key: str | None = None) -> list[dict[str, Any]]:
-        """Submit several specs in one request: all are stored, or none."""
-        return self._send(_calls.submit_many(specs, idempotency_key))
+    def submit_many(
+        self, specs: list[dict[str, Any]], *, idempotency_key: str | None = None, wait: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Submit several specs in one request: all are stored, or none. ``wait`` as for ``submit``,
+        until every task is terminal."""
+        return self._send(_calls.submit_many(specs, idempotency_key, wait))
 
-    def get(self, task_id: str) -> dict[str, Any]:
-        return self._send(_calls.get(task_id))
+    def get(self, task_id: str, *, wait: float | None = None) -> dict[str, Any]:
+        """The task; with ``wait`` (seconds, at most 60) a long poll: the node answers once the
+        task is terminal or the wait is over."""
+        return self._send(_calls.get(task_id, wait))
 
     def list(self, **params: Any) -> dict[str, Any]:
         """One page: ``{"tasks": [...], "next_cursor": ...}``; params ``state``, ``kind``, ``limit``, ``cursor``."""

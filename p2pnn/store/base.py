@@ -149,9 +149,15 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     async def create(
-        self, tasks: list[NewTask], *, now: float, idempotency_key: str | None = None, request_hash: str | None = None
+        self, tasks: list[NewTask], *, now: float, idempotency_key: str | None = None, request_hash: str | None = None,
+        queued: bool = False,
     ) -> tuple[list[Task], bool]:
         """Insert tasks as ``pending`` in one transaction.
+
+        With ``queued``, they are inserted ``queued`` and published at ``now``
+        instead: for a bus whose messages cannot be lost without the store
+        knowing (the in-process queue, which is rebuilt from the store at
+        start), the caller publishes right after and skips ``mark_queued``.
 
         With an idempotency key, a repeat (same owner, same key) returns the
         tasks created the first time and ``False``; a repeat whose

@@ -50,6 +50,10 @@ KEEPALIVE_IDLE = 2  # seconds of silence before the first probe
 KEEPALIVE_INTERVAL = 1  # seconds between probes
 KEEPALIVE_COUNT = 3  # unanswered probes before the connection is dead
 TCP_USER_TIMEOUT_MS = 5_000  # unacknowledged data older than this kills the connection
+# Run first in mark_queued's transaction (see SqlTaskStore._relaxed_commit): PostgreSQL then answers
+# the commit without waiting for the WAL flush, which takes milliseconds; a later durable commit
+# (the claim) flushes it too. If the server crashes first, the task stays pending and is published again.
+RELAXED_COMMIT = "SET LOCAL synchronous_commit = off"
 # 40003 statement_completion_unknown: CockroachDB lost track of whether a commit happened.
 AMBIGUOUS_COMMIT_SQLSTATE = "40003"
 
@@ -271,6 +275,17 @@ class PostgresTaskStore(SqlTaskStore):
             await trio.to_thread.run_sync(pool.close)
             raise
         self._pool = pool
+        self._relaxed_commit = await self._probe_relaxed_commit()
+
+    async def _probe_relaxed_commit(self) -> str | None:
+        """``SET LOCAL synchronous_commit = off`` where the server takes it (PostgreSQL), else None
+        (a server without that setting; also when the trial fails for any other reason: the
+        only cost is that mark_queued then waits for its commit to reach the disk)."""
+        try:
+            await self._transact(lambda db: db.run(RELAXED_COMMIT), write=True)
+        except StoreError:
+            return None
+        return RELAXED_COMMIT
 
     def _migrate(self, conn: psycopg.Connection) -> int:
         exists = conn.execute(

@@ -41,6 +41,17 @@ def page_args() -> dict[str, Any]:
     return out
 
 
+def wait_seconds() -> float:
+    """The ``wait`` argument of the current request (a long poll). Error handling: ApiError 400."""
+    try:
+        wait = float(request.args["wait"])
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= MAX_WAIT_SECONDS:  # also refuses nan
+        raise ApiError(400, "invalid wait", f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}")
+    return wait
+
+
 def blueprint(ctx: ApiContext) -> Blueprint:
     bp = Blueprint("tasks", __name__)
     service = ctx.service
@@ -87,7 +98,11 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
             raise ApiError(400, "invalid Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
         specs = body if isinstance(body, list) else [body]
-        tasks, created = await service.submit(specs, who, idempotency_key=key, body_hash=request_hash(body))
+        # With ?wait=S the answer comes once the tasks are terminal (or after S seconds): submit and long poll in one.
+        wait = wait_seconds() if "wait" in request.args else 0.0
+        tasks, created = await service.submit(
+            specs, who, idempotency_key=key, body_hash=request_hash(body), wait=wait
+        )
         status = 201 if created else 200
         if isinstance(body, list):
             return json_response({"tasks": [t.to_json() for t in tasks]}, status)
@@ -104,13 +119,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         if "wait" not in request.args:
             return json_response((await ctx.task_or_404(task_id)).to_json())
         # Long poll: answer once the task is terminal, or with the task as it is after ``wait`` seconds.
-        try:
-            wait = float(request.args["wait"])
-        except ValueError:
-            wait = -1.0
-        if not 0 <= wait <= MAX_WAIT_SECONDS:  # also refuses nan
-            raise ApiError(400, "invalid wait", f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}")
-        task = await service.wait(task_id, wait)
+        task = await service.wait(task_id, wait_seconds())
         if task is None:
             raise ApiError(404, "no such task", task_id)
         return json_response(task.to_json())
