@@ -38,6 +38,7 @@ connection are dropped, since the broker delivers those messages again.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import queue as queue_mod
@@ -97,6 +98,9 @@ class AmqpSettings:
         return params
 
 
+_JSON = pika.BasicProperties(content_type="application/json")
+
+
 class _Batch:
     """One confirmed publish, as trio waits for it."""
 
@@ -142,6 +146,11 @@ class _Link:
         self._on_redelivery = on_redelivery
         self._on_malformed = on_malformed
         self._commands: queue_mod.SimpleQueue[Callable[[], None]] = queue_mod.SimpleQueue()
+        # Hand-offs between the threads are coalesced: one wake-up carries every command (or
+        # callback) queued before it is served, not one each (a pipe write and a loop turn apiece).
+        self._wake_pending = False  # the pika thread has been woken and has not yet started to drain
+        self._to_trio: collections.deque[Callable[[], None]] = collections.deque()
+        self._trio_pending = False  # a flush of _to_trio is scheduled in trio and has not yet started
         self._stopping = threading.Event()
         self.connected = threading.Event()
         self.conn: pika.BlockingConnection | None = None
@@ -161,6 +170,9 @@ class _Link:
 
     def submit(self, fn: Callable[[], None]) -> None:
         self._commands.put(fn)
+        if self._wake_pending:  # the drain that wake-up starts takes this command too
+            return
+        self._wake_pending = True
         conn = self.conn
         if conn is not None:
             try:
@@ -170,13 +182,26 @@ class _Link:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake_pending = False
         self.submit(lambda: None)
 
+    # --- called from the pika thread ---
+
     def to_trio(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in trio, after every ``fn`` handed over before it."""
+        self._to_trio.append(fn)
+        if self._trio_pending:
+            return
+        self._trio_pending = True
         try:
-            self._token.run_sync_soon(fn)
+            self._token.run_sync_soon(self._flush_to_trio)
         except trio.RunFinishedError:
             pass
+
+    def _flush_to_trio(self) -> None:  # in trio
+        self._trio_pending = False  # from here on a new hand-over schedules another flush
+        while self._to_trio:
+            self._to_trio.popleft()()
 
     # --- the thread ---
 
@@ -252,6 +277,7 @@ class _Link:
                 pass
 
     def _drain(self) -> None:
+        self._wake_pending = False  # from here on a new command wakes the thread again
         while True:
             try:
                 fn = self._commands.get_nowait()
@@ -332,7 +358,9 @@ class _Link:
 
     def broadcast(self, exchange: str, body: bytes) -> None:
         if self._bcast is not None:
-            self._bcast.basic_publish(exchange, "", body, properties=pika.BasicProperties(content_type="application/json"))
+            # On the underlying channel, as acks below: the frames go out with the thread's next
+            # poll, several to a write, instead of a blocking flush (a poll loop of its own) each.
+            self._bcast._impl.basic_publish(exchange, "", body, properties=_JSON)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -445,9 +473,9 @@ class _Link:
             return  # from a lost connection or a closed consumer: the broker delivers it again
         c.unacked.discard(tag.delivery_tag)
         if ack:
-            c.channel.basic_ack(tag.delivery_tag)
+            c.channel._impl.basic_ack(tag.delivery_tag)
         else:
-            c.channel.basic_nack(tag.delivery_tag, requeue=True)
+            c.channel._impl.basic_nack(tag.delivery_tag, requeue=True)
 
     def ack_many(self, tags: list[_Tag]) -> None:
         """Ack ``tags``: one ``multiple`` ack per channel when they are every unsettled delivery up to
@@ -461,11 +489,11 @@ class _Link:
         for c, acked in by_consumer.values():
             top = max(acked)
             if all(t in acked for t in c.unacked if t <= top):
-                c.channel.basic_ack(top, multiple=True)
+                c.channel._impl.basic_ack(top, multiple=True)
                 c.unacked -= {t for t in c.unacked if t <= top}
             else:
                 for t in sorted(acked):
-                    c.channel.basic_ack(t)
+                    c.channel._impl.basic_ack(t)
                 c.unacked -= acked
 
     def ensure_ki_queue(self, full_name: str, done: Callable[[str | None], None]) -> None:

@@ -54,6 +54,11 @@ STORE_RETRY_FIRST = 0.25  # first pause before a store write of an outcome is tr
 STORE_RETRY_MAX = 4.0  # longest pause between two tries
 HANDBACK_SECONDS = 8.0  # how long handing one task back (release, publish, confirm) may take
 BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
+# While tasks are in hand, a change that leaves the An's picture good enough (a short task taken,
+# one finished with others still running) waits up to this long for the next beat: the An's
+# credit ahead covers the gap, and each beat costs a publish and a delivery to every subscriber.
+# A Ki that runs dry, or takes a task not known to be short, beats at once.
+BEAT_BUSY_GAP = 0.010
 FINISHED_PER_BEAT = 256  # task ids a beat names as finished; beyond that, waiters learn it from the store
 MAX_GROUP = 64  # claims and results in one transaction; bounds how long the row locks are held
 # Scheduler turns a woken committer lets pass before it takes what is waiting: a freed slot's
@@ -201,12 +206,14 @@ class KiRunner:
                 delivery = await inbox.receive()
                 self.in_hand += 1
                 self._in_hand_since[id(delivery)] = time.monotonic()
-                if not (delivery.headers.get("needs") or {}).get("short"):
+                short = bool((delivery.headers.get("needs") or {}).get("short"))
+                if not short:
                     self._long_in_hand.add(id(delivery))
                 an = str(delivery.headers.get("an", ""))
                 # A group's part counts as its ranks: the An reserved that many slots for it.
                 self.received[an] = self.received.get(an, 0) + _group_of(delivery).get("ranks", 1)
-                self.on_change()
+                if not short:  # a short task taken changes no An's count of free room (busy +1, in flight -1)
+                    self.on_change()
                 nursery.start_soon(self._handle, inbox, delivery, slots)
 
     async def _handle(self, inbox: Inbox, delivery: Delivery, slots: trio.Semaphore) -> None:
@@ -584,6 +591,8 @@ class KiAgent:
         self.boot = uuid.uuid4().hex[:12]  # tells an An that counters restarted
         self.caps = capabilities()
         self._changed = trio.Event()
+        self._urgent = trio.Event()  # a change that should not wait out BEAT_BUSY_GAP
+        self._long_beaten = 0  # long_in_hand as of the last beat
         self._finished: collections.deque[str] = collections.deque(maxlen=FINISHED_PER_BEAT)
         runner.on_change = self._on_change
         local = runner.on_finished
@@ -612,9 +621,13 @@ class KiAgent:
 
     def _on_change(self) -> None:
         self._changed.set()
+        r = self.runner
+        if r.in_hand + r.group_ranks == 0 or r.long_in_hand > self._long_beaten:
+            self._urgent.set()
 
     def beat(self) -> dict[str, Any]:
         r = self.runner
+        self._long_beaten = r.long_in_hand
         return {
             "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand + r.group_ranks,
             "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
@@ -630,11 +643,14 @@ class KiAgent:
 
     async def _beat_loop(self) -> None:
         while True:
-            self._changed = trio.Event()
+            self._changed, self._urgent = trio.Event(), trio.Event()
             await self.bus.broadcast(BEATS, self.beat())
+            busy_until = trio.current_time() + BEAT_BUSY_GAP
             with trio.move_on_after(self.beat_interval):
                 await self._changed.wait()
             await trio.sleep(BEAT_MIN_GAP)
+            with trio.move_on_at(busy_until):
+                await self._urgent.wait()
 
     async def _listen_for_cancels(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with self.bus.subscribe(CANCEL) as cancels:
