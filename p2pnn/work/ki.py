@@ -140,6 +140,15 @@ class KiRunner:
     back-off for up to a lease; after that the task is handed back (or its
     lease lapses). No store or bus error ends ``run``.
 
+    Claim ahead: with ``take_ahead`` > 0 (a Ki's own queue, where its An
+    forwards short tasks beyond its free slots) up to ``slots + take_ahead``
+    deliveries are taken; a task known to be short is claimed as soon as it
+    arrives, in the same commit as whatever else is waiting, and then waits in
+    hand for a slot, so a slot that frees starts its next task without a store
+    round trip first. Any other task waits for a slot before it is claimed, as
+    without claim ahead. A short task waits at most for the short ones ahead
+    of it; one claimed and still waiting when the runner stops is handed back.
+
     ``in_hand`` (deliveries taken and not yet finished) and ``received`` (per
     forwarding An) are what a Ki's beat reports; ``on_change`` is called
     whenever they change.
@@ -155,10 +164,12 @@ class KiRunner:
         metrics: Metrics,
         lease_seconds: float,
         queue: str = TASKS,
+        take_ahead: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.node_id = node_id
         self.queue = queue
+        self.take_ahead = take_ahead
         self.store = store
         self.bus = bus
         self.pool = pool
@@ -193,16 +204,18 @@ class KiRunner:
         if not self.pool.slots:  # slots = 0: this node runs no tasks
             task_status.started()
             await trio.sleep_forever()
-        # One semaphore per run: a permit taken while waiting for a delivery when the role stopped
-        # dies with this run instead of shrinking the next one.
-        slots = trio.Semaphore(self.pool.slots)
+        # One pair of semaphores per run: a permit taken while waiting for a delivery when the role
+        # stopped dies with this run instead of shrinking the next one.
+        slots = trio.Semaphore(self.pool.slots)  # tasks running (or about to)
+        hand = trio.Semaphore(self.pool.slots + self.take_ahead)  # deliveries taken and not yet done
         # A committer per run too: a request left by a stopped run is not applied by the next one.
         self._commits = GroupCommit(self.store, self._clock)
-        async with self.bus.consume(self.queue, prefetch=self.pool.slots) as inbox, trio.open_nursery() as nursery:
+        prefetch = self.pool.slots + self.take_ahead
+        async with self.bus.consume(self.queue, prefetch=prefetch) as inbox, trio.open_nursery() as nursery:
             await nursery.start(self._commits.run)
             task_status.started()
             while True:
-                await slots.acquire()
+                await hand.acquire()
                 delivery = await inbox.receive()
                 self.in_hand += 1
                 self._in_hand_since[id(delivery)] = time.monotonic()
@@ -214,10 +227,18 @@ class KiRunner:
                 self.received[an] = self.received.get(an, 0) + _group_of(delivery).get("ranks", 1)
                 if not short:  # a short task taken changes no An's count of free room (busy +1, in flight -1)
                     self.on_change()
-                nursery.start_soon(self._handle, inbox, delivery, slots)
+                nursery.start_soon(self._handle, inbox, delivery, hand, slots, short)
 
-    async def _handle(self, inbox: Inbox, delivery: Delivery, slots: trio.Semaphore) -> None:
+    async def _handle(
+        self, inbox: Inbox, delivery: Delivery, hand: trio.Semaphore, slots: trio.Semaphore, short: bool
+    ) -> None:
         freed = False
+        has_slot = False
+
+        async def take_slot() -> None:
+            nonlocal has_slot
+            await slots.acquire()
+            has_slot = True
 
         def free_slot() -> None:
             nonlocal freed
@@ -226,16 +247,21 @@ class KiRunner:
                 self.in_hand -= 1
                 self._in_hand_since.pop(id(delivery), None)
                 self._long_in_hand.discard(id(delivery))
-                slots.release()
+                if has_slot:
+                    slots.release()
+                hand.release()
                 self.on_change()
 
         group = _group_of(delivery)
         try:
             if group.get("first", 0) > 0:
                 # Ranks of a group whose rank 0 runs on another Ki: that Ki holds the task's lease.
+                await take_slot()
                 await inbox.ack(delivery)
                 await self._join_group(delivery.task_id, group, free_slot)
                 return
+            if not (short and self.take_ahead):
+                await take_slot()  # claimed only once it can run
             try:
                 task = await self._claim(delivery.task_id)
             except StoreError as exc:
@@ -247,7 +273,7 @@ class KiRunner:
             # From here the lease, not the message, covers the task: a run may outlast any broker timeout.
             await inbox.ack(delivery)
             if task is not None:
-                await self._execute(task, free_slot, group)
+                await self._execute(task, free_slot, group, None if has_slot else take_slot)
             else:  # taken elsewhere, cancelled or finished meanwhile: a duplicate message
                 self.metrics.stale_deliveries.inc()
         finally:
@@ -259,17 +285,24 @@ class KiRunner:
         return await self._commits.submit(ClaimOp(task_id, self.node_id, self.lease_seconds))
 
     async def _execute(
-        self, task: Task, worker_free: Callable[[], None] = lambda: None, group: dict[str, Any] | None = None
+        self,
+        task: Task,
+        worker_free: Callable[[], None] = lambda: None,
+        group: dict[str, Any] | None = None,
+        take_slot: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
-        so the next task can be taken while this one's outcome is being recorded."""
+        so the next task can be taken while this one's outcome is being recorded. ``take_slot``
+        (a task claimed ahead) is awaited first; cancelled there, the attempt is handed back."""
         attempt = task.attempts
         self.running[task.id] = attempt
-        self.metrics.dispatched.labels(kind=task.kind).inc()
-        log.info("task.started", task_id=task.id, kind=task.kind, attempt=attempt)
-        started = self._clock()
         recorded = False
         try:
+            if take_slot is not None:
+                await take_slot()
+            self.metrics.dispatched.labels(kind=task.kind).inc()
+            log.info("task.started", task_id=task.id, kind=task.kind, attempt=attempt)
+            started = self._clock()
             try:
                 job = await self._retrying("job", lambda: self._job(task, attempt))
                 if job is not None:
