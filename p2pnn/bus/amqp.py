@@ -111,11 +111,25 @@ class _Batch:
         self.done = trio.Event()
 
 
+class _Fanout:
+    """Where a topic's messages go on this node: every subscriber's channel (a full one misses it)."""
+
+    def __init__(self) -> None:
+        self.sends: list[trio.MemorySendChannel] = []
+
+    def send_nowait(self, message: dict[str, Any]) -> None:
+        for send in list(self.sends):
+            try:
+                send.send_nowait(message)
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+
+
 @dataclass(eq=False)
 class _Consumer:
     queue: str  # full name, or "" for a topic's server-named queue
     prefetch: int
-    send: trio.MemorySendChannel
+    send: Any  # a queue's trio.MemorySendChannel, or a topic's _Fanout
     topic: str = ""  # exchange name for subscriptions
     ki_queue: bool = False
     channel: Any = None
@@ -581,6 +595,7 @@ class AmqpBus(TaskBus):
         self._on_redelivery = on_redelivery
         self._on_malformed = on_malformed
         self._link: _Link | None = None
+        self._topics: dict[str, _Consumer] = {}  # topic -> the one consumer its subscribers share
 
     @property
     def link(self) -> _Link:
@@ -666,14 +681,22 @@ class AmqpBus(TaskBus):
 
     @asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
+        # Subscribers of one topic on this node share one broker queue (a node's An and its long
+        # polls both read beats): each message crosses the connection once, however many read it.
         send, receive = trio.open_memory_channel[dict[str, Any]](1000)
-        consumer = _Consumer("", 0, send, topic=self.name(topic))
-        self.link.submit(lambda: self.link.add_consumer(consumer))
+        consumer = self._topics.get(topic)
+        if consumer is None:
+            consumer = self._topics[topic] = _Consumer("", 0, _Fanout(), topic=self.name(topic))
+            self.link.submit(lambda: self.link.add_consumer(consumer))
+        consumer.send.sends.append(send)
         try:
             yield _AmqpSubscription(receive)
         finally:
-            self.link.submit(lambda: self.link.remove_consumer(consumer))
+            consumer.send.sends.remove(send)
             send.close()
+            if not consumer.send.sends:
+                del self._topics[topic]
+                self.link.submit(lambda: self.link.remove_consumer(consumer))
 
     def watch_depth(self, queue: str = TASKS) -> None:
         name = self.name(queue)

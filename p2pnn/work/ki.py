@@ -72,6 +72,21 @@ class _Waiter:
         self.value: Any = None
 
 
+class _Lease:
+    """What ends a running attempt's lease keeper: most attempts end before their first renewal,
+    and the keeper then returns on its own instead of being cancelled (an exception through its
+    frames, for every task)."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.renewing: trio.CancelScope | None = None
+
+    def end(self) -> None:
+        self.done.set()
+        if self.renewing is not None:  # a renewal in flight is not waited for
+            self.renewing.cancel()
+
+
 class GroupCommit:
     """Claims and finishes of one Ki, several to a transaction.
 
@@ -308,10 +323,11 @@ class KiRunner:
                 if job is not None:
                     if task.kind == "sweep":
                         worker_free()  # a sweep's coordinator needs no worker: its slot takes the next task
+                    lease = _Lease()
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._keep_lease, task.id, attempt)
+                        nursery.start_soon(self._keep_lease, task.id, attempt, lease)
                         outcome = await self._run(task, attempt, job, group or {})
-                        nursery.cancel_scope.cancel()
+                        lease.end()
                     # At shutdown the pool may stop the worker before we see the cancellation:
                     # that outcome is the shutdown's, not the task's, so hand the task back instead.
                     await trio.lowlevel.checkpoint_if_cancelled()
@@ -522,16 +538,19 @@ class KiRunner:
         except StoreError as exc:  # progress is best-effort; the result is what must land
             log.warning("store.progress_failed", task_id=task_id, error=str(exc))
 
-    async def _keep_lease(self, task_id: str, attempt: int) -> None:
-        """Renew the lease; stop the task when the lease is lost or a cancel was requested.
+    async def _keep_lease(self, task_id: str, attempt: int, lease: _Lease) -> None:
+        """Renew the lease until ``lease.end()``; stop the task when the lease is lost or a cancel was requested.
 
         Each renewal runs under a deadline of a third of the lease, so a stalled
         store cannot hold it past the point where the next one is due."""
         period = self.lease_seconds / RENEWALS_PER_LEASE
         while True:
-            await trio.sleep(period)
-            held, task, answered = False, None, False
             with trio.move_on_after(period):
+                await lease.done.wait()
+            if lease.done.is_set():
+                return
+            held, task, answered = False, None, False
+            with trio.move_on_after(period) as lease.renewing:
                 try:
                     held = await self.store.renew(
                         task_id, worker=self.node_id, attempt=attempt, now=self._clock(), lease_seconds=self.lease_seconds
@@ -540,6 +559,9 @@ class KiRunner:
                     answered = True
                 except StoreError as exc:
                     log.warning("store.renew_failed", task_id=task_id, error=str(exc))
+            lease.renewing = None
+            if lease.done.is_set():
+                return
             if not answered:  # the store failed or stalled: try again; the lease has two more periods
                 self.metrics.transient_faults.labels(component="store", operation="renew").inc()
                 continue
