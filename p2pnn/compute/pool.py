@@ -369,11 +369,11 @@ class KiPool:
         try:
             while True:
                 request = await self._next_request(worker)
-                if request is not None and worker.poll() is None:
+                if request is not None and not worker.gone():
                     outcome = await self._attempt(worker, request)
                     request.finish(outcome)
                     request = None
-                if worker.poll() is not None:
+                if worker.gone():
                     log.warning("pool.worker_replaced", slot=index, pid=worker.pid, reason=worker.describe_exit())
                     worker.close()
                     self._workers[index] = None
@@ -398,7 +398,7 @@ class KiPool:
         self._idle_lot.unpark_all()
         try:
             with trio.CancelScope() as worker.idle_scope:
-                if worker.poll() is None:  # else it died before the scope was there to cancel
+                if not worker.gone():  # else it died before the scope was there to cancel
                     request = await self._receive_request.receive()
         finally:
             worker.idle_scope = None
@@ -413,6 +413,7 @@ class KiPool:
             await worker.wait()
         except trio.ClosedResourceError:  # closed by its slot, which saw the exit first
             return
+        worker.exited = True
         if worker.idle_scope is not None:
             worker.idle_scope.cancel()
 
@@ -654,6 +655,7 @@ class _Worker:
     def __init__(self, popen: subprocess.Popen[bytes], stdin: trio.lowlevel.FdStream, stdout: trio.lowlevel.FdStream) -> None:
         self._popen = popen
         self.idle_scope: trio.CancelScope | None = None  # set while its slot waits for a job
+        self.exited = False  # set by its watcher once the process is gone
         self._stdin = stdin
         self._stdout = stdout
         self._buffer = bytearray()
@@ -699,6 +701,11 @@ class _Worker:
 
     def poll(self) -> int | None:
         return self._popen.poll()
+
+    def gone(self) -> bool:
+        """Whether the process is known to have exited (its watcher saw it, or it was reaped):
+        no system call, unlike ``poll``, for the checks a slot makes around every job."""
+        return self.exited or self._popen.returncode is not None
 
     def kill(self) -> None:
         if self._popen.poll() is None:
