@@ -104,7 +104,7 @@ class BusConfig:
     delivery_limit: int = field(default=20, metadata=_key(lo=1, hi=1000))
     beat_interval_seconds: float = field(default=1.0, metadata=_key(lo=0.05, hi=60))
     beat_timeout_seconds: float = field(default=5.0, metadata=_key(lo=0.2, hi=600))
-    forward_ahead: float = field(default=1.0, metadata=_key(
+    forward_ahead: float = field(default=2.0, metadata=_key(
         lo=0, hi=16, doc="short tasks an An may forward to a Ki beyond its free slots, per slot (0: only into free slots)"))
     forward_ahead_age_seconds: float = field(default=0.5, metadata=_key(
         lo=0, hi=3600, doc="no forwarding ahead to a Ki whose oldest task in hand is older than this"))

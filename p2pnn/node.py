@@ -19,6 +19,7 @@ Where roles come from:
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -239,6 +240,8 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         runner = KiRunner(
             node_id=ident.node_id, store=store, bus=bus, pool=pool, metrics=metrics,
             lease_seconds=config.compute.lease_seconds, queue=ki_queue(ident.node_id) if fanout else TASKS,
+            # What an An may forward beyond free slots is taken and claimed ahead (a Ki's own queue only).
+            take_ahead=math.ceil(pool.slots * config.bus.forward_ahead) if fanout else 0,
         )
         service = TaskService(
             store, bus, limits=limits_of(config), max_attempts=config.compute.max_attempts,

@@ -38,6 +38,7 @@ connection are dropped, since the broker delivers those messages again.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import queue as queue_mod
@@ -97,6 +98,9 @@ class AmqpSettings:
         return params
 
 
+_JSON = pika.BasicProperties(content_type="application/json")
+
+
 class _Batch:
     """One confirmed publish, as trio waits for it."""
 
@@ -107,11 +111,25 @@ class _Batch:
         self.done = trio.Event()
 
 
+class _Fanout:
+    """Where a topic's messages go on this node: every subscriber's channel (a full one misses it)."""
+
+    def __init__(self) -> None:
+        self.sends: list[trio.MemorySendChannel] = []
+
+    def send_nowait(self, message: dict[str, Any]) -> None:
+        for send in list(self.sends):
+            try:
+                send.send_nowait(message)
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+
+
 @dataclass(eq=False)
 class _Consumer:
     queue: str  # full name, or "" for a topic's server-named queue
     prefetch: int
-    send: trio.MemorySendChannel
+    send: Any  # a queue's trio.MemorySendChannel, or a topic's _Fanout
     topic: str = ""  # exchange name for subscriptions
     ki_queue: bool = False
     channel: Any = None
@@ -142,6 +160,11 @@ class _Link:
         self._on_redelivery = on_redelivery
         self._on_malformed = on_malformed
         self._commands: queue_mod.SimpleQueue[Callable[[], None]] = queue_mod.SimpleQueue()
+        # Hand-offs between the threads are coalesced: one wake-up carries every command (or
+        # callback) queued before it is served, not one each (a pipe write and a loop turn apiece).
+        self._wake_pending = False  # the pika thread has been woken and has not yet started to drain
+        self._to_trio: collections.deque[Callable[[], None]] = collections.deque()
+        self._trio_pending = False  # a flush of _to_trio is scheduled in trio and has not yet started
         self._stopping = threading.Event()
         self.connected = threading.Event()
         self.conn: pika.BlockingConnection | None = None
@@ -161,6 +184,9 @@ class _Link:
 
     def submit(self, fn: Callable[[], None]) -> None:
         self._commands.put(fn)
+        if self._wake_pending:  # the drain that wake-up starts takes this command too
+            return
+        self._wake_pending = True
         conn = self.conn
         if conn is not None:
             try:
@@ -170,13 +196,26 @@ class _Link:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake_pending = False
         self.submit(lambda: None)
 
+    # --- called from the pika thread ---
+
     def to_trio(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in trio, after every ``fn`` handed over before it."""
+        self._to_trio.append(fn)
+        if self._trio_pending:
+            return
+        self._trio_pending = True
         try:
-            self._token.run_sync_soon(fn)
+            self._token.run_sync_soon(self._flush_to_trio)
         except trio.RunFinishedError:
             pass
+
+    def _flush_to_trio(self) -> None:  # in trio
+        self._trio_pending = False  # from here on a new hand-over schedules another flush
+        while self._to_trio:
+            self._to_trio.popleft()()
 
     # --- the thread ---
 
@@ -252,6 +291,7 @@ class _Link:
                 pass
 
     def _drain(self) -> None:
+        self._wake_pending = False  # from here on a new command wakes the thread again
         while True:
             try:
                 fn = self._commands.get_nowait()
@@ -332,7 +372,9 @@ class _Link:
 
     def broadcast(self, exchange: str, body: bytes) -> None:
         if self._bcast is not None:
-            self._bcast.basic_publish(exchange, "", body, properties=pika.BasicProperties(content_type="application/json"))
+            # On the underlying channel, as acks below: the frames go out with the thread's next
+            # poll, several to a write, instead of a blocking flush (a poll loop of its own) each.
+            self._bcast._impl.basic_publish(exchange, "", body, properties=_JSON)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -445,9 +487,9 @@ class _Link:
             return  # from a lost connection or a closed consumer: the broker delivers it again
         c.unacked.discard(tag.delivery_tag)
         if ack:
-            c.channel.basic_ack(tag.delivery_tag)
+            c.channel._impl.basic_ack(tag.delivery_tag)
         else:
-            c.channel.basic_nack(tag.delivery_tag, requeue=True)
+            c.channel._impl.basic_nack(tag.delivery_tag, requeue=True)
 
     def ack_many(self, tags: list[_Tag]) -> None:
         """Ack ``tags``: one ``multiple`` ack per channel when they are every unsettled delivery up to
@@ -461,11 +503,11 @@ class _Link:
         for c, acked in by_consumer.values():
             top = max(acked)
             if all(t in acked for t in c.unacked if t <= top):
-                c.channel.basic_ack(top, multiple=True)
+                c.channel._impl.basic_ack(top, multiple=True)
                 c.unacked -= {t for t in c.unacked if t <= top}
             else:
                 for t in sorted(acked):
-                    c.channel.basic_ack(t)
+                    c.channel._impl.basic_ack(t)
                 c.unacked -= acked
 
     def ensure_ki_queue(self, full_name: str, done: Callable[[str | None], None]) -> None:
@@ -553,6 +595,7 @@ class AmqpBus(TaskBus):
         self._on_redelivery = on_redelivery
         self._on_malformed = on_malformed
         self._link: _Link | None = None
+        self._topics: dict[str, _Consumer] = {}  # topic -> the one consumer its subscribers share
 
     @property
     def link(self) -> _Link:
@@ -638,14 +681,22 @@ class AmqpBus(TaskBus):
 
     @asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
+        # Subscribers of one topic on this node share one broker queue (a node's An and its long
+        # polls both read beats): each message crosses the connection once, however many read it.
         send, receive = trio.open_memory_channel[dict[str, Any]](1000)
-        consumer = _Consumer("", 0, send, topic=self.name(topic))
-        self.link.submit(lambda: self.link.add_consumer(consumer))
+        consumer = self._topics.get(topic)
+        if consumer is None:
+            consumer = self._topics[topic] = _Consumer("", 0, _Fanout(), topic=self.name(topic))
+            self.link.submit(lambda: self.link.add_consumer(consumer))
+        consumer.send.sends.append(send)
         try:
             yield _AmqpSubscription(receive)
         finally:
-            self.link.submit(lambda: self.link.remove_consumer(consumer))
+            consumer.send.sends.remove(send)
             send.close()
+            if not consumer.send.sends:
+                del self._topics[topic]
+                self.link.submit(lambda: self.link.remove_consumer(consumer))
 
     def watch_depth(self, queue: str = TASKS) -> None:
         name = self.name(queue)

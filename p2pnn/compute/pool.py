@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,12 +147,14 @@ class KiPool:
         self._slots = slots
         self._torch_threads = torch_threads
         self._limits = limits
+        self._limits_message = dataclasses.asdict(limits)  # the same for every job
         self._workdir = Path(workdir)
         self._python = python
         self._env = env
         # Unbuffered: execute() blocks until a slot with an idle worker takes the job.
         self._send_request, self._receive_request = trio.open_memory_channel[_Request](0)
         self._workers: list[_Worker | None] = [None] * slots
+        self._nursery: trio.Nursery | None = None
         self._idle = 0
         self._requests: dict[str, list[_Request]] = {}
 
@@ -187,6 +188,7 @@ class KiPool:
         self._workdir.mkdir(parents=True, exist_ok=True)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery  # where each worker's exit watcher runs
                 for index in range(self._slots):
                     await nursery.start(self._serve_slot, index)
                 log.info("pool.ready", slots=self._slots, pids=self.worker_pids())
@@ -367,11 +369,11 @@ class KiPool:
         try:
             while True:
                 request = await self._next_request(worker)
-                if request is not None and worker.poll() is None:
+                if request is not None and not worker.gone():
                     outcome = await self._attempt(worker, request)
                     request.finish(outcome)
                     request = None
-                if worker.poll() is not None:
+                if worker.gone():
                     log.warning("pool.worker_replaced", slot=index, pid=worker.pid, reason=worker.describe_exit())
                     worker.close()
                     self._workers[index] = None
@@ -390,23 +392,30 @@ class KiPool:
                 self._workers[index] = None
 
     async def _next_request(self, worker: _Worker) -> _Request | None:
-        """The next job, or None if the idle worker died first."""
+        """The next job, or None if the idle worker died first (its watcher cancels the wait)."""
         request = None
         self._idle += 1
         self._idle_lot.unpark_all()
         try:
-            async with trio.open_nursery() as nursery:
-
-                async def watch() -> None:
-                    await worker.wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch)
-                request = await self._receive_request.receive()
-                nursery.cancel_scope.cancel()
+            with trio.CancelScope() as worker.idle_scope:
+                if not worker.gone():  # else it died before the scope was there to cancel
+                    request = await self._receive_request.receive()
         finally:
+            worker.idle_scope = None
             self._idle -= 1
         return request
+
+    @staticmethod
+    async def _watch(worker: _Worker) -> None:
+        """For the worker's life: when it exits while idle, stop its slot's wait for a job.
+        One per worker rather than one per job (a task spawned and cancelled for every task)."""
+        try:
+            await worker.wait()
+        except trio.ClosedResourceError:  # closed by its slot, which saw the exit first
+            return
+        worker.exited = True
+        if worker.idle_scope is not None:
+            worker.idle_scope.cancel()
 
     async def _start_worker(self) -> _Worker:
         failures = 0
@@ -436,6 +445,8 @@ class KiPool:
                 await worker.stop(0)
             worker.close()
             raise
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch, worker)
         return worker
 
     # --- one attempt -------------------------------------------------------
@@ -446,7 +457,7 @@ class KiPool:
             return Outcome("cancelled", error="cancelled before it started")
         # Set before the first checkpoint, so a cancel from now on kills this worker.
         request.worker = worker
-        jobdir = self._workdir / f"{_safe_name(job.task_id)}-{job.attempt}-{uuid.uuid4().hex[:8]}"
+        jobdir = self._workdir / f"{_safe_name(job.task_id)}-{job.attempt}-{os.urandom(4).hex()}"
         try:
             # The directory is made only where a file goes in (here, or by a train job's
             # worker): an echo job then costs no filesystem work at all.
@@ -461,7 +472,7 @@ class KiPool:
                 "task_id": job.task_id,
                 "attempt": job.attempt,
                 "spec": job.spec,
-                "limits": dataclasses.asdict(self._limits),
+                "limits": self._limits_message,
                 "workdir": str(jobdir),
                 "model_file": None if model_path is None else str(model_path),
                 "source_spec": job.source_spec,
@@ -497,7 +508,7 @@ class KiPool:
             return Outcome("succeeded", result=reply.get("result"), artifacts=artifacts)
         finally:
             request.worker = None
-            if jobdir.exists():
+            if os.path.exists(jobdir):
                 await trio.to_thread.run_sync(shutil.rmtree, jobdir, True)
 
     async def _converse(
@@ -608,6 +619,8 @@ def _log_stderr(pid: int, data: bytearray) -> None:
 
 
 def _safe_name(task_id: str) -> str:
+    if len(task_id) <= 64 and task_id.isascii() and task_id.replace("-", "").isalnum():
+        return task_id  # a task id as the store makes them (a UUID): nothing to replace
     return re.sub(r"[^A-Za-z0-9_.-]", "_", task_id)[:64] or "task"
 
 
@@ -645,6 +658,8 @@ class _Worker:
 
     def __init__(self, popen: subprocess.Popen[bytes], stdin: trio.lowlevel.FdStream, stdout: trio.lowlevel.FdStream) -> None:
         self._popen = popen
+        self.idle_scope: trio.CancelScope | None = None  # set while its slot waits for a job
+        self.exited = False  # set by its watcher once the process is gone
         self._stdin = stdin
         self._stdout = stdout
         self._buffer = bytearray()
@@ -690,6 +705,11 @@ class _Worker:
 
     def poll(self) -> int | None:
         return self._popen.poll()
+
+    def gone(self) -> bool:
+        """Whether the process is known to have exited (its watcher saw it, or it was reaped):
+        no system call, unlike ``poll``, for the checks a slot makes around every job."""
+        return self.exited or self._popen.returncode is not None
 
     def kill(self) -> None:
         if self._popen.poll() is None:

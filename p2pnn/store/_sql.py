@@ -923,14 +923,16 @@ def _claim(db: Db, tid: str, worker: str, now: float, lease_seconds: float, move
     # (each sees the latest committed row), and pending -> queued happens only once.
     # progress belongs to an attempt: a new attempt starts without one.
     for before in (State.QUEUED.value, State.PENDING.value, State.QUEUED.value):
-        task = _updated_task(
-            db,
-            tid,
+        row = db.one(
             "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?, "
-            "lease_expires_at = {now} + ?, started_at = ?, updated_at = ?, progress = NULL WHERE id = ? AND state = ?",
+            "lease_expires_at = {now} + ?, started_at = ?, updated_at = ?, progress = NULL WHERE id = ? AND state = ? "
+            f"RETURNING {TASK_COLUMNS}",
             (worker, lease_seconds, now, now, tid, before),
         )
-        if task is not None:
+        if row is not None:
+            task = task_from_row(row)
+            if task.attempts > 1:  # only an earlier attempt can have left artifacts (a checkpoint)
+                task = task_from_row(row, _artifact_names(db, tid))
             moves.append((task.kind, before, State.RUNNING.value))
             return task
     return None

@@ -22,8 +22,10 @@ message TTL stop counting (the broker has dead-lettered them back to the
 shared queue by then).
 
 ``ahead`` (credit ahead, ``slots x forward_ahead``) keeps slots busy: a slot
-that frees finds its next task already in its Ki's queue instead of waiting
-for a beat to reach the An and a forward to come back. Only tasks known to
+that frees finds its next task already in its Ki's hands (taken and claimed
+ahead, see KiRunner) instead of waiting for a beat to reach the An and a
+forward to come back; it also covers the up to BEAT_BUSY_GAP a busy Ki's
+beats are coalesced over. Only tasks known to
 be short (``needs["short"]``) are sent ahead, and only to a Ki whose tasks in
 hand are all known to be short and younger than ``ahead_age``, so no task
 waits behind a long one; ``pick`` looks at free slots first, so an idle slot

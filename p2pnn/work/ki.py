@@ -54,6 +54,11 @@ STORE_RETRY_FIRST = 0.25  # first pause before a store write of an outcome is tr
 STORE_RETRY_MAX = 4.0  # longest pause between two tries
 HANDBACK_SECONDS = 8.0  # how long handing one task back (release, publish, confirm) may take
 BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
+# While tasks are in hand, a change that leaves the An's picture good enough (a short task taken,
+# one finished with others still running) waits up to this long for the next beat: the An's
+# credit ahead covers the gap, and each beat costs a publish and a delivery to every subscriber.
+# A Ki that runs dry, or takes a task not known to be short, beats at once.
+BEAT_BUSY_GAP = 0.010
 FINISHED_PER_BEAT = 256  # task ids a beat names as finished; beyond that, waiters learn it from the store
 MAX_GROUP = 64  # claims and results in one transaction; bounds how long the row locks are held
 # Scheduler turns a woken committer lets pass before it takes what is waiting: a freed slot's
@@ -65,6 +70,21 @@ class _Waiter:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.value: Any = None
+
+
+class _Lease:
+    """What ends a running attempt's lease keeper: most attempts end before their first renewal,
+    and the keeper then returns on its own instead of being cancelled (an exception through its
+    frames, for every task)."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.renewing: trio.CancelScope | None = None
+
+    def end(self) -> None:
+        self.done.set()
+        if self.renewing is not None:  # a renewal in flight is not waited for
+            self.renewing.cancel()
 
 
 class GroupCommit:
@@ -135,6 +155,15 @@ class KiRunner:
     back-off for up to a lease; after that the task is handed back (or its
     lease lapses). No store or bus error ends ``run``.
 
+    Claim ahead: with ``take_ahead`` > 0 (a Ki's own queue, where its An
+    forwards short tasks beyond its free slots) up to ``slots + take_ahead``
+    deliveries are taken; a task known to be short is claimed as soon as it
+    arrives, in the same commit as whatever else is waiting, and then waits in
+    hand for a slot, so a slot that frees starts its next task without a store
+    round trip first. Any other task waits for a slot before it is claimed, as
+    without claim ahead. A short task waits at most for the short ones ahead
+    of it; one claimed and still waiting when the runner stops is handed back.
+
     ``in_hand`` (deliveries taken and not yet finished) and ``received`` (per
     forwarding An) are what a Ki's beat reports; ``on_change`` is called
     whenever they change.
@@ -150,10 +179,12 @@ class KiRunner:
         metrics: Metrics,
         lease_seconds: float,
         queue: str = TASKS,
+        take_ahead: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.node_id = node_id
         self.queue = queue
+        self.take_ahead = take_ahead
         self.store = store
         self.bus = bus
         self.pool = pool
@@ -188,29 +219,41 @@ class KiRunner:
         if not self.pool.slots:  # slots = 0: this node runs no tasks
             task_status.started()
             await trio.sleep_forever()
-        # One semaphore per run: a permit taken while waiting for a delivery when the role stopped
-        # dies with this run instead of shrinking the next one.
-        slots = trio.Semaphore(self.pool.slots)
+        # One pair of semaphores per run: a permit taken while waiting for a delivery when the role
+        # stopped dies with this run instead of shrinking the next one.
+        slots = trio.Semaphore(self.pool.slots)  # tasks running (or about to)
+        hand = trio.Semaphore(self.pool.slots + self.take_ahead)  # deliveries taken and not yet done
         # A committer per run too: a request left by a stopped run is not applied by the next one.
         self._commits = GroupCommit(self.store, self._clock)
-        async with self.bus.consume(self.queue, prefetch=self.pool.slots) as inbox, trio.open_nursery() as nursery:
+        prefetch = self.pool.slots + self.take_ahead
+        async with self.bus.consume(self.queue, prefetch=prefetch) as inbox, trio.open_nursery() as nursery:
             await nursery.start(self._commits.run)
             task_status.started()
             while True:
-                await slots.acquire()
+                await hand.acquire()
                 delivery = await inbox.receive()
                 self.in_hand += 1
                 self._in_hand_since[id(delivery)] = time.monotonic()
-                if not (delivery.headers.get("needs") or {}).get("short"):
+                short = bool((delivery.headers.get("needs") or {}).get("short"))
+                if not short:
                     self._long_in_hand.add(id(delivery))
                 an = str(delivery.headers.get("an", ""))
                 # A group's part counts as its ranks: the An reserved that many slots for it.
                 self.received[an] = self.received.get(an, 0) + _group_of(delivery).get("ranks", 1)
-                self.on_change()
-                nursery.start_soon(self._handle, inbox, delivery, slots)
+                if not short:  # a short task taken changes no An's count of free room (busy +1, in flight -1)
+                    self.on_change()
+                nursery.start_soon(self._handle, inbox, delivery, hand, slots, short)
 
-    async def _handle(self, inbox: Inbox, delivery: Delivery, slots: trio.Semaphore) -> None:
+    async def _handle(
+        self, inbox: Inbox, delivery: Delivery, hand: trio.Semaphore, slots: trio.Semaphore, short: bool
+    ) -> None:
         freed = False
+        has_slot = False
+
+        async def take_slot() -> None:
+            nonlocal has_slot
+            await slots.acquire()
+            has_slot = True
 
         def free_slot() -> None:
             nonlocal freed
@@ -219,16 +262,21 @@ class KiRunner:
                 self.in_hand -= 1
                 self._in_hand_since.pop(id(delivery), None)
                 self._long_in_hand.discard(id(delivery))
-                slots.release()
+                if has_slot:
+                    slots.release()
+                hand.release()
                 self.on_change()
 
         group = _group_of(delivery)
         try:
             if group.get("first", 0) > 0:
                 # Ranks of a group whose rank 0 runs on another Ki: that Ki holds the task's lease.
+                await take_slot()
                 await inbox.ack(delivery)
                 await self._join_group(delivery.task_id, group, free_slot)
                 return
+            if not (short and self.take_ahead):
+                await take_slot()  # claimed only once it can run
             try:
                 task = await self._claim(delivery.task_id)
             except StoreError as exc:
@@ -240,7 +288,7 @@ class KiRunner:
             # From here the lease, not the message, covers the task: a run may outlast any broker timeout.
             await inbox.ack(delivery)
             if task is not None:
-                await self._execute(task, free_slot, group)
+                await self._execute(task, free_slot, group, None if has_slot else take_slot)
             else:  # taken elsewhere, cancelled or finished meanwhile: a duplicate message
                 self.metrics.stale_deliveries.inc()
         finally:
@@ -252,26 +300,34 @@ class KiRunner:
         return await self._commits.submit(ClaimOp(task_id, self.node_id, self.lease_seconds))
 
     async def _execute(
-        self, task: Task, worker_free: Callable[[], None] = lambda: None, group: dict[str, Any] | None = None
+        self,
+        task: Task,
+        worker_free: Callable[[], None] = lambda: None,
+        group: dict[str, Any] | None = None,
+        take_slot: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
-        so the next task can be taken while this one's outcome is being recorded."""
+        so the next task can be taken while this one's outcome is being recorded. ``take_slot``
+        (a task claimed ahead) is awaited first; cancelled there, the attempt is handed back."""
         attempt = task.attempts
         self.running[task.id] = attempt
-        self.metrics.dispatched.labels(kind=task.kind).inc()
-        log.info("task.started", task_id=task.id, kind=task.kind, attempt=attempt)
-        started = self._clock()
         recorded = False
         try:
+            if take_slot is not None:
+                await take_slot()
+            self.metrics.dispatched.labels(kind=task.kind).inc()
+            log.info("task.started", task_id=task.id, kind=task.kind, attempt=attempt)
+            started = self._clock()
             try:
                 job = await self._retrying("job", lambda: self._job(task, attempt))
                 if job is not None:
                     if task.kind == "sweep":
                         worker_free()  # a sweep's coordinator needs no worker: its slot takes the next task
+                    lease = _Lease()
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._keep_lease, task.id, attempt)
+                        nursery.start_soon(self._keep_lease, task.id, attempt, lease)
                         outcome = await self._run(task, attempt, job, group or {})
-                        nursery.cancel_scope.cancel()
+                        lease.end()
                     # At shutdown the pool may stop the worker before we see the cancellation:
                     # that outcome is the shutdown's, not the task's, so hand the task back instead.
                     await trio.lowlevel.checkpoint_if_cancelled()
@@ -482,16 +538,19 @@ class KiRunner:
         except StoreError as exc:  # progress is best-effort; the result is what must land
             log.warning("store.progress_failed", task_id=task_id, error=str(exc))
 
-    async def _keep_lease(self, task_id: str, attempt: int) -> None:
-        """Renew the lease; stop the task when the lease is lost or a cancel was requested.
+    async def _keep_lease(self, task_id: str, attempt: int, lease: _Lease) -> None:
+        """Renew the lease until ``lease.end()``; stop the task when the lease is lost or a cancel was requested.
 
         Each renewal runs under a deadline of a third of the lease, so a stalled
         store cannot hold it past the point where the next one is due."""
         period = self.lease_seconds / RENEWALS_PER_LEASE
         while True:
-            await trio.sleep(period)
-            held, task, answered = False, None, False
             with trio.move_on_after(period):
+                await lease.done.wait()
+            if lease.done.is_set():
+                return
+            held, task, answered = False, None, False
+            with trio.move_on_after(period) as lease.renewing:
                 try:
                     held = await self.store.renew(
                         task_id, worker=self.node_id, attempt=attempt, now=self._clock(), lease_seconds=self.lease_seconds
@@ -500,6 +559,9 @@ class KiRunner:
                     answered = True
                 except StoreError as exc:
                     log.warning("store.renew_failed", task_id=task_id, error=str(exc))
+            lease.renewing = None
+            if lease.done.is_set():
+                return
             if not answered:  # the store failed or stalled: try again; the lease has two more periods
                 self.metrics.transient_faults.labels(component="store", operation="renew").inc()
                 continue
@@ -584,6 +646,8 @@ class KiAgent:
         self.boot = uuid.uuid4().hex[:12]  # tells an An that counters restarted
         self.caps = capabilities()
         self._changed = trio.Event()
+        self._urgent = trio.Event()  # a change that should not wait out BEAT_BUSY_GAP
+        self._long_beaten = 0  # long_in_hand as of the last beat
         self._finished: collections.deque[str] = collections.deque(maxlen=FINISHED_PER_BEAT)
         runner.on_change = self._on_change
         local = runner.on_finished
@@ -612,9 +676,13 @@ class KiAgent:
 
     def _on_change(self) -> None:
         self._changed.set()
+        r = self.runner
+        if r.in_hand + r.group_ranks == 0 or r.long_in_hand > self._long_beaten:
+            self._urgent.set()
 
     def beat(self) -> dict[str, Any]:
         r = self.runner
+        self._long_beaten = r.long_in_hand
         return {
             "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand + r.group_ranks,
             "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
@@ -630,11 +698,14 @@ class KiAgent:
 
     async def _beat_loop(self) -> None:
         while True:
-            self._changed = trio.Event()
+            self._changed, self._urgent = trio.Event(), trio.Event()
             await self.bus.broadcast(BEATS, self.beat())
+            busy_until = trio.current_time() + BEAT_BUSY_GAP
             with trio.move_on_after(self.beat_interval):
                 await self._changed.wait()
             await trio.sleep(BEAT_MIN_GAP)
+            with trio.move_on_at(busy_until):
+                await self._urgent.wait()
 
     async def _listen_for_cancels(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with self.bus.subscribe(CANCEL) as cancels:
