@@ -232,3 +232,22 @@ async def test_malformed_bodies_are_dropped_and_counted_without_a_reconnect(amqp
         assert delivery.task_id == "good" and dropped == ["tasks"] * 5
         assert bus.link.generation == generation, "a bad body must not cost the connection"
         nursery.cancel_scope.cancel()
+
+
+async def test_what_waits_in_a_stopped_kis_queue_goes_to_the_shared_queue_at_once(amqp_url):
+    async with trio.open_nursery() as nursery:
+        bus = await _started(nursery, _bus(amqp_url, ki_message_ttl=60.0))
+        queue, ids = ki_queue("stopping"), [f"waiting-{i}" for i in range(5)]
+        async with bus.consume(queue, prefetch=1) as inbox:  # the Ki holds one; four wait in its queue
+            await bus.publish(ids, queue=queue, headers={i: {"an": "a1"} for i in ids})
+            with trio.fail_after(20):
+                await inbox.receive()
+        got: list[str] = []
+        async with bus.consume("tasks", prefetch=10) as shared:  # its role stopped: nothing waits out 60 s
+            with trio.fail_after(10):
+                while len(got) < len(ids):
+                    delivery = await shared.receive()
+                    got.append(delivery.task_id)
+                    await shared.ack(delivery)
+        assert sorted(got) == ids
+        nursery.cancel_scope.cancel()

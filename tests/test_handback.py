@@ -237,3 +237,40 @@ async def test_sigterm_of_a_ki_hands_its_running_tasks_back_and_they_run_elsewhe
         assert owners == {swarm.nodes["ki2"].node_id}
     finally:
         swarm.stop_all()
+
+
+async def test_a_stopping_ki_says_so_and_an_an_forwards_it_nothing_more(tmp_path):
+    from p2pnn.bus import BEATS, LocalBus
+    from p2pnn.work import KiAgent
+    from p2pnn.work.an import _KiView
+
+    store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
+    await store.open()
+    bus = LocalBus()
+    pool = KiPool(slots=2, torch_threads=1, limits=Limits(), workdir=tmp_path / "work")
+    runner = KiRunner(node_id=NODE, store=store, bus=bus, pool=pool, metrics=Metrics(), lease_seconds=30)
+    agent = KiAgent(runner=runner, bus=bus, beat_interval=0.2)
+    view, beats = _KiView(NODE), []
+    try:
+        async with bus.subscribe(BEATS) as inbox, trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            role = trio.CancelScope()
+
+            async def ki_role() -> None:
+                with role:
+                    await agent.run()
+
+            nursery.start_soon(ki_role)
+            with trio.fail_after(30):
+                beats.append(await inbox.receive())
+            view.update(beats[-1], "an-1", time.time())
+            assert view.free(time.time(), ttl=30) == 2
+            role.cancel()  # the principal takes the role away
+            with trio.fail_after(5):
+                while beats[-1]["slots"] != 0:
+                    beats.append(await inbox.receive())
+            view.update(beats[-1], "an-1", time.time())
+            assert view.free(time.time(), ttl=30, ahead=2.0, ahead_age=0.5) <= 0  # not even credit ahead
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()

@@ -62,6 +62,8 @@ PUMP_SECONDS = 0.1  # process_data_events slice: bounds the latency of work hand
 BACKOFF_FIRST = 0.2  # first pause before reconnecting
 BACKOFF_MAX = 5.0  # back-off doubles up to this
 QUORUM_SINCE = (3, 10)  # quorum queues with message TTL and at-least-once dead-lettering
+# A stopped Ki hands on what waits in its queue this long at most (what is left waits out its TTL).
+DRAIN_SECONDS, DRAIN_MAX = 2.0, 10_000
 BROADCAST_TTL_MS = 10_000  # a beat or cancel older than this is useless: do not let it pile up
 JOIN_SECONDS = 5.0  # how long shutdown waits for the pika thread to close the connection
 DEPTH_EVERY = 2.0  # how often queue depths are refreshed for metrics
@@ -133,6 +135,7 @@ class _Consumer:
     topic: str = ""  # exchange name for subscriptions
     ki_queue: bool = False
     channel: Any = None
+    tag: str = ""  # the broker's consumer tag on ``channel``
     generation: int = -1
     deliveries: int = 0
     unacked: set[int] = field(default_factory=set)  # delivery tags on this channel not yet settled
@@ -409,13 +412,26 @@ class _Link:
             try:
                 if consumer.ki_queue:
                     # A Ki that stops (its role changed, or it shuts down) consumes its queue no more: what
-                    # it holds unacked is dead-lettered to the shared queue now, for an An to place, instead
-                    # of going back to this queue to wait out the Ki message TTL.
+                    # it holds unacked, and what still waits in its queue, is dead-lettered to the shared
+                    # queue now, for an An to place, instead of waiting out the Ki message TTL.
+                    consumer.channel.basic_cancel(consumer.tag)  # first, or the broker delivers the next
                     consumer.channel.basic_nack(0, multiple=True, requeue=False)
+                    self._hand_on_waiting(consumer)
                 consumer.channel.close()  # anything else unacked goes back to the queue
             except Exception:
                 pass
         consumer.channel = None
+
+    def _hand_on_waiting(self, consumer: _Consumer) -> None:
+        """Dead-letter what waits in a stopped Ki's queue; at most DRAIN_MAX messages, for DRAIN_SECONDS."""
+        ch, deadline = consumer.channel, time.monotonic() + DRAIN_SECONDS
+        for _ in range(DRAIN_MAX):
+            method, _props, _body = ch.basic_get(consumer.queue, auto_ack=False)
+            if method is None:
+                return
+            ch.basic_nack(method.delivery_tag, requeue=False)
+            if time.monotonic() > deadline:
+                return
 
     def _open_consumer(self, consumer: _Consumer) -> None:
         if consumer.ki_queue:
@@ -431,7 +447,7 @@ class _Link:
             return
         ch.basic_qos(prefetch_count=consumer.prefetch)
         gen = self.generation
-        ch.basic_consume(consumer.queue, lambda c, m, p, b: self._on_message(consumer, gen, m, p, b))
+        consumer.tag = ch.basic_consume(consumer.queue, lambda c, m, p, b: self._on_message(consumer, gen, m, p, b))
 
     def _on_message(self, consumer: _Consumer, gen: int, method: Any, props: Any, body: bytes) -> None:
         # Anything may arrive on a queue: a body that is not {"id": str, "headers": {...}} is

@@ -59,6 +59,7 @@ BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this ma
 # credit ahead covers the gap, and each beat costs a publish and a delivery to every subscriber.
 # A Ki that runs dry, or takes a task not known to be short, beats at once.
 BEAT_BUSY_GAP = 0.010
+FAREWELL_SECONDS = 1.0  # how long a stopping Ki tries to send its last beat
 FINISHED_PER_BEAT = 256  # task ids a beat names as finished; beyond that, waiters learn it from the store
 MAX_GROUP = 64  # claims and results in one transaction; bounds how long the row locks are held
 # Scheduler turns a woken committer lets pass before it takes what is waiting: a freed slot's
@@ -690,11 +691,17 @@ class KiAgent:
         }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.runner.run)
-            await nursery.start(self._listen_for_cancels)
-            nursery.start_soon(self._beat_loop)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.runner.run)
+                await nursery.start(self._listen_for_cancels)
+                nursery.start_soon(self._beat_loop)
+                task_status.started()
+        finally:
+            # A last beat with no slots: an An forwards nothing more here at once, rather than until
+            # the beats time out (what it sent meanwhile would wait out the Ki message TTL).
+            with trio.CancelScope(shield=True), trio.move_on_after(FAREWELL_SECONDS):
+                await self.bus.broadcast(BEATS, {**self.beat(), "slots": 0, "busy": 0})
 
     async def _beat_loop(self) -> None:
         while True:
