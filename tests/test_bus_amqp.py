@@ -113,7 +113,8 @@ async def test_consumer_killed_before_ack_gets_its_message_redelivered(amqp_url)
         await bus.publish(["only-one"])
         proc = subprocess.Popen([sys.executable, "-c", CONSUMER, amqp_url], stdout=subprocess.PIPE, text=True)
         try:
-            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            with trio.fail_after(60):  # the consumer process starts, connects and takes the message
+                line = await trio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
             assert line.split() == ["got", "only-one"]
         finally:
             proc.send_signal(signal.SIGKILL)
