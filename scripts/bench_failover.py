@@ -153,8 +153,11 @@ def idle_check(swarm: LocalSwarm, conn: Any, schema: str, seconds: float, hog: i
           f"overlapping lease periods {_overlaps(conn, schema)}", flush=True)
 
 
-async def dht_worker(first: int, count: int, total: int, bootstrap: str, secret: str, rpc_timeout: float) -> None:
-    """Run ``count`` MemberViews (one asyncio loop) and print how many members the least-informed one knows."""
+async def dht_worker(
+    first: int, count: int, total: int, bootstrap: str, secret: str, rpc_timeout: float, gets_after: float
+) -> None:
+    """Run ``count`` MemberViews (one asyncio loop) and print how many members the least-informed one knows;
+    ``gets_after`` seconds after every one of them knows all, time record lookups."""
     cred = SwarmCredential("bench", bytes.fromhex(secret))
     peers = [(h, int(p)) for h, _, p in (b.rpartition(":") for b in bootstrap.split(",") if b)]
     views: list[MemberView] = []
@@ -183,19 +186,21 @@ async def dht_worker(first: int, count: int, total: int, bootstrap: str, secret:
                 print(f"known {least} {RPC_STATS['sent']} {RPC_STATS['timeout']} {time.process_time():.3f}", flush=True)
                 if least >= total and not measured:
                     measured = True
-                    nursery.start_soon(measure_gets, views, cred)
+                    nursery.start_soon(measure_gets, views, cred, gets_after)
                 await trio.sleep(0.2)
 
 
 GETS_PER_PROCESS = 20  # network lookups of random members' records, once every node of the process knows all
+GETS_MARGIN = 3.0  # with --dht-steady, lookups start this long after the steady window (not inside it)
 
 
-async def measure_gets(views: list[MemberView], cred: SwarmCredential) -> None:
+async def measure_gets(views: list[MemberView], cred: SwarmCredential, after: float) -> None:
     """Time record lookups over the network (find_value crawls, as a node without a copy does); print the times."""
     import random
 
     from p2pnn.membership.records import record_key
 
+    await trio.sleep(after)
     times, ok = [], 0
     for _ in range(GETS_PER_PROCESS):
         view = random.choice(views)
@@ -222,7 +227,8 @@ def bench_dht(total: int, processes: int, rpc_timeout: float, steady: float = 0.
 
     def spawn(k: int, bootstrap: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, __file__, "--dht-worker", str(k), str(per[k]), str(total), bootstrap or "-", secret, str(rpc_timeout)],
+            [sys.executable, __file__, "--dht-worker", str(k), str(per[k]), str(total), bootstrap or "-", secret,
+             str(rpc_timeout), str(steady + GETS_MARGIN if steady else 0.0)],
             stdout=subprocess.PIPE, text=True, bufsize=1,
         )
 
@@ -310,12 +316,12 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=0.0,
                         help="before the kills, leave the swarm alone this many seconds and count new terms")
     parser.add_argument("--hog", type=int, default=0, help="busy-looping processes during --idle (a loaded machine)")
-    parser.add_argument("--dht-worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--dht-worker", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dht_worker:
-        first, count, total, bootstrap, secret, rpc_timeout = args.dht_worker
+        first, count, total, bootstrap, secret, rpc_timeout, gets_after = args.dht_worker
         trio.run(dht_worker, int(first), int(count), int(total), "" if bootstrap == "-" else bootstrap, secret,
-                 float(rpc_timeout))
+                 float(rpc_timeout), float(gets_after))
         return
     if args.dht_nodes:
         bench_dht(args.dht_nodes, args.dht_processes, args.dht_rpc_timeout, args.dht_steady)

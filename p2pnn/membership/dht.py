@@ -63,6 +63,9 @@ class TimedProtocol(KademliaProtocol):
     """KademliaProtocol whose RPCs give up after ``rpc_timeout`` seconds instead of rpcudp's fixed 5."""
 
     rpc_timeout = 5.0
+    # Serves the ``members`` RPC (membership gossip): (sender id, sender address, its own entry, its
+    # summary) -> the reply. Set by the DhtNode; None: the RPC is not answered.
+    gossip: Callable[[bytes, tuple[str, int], Any, Any], Any] | None = None
 
     def __init__(self, source_node: Node, storage: Any, ksize: int) -> None:
         super().__init__(source_node, storage, ksize)
@@ -109,6 +112,11 @@ class TimedProtocol(KademliaProtocol):
         else:
             self._misses[node.id] = misses
         return result
+
+    def rpc_members(self, sender: tuple[str, int], nodeid: bytes, own: Any, summary: Any) -> Any:
+        """Membership gossip: the sender's own entry in, the entries it lacks (by its summary) out."""
+        self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
+        return None if self.gossip is None else self.gossip(nodeid, sender, own, summary)
 
     async def _solve_datagram(self, datagram: bytes, address: tuple[str, int]) -> None:
         try:
@@ -188,11 +196,16 @@ class DhtNode:
     them); each call returns what it could find.
     """
 
-    def __init__(self, *, node_id: str, validator: Validator, rpc_timeout: float, ttl: float) -> None:
+    def __init__(
+        self, *, node_id: str, validator: Validator, rpc_timeout: float, ttl: float,
+        gossip: Callable[[bytes, tuple[str, int], Any, Any], Any] | None = None,
+    ) -> None:
+        """``ttl``: how long a stored value is kept after it was last stored; ``gossip``: serves ``members``."""
         self.node_id = node_id
         self.server = _Server(
             node_id=bytes.fromhex(node_id), storage=ValidatingStorage(validator, ttl), rpc_timeout=rpc_timeout
         )
+        self._gossip = gossip
         self._loop: Any = None
 
     async def run(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -210,6 +223,7 @@ class DhtNode:
             await self._aio(self.server.listen, port, host)
             if self.server.transport is None:
                 raise OSError(f"cannot bind the DHT to {host}:{port} (UDP)")
+            self.server.protocol.gossip = self._gossip
             bound = self.server.transport.get_extra_info("sockname")[1]
             task_status.started(bound)
             await trio.sleep_forever()
@@ -300,6 +314,18 @@ class DhtNode:
         answer = await self._aio(self.server.protocol.call_find_value, peer, Node(self.digest(key)), failed=(False, None))
         ok, data = answer
         return data.get("value") if ok and isinstance(data, dict) else None
+
+    async def exchange(self, node_id: str, address: tuple[str, int], own: Any, summary: bytes) -> Any:
+        """One ``members`` RPC to the node at ``address``: its reply, None when it does not answer."""
+        peer = Node(bytes.fromhex(node_id), address[0], address[1])
+        protocol = self.server.protocol
+
+        async def call() -> Any:
+            result = await protocol.members(tuple(address), self.server.node.id, own, summary)
+            return protocol.handle_call_response(result, peer)
+
+        ok, data = await self._aio(call, failed=(False, None))
+        return data if ok else None
 
     def contacts(self) -> dict[str, tuple[str, int]]:
         """Every node in the routing table, and those heard from that did not fit it: id (hex) -> (IP, port).

@@ -1,43 +1,62 @@
-"""MemberView: this node's record, published on an interval, and the records of every member it can find.
+"""MemberView: this node's record and beats, and the records of every member it can find.
 
-Discovery: the kademlia node id of every p2pnn node is its p2pnn node id, so
-every id in the routing table names a record key; those ids, and any ids
-heard of otherwise (the principal's role map), are read every
-``refresh_seconds`` -- from this node's own storage when the copy there is
-recent, else (at most once per member per re-publish interval) from the
-member itself with one find_value RPC to the address in the routing table,
-or by a network lookup for ids without an address -- and kept while their
-records are valid. A record text already
-verified is not verified again (its freshness is).
-Each re-publish stores our record on the k closest nodes of the routing
-table; a lookup of the nodes closest to our record's key (which also tells
-them about us) and a walk towards a random id come with it, backing off to
-every 4th re-publish while the members we know stay the same. The nodes met
-on walks, in k-bucket replacement lists and in the records stored here are
-read too, so a node learns of members its k-buckets have no room for.
+Records and beats: a node signs its record (:mod:`records`) when its content
+changes (roles, term, load, addresses) or its liveness hash chain is about to
+end, and stores it in the DHT under its key (on the k closest nodes; again
+every ``STORE_EVERY`` re-publish intervals, with a lookup of those nodes only
+when the members changed). Between two records it stays alive by *beats*:
+every ``republish_seconds`` the next link of the record's hash chain, which
+only it can make and anyone checks with a few hashes. A member is live until
+``record_ttl_seconds`` after the time of its newest beat this node has
+checked; a record is verified (signature, HMAC) once per version.
+
+Gossip instead of one read per member: every ``refresh_seconds`` a node
+sends the ``members`` RPC to ``GOSSIP_FANOUT`` random members. The request
+carries its own record and beat (so the other side learns of it at once) and
+a summary of what it holds (10 bytes a member: id prefix, record version,
+beat); the reply carries only what is newer there: beats, and the records of
+versions the asker lacks (up to ``REPLY_BYTES``). While replies bring new
+records, the next round follows at once (a node joining a big swarm has all
+records after a few rounds); in steady state a round costs ``GOSSIP_FANOUT``
+RPCs sent and as many served, whatever the swarm's size, and verifies nothing
+but the beats (hashes). Walks towards random ids are gone: a new member
+spreads through the gossip.
+
+Nodes known by id or address but not as members (routing-table contacts, ids
+of the principal's role map) are asked directly with the same RPC, at most
+once per re-publish interval each; ids without an address are looked up in
+the DHT first.
+
+Graceful degradation: on a loaded host a round can time out. A node that has
+heard no gossip reply for a while judges its members as of its last reply
+(at most ``record_ttl_seconds`` back) rather than evicting everyone, and
+backs off (up to ``BACKOFF_MAX`` times the interval) instead of piling up
+RPCs; unanswered RPCs evict a contact only at the second miss in a row
+(dht.py).
 
 The DHT addresses of the members last seen are kept in a small file in the
 data directory (``dht-peers.json``) and added to the bootstrap peers at the
 next start, so a node that comes back after its configured bootstrap peer
 died still finds the swarm.
 
-Healing: a partition expires records on both sides, and Kademlia drops the
+Healing: a partition lapses members on both sides, and Kademlia drops the
 unreachable from its routing tables, so neither side would look for the other
-again. Every ``HEAL_SECONDS`` a node that misses members (records that
-expired, for ``FORMER_SECONDS``) or has an empty
-routing table pings the last addresses of those members, the configured
-bootstrap peers, the saved peers (``dht-peers.json``, read again each
-time) and the members recorded in the store that it has no record of (read
-then, and every ``RECORDED_EVERY`` otherwise); whoever answers is back in
-the routing table, and the next refresh reads its record.
+again. Every ``HEAL_SECONDS`` a node that misses members (lapsed, for
+``FORMER_SECONDS``) or has an empty routing table pings the last addresses of
+those members, the configured bootstrap peers, the saved peers
+(``dht-peers.json``, read again each time) and the members recorded in the
+store that it has no record of (read then, and every ``RECORDED_EVERY``
+otherwise); whoever answers is back in the routing table, and the next
+round reads its record and beats.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
-import secrets
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -50,25 +69,42 @@ from p2pnn.config import DhtConfig
 from p2pnn.credential import SwarmCredential
 from p2pnn.identity import Identity
 from p2pnn.membership.dht import DhtNode
-from p2pnn.membership.records import NodeRecord, RecordError, read_record, record_key, sign_record
+from p2pnn.membership.records import (
+    CHAIN_SECONDS, MAX_LINKS, Beat, NodeRecord, RecordError, beat_time, check_beat, dht_digest, make_chain,
+    read_record, record_key, sign_record,
+)
 
 log = logs.get(__name__)
 
-VERIFIED_CACHE_SIZE = 4096  # record texts whose signature and HMAC were checked (an Ed25519 verify is ~0.1 ms)
-CONCURRENT_LOOKUPS = 16  # remote reads of records in flight at once
+VERIFIED_CACHE_SIZE = 4096  # record texts whose signature and HMAC were checked (a full check is ~0.2-0.4 ms)
+CONCURRENT_LOOKUPS = 8  # RPCs to nodes not yet members in flight at once (bounded: a busy host must not pile them up)
+UNKNOWN_PER_ROUND = 8  # nodes not yet members asked directly in one refresh round at most
 PEER_CACHE_SIZE = 32  # DHT addresses remembered for the next start
 LOOKUP_TIMEOUT_FACTOR = 3  # a network lookup gets this many RPC timeouts before it is given up for this round
-WALK_BACKOFF_MAX = 4  # while the members stay the same, lookups back off up to this many re-publish intervals
+GOSSIP_FANOUT = 2  # members pulled from per round: a beat reaches n members in about log3(n) + 2 rounds
+SUMMARY = struct.Struct("!4sIH")  # a member in a gossip summary: id prefix, record version (ms, mod 2^32), beat
+SUMMARY_MAX = 600  # members in one summary at most: the request, own record included, must stay under 8 KiB
+REPLY_BYTES = 16000  # a gossip reply stops adding records here (about 20): one UDP datagram, a few IP fragments
+SOON = 0.05  # seconds before the next round while replies bring new records (joining): catch up quickly
+BACKOFF_MAX = 4  # a node whose rounds go unanswered waits up to this many intervals between rounds
+STORE_EVERY = 6  # re-publish intervals between two stores of an unchanged record in the DHT
+STORED_LIFE = 3  # a stored copy is forgotten STORED_LIFE stores after it was last stored
+CHAIN_SPARE = 2  # a new record is signed when fewer links than this are left in the chain
 HEAL_SECONDS = 2.0  # how often a node looks for members it lost (a healed partition is merged within a few of these)
 FORMER_SECONDS = 600.0  # how long the address of a member whose record expired is still tried
 HEAL_BATCH = 32  # addresses pinged in one re-join round at most
 RECORDED_EVERY = 15.0  # seconds between two reads of the members recorded elsewhere while nothing is missing
 
 
-class MemberView:
-    """Resource handling: ``run`` (nursery.start) joins, publishes and keeps re-reading until cancelled.
+def _stamp(version: float) -> int:
+    """A record version (its timestamp) in 32 bits, for summaries: milliseconds, wrapped."""
+    return int(version * 1000) & 0xFFFFFFFF
 
-    Error handling: invalid records are dropped (counted in ``dropped``), never raised.
+
+class MemberView:
+    """Resource handling: ``run`` (nursery.start) joins, publishes and keeps gossiping until cancelled.
+
+    Error handling: invalid records and beats are dropped (records counted in ``dropped``), never raised.
     """
 
     def __init__(
@@ -98,20 +134,23 @@ class MemberView:
         self._clock = clock
         self.dht = DhtNode(
             node_id=ident.node_id, validator=self._validate, rpc_timeout=config.rpc_timeout_seconds,
-            ttl=config.record_ttl_seconds,
+            ttl=max(config.record_ttl_seconds, STORED_LIFE * STORE_EVERY * config.republish_seconds),
+            gossip=self._serve_members,
         )
         self.members: dict[str, NodeRecord] = {}
+        self._texts: dict[str, str] = {}  # the signed text of each member's record, to pass on
+        self._beats: dict[str, Beat] = {}  # the newest checked beat of each member
         self.dropped = 0
+        self.verified = 0  # full record checks (signature and HMAC) done, for tests and benchmarks
         self._also: set[str] = set()
-        self._looked_up: dict[str, float] = {}
+        self._looked_up: dict[str, float] = {}  # node id -> when a node not yet a member was last asked
         self._verified: dict[Any, NodeRecord] = {}
         self._lookups = trio.CapacityLimiter(CONCURRENT_LOOKUPS)
-        # Nodes met on walks towards random ids: id -> (address, until when it is worth asking).
-        self._walked: dict[str, tuple[tuple[str, int], float]] = {}  # node id -> when its record was last looked up over the network
         self._republish = trio.Event()
-        self._walk_every = 1  # re-publish intervals between two lookups (crawls); doubles while nothing changes
-        self._walk_in = 0  # re-publishes left before the next lookup
-        self._last_seen: frozenset[str] = frozenset()
+        self._chain: list[bytes] = []
+        self._content: NodeRecord | None = None  # our record without its times and chain: what a change is
+        self._heard_at = -math.inf  # when a gossip reply last came (clock)
+        self._stored_seen: frozenset[str] = frozenset()
         self.dht_port = 0
 
     # --- validation, for everything stored here and everything read ---
@@ -121,6 +160,7 @@ class MemberView:
         cache_key = (value, dkey) if isinstance(value, (str, bytes)) else None
         record = self._verified.get(cache_key) if cache_key is not None else None
         if record is None:
+            self.verified += 1
             record = read_record(value, self.cred, now=now, key_digest=dkey)
             if len(self._verified) >= VERIFIED_CACHE_SIZE:
                 self._verified.clear()
@@ -151,15 +191,31 @@ class MemberView:
                 return None
         return record.timestamp
 
+    # --- liveness ---
+
+    def _alive_until(self, record: NodeRecord) -> float:
+        """Until when ``record``'s node counts as live: ``record_ttl_seconds`` after its newest checked beat."""
+        if record.node_id == self.ident.node_id:
+            return math.inf
+        beat = self._beats.get(record.node_id)
+        index = beat.index if beat is not None and beat.version == record.timestamp else 0
+        return min(record.expires_at, beat_time(record, index) + self.config.record_ttl_seconds)
+
+    def _horizon(self) -> float:
+        """The time members are judged live at: now, or (no gossip reply for a while: a loaded or cut-off host)
+        shortly after the last reply, but never more than ``record_ttl_seconds`` ago."""
+        now = self._clock()
+        return max(min(now, self._heard_at + self.config.republish_seconds), now - self.config.record_ttl_seconds)
+
     def record(self, node_id: str) -> NodeRecord | None:
         rec = self.members.get(node_id)
-        if rec is not None and rec.expires_at <= self._clock():
+        if rec is not None and self._alive_until(rec) <= self._horizon():
             return None
         return rec
 
     def live(self) -> list[NodeRecord]:
-        now = self._clock()
-        return [r for r in self.members.values() if r.expires_at > now]
+        horizon = self._horizon()
+        return [r for r in self.members.values() if self._alive_until(r) > horizon]
 
     def learn(self, node_ids: Iterable[str]) -> None:
         """Ids heard of outside the DHT (the role map); read at the next refresh."""
@@ -186,14 +242,172 @@ class MemberView:
             tmp.write_text(json.dumps(peers))
             tmp.replace(self._peer_cache)
 
+    # --- our own record and beats ---
+
+    def _sign(self) -> bool:
+        """Sign a new record of ours when its content changed or its chain is nearly used up; True when signed."""
+        now = self._clock()
+        draft = self._make_record(now, now)
+        content = dataclasses.replace(draft, timestamp=0.0, expires_at=0.0)
+        own = self.members.get(self.ident.node_id)
+        if own is not None and content == self._content and self._own_beat(now).index < own.links - CHAIN_SPARE:
+            return False
+        beat = self.config.republish_seconds
+        links = max(CHAIN_SPARE + 2, min(MAX_LINKS, math.ceil(CHAIN_SECONDS / beat)))
+        self._chain = make_chain(links)
+        record = dataclasses.replace(
+            draft, expires_at=now + links * beat + self.config.record_ttl_seconds, chain=self._chain[-1].hex(),
+            beat=beat, links=links,
+        )
+        self.members[record.node_id] = record
+        self._texts[record.node_id] = sign_record(record, self.ident, self.cred)
+        self._content = content
+        return True
+
+    def _own_beat(self, now: float) -> Beat:
+        own = self.members[self.ident.node_id]
+        index = min(own.links, max(0, int((now - own.timestamp) // own.beat)))
+        return Beat(own.timestamp, index, self._chain[own.links - index])
+
+    async def _store(self, crawl: bool) -> None:
+        own = self.ident.node_id
+        # Bounded by half the re-publish interval rather than an RPC timeout: a store to k nodes under
+        # load takes a while, and cutting it short only delays it to the next store.
+        with trio.move_on_after(self.config.republish_seconds / 2):
+            await self.dht.put(record_key(self.cred.name, own), self._texts[own], crawl=crawl)
+
+    # --- gossip ---
+
+    def _summary(self) -> bytes:
+        """What this node holds, 10 bytes a member: id prefix, record version, beat index."""
+        now = self._clock()
+        parts = []
+        for node_id, rec in self.members.items():
+            if node_id == self.ident.node_id:
+                index = self._own_beat(now).index
+            else:
+                beat = self._beats.get(node_id)
+                index = beat.index if beat is not None and beat.version == rec.timestamp else 0
+            parts.append(SUMMARY.pack(bytes.fromhex(node_id)[:4], _stamp(rec.timestamp), min(index, 0xFFFF)))
+        if len(parts) > SUMMARY_MAX:  # the rest is sent in full by whoever answers: more bytes, still correct
+            parts = random.sample(parts, SUMMARY_MAX)
+        return b"".join(parts)
+
+    def _own_entry(self) -> list[Any]:
+        beat = self._own_beat(self._clock())
+        return [self._texts[self.ident.node_id], beat.index, beat.reveal]
+
+    def _serve_members(self, sender_id: Any, sender: tuple[str, int], own: Any, summary: Any) -> Any:
+        """The ``members`` RPC: take the asker's own entry, answer with what it lacks. Never raises on bad input."""
+        now = self._clock()
+        if self.ident.node_id not in self.members:  # not started yet
+            return None
+        asker = sender_id.hex() if isinstance(sender_id, bytes) and len(sender_id) == 20 else None
+        if asker is not None and isinstance(own, list) and len(own) == 3:
+            text, index, reveal = own
+            if isinstance(text, str) and isinstance(index, int) and isinstance(reveal, bytes):
+                self._merge(asker, None, index, reveal, text, now)
+        held: dict[bytes, tuple[int, int]] = {}
+        if isinstance(summary, bytes):
+            for offset in range(0, min(len(summary), SUMMARY_MAX * SUMMARY.size) - SUMMARY.size + 1, SUMMARY.size):
+                prefix, stamp, index = SUMMARY.unpack_from(summary, offset)
+                held[prefix] = (stamp, index)
+        horizon = self._horizon()
+        beats, records, size, more = [], [], 0, False
+        for node_id, rec in self.members.items():
+            if node_id == asker or self._alive_until(rec) <= horizon:
+                continue
+            raw = bytes.fromhex(node_id)
+            if node_id == self.ident.node_id:
+                beat: Beat | None = self._own_beat(now)
+            else:
+                beat = self._beats.get(node_id)
+                beat = beat if beat is not None and beat.version == rec.timestamp else None
+            index, reveal = (beat.index, beat.reveal) if beat is not None else (0, b"")
+            theirs = held.get(raw[:4])
+            if theirs is None or theirs[0] != _stamp(rec.timestamp):
+                records.append([raw, rec.timestamp, index, reveal, self._texts[node_id]])
+            elif index > theirs[1]:
+                beats.append([raw, rec.timestamp, index, reveal, None])
+                size += 64
+        random.shuffle(records)  # askers that cannot take all get different ones from different members
+        out = beats
+        for entry in records:
+            if size + len(entry[4]) + 64 > REPLY_BYTES:
+                more = True
+                break
+            out.append(entry)
+            size += len(entry[4]) + 64
+        return [more, out]
+
+    def _merge(self, node_id: str, version: float | None, index: int, reveal: bytes, text: str | None,
+               now: float) -> bool:
+        """Take a member's record (``text``, checked once per version) and beat; True when a record was new here.
+
+        ``version``: the record version the beat belongs to (None: the record in ``text``).
+        """
+        if node_id == self.ident.node_id:
+            return False
+        known = self.members.get(node_id)
+        record = known
+        if text is not None and (known is None or version is None or version > known.timestamp):
+            try:
+                fresh = self._check(text, dht_digest(record_key(self.cred.name, node_id)), now)
+            except RecordError as exc:
+                self.dropped += 1
+                log.info("membership.record_dropped", reason=str(exc))
+                return False
+            if known is None or fresh.timestamp > known.timestamp:
+                record = fresh
+        if record is None:
+            return False
+        version = record.timestamp if version is None else version
+        held = self._beats.get(node_id)
+        held = held if held is not None and held.version == record.timestamp else None
+        if version == record.timestamp and index > (held.index if held is not None else 0):
+            beat = Beat(version, index, reveal)
+            if check_beat(record, beat, held, now=now):
+                self._beats[node_id] = beat
+        if record is known or self._alive_until(record) <= self._horizon():
+            return False
+        if known is None:
+            log.info("membership.joined", member=node_id[:12], peer=record.peer)
+        self.members[node_id] = record
+        self._texts[node_id] = text if isinstance(text, str) else self._texts.get(node_id, "")
+        self._also.discard(node_id)
+        self._former.pop(node_id, None)
+        return True
+
+    async def _pull(self, node_id: str, address: tuple[str, int]) -> tuple[bool, bool]:
+        """One gossip exchange with the node at ``address``: (answered, brought new records or has more)."""
+        reply = await self.dht.exchange(node_id, address, self._own_entry(), self._summary())
+        if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)):
+            return False, False
+        now = self._clock()
+        self._heard_at = now
+        news = bool(reply[0])
+        for entry in reply[1]:
+            try:
+                raw, version, index, reveal, text = entry
+                if not (isinstance(raw, bytes) and len(raw) == 20 and isinstance(version, float)
+                        and isinstance(index, int) and isinstance(reveal, bytes)
+                        and (text is None or isinstance(text, str))):
+                    continue
+            except (TypeError, ValueError):
+                continue
+            news = self._merge(raw.hex(), version, index, reveal, text, now) or news
+        return True, news
+
     # --- loops ---
 
     async def run(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self.dht_port = await nursery.start(self.dht.run, host, port)
+            self._sign()
             await self._join()
-            await self._publish()
+            await self._store(crawl=True)
             nursery.start_soon(self._publish_loop)
+            nursery.start_soon(self._gossip_loop)
             nursery.start_soon(self._refresh_loop)
             nursery.start_soon(self._heal_loop)
             task_status.started(self.dht_port)
@@ -205,47 +419,58 @@ class MemberView:
             found = await self.dht.bootstrap(self._bootstrap)
             log.info("dht.joined", via=",".join(f"{h}:{p}" for h, p in self._bootstrap), found=found)
 
-    async def _publish(self, crawl: bool = True) -> None:
-        now = self._clock()
-        record = self._make_record(now, now + self.config.record_ttl_seconds)
-        self.members[record.node_id] = record
-        # Bounded by half the re-publish interval rather than an RPC timeout: a store to k nodes under
-        # load takes a while, and cutting it short is how records expire across a busy swarm.
-        with trio.move_on_after(self.config.republish_seconds / 2):
-            await self.dht.put(
-                record_key(self.cred.name, record.node_id), sign_record(record, self.ident, self.cred), crawl=crawl
-            )
-
     async def _publish_loop(self) -> None:
         next_at = trio.current_time() + self.config.republish_seconds
+        stores_in = STORE_EVERY
         while True:
             with trio.move_on_after(max(0.0, next_at - trio.current_time())):
                 await self._republish.wait()
             self._republish = trio.Event()
-            # The period counts from one publish to the next, whatever the work below takes; a random
-            # tenth shorter, so that nodes started together do not stay in step.
+            # A random tenth shorter, so that nodes started together do not stay in step.
             next_at = trio.current_time() + self.config.republish_seconds * random.uniform(0.9, 1.0)
-            # Lookups (the crawl towards our key before storing, the walk towards a random id) back off
-            # exponentially while the members we know stay the same; otherwise the record goes to the
-            # k closest nodes of the routing table.
-            seen = frozenset(self.members) | frozenset(self.dht.contact_ids())
-            if seen != self._last_seen:
-                self._last_seen, self._walk_every, self._walk_in = seen, 1, 0
-            crawl = self._walk_in <= 0
-            await self._publish(crawl=crawl)
+            signed = self._sign()
+            stores_in -= 1
             self._save_peers()
-            if not crawl:
-                self._walk_in -= 1
+            # A new record, or one stored before the members changed (the nodes closest to its key may be
+            # others now), is stored at once, after a lookup of the nodes closest to its key (which also
+            # tells them about us); an unchanged one every STORE_EVERY intervals on the k closest nodes of
+            # the routing table, which saves the lookup's RPCs.
+            seen = frozenset(self.members)
+            crawl = signed or seen != self._stored_seen
+            if not crawl and stores_in > 0:
                 continue
-            self._walk_in = self._walk_every
-            self._walk_every = min(2 * self._walk_every, WALK_BACKOFF_MAX)
-            walk: dict[str, tuple[str, int]] = {}
+            stores_in = STORE_EVERY
+            self._stored_seen = seen
+            await self._store(crawl=crawl)
+
+    async def _gossip_loop(self) -> None:
+        backoff = 1
+        while True:
+            answered, news = await self.gossip()
+            if news:
+                await trio.sleep(SOON)
+                continue
+            backoff = 1 if answered else min(2 * backoff, BACKOFF_MAX)
+            await trio.sleep(self.config.refresh_seconds * backoff * random.uniform(0.75, 1.25))
+
+    async def gossip(self) -> tuple[bool, bool]:
+        """One round: a ``members`` exchange with up to GOSSIP_FANOUT random members (or contacts, before
+        there are members). Returns (any answered, any brought new records or has more)."""
+        me = self.ident.node_id
+        peers = {r.node_id: tuple(r.dht) for r in self.live() if r.node_id != me}
+        if not peers:
+            peers = {i: a for i, a in self.dht.contacts().items() if i != me}
+        chosen = random.sample(sorted(peers), min(GOSSIP_FANOUT, len(peers)))
+        results: list[tuple[bool, bool]] = []
+
+        async def one(node_id: str) -> None:
             with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
-                walk = await self.dht.crawl(secrets.token_bytes(20))
-            expires = self._clock() + self.config.record_ttl_seconds
-            for node_id, address in walk.items():
-                if node_id != self.ident.node_id:
-                    self._walked[node_id] = (address, expires)
+                results.append(await self._pull(node_id, peers[node_id]))
+
+        async with trio.open_nursery() as nursery:
+            for node_id in chosen:
+                nursery.start_soon(one, node_id)
+        return any(a for a, _ in results), any(n for _, n in results)
 
     async def _heal_loop(self) -> None:
         while True:
@@ -253,7 +478,7 @@ class MemberView:
             await self.heal()
 
     def missing(self) -> dict[str, tuple[str, int]]:
-        """Members this node lost (their records expired, not read since): id -> last DHT address."""
+        """Members this node lost (their records lapsed, not read since): id -> last DHT address."""
         now = self._clock()
         self._former = {i: (a, until) for i, (a, until) in self._former.items() if until > now and i not in self.members}
         return {i: a for i, (a, _) in self._former.items()}
@@ -295,68 +520,39 @@ class MemberView:
             await trio.sleep(self.config.refresh_seconds * random.uniform(0.75, 1.25))
 
     async def refresh(self) -> None:
-        """Re-read the record of every node we know of; forget the expired ones."""
-        now = self._clock()
-        self._walked = {i: (a, until) for i, (a, until) in self._walked.items() if until > now}
-        # The records stored here name members too (with their DHT address): the k closest nodes to a
-        # member's key hold a copy, so they know it even when no k-bucket or walk has it.
-        held = {}
-        for dkey, value in self.dht.stored():
-            try:
-                rec = self._check(value, dkey, now)
-            except RecordError:
-                continue
-            held[rec.node_id] = tuple(rec.dht)
-        contacts = {**held, **{i: a for i, (a, _) in self._walked.items()}, **self.dht.contacts()}
-        ids = (set(contacts) | self._also | set(self.members)) - {self.ident.node_id}
-        async with trio.open_nursery() as nursery:
-            for node_id in ids:
-                nursery.start_soon(self._read, node_id, contacts.get(node_id))
+        """Lapse the members whose beats stopped; ask the nodes known but not yet members (a few a round)."""
+        horizon = self._horizon()
         now = self._clock()
         for node_id, rec in list(self.members.items()):
-            if rec.expires_at <= now and node_id != self.ident.node_id:
+            if node_id != self.ident.node_id and self._alive_until(rec) <= horizon:
                 del self.members[node_id]
-                self._looked_up.pop(node_id, None)
+                self._texts.pop(node_id, None)
                 self._former[node_id] = (tuple(rec.dht), now + FORMER_SECONDS)
                 log.info("membership.expired", member=node_id[:12])
+        self._beats = {i: b for i, b in self._beats.items() if i in self.members or i in self._former}
+        contacts = self.dht.contacts()
+        due = [i for i in (set(contacts) | self._also) - set(self.members) - {self.ident.node_id}
+               if now - self._looked_up.get(i, -math.inf) >= self.config.republish_seconds]
+        if len(self._looked_up) > 4 * VERIFIED_CACHE_SIZE:
+            self._looked_up = {i: t for i, t in self._looked_up.items() if now - t < self.config.republish_seconds}
+        async with trio.open_nursery() as nursery:
+            for node_id in random.sample(due, min(UNKNOWN_PER_ROUND, len(due))):
+                self._looked_up[node_id] = now
+                nursery.start_soon(self._read, node_id, contacts.get(node_id))
 
     async def _read(self, node_id: str, address: tuple[str, int] | None) -> None:
-        key = record_key(self.cred.name, node_id)
-        dkey = self.dht.digest(key)
-        now = self._clock()
-        # Only the copy held here: a network lookup for every record not stored here, every refresh,
-        # was most of the DHT traffic. The remote read below is at most once per re-publish interval.
-        record = self._parse(self.dht.local(key), dkey, now)
-        known = self.members.get(node_id)
-        newest = max((r for r in (record, known) if r is not None), key=lambda r: r.timestamp, default=None)
-        stale = newest is None or newest.timestamp < now - 2 * self.config.republish_seconds
-        # At most one remote read per node per re-publish interval (a record is not newer before then),
-        # a few at a time: asked of the node itself (one RPC), else looked up (a crawl, several RPCs).
-        due = now - self._looked_up.get(node_id, -math.inf) >= self.config.republish_seconds
-        if stale and due:
-            self._looked_up[node_id] = now
-            async with self._lookups:
-                with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
-                    if address is None and known is not None:
-                        address = known.dht
-                    if address is not None:
-                        value = await self.dht.ask(node_id, address, key)
-                    else:
-                        value = await self.dht.get(key, network=True)
-                    fresher = self._parse(value, dkey, now)
-                    if fresher is not None and (record is None or fresher.timestamp > record.timestamp):
-                        record = fresher
-            if known is not None and (record is None or record.timestamp <= known.timestamp):
-                # No newer copy of a member's record close to expiry (a reply lost on a busy host):
-                # try again at the next refresh rather than a re-publish interval later, after it expired.
-                self._looked_up.pop(node_id, None)
-        if record is None:
-            return
-        if known is None or record.timestamp >= known.timestamp:
-            if known is None:
-                log.info("membership.joined", member=node_id[:12], peer=record.peer)
-                self._also.discard(node_id)
-            self.members[node_id] = record
+        """Ask a node that is not a member yet for its record and beat (and all it knows): one ``members`` RPC
+        to its address, looked up in the DHT first when only its id is known."""
+        async with self._lookups:
+            with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
+                if address is None:
+                    key = record_key(self.cred.name, node_id)
+                    value = await self.dht.get(key, network=True)
+                    record = self._parse(value, self.dht.digest(key), self._clock())
+                    if record is None:
+                        return
+                    address = tuple(record.dht)
+                await self._pull(node_id, address)
 
     def _parse(self, value: Any, dkey: bytes, now: float) -> NodeRecord | None:
         if value is None:
