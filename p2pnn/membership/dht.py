@@ -63,9 +63,9 @@ class TimedProtocol(KademliaProtocol):
     """KademliaProtocol whose RPCs give up after ``rpc_timeout`` seconds instead of rpcudp's fixed 5."""
 
     rpc_timeout = 5.0
-    # Serves the ``members`` RPC (membership gossip): (sender id, sender address, its own entry, its
-    # summary) -> the reply. Set by the DhtNode; None: the RPC is not answered.
-    gossip: Callable[[bytes, tuple[str, int], Any, Any], Any] | None = None
+    # Serves the ``members`` RPC (membership gossip): (sender id, sender address, its record, its
+    # summary, beats it passes on) -> the reply. Set by the DhtNode; None: the RPC is not answered.
+    gossip: Callable[[bytes, tuple[str, int], Any, Any, Any], Any] | None = None
 
     def __init__(self, source_node: Node, storage: Any, ksize: int) -> None:
         super().__init__(source_node, storage, ksize)
@@ -113,10 +113,10 @@ class TimedProtocol(KademliaProtocol):
             self._misses[node.id] = misses
         return result
 
-    def rpc_members(self, sender: tuple[str, int], nodeid: bytes, own: Any, summary: Any) -> Any:
-        """Membership gossip: the sender's own entry in, the entries it lacks (by its summary) out."""
+    def rpc_members(self, sender: tuple[str, int], nodeid: bytes, text: Any, summary: Any, beats: Any) -> Any:
+        """Membership gossip: the sender's record and beats in, what it lacks (by its summary) out."""
         self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
-        return None if self.gossip is None else self.gossip(nodeid, sender, own, summary)
+        return None if self.gossip is None else self.gossip(nodeid, sender, text, summary, beats)
 
     async def _solve_datagram(self, datagram: bytes, address: tuple[str, int]) -> None:
         try:
@@ -126,6 +126,8 @@ class TimedProtocol(KademliaProtocol):
 
     async def _accept_request(self, msg_id: bytes, data: Any, address: tuple[str, int]) -> None:
         RPC_STATS["served"] += 1
+        if isinstance(data, list) and data and isinstance(data[0], str):
+            RPC_STATS["served:" + data[0][:16]] += 1
         try:
             await super()._accept_request(msg_id, data, address)
         except Exception as exc:  # noqa: BLE001 - a malformed request, or the socket closed under it
@@ -198,7 +200,7 @@ class DhtNode:
 
     def __init__(
         self, *, node_id: str, validator: Validator, rpc_timeout: float, ttl: float,
-        gossip: Callable[[bytes, tuple[str, int], Any, Any], Any] | None = None,
+        gossip: Callable[[bytes, tuple[str, int], Any, Any, Any], Any] | None = None,
     ) -> None:
         """``ttl``: how long a stored value is kept after it was last stored; ``gossip``: serves ``members``."""
         self.node_id = node_id
@@ -282,6 +284,7 @@ class DhtNode:
             return False
 
         async def store_all() -> bool:
+            RPC_STATS["store"] += len(nearest)
             return any(await asyncio.gather(*(self.server.protocol.call_store(n, dkey, value) for n in nearest)))
 
         return bool(await self._aio(store_all))
@@ -315,13 +318,14 @@ class DhtNode:
         ok, data = answer
         return data.get("value") if ok and isinstance(data, dict) else None
 
-    async def exchange(self, node_id: str, address: tuple[str, int], own: Any, summary: bytes) -> Any:
+    async def exchange(self, node_id: str, address: tuple[str, int], text: str, summary: bytes, beats: bytes) -> Any:
         """One ``members`` RPC to the node at ``address``: its reply, None when it does not answer."""
         peer = Node(bytes.fromhex(node_id), address[0], address[1])
         protocol = self.server.protocol
 
         async def call() -> Any:
-            result = await protocol.members(tuple(address), self.server.node.id, own, summary)
+            RPC_STATS["members"] += 1
+            result = await protocol.members(tuple(address), self.server.node.id, text, summary, beats)
             return protocol.handle_call_response(result, peer)
 
         ok, data = await self._aio(call, failed=(False, None))

@@ -70,7 +70,7 @@ from p2pnn.credential import SwarmCredential
 from p2pnn.identity import Identity
 from p2pnn.membership.dht import DhtNode
 from p2pnn.membership.records import (
-    CHAIN_SECONDS, MAX_LINKS, Beat, NodeRecord, RecordError, beat_time, check_beat, dht_digest, make_chain,
+    CHAIN_SECONDS, MAX_LINKS, Beat, NodeRecord, RecordError, beat_time, check_beat, make_chain,
     read_record, record_key, sign_record,
 )
 
@@ -83,8 +83,11 @@ PEER_CACHE_SIZE = 32  # DHT addresses remembered for the next start
 LOOKUP_TIMEOUT_FACTOR = 3  # a network lookup gets this many RPC timeouts before it is given up for this round
 GOSSIP_FANOUT = 2  # members pulled from per round: a beat reaches n members in about log3(n) + 2 rounds
 SUMMARY = struct.Struct("!4sIH")  # a member in a gossip summary: id prefix, record version (ms, mod 2^32), beat
+BEAT = struct.Struct("!20sdI16s")  # a beat on the wire: node id, record version, index, chain link
 SUMMARY_MAX = 600  # members in one summary at most: the request, own record included, must stay under 8 KiB
 REPLY_BYTES = 16000  # a gossip reply stops adding records here (about 20): one UDP datagram, a few IP fragments
+RUMOR_SENDS = 4  # requests that pass on a beat newly checked here (two rounds): push beside the pull
+REQUEST_BYTES = 7600  # a request (summary, own record, beats passed on) stays under rpcudp's 8 KiB
 SOON = 0.05  # seconds before the next round while replies bring new records (joining): catch up quickly
 BACKOFF_MAX = 4  # a node whose rounds go unanswered waits up to this many intervals between rounds
 STORE_EVERY = 6  # re-publish intervals between two stores of an unchanged record in the DHT
@@ -140,6 +143,10 @@ class MemberView:
         self.members: dict[str, NodeRecord] = {}
         self._texts: dict[str, str] = {}  # the signed text of each member's record, to pass on
         self._beats: dict[str, Beat] = {}  # the newest checked beat of each member
+        # Per member, kept up to date as records and beats come in (live() and every RPC served read them):
+        self._until: dict[str, float] = {}  # until when it counts as live (_alive_until)
+        self._parts: dict[str, bytes] = {}  # its entry in our summary
+        self._rumors: dict[str, int] = {}  # members whose newest beat is still to be passed on: id -> sends left
         self.dropped = 0
         self.verified = 0  # full record checks (signature and HMAC) done, for tests and benchmarks
         self._also: set[str] = set()
@@ -207,15 +214,34 @@ class MemberView:
         now = self._clock()
         return max(min(now, self._heard_at + self.config.republish_seconds), now - self.config.record_ttl_seconds)
 
+    def _admit(self, record: NodeRecord, text: str) -> None:
+        """``record`` (signed as ``text``) is the member's record now."""
+        self.members[record.node_id] = record
+        self._texts[record.node_id] = text
+        self._update(record.node_id)
+
+    def _update(self, node_id: str) -> None:
+        """The member's record or beat changed: its life and its summary entry too."""
+        record = self.members[node_id]
+        self._until[node_id] = self._alive_until(record)
+        beat = self._beats.get(node_id)
+        index = beat.index if beat is not None and beat.version == record.timestamp else 0
+        self._parts[node_id] = SUMMARY.pack(bytes.fromhex(node_id)[:4], _stamp(record.timestamp), min(index, 0xFFFF))
+
+    def _forget(self, node_id: str) -> None:
+        self.members.pop(node_id, None)
+        for cache in (self._texts, self._until, self._parts):
+            cache.pop(node_id, None)
+
     def record(self, node_id: str) -> NodeRecord | None:
         rec = self.members.get(node_id)
-        if rec is not None and self._alive_until(rec) <= self._horizon():
+        if rec is not None and self._until[node_id] <= self._horizon():
             return None
         return rec
 
     def live(self) -> list[NodeRecord]:
-        horizon = self._horizon()
-        return [r for r in self.members.values() if self._alive_until(r) > horizon]
+        horizon, until = self._horizon(), self._until
+        return [r for i, r in self.members.items() if until[i] > horizon]
 
     def learn(self, node_ids: Iterable[str]) -> None:
         """Ids heard of outside the DHT (the role map); read at the next refresh."""
@@ -259,8 +285,7 @@ class MemberView:
             draft, expires_at=now + links * beat + self.config.record_ttl_seconds, chain=self._chain[-1].hex(),
             beat=beat, links=links,
         )
-        self.members[record.node_id] = record
-        self._texts[record.node_id] = sign_record(record, self.ident, self.cred)
+        self._admit(record, sign_record(record, self.ident, self.cred))
         self._content = content
         return True
 
@@ -280,123 +305,137 @@ class MemberView:
 
     def _summary(self) -> bytes:
         """What this node holds, 10 bytes a member: id prefix, record version, beat index."""
-        now = self._clock()
-        parts = []
-        for node_id, rec in self.members.items():
-            if node_id == self.ident.node_id:
-                index = self._own_beat(now).index
-            else:
-                beat = self._beats.get(node_id)
-                index = beat.index if beat is not None and beat.version == rec.timestamp else 0
-            parts.append(SUMMARY.pack(bytes.fromhex(node_id)[:4], _stamp(rec.timestamp), min(index, 0xFFFF)))
+        me = self.ident.node_id
+        own = self._own_beat(self._clock())
+        parts = [p for i, p in self._parts.items() if i != me]
+        parts.append(SUMMARY.pack(bytes.fromhex(me)[:4], _stamp(own.version), min(own.index, 0xFFFF)))
         if len(parts) > SUMMARY_MAX:  # the rest is sent in full by whoever answers: more bytes, still correct
             parts = random.sample(parts, SUMMARY_MAX)
         return b"".join(parts)
 
-    def _own_entry(self) -> list[Any]:
+    def _own_beat_bytes(self) -> bytes:
         beat = self._own_beat(self._clock())
-        return [self._texts[self.ident.node_id], beat.index, beat.reveal]
+        return BEAT.pack(bytes.fromhex(self.ident.node_id), beat.version, beat.index, beat.reveal)
 
-    def _serve_members(self, sender_id: Any, sender: tuple[str, int], own: Any, summary: Any) -> Any:
-        """The ``members`` RPC: take the asker's own entry, answer with what it lacks. Never raises on bad input."""
+    def _rumor_bytes(self, budget: int) -> bytes:
+        """Beats newly checked here, to pass on in a request (each RUMOR_SENDS times), within ``budget`` bytes."""
+        out = []
+        for node_id in list(self._rumors)[: max(0, budget) // BEAT.size]:
+            beat, record = self._beats.get(node_id), self.members.get(node_id)
+            left = self._rumors.pop(node_id) - 1
+            if beat is None or record is None or beat.version != record.timestamp:
+                continue
+            out.append(BEAT.pack(bytes.fromhex(node_id), beat.version, beat.index, beat.reveal))
+            if left > 0:
+                self._rumors[node_id] = left  # to the end of the queue
+        return b"".join(out)
+
+    def _serve_members(self, sender_id: Any, sender: tuple[str, int], text: Any, summary: Any, beats: Any) -> Any:
+        """The ``members`` RPC: take the asker's record and the beats it passes on, answer with what it lacks.
+
+        Error handling: whatever the input, never raises; what does not check out is ignored."""
         now = self._clock()
         if self.ident.node_id not in self.members:  # not started yet
             return None
-        asker = sender_id.hex() if isinstance(sender_id, bytes) and len(sender_id) == 20 else None
-        if asker is not None and isinstance(own, list) and len(own) == 3:
-            text, index, reveal = own
-            if isinstance(text, str) and isinstance(index, int) and isinstance(reveal, bytes):
-                self._merge(asker, None, index, reveal, text, now)
-        held: dict[bytes, tuple[int, int]] = {}
+        self._absorb([text], beats, now)
+        asker = sender_id.hex() if isinstance(sender_id, bytes) else None
+        held: dict[bytes, bytes] = {}  # id prefix -> the asker's summary entry
         if isinstance(summary, bytes):
-            for offset in range(0, min(len(summary), SUMMARY_MAX * SUMMARY.size) - SUMMARY.size + 1, SUMMARY.size):
-                prefix, stamp, index = SUMMARY.unpack_from(summary, offset)
-                held[prefix] = (stamp, index)
-        horizon = self._horizon()
-        beats, records, size, more = [], [], 0, False
+            size = SUMMARY.size
+            for offset in range(0, min(len(summary), SUMMARY_MAX * size) - size + 1, size):
+                held[summary[offset:offset + 4]] = summary[offset:offset + size]
+        me, horizon, until, parts, beats_held = self.ident.node_id, self._horizon(), self._until, self._parts, self._beats
+        beat_out, records, size = [], [], 0
         for node_id, rec in self.members.items():
-            if node_id == asker or self._alive_until(rec) <= horizon:
+            if node_id == asker or until[node_id] <= horizon:
                 continue
-            raw = bytes.fromhex(node_id)
-            if node_id == self.ident.node_id:
+            if node_id == me:
                 beat: Beat | None = self._own_beat(now)
+                part = SUMMARY.pack(bytes.fromhex(me)[:4], _stamp(rec.timestamp), min(beat.index, 0xFFFF))
             else:
-                beat = self._beats.get(node_id)
-                beat = beat if beat is not None and beat.version == rec.timestamp else None
-            index, reveal = (beat.index, beat.reveal) if beat is not None else (0, b"")
-            theirs = held.get(raw[:4])
-            if theirs is None or theirs[0] != _stamp(rec.timestamp):
-                records.append([raw, rec.timestamp, index, reveal, self._texts[node_id]])
-            elif index > theirs[1]:
-                beats.append([raw, rec.timestamp, index, reveal, None])
-                size += 64
+                beat, part = beats_held.get(node_id), parts[node_id]
+            theirs = held.get(part[:4])
+            if theirs == part:  # the asker holds just this: the common case in a steady swarm
+                continue
+            packed = (BEAT.pack(bytes.fromhex(node_id), beat.version, beat.index, beat.reveal)
+                      if beat is not None and beat.version == rec.timestamp and beat.index > 0 else b"")
+            if theirs is None or theirs[4:8] != part[4:8]:
+                records.append((self._texts[node_id], packed))
+            elif packed and beat is not None and beat.index > SUMMARY.unpack(theirs)[2]:
+                beat_out.append(packed)
+                size += len(packed)
         random.shuffle(records)  # askers that cannot take all get different ones from different members
-        out = beats
-        for entry in records:
-            if size + len(entry[4]) + 64 > REPLY_BYTES:
+        texts, more = [], False
+        for text_out, packed in records:
+            if size + len(text_out) + len(packed) > REPLY_BYTES:
                 more = True
                 break
-            out.append(entry)
-            size += len(entry[4]) + 64
-        return [more, out]
+            texts.append(text_out)
+            beat_out.append(packed)
+            size += len(text_out) + len(packed)
+        return [more, texts, b"".join(beat_out)]
 
-    def _merge(self, node_id: str, version: float | None, index: int, reveal: bytes, text: str | None,
-               now: float) -> bool:
-        """Take a member's record (``text``, checked once per version) and beat; True when a record was new here.
+    def _absorb(self, texts: Any, beats: Any, now: float) -> bool:
+        """Take records (checked once per version) and beats from a gossip message; True when a record was new here.
 
-        ``version``: the record version the beat belongs to (None: the record in ``text``).
+        A record is taken only when it (with the beats beside it) shows its node live.
         """
-        if node_id == self.ident.node_id:
-            return False
-        known = self.members.get(node_id)
-        record = known
-        if text is not None and (known is None or version is None or version > known.timestamp):
+        me = self.ident.node_id
+        fresh: dict[str, tuple[NodeRecord, str]] = {}
+        for text in texts[:REPLY_BYTES // 200] if isinstance(texts, list) else ():
+            if not isinstance(text, str):
+                continue
             try:
-                fresh = self._check(text, dht_digest(record_key(self.cred.name, node_id)), now)
+                record = self._check(text, None, now)
             except RecordError as exc:
                 self.dropped += 1
                 log.info("membership.record_dropped", reason=str(exc))
-                return False
-            if known is None or fresh.timestamp > known.timestamp:
-                record = fresh
-        if record is None:
-            return False
-        version = record.timestamp if version is None else version
-        held = self._beats.get(node_id)
-        held = held if held is not None and held.version == record.timestamp else None
-        if version == record.timestamp and index > (held.index if held is not None else 0):
-            beat = Beat(version, index, reveal)
-            if check_beat(record, beat, held, now=now):
-                self._beats[node_id] = beat
-        if record is known or self._alive_until(record) <= self._horizon():
-            return False
-        if known is None:
-            log.info("membership.joined", member=node_id[:12], peer=record.peer)
-        self.members[node_id] = record
-        self._texts[node_id] = text if isinstance(text, str) else self._texts.get(node_id, "")
-        self._also.discard(node_id)
-        self._former.pop(node_id, None)
-        return True
+                continue
+            known = self.members.get(record.node_id)
+            if record.node_id != me and (known is None or record.timestamp > known.timestamp):
+                fresh[record.node_id] = (record, text)
+        if isinstance(beats, bytes):
+            size = BEAT.size
+            for offset in range(0, min(len(beats), REPLY_BYTES) - size + 1, size):
+                raw, version, index, reveal = BEAT.unpack_from(beats, offset)
+                node_id = raw.hex()
+                record = fresh[node_id][0] if node_id in fresh else self.members.get(node_id)
+                if record is None or record.timestamp != version or node_id == me:
+                    continue
+                held = self._beats.get(node_id)
+                held = held if held is not None and held.version == version else None
+                if index <= (held.index if held is not None else 0):
+                    continue
+                beat = Beat(version, index, reveal)
+                if check_beat(record, beat, held, now=now):
+                    self._beats[node_id] = beat
+                    self._rumors[node_id] = RUMOR_SENDS
+                    if node_id not in fresh:
+                        self._update(node_id)
+        news = False
+        horizon = self._horizon()
+        for node_id, (record, text) in fresh.items():
+            if self._alive_until(record) <= horizon:
+                continue
+            if node_id not in self.members:
+                log.info("membership.joined", member=node_id[:12], peer=record.peer)
+            self._admit(record, text)
+            self._also.discard(node_id)
+            self._former.pop(node_id, None)
+            news = True
+        return news
 
     async def _pull(self, node_id: str, address: tuple[str, int]) -> tuple[bool, bool]:
         """One gossip exchange with the node at ``address``: (answered, brought new records or has more)."""
-        reply = await self.dht.exchange(node_id, address, self._own_entry(), self._summary())
-        if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)):
+        text, summary = self._texts[self.ident.node_id], self._summary()
+        beats = self._own_beat_bytes() + self._rumor_bytes(REQUEST_BYTES - len(summary) - len(text))
+        reply = await self.dht.exchange(node_id, address, text, summary, beats)
+        if not (isinstance(reply, list) and len(reply) == 3):
             return False, False
         now = self._clock()
         self._heard_at = now
-        news = bool(reply[0])
-        for entry in reply[1]:
-            try:
-                raw, version, index, reveal, text = entry
-                if not (isinstance(raw, bytes) and len(raw) == 20 and isinstance(version, float)
-                        and isinstance(index, int) and isinstance(reveal, bytes)
-                        and (text is None or isinstance(text, str))):
-                    continue
-            except (TypeError, ValueError):
-                continue
-            news = self._merge(raw.hex(), version, index, reveal, text, now) or news
-        return True, news
+        news = self._absorb(reply[1], reply[2], now)
+        return True, bool(reply[0]) or news
 
     # --- loops ---
 
@@ -405,7 +444,7 @@ class MemberView:
             self.dht_port = await nursery.start(self.dht.run, host, port)
             self._sign()
             await self._join()
-            await self._store(crawl=True)
+            nursery.start_soon(self._store, True)
             nursery.start_soon(self._publish_loop)
             nursery.start_soon(self._gossip_loop)
             nursery.start_soon(self._refresh_loop)
@@ -524,12 +563,12 @@ class MemberView:
         horizon = self._horizon()
         now = self._clock()
         for node_id, rec in list(self.members.items()):
-            if node_id != self.ident.node_id and self._alive_until(rec) <= horizon:
-                del self.members[node_id]
-                self._texts.pop(node_id, None)
+            if node_id != self.ident.node_id and self._until[node_id] <= horizon:
+                self._forget(node_id)
                 self._former[node_id] = (tuple(rec.dht), now + FORMER_SECONDS)
                 log.info("membership.expired", member=node_id[:12])
         self._beats = {i: b for i, b in self._beats.items() if i in self.members or i in self._former}
+        self._rumors = {i: n for i, n in self._rumors.items() if i in self.members}
         contacts = self.dht.contacts()
         due = [i for i in (set(contacts) | self._also) - set(self.members) - {self.ident.node_id}
                if now - self._looked_up.get(i, -math.inf) >= self.config.republish_seconds]
