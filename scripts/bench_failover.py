@@ -283,10 +283,15 @@ def bench_dht(total: int, processes: int, rpc_timeout: float, steady: float = 0.
               f"(from the first start; rpc timeout {rpc_timeout} s, other DHT timings default); {until}", flush=True)
         if steady and min(known) >= total:
             since, sent0, timeouts0, cpu0 = time.monotonic(), sum(sent), sum(timeouts), sum(cpu)
-            lowest = total
+            lowest, window_low, shown = total, total, since
             while time.monotonic() - since < steady:
                 poll()
-                lowest = min(lowest, min(known))
+                lowest, window_low = min(lowest, min(known)), min(window_low, min(known))
+                if time.monotonic() - shown > PROGRESS_SECONDS:
+                    shown = time.monotonic()
+                    print(f"  {shown - since:5.1f} s into the steady state: least-informed node knew {window_low}; "
+                          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+                    window_low = total
             span = time.monotonic() - since
             print(f"  steady state over {steady:.0f} s after convergence: {rates(since, sent0, timeouts0)}; "
                   f"CPU {100 * (sum(cpu) - cpu0) / span / total:.2f} % of a core per node; "

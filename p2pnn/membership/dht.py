@@ -254,6 +254,16 @@ class DhtNode:
             return 0
         return len(await self._aio(self.server.bootstrap, peers, failed=[]))
 
+    async def greet(self, peers: list[tuple[str, int]]) -> int:
+        """Ping ``peers`` and put those that answer in the routing table, without a crawl; returns how many answered."""
+        if not peers:
+            return 0
+        found = await self._aio(lambda: asyncio.gather(*(self.server.bootstrap_node(p) for p in peers)), failed=[])
+        for node in found:
+            if node is not None:
+                self.server.protocol.welcome_if_new(node)
+        return sum(node is not None for node in found)
+
     async def crawl(self, target: bytes | None = None) -> dict[str, tuple[str, int]]:
         """Look up the nodes closest to ``target`` (default: our own id, which also tells them about us).
 

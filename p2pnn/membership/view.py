@@ -15,8 +15,8 @@ sends the ``members`` RPC to ``GOSSIP_FANOUT`` random members. The request
 carries its own record and beat (so the other side learns of it at once) and
 a summary of what it holds (10 bytes a member: id prefix, record version,
 beat); the reply carries only what is newer there: beats, and the records of
-versions the asker lacks (up to ``REPLY_BYTES``). While replies bring new
-records, the next round follows at once (a node joining a big swarm has all
+versions the asker lacks (up to ``REPLY_BYTES``). While a reply says it had
+more records than fit, the next round follows at once (a node joining a big swarm has all
 records after a few rounds); in steady state a round costs ``GOSSIP_FANOUT``
 RPCs sent and as many served, whatever the swarm's size, and verifies nothing
 but the beats (hashes). Walks towards random ids are gone: a new member
@@ -426,7 +426,7 @@ class MemberView:
         return news
 
     async def _pull(self, node_id: str, address: tuple[str, int]) -> tuple[bool, bool]:
-        """One gossip exchange with the node at ``address``: (answered, brought new records or has more)."""
+        """One gossip exchange with the node at ``address``: (answered, it had more records than fit its reply)."""
         text, summary = self._texts[self.ident.node_id], self._summary()
         beats = self._own_beat_bytes() + self._rumor_bytes(REQUEST_BYTES - len(summary) - len(text))
         reply = await self.dht.exchange(node_id, address, text, summary, beats)
@@ -434,8 +434,8 @@ class MemberView:
             return False, False
         now = self._clock()
         self._heard_at = now
-        news = self._absorb(reply[1], reply[2], now)
-        return True, bool(reply[0]) or news
+        self._absorb(reply[1], reply[2], now)
+        return True, bool(reply[0])
 
     # --- loops ---
 
@@ -443,7 +443,7 @@ class MemberView:
         async with trio.open_nursery() as nursery:
             self.dht_port = await nursery.start(self.dht.run, host, port)
             self._sign()
-            await self._join()
+            await self._join(nursery)
             nursery.start_soon(self._store, True)
             nursery.start_soon(self._publish_loop)
             nursery.start_soon(self._gossip_loop)
@@ -451,12 +451,20 @@ class MemberView:
             nursery.start_soon(self._heal_loop)
             task_status.started(self.dht_port)
 
-    async def _join(self) -> None:
+    async def _join(self, nursery: trio.Nursery) -> None:
+        """Ping the bootstrap peers (those that answer are the first contacts: gossip needs no more), then
+        fill the routing table with a lookup of our own id in the background."""
         if not self._bootstrap:
             return
+        answered = 0
         with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
-            found = await self.dht.bootstrap(self._bootstrap)
-            log.info("dht.joined", via=",".join(f"{h}:{p}" for h, p in self._bootstrap), found=found)
+            answered = await self.dht.greet(self._bootstrap)
+        log.info("dht.joined", via=",".join(f"{h}:{p}" for h, p in self._bootstrap), answered=answered)
+        nursery.start_soon(self._crawl_own)
+
+    async def _crawl_own(self) -> None:
+        with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
+            await self.dht.crawl()
 
     async def _publish_loop(self) -> None:
         next_at = trio.current_time() + self.config.republish_seconds
@@ -485,8 +493,8 @@ class MemberView:
     async def _gossip_loop(self) -> None:
         backoff = 1
         while True:
-            answered, news = await self.gossip()
-            if news:
+            answered, more = await self.gossip()
+            if more:
                 await trio.sleep(SOON)
                 continue
             backoff = 1 if answered else min(2 * backoff, BACKOFF_MAX)
@@ -494,7 +502,7 @@ class MemberView:
 
     async def gossip(self) -> tuple[bool, bool]:
         """One round: a ``members`` exchange with up to GOSSIP_FANOUT random members (or contacts, before
-        there are members). Returns (any answered, any brought new records or has more)."""
+        there are members). Returns (any answered, any had more records than fit its reply)."""
         me = self.ident.node_id
         peers = {r.node_id: tuple(r.dht) for r in self.live() if r.node_id != me}
         if not peers:
