@@ -24,8 +24,9 @@ spreads through the gossip.
 
 Nodes known by id or address but not as members (routing-table contacts, ids
 of the principal's role map) are asked directly with the same RPC, at most
-once per re-publish interval each; ids without an address are looked up in
-the DHT first.
+once per re-publish interval each, without our record and beats (a node cut
+off one way must not keep counting us live); ids without an address are
+looked up in the DHT first.
 
 Graceful degradation: on a loaded host a round can time out. A node that has
 heard no gossip reply for a while judges its members as of its last reply
@@ -425,10 +426,19 @@ class MemberView:
             news = True
         return news
 
-    async def _pull(self, node_id: str, address: tuple[str, int]) -> tuple[bool, bool]:
-        """One gossip exchange with the node at ``address``: (answered, it had more records than fit its reply)."""
-        text, summary = self._texts[self.ident.node_id], self._summary()
-        beats = self._own_beat_bytes() + self._rumor_bytes(REQUEST_BYTES - len(summary) - len(text))
+    async def _pull(self, node_id: str, address: tuple[str, int], push: bool = True) -> tuple[bool, bool]:
+        """One gossip exchange with the node at ``address``: (answered, it had more records than fit its reply).
+
+        ``push``: send our record, our beat and the beats to pass on too (to members). A node that is not a
+        member here is only asked: were our beats pushed to it, it would keep counting us live while its
+        replies never reach us (a one-way cut), though we count it out.
+        """
+        summary = self._summary()
+        text: str | None = None
+        beats = b""
+        if push:
+            text = self._texts[self.ident.node_id]
+            beats = self._own_beat_bytes() + self._rumor_bytes(REQUEST_BYTES - len(summary) - len(text))
         reply = await self.dht.exchange(node_id, address, text, summary, beats)
         if not (isinstance(reply, list) and len(reply) == 3):
             return False, False
@@ -507,6 +517,8 @@ class MemberView:
         peers = {r.node_id: tuple(r.dht) for r in self.live() if r.node_id != me}
         if not peers:
             peers = {i: a for i, a in self.dht.contacts().items() if i != me}
+        if not peers:
+            return True, False  # nobody to ask is no reason to back off
         chosen = random.sample(sorted(peers), min(GOSSIP_FANOUT, len(peers)))
         results: list[tuple[bool, bool]] = []
 
@@ -599,7 +611,7 @@ class MemberView:
                     if record is None:
                         return
                     address = tuple(record.dht)
-                await self._pull(node_id, address)
+                await self._pull(node_id, address, push=False)
 
     def _parse(self, value: Any, dkey: bytes, now: float) -> NodeRecord | None:
         if value is None:
