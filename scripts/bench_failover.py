@@ -177,7 +177,11 @@ async def dht_worker(
                 boot = peers or ([("127.0.0.1", views[0].dht_port)] if views else [])
                 view = MemberView(ident=ident, cred=cred, config=DhtConfig(rpc_timeout_seconds=rpc_timeout), bootstrap=boot, make_record=make)
                 views.append(view)
+                began = time.monotonic()
                 await nursery.start(view.run, "127.0.0.1", 0)
+                if os.environ.get("P2PNN_BENCH_DEBUG"):
+                    print(f"worker {first}: node {i} started in {time.monotonic() - began:.2f} s", file=sys.stderr,
+                          flush=True)
                 if first == 0 and i == 0:
                     print(f"port {view.dht_port}", flush=True)
             measured = False

@@ -248,12 +248,6 @@ class DhtNode:
             log.debug("dht.call_failed", call=getattr(fn, "__name__", repr(fn)), error=repr(exc))
             return failed
 
-    async def bootstrap(self, peers: list[tuple[str, int]]) -> int:
-        """Join through ``peers``; returns how many nodes the join crawl found."""
-        if not peers:
-            return 0
-        return len(await self._aio(self.server.bootstrap, peers, failed=[]))
-
     async def greet(self, peers: list[tuple[str, int]]) -> int:
         """Ping ``peers`` and put those that answer in the routing table, without a crawl; returns how many answered."""
         if not peers:

@@ -47,7 +47,9 @@ again. Every ``HEAL_SECONDS`` a node that misses members (lapsed, for
 those members, the configured bootstrap peers, the saved peers
 (``dht-peers.json``, read again each time) and the members recorded in the
 store that it has no record of (read then, and every ``RECORDED_EVERY``
-otherwise); whoever answers is back in the routing table, and the next
+otherwise): HEAL_BATCH of them at random per round, every other round while
+none answers, so that a swarm that lost much (an overloaded host) is not
+flooded with pings; whoever answers is back in the routing table, and the next
 round reads its record and beats.
 """
 
@@ -79,7 +81,7 @@ log = logs.get(__name__)
 
 VERIFIED_CACHE_SIZE = 4096  # record texts whose signature and HMAC were checked (a full check is ~0.2-0.4 ms)
 CONCURRENT_LOOKUPS = 8  # RPCs to nodes not yet members in flight at once (bounded: a busy host must not pile them up)
-UNKNOWN_PER_ROUND = 8  # nodes not yet members asked directly in one refresh round at most
+UNKNOWN_PER_ROUND = 4  # nodes not yet members asked directly in one refresh round at most
 PEER_CACHE_SIZE = 32  # DHT addresses remembered for the next start
 LOOKUP_TIMEOUT_FACTOR = 3  # a network lookup gets this many RPC timeouts before it is given up for this round
 GOSSIP_FANOUT = 2  # members pulled from per round: a beat reaches n members in about log3(n) + 2 rounds
@@ -96,7 +98,8 @@ STORED_LIFE = 3  # a stored copy is forgotten STORED_LIFE stores after it was la
 CHAIN_SPARE = 2  # a new record is signed when fewer links than this are left in the chain
 HEAL_SECONDS = 2.0  # how often a node looks for members it lost (a healed partition is merged within a few of these)
 FORMER_SECONDS = 600.0  # how long the address of a member whose record expired is still tried
-HEAL_BATCH = 32  # addresses pinged in one re-join round at most
+HEAL_BATCH = 4  # addresses pinged in one re-join round at most (a random few: 200 nodes missing 200 must not flood)
+HEAL_BACKOFF_MAX = 2  # rounds that reach nobody stretch the interval up to this many HEAL_SECONDS
 RECORDED_EVERY = 15.0  # seconds between two reads of the members recorded elsewhere while nothing is missing
 
 
@@ -532,9 +535,11 @@ class MemberView:
         return any(a for a, _ in results), any(n for _, n in results)
 
     async def _heal_loop(self) -> None:
+        backoff = 1
         while True:
-            await trio.sleep(HEAL_SECONDS * random.uniform(0.75, 1.25))
-            await self.heal()
+            await trio.sleep(backoff * HEAL_SECONDS * random.uniform(0.75, 1.25))
+            reached = await self.heal()
+            backoff = 1 if reached else min(2 * backoff, HEAL_BACKOFF_MAX)
 
     def missing(self) -> dict[str, tuple[str, int]]:
         """Members this node lost (their records lapsed, not read since): id -> last DHT address."""
@@ -542,7 +547,7 @@ class MemberView:
         self._former = {i: (a, until) for i, (a, until) in self._former.items() if until > now and i not in self.members}
         return {i: a for i, (a, _) in self._former.items()}
 
-    async def heal(self) -> None:
+    async def heal(self) -> bool:
         """Re-join when members are missing or the routing table is empty: ping the configured bootstrap peers,
         the saved peers (``dht-peers.json`` read again) and the last addresses of the missing members.
 
@@ -560,18 +565,21 @@ class MemberView:
                 if node_id != self.ident.node_id and node_id not in self.members and node_id not in contacts:
                     missing[node_id] = address
         if not missing and contacts:
-            return
+            return True
         own = self.members.get(self.ident.node_id)
         known = set(contacts.values()) | ({tuple(own.dht)} if own else set())
         addresses = [a for a in dict.fromkeys([*missing.values(), *self._configured, *self._cached_peers()])
-                     if a not in known][:HEAL_BATCH]
+                     if a not in known]
+        if len(addresses) > HEAL_BATCH:
+            addresses = random.sample(addresses, HEAL_BATCH)
         if not addresses:
-            return
+            return True
         found = 0
         with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
-            found = await self.dht.bootstrap(addresses)
+            found = await self.dht.greet(addresses)
         # Dead members stay "missing" for a while: only a round that reached someone is worth an info line.
         (log.info if found else log.debug)("dht.rejoin", missing=len(missing), pinged=len(addresses), found=found)
+        return found > 0
 
     async def _refresh_loop(self) -> None:
         while True:
