@@ -190,6 +190,9 @@ async def dht_worker(
                 print(f"known {least} {RPC_STATS['sent']} {RPC_STATS['timeout']} {time.process_time():.3f}", flush=True)
                 if os.environ.get("P2PNN_BENCH_DEBUG") and first == 1 and int(time.monotonic()) % 10 == 0:
                     print(f"worker 1: {dict(RPC_STATS)}", file=sys.stderr, flush=True)
+                    for v in views:
+                        print(f"  live {len(v.live())} members {len(v.members)} contacts {len(v.dht.contacts())} "
+                              f"heard {time.time() - v._heard_at:.1f} s ago", file=sys.stderr, flush=True)
                 if least >= total and not measured:
                     measured = True
                     nursery.start_soon(measure_gets, views, cred, gets_after)
