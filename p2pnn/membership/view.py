@@ -2,9 +2,10 @@
 
 Records and beats: a node signs its record (:mod:`records`) when its content
 changes (roles, term, load, addresses) or its liveness hash chain is about to
-end, and stores it in the DHT under its key (on the k closest nodes; again
-every ``STORE_EVERY`` re-publish intervals, with a lookup of those nodes only
-when the members changed). Between two records it stays alive by *beats*:
+end, and stores it in the DHT under its key (on the k closest nodes, after a
+lookup of them); again at the next re-publish interval after the members
+changed (the closest nodes may be others now), else every ``STORE_EVERY``
+intervals without the lookup. Between two records it stays alive by *beats*:
 every ``republish_seconds`` the next link of the record's hash chain, which
 only it can make and anyone checks with a few hashes. A member is live until
 ``record_ttl_seconds`` after the time of its newest beat this node has
@@ -93,7 +94,7 @@ RUMOR_SENDS = 4  # requests that pass on a beat newly checked here (two rounds):
 REQUEST_BYTES = 7600  # a request (summary, own record, beats passed on) stays under rpcudp's 8 KiB
 SOON = 0.05  # seconds before the next round while replies bring new records (joining): catch up quickly
 BACKOFF_MAX = 4  # a node whose rounds go unanswered waits up to this many intervals between rounds
-STORE_EVERY = 6  # re-publish intervals between two stores of an unchanged record in the DHT
+STORE_EVERY = 24  # re-publish intervals between two stores of an unchanged record (members unchanged too) in the DHT
 STORED_LIFE = 3  # a stored copy is forgotten STORED_LIFE stores after it was last stored
 CHAIN_SPARE = 2  # a new record is signed when fewer links than this are left in the chain
 HEAL_SECONDS = 2.0  # how often a node looks for members it lost (a healed partition is merged within a few of these)
