@@ -4,8 +4,8 @@ Records and beats: a node signs its record (:mod:`records`) when its content
 changes (roles, term, load, addresses) or its liveness hash chain is about to
 end, and stores it in the DHT under its key (on the k closest nodes, after a
 lookup of them); again at the next re-publish interval after the members
-changed (the closest nodes may be others now), else every ``STORE_EVERY``
-intervals without the lookup. Between two records it stays alive by *beats*:
+changed (the closest nodes may be others now) and once more ``SETTLE_STORES``
+intervals later, else every ``STORE_EVERY`` intervals without the lookup. Between two records it stays alive by *beats*:
 every ``republish_seconds`` the next link of the record's hash chain, which
 only it can make and anyone checks with a few hashes. A member is live until
 ``record_ttl_seconds`` after the time of its newest beat this node has
@@ -94,6 +94,7 @@ RUMOR_SENDS = 4  # requests that pass on a beat newly checked here (two rounds):
 REQUEST_BYTES = 7600  # a request (summary, own record, beats passed on) stays under rpcudp's 8 KiB
 SOON = 0.05  # seconds before the next round while replies bring new records (joining): catch up quickly
 BACKOFF_MAX = 4  # a node whose rounds go unanswered waits up to this many intervals between rounds
+SETTLE_STORES = 4  # re-publish intervals after a store that followed a change, before it is made once more
 STORE_EVERY = 24  # re-publish intervals between two stores of an unchanged record (members unchanged too) in the DHT
 STORED_LIFE = 3  # a stored copy is forgotten STORED_LIFE stores after it was last stored
 CHAIN_SPARE = 2  # a new record is signed when fewer links than this are left in the chain
@@ -163,6 +164,7 @@ class MemberView:
         self._content: NodeRecord | None = None  # our record without its times and chain: what a change is
         self._heard_at = -math.inf  # when a gossip reply last came (clock)
         self._stored_seen: frozenset[str] = frozenset()
+        self._restore = False  # the last store followed a change: make it once more, SETTLE_STORES intervals later
         self.dht_port = 0
 
     # --- validation, for everything stored here and everything read ---
@@ -497,10 +499,13 @@ class MemberView:
             # tells them about us); an unchanged one every STORE_EVERY intervals on the k closest nodes of
             # the routing table, which saves the lookup's RPCs.
             seen = frozenset(self.members)
-            crawl = signed or seen != self._stored_seen
-            if not crawl and stores_in > 0:
+            changed = signed or seen != self._stored_seen
+            if not changed and stores_in > 0:
                 continue
-            stores_in = STORE_EVERY
+            # A store after a change is made again, with a lookup, SETTLE_STORES intervals later: the
+            # routing tables of a swarm that just grew may not have named the closest nodes yet.
+            crawl, self._restore = changed or self._restore, changed
+            stores_in = SETTLE_STORES if changed else STORE_EVERY
             self._stored_seen = seen
             await self._store(crawl=crawl)
 
