@@ -308,7 +308,7 @@ def bench_dht(total: int, processes: int, rpc_timeout: float, steady: float = 0.
             poll()  # each process times its lookups once all its nodes know every member
         if gets:
             print(f"  record gets over the network (find_value lookups): {len(gets)}, {gets_ok[0]} found "
-                  f"({100 * gets_ok[0] / len(gets):.0f} %), p50 {1000 * statistics.median(gets):.1f} ms, "
+                  f"({100 * gets_ok[0] / len(gets):.1f} %), p50 {1000 * statistics.median(gets):.1f} ms, "
                   f"p99 {1000 * percentile(gets, 0.99):.1f} ms", flush=True)
         return took
     finally:
