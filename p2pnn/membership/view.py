@@ -459,28 +459,24 @@ class MemberView:
         async with trio.open_nursery() as nursery:
             self.dht_port = await nursery.start(self.dht.run, host, port)
             self._sign()
-            await self._join(nursery)
-            nursery.start_soon(self._store, True)
+            await self._join()
             nursery.start_soon(self._publish_loop)
             nursery.start_soon(self._gossip_loop)
             nursery.start_soon(self._refresh_loop)
             nursery.start_soon(self._heal_loop)
             task_status.started(self.dht_port)
 
-    async def _join(self, nursery: trio.Nursery) -> None:
-        """Ping the bootstrap peers (those that answer are the first contacts: gossip needs no more), then
-        fill the routing table with a lookup of our own id in the background."""
+    async def _join(self) -> None:
+        """Ping the bootstrap peers: those that answer are the first contacts, and gossip needs no more. The
+        routing table fills from the gossip (every node heard from is welcomed) and from the lookup before
+        the first store of our record, at the first re-publish interval; a lookup of our own id on top made
+        200 nodes joining at once flood a two-core host."""
         if not self._bootstrap:
             return
         answered = 0
         with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
             answered = await self.dht.greet(self._bootstrap)
         log.info("dht.joined", via=",".join(f"{h}:{p}" for h, p in self._bootstrap), answered=answered)
-        nursery.start_soon(self._crawl_own)
-
-    async def _crawl_own(self) -> None:
-        with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
-            await self.dht.crawl()
 
     async def _publish_loop(self) -> None:
         next_at = trio.current_time() + self.config.republish_seconds
