@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 import trio_asyncio
-from kademlia.crawling import ValueSpiderCrawl
+from kademlia.crawling import NodeSpiderCrawl, ValueSpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
@@ -257,6 +257,20 @@ class DhtNode:
             if node is not None:
                 self.server.protocol.welcome_if_new(node)
         return sum(node is not None for node in found)
+
+    async def crawl(self, target: bytes | None = None) -> dict[str, tuple[str, int]]:
+        """Look up the nodes closest to ``target`` (default: our own id, which also tells them about us).
+
+        Returns the nodes found, id (hex) -> (IP, port): a walk towards random
+        targets reaches nodes a routing table of k-buckets cannot hold at once.
+        """
+        node = Node(target) if target is not None else self.server.node
+        nearest = self.server.protocol.router.find_neighbors(node)
+        if not nearest:
+            return {}
+        spider = NodeSpiderCrawl(self.server.protocol, node, nearest, self.server.ksize, self.server.alpha)
+        found = await self._aio(spider.find, failed=[])
+        return {n.id.hex(): (n.ip, n.port) for n in found}
 
     async def put(self, key: str, value: str, *, crawl: bool = True) -> bool:
         """Store ``value`` on the nodes closest to ``key`` (and here); False when no node took it.

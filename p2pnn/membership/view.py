@@ -468,9 +468,8 @@ class MemberView:
 
     async def _join(self) -> None:
         """Ping the bootstrap peers: those that answer are the first contacts, and gossip needs no more. The
-        routing table fills from the gossip (every node heard from is welcomed) and from the lookup before
-        the first store of our record, at the first re-publish interval; a lookup of our own id on top made
-        200 nodes joining at once flood a two-core host."""
+        routing table fills from the gossip (every node heard from is welcomed) and from the lookups of the
+        first re-publish interval (our own id, our record's key)."""
         if not self._bootstrap:
             return
         answered = 0
@@ -481,12 +480,20 @@ class MemberView:
     async def _publish_loop(self) -> None:
         next_at = trio.current_time() + self.config.republish_seconds
         stores_in = STORE_EVERY
+        # A lookup of our own id tells the nodes closest to it about us and fills that part of our routing
+        # table (record lookups near our id need it): one re-publish interval after the join, not with it,
+        # so that 200 nodes joining at once do not flood a two-core host.
+        looked_up_own = False
         while True:
             with trio.move_on_after(max(0.0, next_at - trio.current_time())):
                 await self._republish.wait()
             self._republish = trio.Event()
             # A random tenth shorter, so that nodes started together do not stay in step.
             next_at = trio.current_time() + self.config.republish_seconds * random.uniform(0.9, 1.0)
+            if not looked_up_own:
+                looked_up_own = True
+                with trio.move_on_after(self.config.rpc_timeout_seconds * LOOKUP_TIMEOUT_FACTOR):
+                    await self.dht.crawl()
             signed = self._sign()
             stores_in -= 1
             self._save_peers()
