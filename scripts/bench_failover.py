@@ -18,6 +18,12 @@
    --dht-processes processes (one asyncio loop each: a single Python process
    cannot serve 50 nodes' RPCs on one core); all join through node 0; time
    from the first start until every one of them has read every other's record.
+   --dht-steady S: then, over S seconds, the RPCs each node sends per second (and
+   how many time out), the CPU per node (the processes' CPU time over the node
+   count: the benchmark's own polling included) and the least-informed node every
+   5 s; after that window each process times 20 record lookups over the network
+   (find_value): success rate, p50, p99. P2PNN_BENCH_DEBUG=1: RPC counts by kind
+   and each view's state on stderr.
 
     .venv/bin/python scripts/bench_failover.py [--kills 20] [--nodes 4] [--dht-nodes 50] [--idle 600 --hog 2]
     (no DHT run without --dht-nodes)
