@@ -175,7 +175,7 @@ class DhtConfig:
     rpc_timeout_seconds: float = field(default=1.0, metadata=_key(lo=0.05, hi=60))
     record_ttl_seconds: float = field(default=15.0, metadata=_key(lo=1, hi=86400))
     republish_seconds: float = field(default=5.0, metadata=_key(lo=0.1, hi=86400))
-    refresh_seconds: float = field(default=1.0, metadata=_key(lo=0.05, hi=3600, doc="how often members are re-read"))
+    refresh_seconds: float = field(default=1.0, metadata=_key(lo=0.05, hi=3600, doc="how often a node gossips membership"))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@
    --dht-processes processes (one asyncio loop each: a single Python process
    cannot serve 50 nodes' RPCs on one core); all join through node 0; time
    from the first start until every one of them has read every other's record.
+   --dht-steady S: then, over S seconds, the RPCs each node sends per second (and
+   how many time out), the CPU per node (the processes' CPU time over the node
+   count: the benchmark's own polling included) and the least-informed node every
+   5 s; after that window each process times 20 record lookups over the network
+   (find_value): success rate, p50, p99. P2PNN_BENCH_DEBUG=1: RPC counts by kind
+   and each view's state on stderr.
 
     .venv/bin/python scripts/bench_failover.py [--kills 20] [--nodes 4] [--dht-nodes 50] [--idle 600 --hog 2]
     (no DHT run without --dht-nodes)
@@ -153,8 +159,11 @@ def idle_check(swarm: LocalSwarm, conn: Any, schema: str, seconds: float, hog: i
           f"overlapping lease periods {_overlaps(conn, schema)}", flush=True)
 
 
-async def dht_worker(first: int, count: int, total: int, bootstrap: str, secret: str, rpc_timeout: float) -> None:
-    """Run ``count`` MemberViews (one asyncio loop) and print how many members the least-informed one knows."""
+async def dht_worker(
+    first: int, count: int, total: int, bootstrap: str, secret: str, rpc_timeout: float, gets_after: float
+) -> None:
+    """Run ``count`` MemberViews (one asyncio loop) and print how many members the least-informed one knows;
+    ``gets_after`` seconds after every one of them knows all, time record lookups."""
     cred = SwarmCredential("bench", bytes.fromhex(secret))
     peers = [(h, int(p)) for h, _, p in (b.rpartition(":") for b in bootstrap.split(",") if b)]
     views: list[MemberView] = []
@@ -174,28 +183,39 @@ async def dht_worker(first: int, count: int, total: int, bootstrap: str, secret:
                 boot = peers or ([("127.0.0.1", views[0].dht_port)] if views else [])
                 view = MemberView(ident=ident, cred=cred, config=DhtConfig(rpc_timeout_seconds=rpc_timeout), bootstrap=boot, make_record=make)
                 views.append(view)
+                began = time.monotonic()
                 await nursery.start(view.run, "127.0.0.1", 0)
+                if os.environ.get("P2PNN_BENCH_DEBUG"):
+                    print(f"worker {first}: node {i} started in {time.monotonic() - began:.2f} s", file=sys.stderr,
+                          flush=True)
                 if first == 0 and i == 0:
                     print(f"port {view.dht_port}", flush=True)
             measured = False
             while True:
                 least = min(len(v.live()) for v in views)
                 print(f"known {least} {RPC_STATS['sent']} {RPC_STATS['timeout']} {time.process_time():.3f}", flush=True)
+                if os.environ.get("P2PNN_BENCH_DEBUG") and first == 1 and int(time.monotonic()) % 10 == 0:
+                    print(f"worker 1: {dict(RPC_STATS)}", file=sys.stderr, flush=True)
+                    for v in views:
+                        print(f"  live {len(v.live())} members {len(v.members)} contacts {len(v.dht.contacts())} "
+                              f"heard {time.time() - v._heard_at:.1f} s ago", file=sys.stderr, flush=True)
                 if least >= total and not measured:
                     measured = True
-                    nursery.start_soon(measure_gets, views, cred)
-                await trio.sleep(0.2)
+                    nursery.start_soon(measure_gets, views, cred, gets_after)
+                await trio.sleep(1.0 if measured else 0.2)  # polling 200 views is not free: less often once converged
 
 
 GETS_PER_PROCESS = 20  # network lookups of random members' records, once every node of the process knows all
+GETS_MARGIN = 3.0  # with --dht-steady, lookups start this long after the steady window (not inside it)
 
 
-async def measure_gets(views: list[MemberView], cred: SwarmCredential) -> None:
+async def measure_gets(views: list[MemberView], cred: SwarmCredential, after: float) -> None:
     """Time record lookups over the network (find_value crawls, as a node without a copy does); print the times."""
     import random
 
     from p2pnn.membership.records import record_key
 
+    await trio.sleep(after)
     times, ok = [], 0
     for _ in range(GETS_PER_PROCESS):
         view = random.choice(views)
@@ -222,7 +242,8 @@ def bench_dht(total: int, processes: int, rpc_timeout: float, steady: float = 0.
 
     def spawn(k: int, bootstrap: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, __file__, "--dht-worker", str(k), str(per[k]), str(total), bootstrap or "-", secret, str(rpc_timeout)],
+            [sys.executable, __file__, "--dht-worker", str(k), str(per[k]), str(total), bootstrap or "-", secret,
+             str(rpc_timeout), str(steady + GETS_MARGIN if steady else 0.0)],
             stdout=subprocess.PIPE, text=True, bufsize=1,
         )
 
@@ -275,10 +296,15 @@ def bench_dht(total: int, processes: int, rpc_timeout: float, steady: float = 0.
               f"(from the first start; rpc timeout {rpc_timeout} s, other DHT timings default); {until}", flush=True)
         if steady and min(known) >= total:
             since, sent0, timeouts0, cpu0 = time.monotonic(), sum(sent), sum(timeouts), sum(cpu)
-            lowest = total
+            lowest, window_low, shown = total, total, since
             while time.monotonic() - since < steady:
                 poll()
-                lowest = min(lowest, min(known))
+                lowest, window_low = min(lowest, min(known)), min(window_low, min(known))
+                if time.monotonic() - shown > PROGRESS_SECONDS:
+                    shown = time.monotonic()
+                    print(f"  {shown - since:5.1f} s into the steady state: least-informed node knew {window_low}; "
+                          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+                    window_low = total
             span = time.monotonic() - since
             print(f"  steady state over {steady:.0f} s after convergence: {rates(since, sent0, timeouts0)}; "
                   f"CPU {100 * (sum(cpu) - cpu0) / span / total:.2f} % of a core per node; "
@@ -288,7 +314,7 @@ def bench_dht(total: int, processes: int, rpc_timeout: float, steady: float = 0.
             poll()  # each process times its lookups once all its nodes know every member
         if gets:
             print(f"  record gets over the network (find_value lookups): {len(gets)}, {gets_ok[0]} found "
-                  f"({100 * gets_ok[0] / len(gets):.0f} %), p50 {1000 * statistics.median(gets):.1f} ms, "
+                  f"({100 * gets_ok[0] / len(gets):.1f} %), p50 {1000 * statistics.median(gets):.1f} ms, "
                   f"p99 {1000 * percentile(gets, 0.99):.1f} ms", flush=True)
         return took
     finally:
@@ -310,12 +336,12 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=0.0,
                         help="before the kills, leave the swarm alone this many seconds and count new terms")
     parser.add_argument("--hog", type=int, default=0, help="busy-looping processes during --idle (a loaded machine)")
-    parser.add_argument("--dht-worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--dht-worker", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dht_worker:
-        first, count, total, bootstrap, secret, rpc_timeout = args.dht_worker
+        first, count, total, bootstrap, secret, rpc_timeout, gets_after = args.dht_worker
         trio.run(dht_worker, int(first), int(count), int(total), "" if bootstrap == "-" else bootstrap, secret,
-                 float(rpc_timeout))
+                 float(rpc_timeout), float(gets_after))
         return
     if args.dht_nodes:
         bench_dht(args.dht_nodes, args.dht_processes, args.dht_rpc_timeout, args.dht_steady)

@@ -63,6 +63,9 @@ class TimedProtocol(KademliaProtocol):
     """KademliaProtocol whose RPCs give up after ``rpc_timeout`` seconds instead of rpcudp's fixed 5."""
 
     rpc_timeout = 5.0
+    # Serves the ``members`` RPC (membership gossip): (sender id, sender address, its record, its
+    # summary, beats it passes on) -> the reply. Set by the DhtNode; None: the RPC is not answered.
+    gossip: Callable[[bytes, tuple[str, int], Any, Any, Any], Any] | None = None
 
     def __init__(self, source_node: Node, storage: Any, ksize: int) -> None:
         super().__init__(source_node, storage, ksize)
@@ -110,6 +113,11 @@ class TimedProtocol(KademliaProtocol):
             self._misses[node.id] = misses
         return result
 
+    def rpc_members(self, sender: tuple[str, int], nodeid: bytes, text: Any, summary: Any, beats: Any) -> Any:
+        """Membership gossip: the sender's record and beats in, what it lacks (by its summary) out."""
+        self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
+        return None if self.gossip is None else self.gossip(nodeid, sender, text, summary, beats)
+
     async def _solve_datagram(self, datagram: bytes, address: tuple[str, int]) -> None:
         try:
             await super()._solve_datagram(datagram, address)
@@ -118,6 +126,8 @@ class TimedProtocol(KademliaProtocol):
 
     async def _accept_request(self, msg_id: bytes, data: Any, address: tuple[str, int]) -> None:
         RPC_STATS["served"] += 1
+        if isinstance(data, list) and data and isinstance(data[0], str):
+            RPC_STATS["served:" + data[0][:16]] += 1
         try:
             await super()._accept_request(msg_id, data, address)
         except Exception as exc:  # noqa: BLE001 - a malformed request, or the socket closed under it
@@ -188,11 +198,16 @@ class DhtNode:
     them); each call returns what it could find.
     """
 
-    def __init__(self, *, node_id: str, validator: Validator, rpc_timeout: float, ttl: float) -> None:
+    def __init__(
+        self, *, node_id: str, validator: Validator, rpc_timeout: float, ttl: float,
+        gossip: Callable[[bytes, tuple[str, int], Any, Any, Any], Any] | None = None,
+    ) -> None:
+        """``ttl``: how long a stored value is kept after it was last stored; ``gossip``: serves ``members``."""
         self.node_id = node_id
         self.server = _Server(
             node_id=bytes.fromhex(node_id), storage=ValidatingStorage(validator, ttl), rpc_timeout=rpc_timeout
         )
+        self._gossip = gossip
         self._loop: Any = None
 
     async def run(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -210,6 +225,7 @@ class DhtNode:
             await self._aio(self.server.listen, port, host)
             if self.server.transport is None:
                 raise OSError(f"cannot bind the DHT to {host}:{port} (UDP)")
+            self.server.protocol.gossip = self._gossip
             bound = self.server.transport.get_extra_info("sockname")[1]
             task_status.started(bound)
             await trio.sleep_forever()
@@ -232,11 +248,15 @@ class DhtNode:
             log.debug("dht.call_failed", call=getattr(fn, "__name__", repr(fn)), error=repr(exc))
             return failed
 
-    async def bootstrap(self, peers: list[tuple[str, int]]) -> int:
-        """Join through ``peers``; returns how many nodes the join crawl found."""
+    async def greet(self, peers: list[tuple[str, int]]) -> int:
+        """Ping ``peers`` and put those that answer in the routing table, without a crawl; returns how many answered."""
         if not peers:
             return 0
-        return len(await self._aio(self.server.bootstrap, peers, failed=[]))
+        found = await self._aio(lambda: asyncio.gather(*(self.server.bootstrap_node(p) for p in peers)), failed=[])
+        for node in found:
+            if node is not None:
+                self.server.protocol.welcome_if_new(node)
+        return sum(node is not None for node in found)
 
     async def crawl(self, target: bytes | None = None) -> dict[str, tuple[str, int]]:
         """Look up the nodes closest to ``target`` (default: our own id, which also tells them about us).
@@ -268,6 +288,7 @@ class DhtNode:
             return False
 
         async def store_all() -> bool:
+            RPC_STATS["store"] += len(nearest)
             return any(await asyncio.gather(*(self.server.protocol.call_store(n, dkey, value) for n in nearest)))
 
         return bool(await self._aio(store_all))
@@ -300,6 +321,19 @@ class DhtNode:
         answer = await self._aio(self.server.protocol.call_find_value, peer, Node(self.digest(key)), failed=(False, None))
         ok, data = answer
         return data.get("value") if ok and isinstance(data, dict) else None
+
+    async def exchange(self, node_id: str, address: tuple[str, int], text: str, summary: bytes, beats: bytes) -> Any:
+        """One ``members`` RPC to the node at ``address``: its reply, None when it does not answer."""
+        peer = Node(bytes.fromhex(node_id), address[0], address[1])
+        protocol = self.server.protocol
+
+        async def call() -> Any:
+            RPC_STATS["members"] += 1
+            result = await protocol.members(tuple(address), self.server.node.id, text, summary, beats)
+            return protocol.handle_call_response(result, peer)
+
+        ok, data = await self._aio(call, failed=(False, None))
+        return data if ok else None
 
     def contacts(self) -> dict[str, tuple[str, int]]:
         """Every node in the routing table, and those heard from that did not fit it: id (hex) -> (IP, port).

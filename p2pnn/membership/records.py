@@ -5,6 +5,15 @@ text, because kademlia values are plain str/bytes/int/float. It is stored
 under the key ``p2pnn:<swarm>:node:<node id>``; the kademlia node id of the
 publishing node is the same 160-bit id, so the ids found in a routing table
 name the keys to read.
+
+Liveness without re-signing: a record carries the anchor (``chain``) of a
+hash chain of ``links`` links, one per ``beat`` seconds, whose seed only its
+owner knows. To say "still alive" at beat *i* the owner reveals the *i*-th
+link back from the anchor (a :class:`Beat`); anyone checks it with *i*
+SHA-256 hashes (fewer from a beat already checked), no signature. So a
+record is signed and verified once per content change (and once per chain,
+CHAIN_SECONDS), while its beats travel in bulk, and still only the owner can
+keep itself alive: a beat cannot be made from older ones.
 """
 
 from __future__ import annotations
@@ -22,6 +31,9 @@ from p2pnn.credential import EnvelopeError, SwarmCredential, open_envelope, seal
 from p2pnn.identity import Identity
 
 CLOCK_SKEW = 30.0  # seconds a record may claim to come from the future (clocks of machines differ)
+CHAIN_BYTES = 16  # a link of the liveness hash chain: SHA-256 cut to 128 bits, still beyond any preimage search
+CHAIN_SECONDS = 1800.0  # a record's chain covers this long; the owner signs a new record (new chain) before it ends
+MAX_LINKS = 4096  # bounds the hashes a reader spends on one beat (a tiny beat interval cannot make a chain huge)
 MAX_TTL = 86400.0  # a record may not claim to live longer than this, so a leaked one cannot be replayed for long
 NVIDIA_SMI_TIMEOUT = 5.0  # seconds; a wedged driver must not hold up a node's start
 
@@ -46,6 +58,9 @@ class NodeRecord:
     timestamp: float
     expires_at: float
     public_key: str = field(default="", compare=False)
+    chain: str = ""  # hex anchor of the liveness hash chain (empty: the record lives until expires_at only)
+    beat: float = 0.0  # seconds between two links of the chain
+    links: int = 0  # links in the chain
 
     @property
     def has_gpu(self) -> bool:
@@ -99,7 +114,8 @@ def read_record(
             priority=int(body["priority"]), roles=tuple(str(r) for r in body["roles"]),
             an_id=None if body["an_id"] is None else str(body["an_id"]), load=dict(body["load"]),
             term=int(body["term"]), timestamp=float(body["timestamp"]), expires_at=float(body["expires_at"]),
-            public_key=str(body["pub"]),
+            public_key=str(body["pub"]), chain=str(body.get("chain", "")), beat=float(body.get("beat", 0.0)),
+            links=int(body.get("links", 0)),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise RecordError(f"malformed record: {exc!r}") from None
@@ -111,7 +127,54 @@ def read_record(
         raise RecordError("record expired")
     if record.expires_at - record.timestamp > MAX_TTL:
         raise RecordError("record claims too long a life")
+    if record.chain and (len(record.chain) != 2 * CHAIN_BYTES or not 0 < record.links <= MAX_LINKS
+                         or not record.beat > 0):
+        raise RecordError("malformed liveness chain")
     return record
+
+
+@dataclass(frozen=True)
+class Beat:
+    """A member's proof of life at beat ``index`` of its record ``version`` (the record's timestamp)."""
+
+    version: float
+    index: int
+    reveal: bytes
+
+
+def chain_step(link: bytes) -> bytes:
+    return hashlib.sha256(link).digest()[:CHAIN_BYTES]
+
+
+def make_chain(links: int) -> list[bytes]:
+    """A fresh hash chain: element 0 is the secret seed, element ``links`` the anchor put in the record."""
+    chain = [os.urandom(CHAIN_BYTES)]
+    for _ in range(links):
+        chain.append(chain_step(chain[-1]))
+    return chain
+
+
+def beat_time(record: NodeRecord, index: int) -> float:
+    """When the owner of ``record`` may reveal beat ``index`` at the earliest."""
+    return record.timestamp + index * record.beat
+
+
+def check_beat(record: NodeRecord, beat: Beat, known: Beat | None, *, now: float) -> bool:
+    """True when ``beat`` is a link of ``record``'s chain, not from the future; ``known``: a beat already checked.
+
+    Costs ``beat.index`` hashes at most, ``beat.index - known.index`` from a known earlier beat.
+    """
+    if (not record.chain or beat.version != record.timestamp or not 0 < beat.index <= record.links
+            or len(beat.reveal) != CHAIN_BYTES or beat_time(record, beat.index) > now + CLOCK_SKEW):
+        return False
+    if known is not None and known.version == beat.version and 0 < known.index < beat.index:
+        target, steps = known.reveal, beat.index - known.index
+    else:
+        target, steps = bytes.fromhex(record.chain), beat.index
+    link = beat.reveal
+    for _ in range(steps):
+        link = chain_step(link)
+    return link == target
 
 
 @functools.lru_cache(maxsize=1)  # asked once per process: nvidia-smi takes a while, and a machine does not change
