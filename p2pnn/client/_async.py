@@ -12,7 +12,7 @@ import httpx
 from p2pnn.client import _calls
 from p2pnn.client._calls import Call
 from p2pnn.client._errors import ClientError, ConnectError, TaskTimeout
-from p2pnn.client._settings import Settings, resolve
+from p2pnn.client._settings import http_options
 from p2pnn.client._sse import EventParser
 
 WAIT_ALL_POLL_SECONDS = 0.05  # pause after a non-terminal answer (a node without ?wait answers at once)
@@ -36,11 +36,9 @@ class AsyncClient:
     """
 
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
-        settings = resolve() if url is None else Settings(url.rstrip("/"), token)
-        headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
-        self.url = settings.url
+        self.url, options = http_options(url, token, timeout)
         self._timeout = timeout
-        self._http = httpx.AsyncClient(base_url=settings.url, headers=headers, timeout=timeout)
+        self._http = httpx.AsyncClient(**options)
 
     async def __aenter__(self) -> "AsyncClient":
         return self

@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from p2pnn.client._errors import ClientError
 
@@ -80,3 +81,12 @@ def _read(path: Path, *, required: bool) -> dict[str, str]:
         if not isinstance(value, str):
             raise ClientError(f"{path}: {key}: must be a string")
     return data
+
+
+def http_options(url: str | None, token: str | None, timeout: float) -> tuple[str, dict[str, Any]]:
+    """The node's URL and what either client gives httpx: the base URL, the token's header, the timeout.
+
+    With no ``url``, both come from ``resolve()`` (environment, then the file)."""
+    settings = resolve() if url is None else Settings(url.rstrip("/"), token)
+    headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+    return settings.url, {"base_url": settings.url, "headers": headers, "timeout": timeout}

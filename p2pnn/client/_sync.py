@@ -14,7 +14,7 @@ import httpx
 from p2pnn.client import _calls
 from p2pnn.client._calls import Call
 from p2pnn.client._errors import ClientError, ConnectError, TaskTimeout
-from p2pnn.client._settings import Settings, resolve
+from p2pnn.client._settings import http_options
 from p2pnn.client._sse import EventParser
 
 OnUpdate = Callable[[dict[str, Any]], Any]
@@ -35,11 +35,9 @@ class Client:
     """
 
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
-        settings = resolve() if url is None else Settings(url.rstrip("/"), token)
-        headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
-        self.url = settings.url
+        self.url, options = http_options(url, token, timeout)
         self._timeout = timeout
-        self._http = httpx.Client(base_url=settings.url, headers=headers, timeout=timeout)
+        self._http = httpx.Client(**options)
 
     def __enter__(self) -> "Client":
         return self
