@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psycopg
+import pytest
+import trio
 
 from p2pnn.launcher import LocalSwarm, NodeProcess, agreed, led
 from tests.conftest import PG_URL
@@ -84,3 +87,22 @@ class BusSwarm:
         with psycopg.connect(PG_URL) as conn:
             conn.execute(f'SET search_path TO "{self.schema}"')
             return conn.execute(query, params).fetchall()
+
+
+@pytest.fixture(name="swarm")
+def bus_swarm(tmp_path, amqp_url, pg_schema):
+    """A BusSwarm of this test's own (import it into a test module as ``swarm``); every node stopped after."""
+    s = BusSwarm(tmp_path, amqp_url, pg_schema)
+    try:
+        yield s
+    finally:
+        s.stop_all()
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    """Wait until ``predicate()`` holds. Error handling: AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await trio.sleep(0.2)

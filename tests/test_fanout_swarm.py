@@ -10,32 +10,15 @@ import pytest
 import trio
 
 from p2pnn.client import AsyncClient
-from tests.swarmutil import BusSwarm
+from tests.swarmutil import BusSwarm, bus_swarm as swarm, until  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.postgres
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-@pytest.fixture
-def swarm(tmp_path, amqp_url, pg_schema):
-    s = BusSwarm(tmp_path, amqp_url, pg_schema)
-    try:
-        yield s
-    finally:
-        s.stop_all()
-
-
-async def _until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await trio.sleep(0.2)
-
-
 async def _an_sees(swarm: BusSwarm, an: str, kis: int) -> None:
-    await _until(lambda: swarm.metric(an, "p2pnn_an_kis") == kis, 30, f"{an} to see {kis} Ki")
+    await until(lambda: swarm.metric(an, "p2pnn_an_kis") == kis, 30, f"{an} to see {kis} Ki")
 
 
 def _states(swarm: BusSwarm, ids: list[str]) -> dict[str, str]:
@@ -64,7 +47,7 @@ async def test_load_splits_by_capacity_short_tasks_skip_the_queue_and_cancel_rea
         # Six of seven slots busy for a long time: short tasks still run in the free one, all of
         # them while the long ones are still running, rather than waiting behind them.
         busy = [t["id"] for t in await client.submit_many([{"kind": "echo", "sleep": 600} for _ in range(6)])]
-        await _until(lambda: list(_states(swarm, busy).values()).count("running") == 6, 60, "6 long tasks running")
+        await until(lambda: list(_states(swarm, busy).values()).count("running") == 6, 60, "6 long tasks running")
         short = [t["id"] for t in await client.submit_many([{"kind": "echo", "payload": i} for i in range(5)])]
         done = await client.wait_all(short, timeout=120)
         assert all(t["state"] == "succeeded" for t in done.values())
@@ -126,7 +109,7 @@ async def test_chaos_ki_an_and_broker_restarts_lose_nothing(private_swarm):
     def settled() -> bool:
         return all(s in TERMINAL for s in _states(swarm, accepted).values())
 
-    await _until(settled, 300, "every accepted task to reach a terminal state")
+    await until(settled, 300, "every accepted task to reach a terminal state")
     elapsed = time.monotonic() - started
     states = _states(swarm, accepted)
     lost = [t for t in accepted if states.get(t) not in TERMINAL]
@@ -149,7 +132,7 @@ async def test_with_the_principal_dead_a_standby_sweeper_requeues_a_dead_kis_tas
     swarm.kill("principal")  # and it stays dead: no election yet to name another
     async with AsyncClient(swarm.nodes["an"].url) as client:
         task = await client.submit({"kind": "echo", "payload": "orphan", "sleep": 3})
-        await _until(lambda: _states(swarm, [task["id"]]).get(task["id"]) == "running", 30, "the task to run")
+        await until(lambda: _states(swarm, [task["id"]]).get(task["id"]) == "running", 30, "the task to run")
         swarm.kill("ki")
         swarm.restart("ki")
         done = await client.wait(task["id"], timeout=60)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import trio
 
 from p2pnn.client import AsyncClient as Client
-from tests.swarmutil import BusSwarm
+from tests.swarmutil import BusSwarm, bus_swarm as swarm, until  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.postgres
 
@@ -16,28 +14,11 @@ pytestmark = pytest.mark.postgres
 KI_ENV = {"P2PNN_COMPUTE__PRELOAD_TORCH": "true", "P2PNN_COMPUTE__RENDEZVOUS_TIMEOUT_SECONDS": "30"}
 
 
-@pytest.fixture
-def swarm(tmp_path, amqp_url, pg_schema):
-    s = BusSwarm(tmp_path, amqp_url, pg_schema)
-    try:
-        yield s
-    finally:
-        s.stop_all()
-
-
-async def _until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await trio.sleep(0.2)
-
-
 async def _three_ki(swarm: BusSwarm) -> dict[str, str]:
     swarm.start("principal", "principal", slots=0)
     swarm.start("an", "an", slots=0)
     ids = {swarm.start(name, "ki", slots=1, **KI_ENV).node_id: name for name in ("ki1", "ki2", "ki3")}
-    await _until(lambda: swarm.metric("an", "p2pnn_an_kis") == 3, 60, "the An to see 3 Ki")
+    await until(lambda: swarm.metric("an", "p2pnn_an_kis") == 3, 60, "the An to see 3 Ki")
     return ids
 
 
