@@ -53,6 +53,7 @@ import textwrap
 import time
 from datetime import timezone
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import trio
@@ -134,6 +135,38 @@ def cpu_of(procs: dict[str, int]) -> dict[str, float]:
     return out
 
 
+SERVICES = {"rabbitmq": "beam.smp", "postgresql": "postgres"}
+
+
+def service_cpu() -> dict[str, dict[int, float]]:
+    """CPU seconds so far of every process of the broker and of the database server, by pid."""
+    out: dict[str, dict[int, float]] = {}
+    for name, comm in SERVICES.items():
+        found = subprocess.run(["pgrep", "-x", comm], capture_output=True, text=True).stdout.split()
+        out[name] = {int(pid): cpu_seconds(int(pid)) for pid in found}
+    return out
+
+
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine so far (every core: /proc/stat less idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK
+
+
+def cpu_snapshot(procs: dict[str, int]) -> dict[str, Any]:
+    return {"procs": cpu_of(procs), "services": service_cpu(), "machine": machine_busy()}
+
+
+def cpu_spent(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds between two snapshots: the system's own processes, the broker and database
+    servers (their processes serve only the bench while it runs), and the whole machine."""
+    out = {k: after["procs"].get(k, 0.0) - before["procs"].get(k, 0.0) for k in after["procs"]}
+    for name, pids in after["services"].items():
+        out[name] = sum(cpu - before["services"][name].get(pid, 0.0) for pid, cpu in pids.items())
+    out["machine"] = after["machine"] - before["machine"]
+    return out
+
+
 def db_url(dbname: str) -> str:
     return make_conninfo(PG_URL, dbname=dbname)
 
@@ -204,7 +237,7 @@ async def bench_p2pnn(n: int, workers: int, vhost: str, dbname: str, root: Path,
             warm = [t["id"] for t in await client.submit_many([{"kind": "echo"}] * WARMUP)]
             await client.wait_all(warm, timeout=120)
             procs = {"api+an node": head.proc.pid, "ki node": ki.proc.pid}
-            cpu0, frames0 = cpu_of(procs), amqp_frames(vhost)
+            cpu0, frames0 = cpu_snapshot(procs), amqp_frames(vhost)
             submitted: dict[str, float] = {}
             start = time.time()
             for i in range(0, n, BATCH):
@@ -219,7 +252,7 @@ async def bench_p2pnn(n: int, workers: int, vhost: str, dbname: str, root: Path,
                      schema=schema, url=url)[0][0] < n + WARMUP:
                 await trio.sleep(POLL)
             rows = pg("SELECT id::text, state, finished_at FROM tasks WHERE id = ANY(%s::uuid[])", ids, schema=schema, url=url)
-            cpu1, frames1 = cpu_of(procs), amqp_frames(vhost)
+            cpu1, frames1 = cpu_snapshot(procs), amqp_frames(vhost)
             seq = await sequential_latency(client, sequential)
         assert all(state == "succeeded" for _, state, _ in rows)
         finished = {tid: float(at) for tid, _, at in rows}
@@ -230,7 +263,7 @@ async def bench_p2pnn(n: int, workers: int, vhost: str, dbname: str, root: Path,
     return {
         "seconds": max(finished.values()) - start, "latencies": latencies, "sequential": seq["get"],
         "sequential_wait": seq["submit_wait"],
-        "cpu": {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1},
+        "cpu": cpu_spent(cpu0, cpu1),
         "frames": (frames1[0] - frames0[0], frames1[1] - frames0[1]),
         "commits": commits(dbname), "tasks_run": n + WARMUP + 2 * sequential, "index": busiest_index(dbname),
     }
@@ -289,7 +322,7 @@ def bench_celery(n: int, workers: int, vhost: str, dbname: str, root: Path, sequ
         for r in [bench_celery_app.noop.delay(-1) for _ in range(WARMUP)]:
             r.get(timeout=120)
         procs = {"celery worker": worker.pid}
-        cpu0, frames0 = cpu_of(procs), amqp_frames(vhost)
+        cpu0, frames0 = cpu_snapshot(procs), amqp_frames(vhost)
         submitted: dict[str, float] = {}
         start = time.time()
         for i in range(0, n, BATCH):
@@ -301,7 +334,7 @@ def bench_celery(n: int, workers: int, vhost: str, dbname: str, root: Path, sequ
                  schema=schema, url=url)[0][0] < n + WARMUP:
             time.sleep(POLL)
         rows = pg("SELECT task_id, status, date_done FROM celery_taskmeta WHERE task_id = ANY(%s)", ids, schema=schema, url=url)
-        cpu1, frames1 = cpu_of(procs), amqp_frames(vhost)
+        cpu1, frames1 = cpu_snapshot(procs), amqp_frames(vhost)
         seq = []
         for j in range(sequential):
             sent = time.time()
@@ -317,7 +350,7 @@ def bench_celery(n: int, workers: int, vhost: str, dbname: str, root: Path, sequ
     latencies = [finished[t] - submitted[t] for t in ids]
     return {
         "seconds": max(finished.values()) - start, "latencies": latencies, "sequential": seq,
-        "cpu": {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1},
+        "cpu": cpu_spent(cpu0, cpu1),
         "frames": (frames1[0] - frames0[0], frames1[1] - frames0[1]),
         "commits": commits(dbname), "tasks_run": n + WARMUP + sequential, "index": busiest_index(dbname),
     }
@@ -337,10 +370,13 @@ def report(name: str, n: int, r: dict) -> float:
 
 
 def report_costs(name: str, n: int, r: dict) -> None:
-    cpu = r["cpu"]
+    cpu = dict(r["cpu"])
+    services = {k: cpu.pop(k) for k in (*SERVICES, "machine")}
     parts = "  ".join(f"{k} {v * 1000 / n:.2f}" for k, v in cpu.items())
     index, scans, read = r["index"]
     print(f"{name:7s} per task: CPU ms {sum(cpu.values()) * 1000 / n:.2f} ({parts}); "
+          f"servers: RabbitMQ {services['rabbitmq'] * 1000 / n:.2f}, PostgreSQL {services['postgresql'] * 1000 / n:.2f}; "
+          f"whole machine {services['machine'] * 1000 / n:.2f}; "
           f"AMQP broker socket reads/writes {r['frames'][0] / n:.2f}/{r['frames'][1] / n:.2f}; "
           f"db commits {r['commits'] / r['tasks_run']:.2f} (over all {r['tasks_run']} tasks and start-up); "
           f"busiest index {index}: {scans / r['tasks_run']:.2f} scans, {read / r['tasks_run']:.1f} rows read")
