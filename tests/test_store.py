@@ -13,7 +13,7 @@ import trio
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from p2pnn.store import IdempotencyConflict, NewTask, StoreError, TaskStore, open_store
+from p2pnn.store import ClaimOp, FinishOp, IdempotencyConflict, NewTask, StoreError, TaskStore, open_store
 from p2pnn.store._schema import LATEST_VERSION
 from p2pnn.store.postgres import run_transaction
 from p2pnn.tasks import State, Task
@@ -609,7 +609,6 @@ async def _remember_pid(store: TaskStore, pids: set[int]) -> None:
 
 
 async def test_apply_runs_claims_and_finishes_in_one_transaction_each_as_alone(store: TaskStore) -> None:
-    from p2pnn.store import ClaimOp, FinishOp
 
     done_id, attempt = await running(store)
     taken_id, _ = await running(store)
@@ -631,20 +630,47 @@ async def test_apply_runs_claims_and_finishes_in_one_transaction_each_as_alone(s
         await store.apply([FinishOp(taken_id, 1, State.RUNNING)], now=T0)
 
 
-async def test_mark_queued_alone_commits_without_waiting_for_the_disk_on_postgresql(store: TaskStore) -> None:
-    """Only mark_queued's own transaction relaxes synchronous_commit (PostgreSQL); the setting
-    does not leak into the next transaction on the pooled connection."""
+async def test_a_relaxed_transaction_alone_commits_without_waiting_for_the_disk(store: TaskStore) -> None:
+    """Inside a relaxed transaction the commit does not wait for the disk (PostgreSQL:
+    synchronous_commit off; SQLite on a file: synchronous NORMAL); the setting does not leak into
+    the next transaction on the same connection."""
     from p2pnn.store.postgres import PostgresTaskStore
 
-    if not isinstance(store, PostgresTaskStore):
-        assert store._relaxed_commit is None
-        return
-    assert store._relaxed_commit == "SET LOCAL synchronous_commit = off"
-    (task,), _ = await store.create([new()], now=T0)
-    assert await store.mark_queued([task.id], now=T0) == 1
-    settings = [await store._transact(lambda db: db.rows("SHOW synchronous_commit")[0][0], write=False) for _ in range(4)]
-    assert settings == ["on"] * 4
-    assert (await store.get(task.id)).state is State.QUEUED
+    if isinstance(store, PostgresTaskStore):
+        setting, strict, loose = "SHOW synchronous_commit", "on", "off"
+        assert store._relaxed_commit == "SET LOCAL synchronous_commit = off"
+    else:
+        setting, strict, loose = "PRAGMA synchronous", 2, 1  # FULL, NORMAL
+        if store._synchronous != "full":
+            strict = loose
+
+    async def read(relaxed: bool) -> object:
+        return await store._transact(lambda db: db.rows(setting)[0][0], write=True, relaxed=relaxed)
+
+    assert [await read(False), await read(True), await read(False), await read(True)] == [strict, loose, strict, loose]
+    assert await read(False) == strict
+
+
+async def test_only_claims_alone_and_mark_queued_are_relaxed(store: TaskStore) -> None:
+    """A group of claims, or marking tasks queued, may be lost in a crash and repeated; a group
+    with a result in it is durable before anyone hears of the result."""
+    seen: list[bool] = []
+    transact = store._transact
+
+    async def spy(fn, *, write, relaxed=False):
+        seen.append(relaxed)
+        return await transact(fn, write=write, relaxed=relaxed)
+
+    tasks, _ = await store.create([new(), new()], now=T0)
+    store._transact = spy  # type: ignore[method-assign]
+    assert await store.mark_queued([t.id for t in tasks], now=T0) == 2
+    first = await store.apply([ClaimOp(tasks[0].id, "ki", LEASE)], now=T0)
+    await store.apply([FinishOp(tasks[0].id, first[0].attempts, State.SUCCEEDED, worker="ki"),
+                       ClaimOp(tasks[1].id, "ki", LEASE)], now=T0)
+    await store.apply([FinishOp(tasks[1].id, 1, State.SUCCEEDED, worker="ki")], now=T0)
+    assert seen == [True, True, False, False]
+    assert (await store.get(tasks[0].id)).state is State.SUCCEEDED
+    assert (await store.get(tasks[1].id)).state is State.SUCCEEDED
 
 
 async def test_sqlite_point_reads_see_every_commit_and_never_write(tmp_path: Path) -> None:

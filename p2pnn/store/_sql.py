@@ -273,14 +273,17 @@ class SqlTaskStore(TaskStore):
     malformed cursor) raises ValueError.
     """
 
-    # A statement run first in a transaction whose loss in a database crash costs nothing but a
-    # duplicate message (mark_queued: a task left pending is published again by the sweeper), so
-    # its commit need not wait for the disk; None where the database offers no such setting.
-    _relaxed_commit: str | None = None
-
     @abc.abstractmethod
-    async def _transact(self, fn: Callable[[Db], T], *, write: bool) -> T:
-        """Run ``fn(db)`` in one transaction in a worker thread and return its result."""
+    async def _transact(self, fn: Callable[[Db], T], *, write: bool, relaxed: bool = False) -> T:
+        """Run ``fn(db)`` in one transaction in a worker thread and return its result.
+
+        ``relaxed``: the commit need not wait for the disk, where the database offers that (a later
+        durable commit makes it durable too, as the log is written in order). Only for a transaction
+        whose loss in a crash of the database server or the machine costs a repeat and nothing
+        else: mark_queued (a task left pending is published again by the sweeper) and a group of
+        claims alone (a task whose claim rolled back is ``queued`` again; its message was acked, so
+        the sweeper's ``queued_after`` rule, or an embedded node's next start, publishes it again,
+        and the attempt that ran meanwhile cannot record a result without its claim)."""
 
     # --- creation and reading ---
 
@@ -406,8 +409,6 @@ class SqlTaskStore(TaskStore):
         if not ids:
             return 0
         def mark(db: Db) -> int:
-            if self._relaxed_commit is not None:
-                db.run(self._relaxed_commit)
             kinds = [kind for (kind,) in db.rows(
                 "UPDATE tasks SET state = 'queued', updated_at = ?, published_at = ? "
                 f"WHERE state = 'pending' AND id IN {_in_list(len(ids))} RETURNING kind",
@@ -416,7 +417,7 @@ class SqlTaskStore(TaskStore):
             _count_moves(db, [(kind, State.PENDING.value, State.QUEUED.value) for kind in kinds])
             return len(kinds)
 
-        return await self._transact(mark, write=True)
+        return await self._transact(mark, write=True, relaxed=True)
 
     async def mark_published(self, versions: dict[str, float], *, now: float) -> int:
         """Record that a message for each queued task was confirmed; ``versions`` maps a task id to
@@ -478,7 +479,9 @@ class SqlTaskStore(TaskStore):
                     ) is not None
             return out
 
-        return await self._transact(lambda db: _counted(db, lambda moves: run(moves, db)), write=True)
+        # Claims alone commit without waiting for the disk (see _transact); a result always waits.
+        relaxed = all(isinstance(op, ClaimOp) for op in ops)
+        return await self._transact(lambda db: _counted(db, lambda moves: run(moves, db)), write=True, relaxed=relaxed)
 
     async def _transition(
         self,

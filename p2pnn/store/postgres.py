@@ -50,9 +50,8 @@ KEEPALIVE_IDLE = 2  # seconds of silence before the first probe
 KEEPALIVE_INTERVAL = 1  # seconds between probes
 KEEPALIVE_COUNT = 3  # unanswered probes before the connection is dead
 TCP_USER_TIMEOUT_MS = 5_000  # unacknowledged data older than this kills the connection
-# Run first in mark_queued's transaction (see SqlTaskStore._relaxed_commit): PostgreSQL then answers
-# the commit without waiting for the WAL flush, which takes milliseconds; a later durable commit
-# (the claim) flushes it too. If the server crashes first, the task stays pending and is published again.
+# Run first in a relaxed transaction (see SqlTaskStore._transact): PostgreSQL then answers the
+# commit without waiting for the WAL flush, which takes milliseconds; a later durable commit flushes it too.
 RELAXED_COMMIT = "SET LOCAL synchronous_commit = off"
 # 40003 statement_completion_unknown: CockroachDB lost track of whether a commit happened.
 AMBIGUOUS_COMMIT_SQLSTATE = "40003"
@@ -239,6 +238,7 @@ class PostgresTaskStore(SqlTaskStore):
         self._connect_timeout = connect_timeout
         self._statement_timeout = statement_timeout
         self._pool: ConnectionPool | None = None
+        self._relaxed_commit: str | None = None  # what makes a transaction relaxed; None: the server has no such setting
 
     @property
     def deadline(self) -> float:
@@ -280,7 +280,7 @@ class PostgresTaskStore(SqlTaskStore):
     async def _probe_relaxed_commit(self) -> str | None:
         """``SET LOCAL synchronous_commit = off`` where the server takes it (PostgreSQL), else None
         (a server without that setting; also when the trial fails for any other reason: the
-        only cost is that mark_queued then waits for its commit to reach the disk)."""
+        only cost is that a relaxed transaction then waits for its commit to reach the disk)."""
         try:
             await self._transact(lambda db: db.run(RELAXED_COMMIT), write=True)
         except StoreError:
@@ -303,7 +303,15 @@ class PostgresTaskStore(SqlTaskStore):
     async def schema_version(self) -> int:
         return await self._transact(_schema.current_version, write=False)
 
-    async def _transact(self, fn: Callable[[Db], T], *, write: bool) -> T:
+    async def _transact(self, fn: Callable[[Db], T], *, write: bool, relaxed: bool = False) -> T:
         if self._pool is None:
             raise StoreError("the PostgreSQL store is not open")
-        return await run_transaction(self._pool, lambda conn: fn(Db(conn, POSTGRES)), deadline=self.deadline)
+        first = self._relaxed_commit if relaxed else None
+
+        def work(conn: psycopg.Connection) -> T:
+            db = Db(conn, POSTGRES)
+            if first is not None:
+                db.run(first)
+            return fn(db)
+
+        return await run_transaction(self._pool, work, deadline=self.deadline)

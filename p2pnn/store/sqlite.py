@@ -130,23 +130,32 @@ class SqliteTaskStore(SqlTaskStore):
     async def schema_version(self) -> int:
         return await self._transact(_schema.current_version, write=False)
 
-    async def _transact(self, fn: Callable[[Db], T], *, write: bool) -> T:
+    async def _transact(self, fn: Callable[[Db], T], *, write: bool, relaxed: bool = False) -> T:
         async with self._lock:
             conn = self._conn
             if conn is None:
                 raise StoreError("the SQLite store is not open")
             db = Db(conn, SQLITE)
+            # In WAL mode a NORMAL commit does not sync the log; the next FULL one syncs it, this
+            # commit included. SQLite takes the setting only outside a transaction.
+            relax = relaxed and write and self._synchronous == "full"
 
             def run() -> T:
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                if relax:
+                    conn.execute("PRAGMA synchronous=NORMAL")
                 try:
-                    out = fn(db)
-                    conn.execute("COMMIT")
-                    return out
-                except BaseException:
-                    if conn.in_transaction:  # a failed COMMIT leaves the transaction open
-                        conn.execute("ROLLBACK")
-                    raise
+                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    try:
+                        out = fn(db)
+                        conn.execute("COMMIT")
+                        return out
+                    except BaseException:
+                        if conn.in_transaction:  # a failed COMMIT leaves the transaction open
+                            conn.execute("ROLLBACK")
+                        raise
+                finally:
+                    if relax:
+                        conn.execute("PRAGMA synchronous=FULL")
 
             try:
                 return await trio.to_thread.run_sync(run)
