@@ -274,3 +274,30 @@ async def test_a_stopping_ki_says_so_and_an_an_forwards_it_nothing_more(tmp_path
             nursery.cancel_scope.cancel()
     finally:
         await store.close()
+
+
+async def test_a_lone_finish_is_beaten_at_once_and_a_burst_is_coalesced(tmp_path, autojump_clock):
+    """The beat that names a finished task is what wakes a waiting client: after a quiet spell it
+    goes out at the instant of the finish; finishes that follow within BEAT_MIN_GAP share one beat."""
+    from p2pnn.bus import BEATS, LocalBus
+    from p2pnn.work import KiAgent
+    from p2pnn.work.ki import BEAT_MIN_GAP
+
+    bus = LocalBus()
+    pool = KiPool(slots=0, torch_threads=1, limits=Limits(), workdir=tmp_path / "work")  # runs nothing: beats only
+    runner = KiRunner(node_id=NODE, store=None, bus=bus, pool=pool, metrics=Metrics(), lease_seconds=30)  # type: ignore[arg-type]
+    agent = KiAgent(runner=runner, bus=bus, beat_interval=60.0)
+    async with bus.subscribe(BEATS) as inbox, trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        assert (await inbox.receive())["finished"] == []
+        await trio.sleep(5.0)  # quiet
+        finished_at = trio.current_time()
+        runner.on_finished("t1")
+        beat = await inbox.receive()
+        assert beat["finished"] == ["t1"] and trio.current_time() == finished_at
+        runner.on_finished("t2")
+        runner.on_finished("t3")
+        beat = await inbox.receive()
+        assert beat["finished"] == ["t2", "t3"]
+        assert trio.current_time() == pytest.approx(finished_at + BEAT_MIN_GAP)
+        nursery.cancel_scope.cancel()

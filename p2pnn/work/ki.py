@@ -53,7 +53,7 @@ STORE_RETRY_SECONDS = 1.0  # pause after a claim failed on an unreachable store
 STORE_RETRY_FIRST = 0.25  # first pause before a store write of an outcome is tried again; doubles
 STORE_RETRY_MAX = 4.0  # longest pause between two tries
 HANDBACK_SECONDS = 8.0  # how long handing one task back (release, publish, confirm) may take
-BEAT_MIN_GAP = 0.002  # beats on change are coalesced to at most one per this many seconds
+BEAT_MIN_GAP = 0.002  # beats on change: at most one per this many seconds (the first after a quiet spell at once)
 # While tasks are in hand, a change that leaves the An's picture good enough (a short task taken,
 # one finished with others still running) waits up to this long for the next beat: the An's
 # credit ahead covers the gap, and each beat costs a publish and a delivery to every subscriber.
@@ -707,11 +707,13 @@ class KiAgent:
         while True:
             self._changed, self._urgent = trio.Event(), trio.Event()
             await self.bus.broadcast(BEATS, self.beat())
-            busy_until = trio.current_time() + BEAT_BUSY_GAP
+            sent = trio.current_time()
             with trio.move_on_after(self.beat_interval):
                 await self._changed.wait()
-            await trio.sleep(BEAT_MIN_GAP)
-            with trio.move_on_at(busy_until):
+            # At most one beat per BEAT_MIN_GAP, counted from the last one sent: the first change
+            # after a quiet spell (a lone task finished, whose waiter reads the beat) goes at once.
+            await trio.sleep_until(sent + BEAT_MIN_GAP)
+            with trio.move_on_at(sent + BEAT_BUSY_GAP):
                 await self._urgent.wait()
 
     async def _listen_for_cancels(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
