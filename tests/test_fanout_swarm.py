@@ -177,5 +177,7 @@ async def test_a_short_task_never_waits_behind_long_ones_on_a_full_ki(swarm):
         assert owners == {free.node_id}
         assert set(_states(swarm, long).values()) == {"running"}
         assert not any(e.get("event") == "task.started" and e.get("task_id") in short for e in full.events())
+        # The full Ki was consuming the short queue when its slots filled: what reached it went back.
+        assert any(e.get("event") == "ki.short_paused" for e in full.events())
         for task_id in long:
             await client.cancel(task_id)

@@ -8,11 +8,12 @@ KiRunner  takes deliveries while a worker slot is free, claims each task in
           the store (the lease, not the message, covers it from then on),
           acks, runs it in the KiPool, renews the lease, records the outcome.
 KiAgent   the Ki role on a swarm bus: runs the KiRunner on the Ki's own
-          queue (and the shared ``short`` queue, see KiRunner), beats its capacity (slots, tasks in hand, deliveries
-          received per An, capabilities, the An it is attached to, and the
-          tasks it finished since the last beat, so a node holding a long
-          poll learns at once) on the ``beats`` topic, and stops tasks
-          named on the ``cancel`` topic.
+          queue (and on the shared ``short`` queue, see KiRunner), beats its
+          capacity (slots, tasks in hand, deliveries received per An,
+          capabilities, the An it is attached to, and the tasks it finished
+          since the last beat, so a node holding a long poll learns at once)
+          on the ``beats`` topic, and stops tasks named on the ``cancel``
+          topic.
           ``attach(an_id)`` is the hook the control plane uses to move a Ki
           between An at runtime.
 """
@@ -221,7 +222,6 @@ class KiRunner:
         self.on_finished: Callable[[str], None] = lambda task_id: None  # a task's terminal result was recorded here
         self._hand_changed = trio.Event()  # set whenever a delivery is taken or done
         self._short_unsettled = 0  # deliveries from the short queue taken and not yet acked or nacked
-        self.short_given_back = 0  # short deliveries given back because every slot held a long task
 
     @property
     def long_in_hand(self) -> int:
@@ -302,9 +302,8 @@ class KiRunner:
                     while self.room_for_short() and not self._try_acquire(hand):
                         await self._hand_changed.wait()
                     if not self.room_for_short():
-                        self.short_given_back += 1
                         await inbox.nack(delivery)
-                        log.debug("ki.short_paused", task_id=delivery.task_id, long=self.long_in_hand)
+                        log.info("ki.short_paused", task_id=delivery.task_id, long=self.long_in_hand)
                         break
                     self._take(nursery, inbox, delivery, hand, slots, direct=True)
                 # Closing the consumer gives back what it prefetched; first let the claims in
