@@ -111,6 +111,8 @@ class BusConfig:
     park_fail_seconds: float = field(
         default=300.0, metadata=_key(lo=1, hi=7 * 86400, doc="a task no live Ki can run fails after this long")
     )
+    direct_short: bool = field(default=True, metadata=_key(
+        doc="amqp: tasks known to be short go to the short queue, which every Ki consumes (one hop, no An)"))
 
 
 @dataclass(frozen=True)

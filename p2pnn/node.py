@@ -35,7 +35,7 @@ import trio
 from p2pnn import identity, logs
 from p2pnn.api.app import ApiContext, create_app
 from p2pnn.api.auth import Authenticator
-from p2pnn.bus import TASKS, LocalBus, TaskBus, ki_queue
+from p2pnn.bus import SHORT, TASKS, LocalBus, TaskBus, ki_queue
 from p2pnn.compute.pool import DEFAULT_RENDEZVOUS_HOST, KiPool
 from p2pnn.config import Config, ConfigError
 from p2pnn.control.swarm import OnAssignment, SwarmNode
@@ -223,6 +223,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
         metrics = Metrics()
         bus = bus_of(config, metrics, ident.node_id)
         fanout = config.bus.backend != "local"  # tasks travel between nodes over RabbitMQ
+        direct_short = fanout and config.bus.direct_short  # short tasks skip the An: API -> short queue -> Ki
         initial_roles = roles_of(config)
         workdir = config.data_dir / "work"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -242,10 +243,11 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
             lease_seconds=config.compute.lease_seconds, queue=ki_queue(ident.node_id) if fanout else TASKS,
             # What an An may forward beyond free slots is taken and claimed ahead (a Ki's own queue only).
             take_ahead=math.ceil(pool.slots * config.bus.forward_ahead) if fanout else 0,
+            short_queue=SHORT if direct_short else None,
         )
         service = TaskService(
             store, bus, limits=limits_of(config), max_attempts=config.compute.max_attempts,
-            cancel_local=runner.cancel_local,
+            cancel_local=runner.cancel_local, direct_short=direct_short,
         )
         runner.on_finished = service.finished  # wakes long polls on this node at once
         swarm: SwarmNode | None = None
@@ -271,7 +273,7 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
                 node_id=ident.node_id, store=store, bus=bus, metrics=metrics, prefetch=config.bus.prefetch,
                 beat_timeout=config.bus.beat_timeout_seconds, ki_message_ttl=config.bus.ki_message_ttl_seconds,
                 forward_ahead=config.bus.forward_ahead, forward_ahead_age=config.bus.forward_ahead_age_seconds,
-                park_fail_seconds=config.bus.park_fail_seconds,
+                park_fail_seconds=config.bus.park_fail_seconds, direct_short=direct_short,
             )
             services.update(ki=agent.run, an=dispatcher.run)
             attach = agent.attach

@@ -2,6 +2,12 @@
 
 The API routes are thin over this; the rules (validation, ownership,
 publish-after-commit) live here once.
+
+Where a task's message goes: on a swarm bus with ``direct_short``, a task
+known to be short (``needs_of(spec)["short"]``) goes to the ``short`` queue,
+which the Ki consume directly (one broker hop); every other task, and every
+message published again without its task (sweeper, hand-back), goes to the
+shared ``tasks`` queue, where an An places it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import trio
 
 from p2pnn import logs
 from p2pnn.callers import Caller
-from p2pnn.bus import BEATS, CANCEL, TaskBus
+from p2pnn.bus import BEATS, CANCEL, SHORT, TASKS, TaskBus
 from p2pnn.store import NewTask, TaskStore
 from p2pnn.tasks import TERMINAL, Limits, SpecError, State, Task, check_against_model, needs_of, validate_spec
 
@@ -70,6 +76,7 @@ class TaskService:
         limits: Limits,
         max_attempts: int,
         cancel_local: Callable[[str], bool] = lambda task_id: False,
+        direct_short: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -77,6 +84,7 @@ class TaskService:
         self.limits = limits
         self.max_attempts = max_attempts
         self._cancel_local = cancel_local
+        self.direct_short = direct_short
         self._clock = clock
         self._finished: dict[str, _Waiting] = {}  # task id -> its waiters, woken when this node finishes it
 
@@ -137,14 +145,25 @@ class TaskService:
         """Hand pending tasks to the bus, then mark them queued; False when the bus refused.
 
         With ``tasks``, each message carries what its task needs (GPU, memory), so an An
-        places it without reading the store."""
-        try:
-            await self.bus.publish(task_ids, headers=_headers(tasks or []))
-        except Exception as exc:  # the sweeper re-publishes whatever stayed pending
-            log.warning("bus.publish_failed", tasks=len(task_ids), error=str(exc))
-            return False
-        await self.store.mark_queued(task_ids, now=self._clock())
-        return True
+        places it without reading the store; with ``direct_short``, those known to be short
+        go to the ``short`` queue instead. Error handling: the tasks of a queue whose publish
+        failed stay pending (the sweeper publishes them), the others are marked queued."""
+        headers = _headers(tasks or [])
+        queues: dict[str, list[str]] = {}
+        for task_id in task_ids:
+            short = self.direct_short and headers.get(task_id, {}).get("needs", {}).get("short")
+            queues.setdefault(SHORT if short else TASKS, []).append(task_id)
+        published: list[str] = []
+        for queue, ids in queues.items():
+            try:
+                await self.bus.publish(ids, queue=queue, headers=headers)
+            except Exception as exc:  # the sweeper re-publishes whatever stayed pending
+                log.warning("bus.publish_failed", queue=queue, tasks=len(ids), error=str(exc))
+                continue
+            published += ids
+        if published:
+            await self.store.mark_queued(published, now=self._clock())
+        return len(published) == len(task_ids)
 
     async def get(self, task_id: str) -> Task | None:
         return await self.store.get(task_id)

@@ -139,3 +139,45 @@ async def test_with_the_principal_dead_a_standby_sweeper_requeues_a_dead_kis_tas
     assert done["state"] == "succeeded" and done["attempts"] == 2
     expired = [e for n in ("an", "ki") for e in swarm.nodes[n].events() if e.get("event") == "task.lease_expired"]
     assert expired, "no standby sweeper saw the lease lapse"
+
+
+async def test_short_tasks_go_from_the_api_to_a_ki_in_one_hop_without_an_an(swarm):
+    # No node holds the An role: only tasks that need no placement can run at all.
+    swarm.start("api", "principal")
+    ki = swarm.start("ki", "ki", slots=2)
+    async with AsyncClient(swarm.nodes["api"].url) as client:
+        short = [t["id"] for t in await client.submit_many([{"kind": "echo", "payload": i} for i in range(20)])]
+        placed = await client.submit({"kind": "echo", "payload": "needs an An", "sleep": 0.5})
+        done = await client.wait_all(short, timeout=60)
+        assert {t["state"] for t in done.values()} == {"succeeded"}
+        assert {owner for (owner,) in swarm.rows("SELECT lease_owner FROM tasks WHERE id::text = ANY(%s)", short)} == {
+            ki.node_id
+        }
+        # A task not known to be short waits in the shared queue for an An; once one starts, it runs.
+        assert _states(swarm, [placed["id"]])[placed["id"]] == "queued"
+        swarm.start("an", "an")
+        assert (await client.wait(placed["id"], timeout=60))["state"] == "succeeded"
+    assert swarm.metric("an", "p2pnn_an_forwarded_total") == 1
+
+
+async def test_a_short_task_never_waits_behind_long_ones_on_a_full_ki(swarm):
+    swarm.start("principal", "principal")
+    swarm.start("an", "an")
+    full = swarm.start("full", "ki", slots=2)
+    await _an_sees(swarm, "an", 1)
+    async with AsyncClient(swarm.nodes["principal"].url) as client:
+        long = [t["id"] for t in await client.submit_many([{"kind": "echo", "sleep": 600} for _ in range(2)])]
+        await until(lambda: list(_states(swarm, long).values()).count("running") == 2, 60, "2 long tasks running")
+        free = swarm.start("free", "ki", slots=1)
+        await _an_sees(swarm, "an", 2)
+        short = [t["id"] for t in await client.submit_many([{"kind": "echo", "payload": i} for i in range(30)])]
+        done = await client.wait_all(short, timeout=60)
+        assert {t["state"] for t in done.values()} == {"succeeded"}
+        owners = {owner for (owner,) in swarm.rows("SELECT lease_owner FROM tasks WHERE id::text = ANY(%s)", short)}
+        assert owners == {free.node_id}
+        assert set(_states(swarm, long).values()) == {"running"}
+        assert not any(e.get("event") == "task.started" and e.get("task_id") in short for e in full.events())
+        # The full Ki was consuming the short queue when its slots filled: what reached it went back.
+        assert any(e.get("event") == "ki.short_paused" for e in full.events())
+        for task_id in long:
+            await client.cancel(task_id)

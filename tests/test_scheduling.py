@@ -325,3 +325,26 @@ async def test_a_wait_woken_before_it_began_reads_at_once(tmp_path, monkeypatch)
         assert done.state is State.SUCCEEDED
     finally:
         await store.close()
+
+
+async def test_with_direct_short_tasks_a_long_task_needs_a_slot_no_long_task_holds():
+    bus = LocalBus()
+    async with trio.open_nursery() as nursery:
+        an = Dispatcher(node_id=AN, store=None, bus=bus, metrics=Metrics(), prefetch=50, beat_timeout=60,
+                        ki_message_ttl=60, direct_short=True)
+        await nursery.start(an.run)
+        # "shorts": both slots busy with short tasks it took from the short queue, and four more in hand.
+        await bus.broadcast(BEATS, {**_beat("shorts", slots=2, busy=6), "long": 0})
+        # "longs": both slots held by long tasks.
+        await bus.broadcast(BEATS, {**_beat("longs", slots=2, busy=2), "long": 2})
+        await _settle()
+        await bus.publish(["l1", "l2", "l3"], headers={t: {"needs": {}} for t in ("l1", "l2", "l3")})
+        await _settle()
+        # Two slots not held by long tasks: two go there, behind short tasks only; the third waits.
+        assert [bus.depth(ki_queue(k)) for k in ("shorts", "longs")] == [2, 0]
+        assert bus.depth() == 0
+        # The third goes to the first Ki that beats with a slot free of long tasks.
+        await bus.broadcast(BEATS, _beat("idle", slots=1))
+        await _settle()
+        assert [bus.depth(ki_queue(k)) for k in ("shorts", "longs", "idle")] == [2, 0, 1]
+        nursery.cancel_scope.cancel()

@@ -9,9 +9,9 @@ A message is only a hint that work exists: the store is the truth, and a
 sweeper re-publishes what a lost message would have carried.
 """
 
-from p2pnn.bus.base import BEATS, CANCEL, TASKS, BusError, Delivery, Inbox, Subscription, TaskBus, ki_queue
+from p2pnn.bus.base import BEATS, CANCEL, SHORT, TASKS, BusError, Delivery, Inbox, Subscription, TaskBus, ki_queue
 from p2pnn.bus.local import LocalBus
 
 __all__ = [
-    "BEATS", "CANCEL", "TASKS", "BusError", "Delivery", "Inbox", "LocalBus", "Subscription", "TaskBus", "ki_queue",
+    "BEATS", "CANCEL", "SHORT", "TASKS", "BusError", "Delivery", "Inbox", "LocalBus", "Subscription", "TaskBus", "ki_queue",
 ]

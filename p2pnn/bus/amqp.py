@@ -5,6 +5,13 @@ Topology (every name starts with the configured prefix ``P``):
     P.tasks        durable queue (quorum where the server has them): the
                    swarm's task queue. Messages redelivered more than
                    ``delivery_limit`` times go to the dead-letter exchange.
+    P.short        durable queue (quorum where the server has them) of tasks
+                   known to be short: every Ki with room consumes it, no An
+                   in between. A message redelivered more than
+                   ``delivery_limit`` times (given back by full Ki), or
+                   that no Ki took within ``ki_message_ttl`` (every Ki
+                   busy with long tasks, or none consuming it), is
+                   dead-lettered to P.tasks, where an An places it.
     P.ki.<id>      durable queue of one Ki. A message nobody takes from it
                    within ``ki_message_ttl`` (its Ki died or is full) is
                    dead-lettered back to P.tasks, where an An forwards it
@@ -54,7 +61,7 @@ import pika.exceptions
 import trio
 
 from p2pnn import logs
-from p2pnn.bus.base import TASKS, BusError, Delivery, Inbox, Subscription, TaskBus
+from p2pnn.bus.base import SHORT, TASKS, BusError, Delivery, Inbox, Subscription, TaskBus
 
 log = logs.get(__name__)
 
@@ -258,6 +265,7 @@ class _Link:
         ch.queue_declare(f"{p}.dead", durable=True, arguments=self._queue_args())
         ch.queue_bind(f"{p}.dead", f"{p}.dead")
         self._declare_queue(self.name(TASKS), self._tasks_args())
+        self._declare_queue(self.name(SHORT), self._short_args())
         for topic in ("beats", "cancel"):
             ch.exchange_declare(f"{p}.{topic}", "fanout", durable=True)
         ch.close()
@@ -325,14 +333,26 @@ class _Link:
             args["x-delivery-limit"] = self.s.delivery_limit
         return args
 
-    def _ki_args(self) -> dict[str, Any]:
+    def _to_tasks_args(self) -> dict[str, Any]:
+        """A queue whose dead letters go to the shared queue, for an An to place."""
         return {
             **self._queue_args(),
-            "x-message-ttl": int(self.s.ki_message_ttl * 1000),
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": self.name(TASKS),
-            "x-expires": int(self.s.ki_queue_expires * 1000),
             **self._dead_letter_args(),
+        }
+
+    def _short_args(self) -> dict[str, Any]:
+        args = {**self._to_tasks_args(), "x-message-ttl": int(self.s.ki_message_ttl * 1000)}
+        if self.quorum:
+            args["x-delivery-limit"] = self.s.delivery_limit
+        return args
+
+    def _ki_args(self) -> dict[str, Any]:
+        return {
+            **self._to_tasks_args(),
+            "x-message-ttl": int(self.s.ki_message_ttl * 1000),
+            "x-expires": int(self.s.ki_queue_expires * 1000),
         }
 
     def declare_ki_queue(self, full_name: str) -> None:
@@ -651,7 +671,7 @@ class AmqpBus(TaskBus):
             ("", key, json.dumps({"id": t, "headers": dict((headers or {}).get(t, {}))}).encode(), None)
             for t in task_ids
         ])
-        if queue != TASKS:  # a Ki's queue: make sure it exists, or the message is returned
+        if queue not in (TASKS, SHORT):  # a Ki's queue: make sure it exists, or the message is returned
             await self._ensure_ki_queue(key)
         self.link.submit(lambda: self.link.publish(batch))
         # Shielded: the confirm settles the batch either way, and a caller cancelled meanwhile
@@ -682,7 +702,7 @@ class AmqpBus(TaskBus):
     @asynccontextmanager
     async def consume(self, queue: str, *, prefetch: int) -> AsyncIterator[Inbox]:
         send, receive = trio.open_memory_channel[Delivery](math.inf)  # bounded by prefetch
-        consumer = _Consumer(self.name(queue), max(1, prefetch), send, ki_queue=queue != TASKS)
+        consumer = _Consumer(self.name(queue), max(1, prefetch), send, ki_queue=queue not in (TASKS, SHORT))
         self.link.submit(lambda: self.link.add_consumer(consumer))
         try:
             yield _AmqpInbox(self.link, receive)

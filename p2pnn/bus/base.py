@@ -1,7 +1,7 @@
 """The TaskBus interface: named durable queues of task ids, and broadcast topics.
 
-Queues and topics have logical names (``tasks``, ``ki.<node id>``, ``beats``,
-``cancel``); a transport maps them onto its own (RabbitMQ: ``<prefix>.tasks``).
+Queues and topics have logical names (``tasks``, ``short``, ``ki.<node id>``,
+``beats``, ``cancel``); a transport maps them onto its own (RabbitMQ: ``<prefix>.tasks``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 TASKS = "tasks"  # the swarm's shared queue: API and sweeper publish here, An (or a lone Ki) consumes
+# A swarm's queue of tasks known to be short (tasks.needs_of), which need no placement: the API
+# publishes them here and every Ki with room consumes it directly, one broker hop instead of two.
+SHORT = "short"
 BEATS = "beats"  # topic: Ki capacity beats, read by An
 CANCEL = "cancel"  # topic: cancellation requests, read by every Ki
 

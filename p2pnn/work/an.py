@@ -32,6 +32,14 @@ waits behind a long one; ``pick`` looks at free slots first, so an idle slot
 anywhere is filled before any task is sent ahead.
 Both terms scale with slots, so placement stays proportional to capacity.
 
+With ``direct_short`` (bus.direct_short) tasks known to be short mostly skip
+the An: the Ki take them from the ``short`` queue themselves, and they sit in
+a Ki's hand beside what the An sent. A task that is not short (or a group)
+then needs only a slot not held by a long task: ``room = slots - long - in
+flight`` must be positive, and among the Ki with room the one with the most
+free slots (as above) is picked. The short tasks ahead of it are short, so
+it waits little, and a flood of short tasks cannot keep long ones out.
+
 A task no live Ki is able to run (it needs a GPU and none is up) is parked:
 held unacked, out of the way of the tasks behind it, and placed on the first
 beat from a Ki that could run it. At most ``prefetch // 2`` are parked at
@@ -145,10 +153,18 @@ class _KiView:
         self.oldest, self.long = oldest, long_tasks
         self.caps, self.an, self.seen = caps, an, now
 
-    def free(self, now: float, ttl: float, ahead: float = 0.0, ahead_age: float = 0.0) -> int:
-        """Tasks this Ki has room for: free slots, plus the credit ahead while its tasks are short and young."""
+    def _expire(self, now: float, ttl: float) -> None:
         while self.in_flight and self.in_flight[0] < now - ttl:
             self.in_flight.popleft()
+
+    def room(self, now: float, ttl: float) -> int:
+        """Slots held by no long task and not yet promised to one this An sent (direct short tasks)."""
+        self._expire(now, ttl)
+        return self.slots - self.long - len(self.in_flight)
+
+    def free(self, now: float, ttl: float, ahead: float = 0.0, ahead_age: float = 0.0) -> int:
+        """Tasks this Ki has room for: free slots, plus the credit ahead while its tasks are short and young."""
+        self._expire(now, ttl)
         credit = self.slots
         if ahead and self.long == 0 and (self.busy == 0 or self.oldest + (now - self.seen) < ahead_age):
             credit += math.ceil(self.slots * ahead)
@@ -176,6 +192,7 @@ class Dispatcher:
         forward_ahead: float = 0.0,
         forward_ahead_age: float = 0.0,
         park_fail_seconds: float = 300.0,
+        direct_short: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node_id = node_id
@@ -188,6 +205,7 @@ class Dispatcher:
         self.forward_ahead = forward_ahead
         self.forward_ahead_age = forward_ahead_age
         self.park_fail_seconds = park_fail_seconds
+        self.direct_short = direct_short
         self._clock = clock
         self._parked: dict[str, _Parked] = {}  # task id -> delivery held until a capable Ki beats
         self.kis: dict[str, _KiView] = {}
@@ -237,8 +255,21 @@ class Dispatcher:
 
     def pick(self, needs: dict[str, Any]) -> _KiView | None:
         """The capable Ki with the most free slots (ties: at random); when no slot is free anywhere
-        and the task is known to be short, the one with the most credit ahead left; None when all are full."""
+        and the task is known to be short, the one with the most credit ahead left; None when all are full.
+        With ``direct_short``, a task not known to be short goes to a Ki with room (see the module
+        docstring), the one with the most free slots among them."""
         now = self._clock()
+        if self.direct_short and not needs.get("short"):
+            best, best_free = [], -math.inf
+            for ki in self._live_kis():
+                if not can_run(ki.caps, needs) or ki.room(now, self.ki_message_ttl) <= 0:
+                    continue
+                free = ki.free(now, self.ki_message_ttl)
+                if free > best_free:
+                    best, best_free = [ki], free
+                elif free == best_free:
+                    best.append(ki)
+            return self._rng.choice(best) if best else None
         for ahead in (0.0, self.forward_ahead) if self.forward_ahead and needs.get("short") else (0.0,):
             best, best_free = [], 0
             for ki in self._live_kis():
@@ -267,7 +298,10 @@ class Dispatcher:
         size = min(workers, sum(k.slots for k in kis))
         if size < int(needs.get("min_workers", workers)) or size < 1:
             return None
-        free = {k.node: k.free(now, self.ki_message_ttl) for k in kis}
+        free = {
+            k.node: k.room(now, self.ki_message_ttl) if self.direct_short else k.free(now, self.ki_message_ttl)
+            for k in kis
+        }
         self._rng.shuffle(kis)  # ties broken at random, so groups do not all lead from one Ki
         ordered = sorted((k for k in kis if free[k.node] > 0), key=lambda k: -free[k.node])
         plan: dict[str, int] = {}

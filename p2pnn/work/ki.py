@@ -8,11 +8,12 @@ KiRunner  takes deliveries while a worker slot is free, claims each task in
           the store (the lease, not the message, covers it from then on),
           acks, runs it in the KiPool, renews the lease, records the outcome.
 KiAgent   the Ki role on a swarm bus: runs the KiRunner on the Ki's own
-          queue, beats its capacity (slots, tasks in hand, deliveries
-          received per An, capabilities, the An it is attached to, and the
-          tasks it finished since the last beat, so a node holding a long
-          poll learns at once) on the ``beats`` topic, and stops tasks
-          named on the ``cancel`` topic.
+          queue (and on the shared ``short`` queue, see KiRunner), beats its
+          capacity (slots, tasks in hand, deliveries received per An,
+          capabilities, the An it is attached to, and the tasks it finished
+          since the last beat, so a node holding a long poll learns at once)
+          on the ``beats`` topic, and stops tasks named on the ``cancel``
+          topic.
           ``attach(an_id)`` is the hook the control plane uses to move a Ki
           between An at runtime.
 """
@@ -65,6 +66,9 @@ MAX_GROUP = 64  # claims and results in one transaction; bounds how long the row
 # Scheduler turns a woken committer lets pass before it takes what is waiting: a freed slot's
 # next delivery reaches its claim in about that many, so it joins the result just sent.
 GATHER_TURNS = 3
+# How long a Ki that stops taking from the short queue lets the claims in flight ack on its
+# consumer before it closes (a later ack is lost and the task's message delivered again, harmlessly).
+SHORT_SETTLE_SECONDS = 1.0
 
 
 class _Waiter:
@@ -165,6 +169,18 @@ class KiRunner:
     without claim ahead. A short task waits at most for the short ones ahead
     of it; one claimed and still waiting when the runner stops is handed back.
 
+    Direct short tasks: with ``short_queue`` (a swarm with ``bus.direct_short``)
+    the runner also consumes that shared queue, with prefetch ``slots +
+    take_ahead`` and in the same ``hand`` budget, and claims its tasks ahead as
+    above; as every Ki takes them as fast as it finishes them, the split stays
+    proportional to slots. It takes from it only while at least one slot is not
+    held by a long task (not known to be short, or a group's ranks), so a short
+    task never waits behind long ones: a short delivery that finds every slot
+    long is given back (nack, requeued) and the consumer closes, giving back
+    what it prefetched, until a long task ends. A short message given back more
+    than ``delivery_limit`` times is dead-lettered to the shared queue (an An
+    places it).
+
     ``in_hand`` (deliveries taken and not yet finished) and ``received`` (per
     forwarding An) are what a Ki's beat reports; ``on_change`` is called
     whenever they change.
@@ -181,10 +197,12 @@ class KiRunner:
         lease_seconds: float,
         queue: str = TASKS,
         take_ahead: int = 0,
+        short_queue: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.node_id = node_id
         self.queue = queue
+        self.short_queue = short_queue
         self.take_ahead = take_ahead
         self.store = store
         self.bus = bus
@@ -202,11 +220,17 @@ class KiRunner:
         self.received: dict[str, int] = {}  # forwarding An -> deliveries taken from it
         self.on_change: Callable[[], None] = lambda: None
         self.on_finished: Callable[[str], None] = lambda task_id: None  # a task's terminal result was recorded here
+        self._hand_changed = trio.Event()  # set whenever a delivery is taken or done
+        self._short_unsettled = 0  # deliveries from the short queue taken and not yet acked or nacked
 
     @property
     def long_in_hand(self) -> int:
         """Tasks in hand not known to be short: an An sends nothing ahead to a Ki holding one."""
         return len(self._long_in_hand)
+
+    def room_for_short(self) -> bool:
+        """Whether a slot is not held by a long task, so a short task taken now waits for short ones only."""
+        return self.long_in_hand + self.group_ranks < self.pool.slots
 
     def oldest_in_hand(self) -> float:
         """Seconds the oldest task in hand has been here (0 with none): an An forwards ahead only to young ones."""
@@ -229,27 +253,87 @@ class KiRunner:
         prefetch = self.pool.slots + self.take_ahead
         async with self.bus.consume(self.queue, prefetch=prefetch) as inbox, trio.open_nursery() as nursery:
             await nursery.start(self._commits.run)
+            if self.short_queue is not None:
+                nursery.start_soon(self._take_short, nursery, hand, slots)
             task_status.started()
             while True:
-                await hand.acquire()
+                # Received first, then counted: a permit is never held while waiting on one queue
+                # that the other queue's next delivery needs.
                 delivery = await inbox.receive()
-                self.in_hand += 1
-                self._in_hand_since[id(delivery)] = time.monotonic()
-                short = bool((delivery.headers.get("needs") or {}).get("short"))
-                if not short:
-                    self._long_in_hand.add(id(delivery))
-                an = str(delivery.headers.get("an", ""))
-                # A group's part counts as its ranks: the An reserved that many slots for it.
-                self.received[an] = self.received.get(an, 0) + _group_of(delivery).get("ranks", 1)
-                if not short:  # a short task taken changes no An's count of free room (busy +1, in flight -1)
-                    self.on_change()
-                nursery.start_soon(self._handle, inbox, delivery, hand, slots, short)
+                await hand.acquire()
+                self._take(nursery, inbox, delivery, hand, slots, direct=False)
+
+    def _take(
+        self, nursery: trio.Nursery, inbox: Inbox, delivery: Delivery, hand: trio.Semaphore, slots: trio.Semaphore,
+        *, direct: bool,
+    ) -> None:
+        """Count a delivery in hand (its ``hand`` permit is held) and start handling it."""
+        self.in_hand += 1
+        self._in_hand_since[id(delivery)] = time.monotonic()
+        short = bool((delivery.headers.get("needs") or {}).get("short"))
+        if not short:
+            self._long_in_hand.add(id(delivery))
+        if not direct:
+            an = str(delivery.headers.get("an", ""))
+            # A group's part counts as its ranks: the An reserved that many slots for it.
+            self.received[an] = self.received.get(an, 0) + _group_of(delivery).get("ranks", 1)
+        else:
+            self._short_unsettled += 1
+        if not short:  # a short task taken changes no An's count of free room (busy +1, in flight -1)
+            self.on_change()
+        self._changed()
+        nursery.start_soon(self._handle, inbox, delivery, hand, slots, short, direct)
+
+    def _changed(self) -> None:
+        self._hand_changed.set()
+        self._hand_changed = trio.Event()
+
+    async def _take_short(self, nursery: trio.Nursery, hand: trio.Semaphore, slots: trio.Semaphore) -> None:
+        """Consume the short queue while there is room for short tasks (see the class docstring)."""
+        assert self.short_queue is not None
+        prefetch = self.pool.slots + self.take_ahead
+        while True:
+            while not self.room_for_short():
+                await self._hand_changed.wait()
+            async with self.bus.consume(self.short_queue, prefetch=prefetch) as inbox:
+                while True:
+                    delivery = await inbox.receive()
+                    # A permit as soon as one is free, unless long tasks take every slot meanwhile.
+                    while self.room_for_short() and not self._try_acquire(hand):
+                        await self._hand_changed.wait()
+                    if not self.room_for_short():
+                        await inbox.nack(delivery)
+                        log.info("ki.short_paused", task_id=delivery.task_id, long=self.long_in_hand)
+                        break
+                    self._take(nursery, inbox, delivery, hand, slots, direct=True)
+                # Closing the consumer gives back what it prefetched; first let the claims in
+                # flight ack on it, so their messages are not delivered again.
+                with trio.move_on_after(SHORT_SETTLE_SECONDS):
+                    while self._short_unsettled:
+                        await self._hand_changed.wait()
+
+    @staticmethod
+    def _try_acquire(semaphore: trio.Semaphore) -> bool:
+        try:
+            semaphore.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        return True
 
     async def _handle(
-        self, inbox: Inbox, delivery: Delivery, hand: trio.Semaphore, slots: trio.Semaphore, short: bool
+        self, inbox: Inbox, delivery: Delivery, hand: trio.Semaphore, slots: trio.Semaphore, short: bool,
+        direct: bool = False,
     ) -> None:
         freed = False
         has_slot = False
+        unsettled = direct
+
+        def settled() -> None:
+            nonlocal unsettled
+            if unsettled:
+                unsettled = False
+                self._short_unsettled -= 1
+                self._changed()
 
         async def take_slot() -> None:
             nonlocal has_slot
@@ -267,6 +351,7 @@ class KiRunner:
                     slots.release()
                 hand.release()
                 self.on_change()
+                self._changed()
 
         group = _group_of(delivery)
         try:
@@ -276,7 +361,7 @@ class KiRunner:
                 await inbox.ack(delivery)
                 await self._join_group(delivery.task_id, group, free_slot)
                 return
-            if not (short and self.take_ahead):
+            if not (short and (self.take_ahead or direct)):
                 await take_slot()  # claimed only once it can run
             try:
                 task = await self._claim(delivery.task_id)
@@ -284,15 +369,18 @@ class KiRunner:
                 self.metrics.transient_faults.labels(component="store", operation="claim").inc()
                 log.warning("store.claim_failed", task_id=delivery.task_id, error=str(exc))
                 await inbox.nack(delivery)
+                settled()
                 await trio.sleep(STORE_RETRY_SECONDS)
                 return
             # From here the lease, not the message, covers the task: a run may outlast any broker timeout.
             await inbox.ack(delivery)
+            settled()
             if task is not None:
                 await self._execute(task, free_slot, group, None if has_slot else take_slot)
             else:  # taken elsewhere, cancelled or finished meanwhile: a duplicate message
                 self.metrics.stale_deliveries.inc()
         finally:
+            settled()
             free_slot()
 
     async def _claim(self, task_id: str) -> Task | None:
@@ -684,10 +772,12 @@ class KiAgent:
     def beat(self) -> dict[str, Any]:
         r = self.runner
         self._long_beaten = r.long_in_hand
+        # ``long`` counts a group's extra ranks too: slots an An cannot count on soon.
         return {
             "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand + r.group_ranks,
             "received": dict(r.received), "caps": self.caps, "an": self.an_id, "at": time.time(),
-            "oldest": round(r.oldest_in_hand(), 3), "long": r.long_in_hand, "finished": self._take_finished(),
+            "oldest": round(r.oldest_in_hand(), 3), "long": r.long_in_hand + r.group_ranks,
+            "finished": self._take_finished(),
         }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
