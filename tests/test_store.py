@@ -630,6 +630,97 @@ async def test_apply_runs_claims_and_finishes_in_one_transaction_each_as_alone(s
         await store.apply([FinishOp(taken_id, 1, State.RUNNING)], now=T0)
 
 
+async def _counts_of_tasks(store: TaskStore) -> dict[tuple[str, str], int]:
+    """What counts() should say: the tasks table itself, grouped."""
+    rows = await store._transact(lambda db: db.rows("SELECT state, kind, COUNT(*) FROM tasks GROUP BY state, kind"),
+                                 write=False)
+    return {(r[0], r[1]): int(r[2]) for r in rows}
+
+
+async def test_apply_claims_queued_and_pending_tasks_together_and_counts_each_from_its_state(store: TaskStore) -> None:
+    from p2pnn.store import ClaimOp
+
+    tasks, _ = await store.create([new(), new(), new(kind="train"), new(kind="train")], now=T0)
+    await store.mark_queued([tasks[0].id, tasks[2].id], now=T0)  # two queued, two still pending
+    gone = (await store.create([new()], now=T0))[0][0]
+    await store.request_cancel(gone.id, now=T0)
+    out = await store.apply([ClaimOp(t.id, "ki-1", LEASE) for t in tasks] + [ClaimOp(gone.id, "ki-1", LEASE)],
+                            now=T0 + 1)
+    assert [t.id for t in out[:4]] == [t.id for t in tasks] and out[4] is None
+    assert all(t.state is State.RUNNING and t.attempts == 1 and t.lease_owner == "ki-1" for t in out[:4])
+    assert await store.counts() == await _counts_of_tasks(store) == {
+        ("running", "echo"): 2, ("running", "train"): 2, ("cancelled", "echo"): 1}
+
+
+async def test_apply_finishes_the_current_attempt_and_refuses_a_stale_one_in_the_same_group(store: TaskStore) -> None:
+    from p2pnn.store import ClaimOp, FinishOp
+
+    current, attempt = await running(store)
+    stale, first = await running(store, lease=SHORT_LEASE)
+    await trio.sleep(2 * SHORT_LEASE)
+    assert await store.expire_leases(now=T0 + 1) == [(stale, State.QUEUED)]
+    again = await store.claim(stale, worker="ki-2", now=T0 + 1, lease_seconds=LEASE)
+    await store.put_artifact(stale, "ckpt", b"x", now=T0 + 1)
+    other, _ = await running(store)
+    out = await store.apply([
+        FinishOp(stale, first, State.SUCCEEDED, result={"late": True}, worker="ki-1"),  # the lapsed attempt
+        FinishOp(current, attempt, State.SUCCEEDED, result={"ok": 1}, worker="ki-1"),
+        FinishOp(other, 1, State.FAILED, error="x", worker="ki-9"),  # not its lease holder
+    ], now=T0 + 2)
+    assert out == [False, True, False]
+    assert (await store.get(stale)).result is None and (await store.get(stale)).attempts == again.attempts == 2
+    assert (await store.get(current)).result == {"ok": 1}
+    assert (await store.get(other)).state is State.RUNNING
+    # A re-attempt claimed in a group learns the artifacts the earlier attempt left.
+    await store.release(stale, attempt=2, now=T0 + 3, worker="ki-2")
+    (taken,) = await store.apply([ClaimOp(stale, "ki-1", LEASE)], now=T0 + 3)
+    assert taken.artifacts == ["ckpt"] and taken.attempts == 2
+    assert await store.counts() == await _counts_of_tasks(store)
+
+
+async def test_apply_finishes_cancelled_only_where_a_cancel_was_requested(store: TaskStore) -> None:
+    from p2pnn.store import FinishOp
+
+    asked, _ = await running(store)
+    unasked, _ = await running(store)
+    await store.request_cancel(asked, now=T0)
+    out = await store.apply([
+        FinishOp(unasked, 1, State.CANCELLED, error="cancelled", worker="ki-1"),
+        FinishOp(asked, 1, State.CANCELLED, error="cancelled", worker="ki-1"),
+    ], now=T0 + 1)
+    assert out == [False, True]
+    assert (await store.get(unasked)).state is State.RUNNING
+    assert (await store.get(asked)).state is State.CANCELLED
+    assert await store.counts() == await _counts_of_tasks(store)
+
+
+async def test_apply_mixing_claims_and_finishes_keeps_counts_equal_to_the_tasks(store: TaskStore) -> None:
+    """A group of every kind of step, twice over (the second group finds most steps refused),
+    and one naming a task twice (applied step by step: the first claim wins)."""
+    from p2pnn.store import ClaimOp, FinishOp
+
+    runs = [await running(store) for _ in range(4)]
+    fresh, _ = await store.create([new(kind="train") for _ in range(4)], now=T0)
+    await store.mark_queued([fresh[0].id, fresh[1].id], now=T0)
+    await store.request_cancel(runs[3][0], now=T0)
+    group = [
+        FinishOp(runs[0][0], 1, State.SUCCEEDED, result={"n": 0}, worker="ki-1"),
+        FinishOp(runs[1][0], 1, State.FAILED, error="boom", worker="ki-1"),
+        FinishOp(runs[2][0], 1, State.SUCCEEDED, result={"loss": float("nan")}),
+        FinishOp(runs[3][0], 1, State.CANCELLED, error="cancelled", worker="ki-1"),
+    ] + [ClaimOp(t.id, "ki-2", LEASE) for t in fresh]
+    first = await store.apply(group, now=T0 + 1)
+    assert first[:4] == [True] * 4 and all(isinstance(t, Task) for t in first[4:])
+    assert (await store.get(runs[2][0])).result == {"loss": None}
+    assert await store.apply(group, now=T0 + 2) == [False] * 4 + [None] * 4
+    (late,), _ = await store.create([new()], now=T0)
+    twice = await store.apply([ClaimOp(late.id, "ki-1", LEASE), ClaimOp(late.id, "ki-2", LEASE)], now=T0 + 3)
+    assert twice[0].lease_owner == "ki-1" and twice[1] is None
+    assert await store.counts() == await _counts_of_tasks(store) == {
+        ("succeeded", "echo"): 2, ("failed", "echo"): 1, ("cancelled", "echo"): 1, ("running", "train"): 4,
+        ("running", "echo"): 1}
+
+
 async def test_a_relaxed_transaction_alone_commits_without_waiting_for_the_disk(store: TaskStore) -> None:
     """Inside a relaxed transaction the commit does not wait for the disk (PostgreSQL:
     synchronous_commit off; SQLite on a file: synchronous NORMAL); the setting does not leak into

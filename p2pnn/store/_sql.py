@@ -19,6 +19,7 @@ import base64
 import binascii
 import json
 import collections
+import dataclasses
 import math
 import random
 import uuid
@@ -78,6 +79,9 @@ class Dialect:
     json_type: str
     blob_type: str
     now: str  # the database's own time, in Unix seconds, as an SQL expression
+    # Whether concurrent transactions write (and so SELECT ... FOR UPDATE takes row locks): SQLite
+    # has one writer at a time and no FOR UPDATE.
+    locks_rows: bool = False
 
     def sql(self, text: str) -> str:
         """``text`` with ``?`` placeholders in this dialect's style (no query here contains a literal ``?``)
@@ -104,7 +108,7 @@ SQLITE = Dialect(
 # NUMERIC on PostgreSQL 14+ and a FLOAT on CockroachDB; the cast makes both a DOUBLE PRECISION.
 POSTGRES = Dialect(
     "postgres", "%s", uuid_type="UUID", json_type="JSONB", blob_type="BYTEA",
-    now="CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)",
+    now="CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)", locks_rows=True,
 )
 
 
@@ -460,28 +464,21 @@ class SqlTaskStore(TaskStore):
                                     write=True)
 
     async def apply(self, ops: Sequence[ClaimOp | FinishOp], *, now: float) -> list[Task | None | bool]:
+        """As TaskStore's: all the claims in one statement and all the finishes in another, each
+        locking its rows in task id order; a group naming one task twice runs step by step instead
+        (in task id order, then in the order given), so a later step sees what an earlier one did."""
         for op in ops:
             if isinstance(op, FinishOp) and not State(op.state).terminal:
                 raise ValueError(f"finish needs a terminal state, got {State(op.state).value}")
-        # Rows are locked in task id order, so two batches touching the same tasks cannot deadlock.
-        order = sorted(range(len(ops)), key=lambda i: ops[i].task_id)
-
-        def run(moves: list[tuple[str, str, str]], db: Db) -> list[Task | None | bool]:
-            out: list[Task | None | bool] = [None] * len(ops)
-            for i in order:
-                op, tid = ops[i], parse_id(ops[i].task_id)
-                if isinstance(op, ClaimOp):
-                    out[i] = None if tid is None else _claim(db, tid, op.worker, now, op.lease_seconds, moves)
-                else:
-                    out[i] = tid is not None and _transition(
-                        db, tid, FINISH_ASSIGNMENTS, _finish_params(op.state, op.result, op.error, now), op.attempt,
-                        op.worker, moves, _finish_condition(op.state),
-                    ) is not None
-            return out
-
+        tids = [parse_id(op.task_id) for op in ops]
+        named = [tid for tid in tids if tid is not None]
+        stepwise = len(set(named)) < len(named)  # a task named twice: see the docstring
+        run = _apply_stepwise if stepwise else _apply_together
         # Claims alone commit without waiting for the disk (see _transact); a result always waits.
         relaxed = all(isinstance(op, ClaimOp) for op in ops)
-        return await self._transact(lambda db: _counted(db, lambda moves: run(moves, db)), write=True, relaxed=relaxed)
+        return await self._transact(
+            lambda db: _counted(db, lambda moves: run(db, ops, tids, now, moves)), write=True, relaxed=relaxed
+        )
 
     async def _transition(
         self,
@@ -918,18 +915,22 @@ def _finish_condition(state: State) -> str:
     return "cancel_requested" if State(state) is State.CANCELLED else ""
 
 
+# What a claim sets. progress belongs to an attempt: a new attempt starts without one.
+CLAIM_ASSIGNMENTS = (
+    "state = 'running', attempts = attempts + 1, lease_owner = ?, lease_expires_at = {now} + ?, started_at = ?, "
+    "updated_at = ?, progress = NULL"
+)
+
+
 def _claim(db: Db, tid: str, worker: str, now: float, lease_seconds: float, moves: list[tuple[str, str, str]]) -> Task | None:
     """``claim`` inside a transaction; the move it made is appended to ``moves``."""
     # A pending task is claimed too: its message is what the worker holds, so it was
     # published; only the API's "mark queued" has not landed yet. Queued first: the usual case.
     # Queued once more at the end: the API may mark it queued between the first two statements
     # (each sees the latest committed row), and pending -> queued happens only once.
-    # progress belongs to an attempt: a new attempt starts without one.
     for before in (State.QUEUED.value, State.PENDING.value, State.QUEUED.value):
         row = db.one(
-            "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?, "
-            "lease_expires_at = {now} + ?, started_at = ?, updated_at = ?, progress = NULL WHERE id = ? AND state = ? "
-            f"RETURNING {TASK_COLUMNS}",
+            f"UPDATE tasks SET {CLAIM_ASSIGNMENTS} WHERE id = ? AND state = ? RETURNING {TASK_COLUMNS}",
             (worker, lease_seconds, now, now, tid, before),
         )
         if row is not None:
@@ -939,6 +940,122 @@ def _claim(db: Db, tid: str, worker: str, now: float, lease_seconds: float, move
             moves.append((task.kind, before, State.RUNNING.value))
             return task
     return None
+
+
+def _apply_stepwise(
+    db: Db, ops: Sequence[ClaimOp | FinishOp], tids: list[str | None], now: float, moves: list[tuple[str, str, str]]
+) -> list[Task | None | bool]:
+    """``apply`` one step at a time, in task id order (so two groups cannot deadlock)."""
+    out: list[Task | None | bool] = [None] * len(ops)
+    for i in sorted(range(len(ops)), key=lambda i: ops[i].task_id):
+        op, tid = ops[i], tids[i]
+        if isinstance(op, ClaimOp):
+            out[i] = None if tid is None else _claim(db, tid, op.worker, now, op.lease_seconds, moves)
+        else:
+            out[i] = tid is not None and _transition(
+                db, tid, FINISH_ASSIGNMENTS, _finish_params(op.state, op.result, op.error, now), op.attempt,
+                op.worker, moves, _finish_condition(op.state),
+            ) is not None
+    return out
+
+
+def _apply_together(
+    db: Db, ops: Sequence[ClaimOp | FinishOp], tids: list[str | None], now: float, moves: list[tuple[str, str, str]]
+) -> list[Task | None | bool]:
+    """``apply`` of a group that names each task at most once: one claim statement (per worker and
+    lease length: one in practice), then one finish statement.
+
+    Lock order: each statement locks its rows in task id order. A claim locks only rows it sees
+    pending or queued and a finish only rows it sees running, and every group claims before it
+    finishes, so no two groups can each hold a row the other waits for."""
+    out: list[Task | None | bool] = [None if isinstance(op, ClaimOp) else False for op in ops]
+    claims: dict[tuple[str, float], list[tuple[str, int]]] = {}
+    finishes: list[tuple[str, int]] = []
+    for i, (op, tid) in enumerate(zip(ops, tids)):
+        if tid is None:
+            continue
+        if isinstance(op, ClaimOp):
+            claims.setdefault((op.worker, float(op.lease_seconds)), []).append((tid, i))
+        else:
+            finishes.append((tid, i))
+    for (worker, lease_seconds), group in claims.items():
+        claimed = _claim_many(db, sorted(tid for tid, _ in group), worker, lease_seconds, now, moves)
+        for tid, i in group:
+            out[i] = claimed.get(tid)
+    if finishes:
+        finishes.sort()
+        won = _finish_many(db, [(tid, ops[i]) for tid, i in finishes], now, moves)  # type: ignore[misc]
+        for tid, i in finishes:
+            out[i] = tid in won
+    return out
+
+
+_CLAIMABLE = "('queued', 'pending')"  # a pending task's message was published too: see _claim
+
+
+def _claim_many(
+    db: Db, tids: list[str], worker: str, lease_seconds: float, now: float, moves: list[tuple[str, str, str]]
+) -> dict[str, Task]:
+    """Claim the tasks ``tids`` (sorted) for ``worker``: the ones claimed, by id.
+
+    Each move is counted from the state the claim found, which is the task's latest: PostgreSQL
+    reads it under the row lock in the same statement (the API may mark a task queued until then);
+    SQLite's transaction holds the database's write lock, so nothing changes between two statements."""
+    ids = _in_list(len(tids))
+    set_params = (worker, lease_seconds, now, now)
+    if db.dialect.locks_rows:
+        columns = ", ".join(f"tasks.{c}" for c in TASK_COLUMNS.split(", "))
+        rows = db.rows(
+            f"WITH old AS (SELECT id, state FROM tasks WHERE id IN {ids} AND state IN {_CLAIMABLE} "
+            f"ORDER BY id FOR UPDATE) UPDATE tasks SET {CLAIM_ASSIGNMENTS} FROM old "
+            f"WHERE tasks.id = old.id AND tasks.state IN {_CLAIMABLE} RETURNING old.state, {columns}",
+            (*tids, *set_params),
+        )
+        found = [(row[0], row[1:]) for row in rows]
+    else:
+        before = {str(r[0]): r[1] for r in db.rows(f"SELECT id, state FROM tasks WHERE id IN {ids} AND state IN {_CLAIMABLE}", tids)}
+        if not before:
+            return {}
+        rows = db.rows(
+            f"UPDATE tasks SET {CLAIM_ASSIGNMENTS} WHERE id IN {_in_list(len(before))} AND state IN {_CLAIMABLE} "
+            f"RETURNING {TASK_COLUMNS}",
+            (*set_params, *before),
+        )
+        found = [(before[str(row[0])], row) for row in rows]
+    tasks = {str(row[0]): task_from_row(row) for _, row in found}
+    again = sorted(tid for tid, task in tasks.items() if task.attempts > 1)  # only those can have artifacts
+    if again:
+        names: dict[str, list[str]] = {}
+        for task_id, name in db.rows(f"SELECT task_id, name FROM artifacts WHERE task_id IN {_in_list(len(again))}", again):
+            names.setdefault(str(task_id), []).append(name)
+        for tid in again:
+            tasks[tid] = dataclasses.replace(tasks[tid], artifacts=sorted(names.get(tid, [])))
+    for old_state, row in found:
+        moves.append((row[1], old_state, State.RUNNING.value))
+    return tasks
+
+
+def _finish_many(db: Db, finishes: list[tuple[str, FinishOp]], now: float, moves: list[tuple[str, str, str]]) -> set[str]:
+    """Every ``finish`` of ``finishes`` (sorted by task id, each task once) in one statement, with
+    each one's conditions; the ids of those that won."""
+    d = db.dialect
+    values = ", ".join(f"(CAST(? AS {d.uuid_type}), CAST(? AS INTEGER), ?, ?, ?, ?)" for _ in finishes)
+    params: list[Any] = []
+    for tid, op in finishes:
+        params += (tid, op.attempt, op.worker, State(op.state).value, dump_json(op.result), op.error)
+    rows = db.rows(
+        f"WITH v (id, attempt, worker, state, result, error) AS (VALUES {values}) "
+        f"UPDATE tasks SET state = v.state, result = CAST(v.result AS {d.json_type}), error = v.error, "
+        "finished_at = ?, updated_at = ?, lease_expires_at = NULL "
+        "FROM v WHERE tasks.id = v.id AND tasks.state = 'running' AND tasks.attempts = v.attempt "
+        "AND (v.worker IS NULL OR tasks.lease_owner = v.worker) "
+        f"AND (v.state <> '{State.CANCELLED.value}' OR tasks.cancel_requested) "  # as _finish_condition
+        "RETURNING tasks.id, tasks.kind, tasks.state",
+        (*params, now, now),
+    )
+    for _, kind, state in rows:
+        moves.append((kind, State.RUNNING.value, state))
+    return {str(r[0]) for r in rows}
 
 
 def _transition(
