@@ -970,22 +970,33 @@ def _apply_together(
     finishes, so no two groups can each hold a row the other waits for."""
     out: list[Task | None | bool] = [None if isinstance(op, ClaimOp) else False for op in ops]
     claims: dict[tuple[str, float], list[tuple[str, int]]] = {}
-    finishes: list[tuple[str, int]] = []
+    finishes: list[tuple[str, int, FinishOp]] = []
     for i, (op, tid) in enumerate(zip(ops, tids)):
         if tid is None:
             continue
         if isinstance(op, ClaimOp):
             claims.setdefault((op.worker, float(op.lease_seconds)), []).append((tid, i))
         else:
-            finishes.append((tid, i))
+            finishes.append((tid, i, op))
+    # One row alone takes the plain statement of claim or finish: PostgreSQL plans it for less than the join.
     for (worker, lease_seconds), group in claims.items():
+        if len(group) == 1:
+            ((tid, i),) = group
+            out[i] = _claim(db, tid, worker, now, lease_seconds, moves)
+            continue
         claimed = _claim_many(db, sorted(tid for tid, _ in group), worker, lease_seconds, now, moves)
         for tid, i in group:
             out[i] = claimed.get(tid)
-    if finishes:
-        finishes.sort()
-        won = _finish_many(db, [(tid, ops[i]) for tid, i in finishes], now, moves)  # type: ignore[misc]
-        for tid, i in finishes:
+    if len(finishes) == 1:
+        ((tid, i, op),) = finishes
+        out[i] = _transition(
+            db, tid, FINISH_ASSIGNMENTS, _finish_params(op.state, op.result, op.error, now), op.attempt, op.worker,
+            moves, _finish_condition(op.state),
+        ) is not None
+    elif finishes:
+        finishes.sort(key=lambda f: f[0])
+        won = _finish_many(db, [(tid, op) for tid, _, op in finishes], now, moves)
+        for tid, i, _ in finishes:
             out[i] = tid in won
     return out
 
