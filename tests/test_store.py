@@ -721,6 +721,25 @@ async def test_apply_mixing_claims_and_finishes_keeps_counts_equal_to_the_tasks(
         ("running", "echo"): 1}
 
 
+async def test_postgresql_prepares_repeated_statements_but_plans_each_run_for_its_values(store: TaskStore) -> None:
+    """Prepared statements only with custom plans: a generic plan once read every task in a state
+    through the (state, ...) index instead of taking the primary key."""
+    from p2pnn.store.postgres import PostgresTaskStore
+
+    if not isinstance(store, PostgresTaskStore):
+        return
+    tasks, _ = await store.create([new() for _ in range(3)], now=T0)
+
+    def gets_thrice(db):
+        for t in tasks:
+            db.one("SELECT state FROM tasks WHERE id = ?", (t.id,))
+        modes = db.one("SHOW plan_cache_mode")[0]
+        prepared = db.rows("SELECT statement FROM pg_prepared_statements WHERE position('SELECT state FROM tasks' in statement) = 1")
+        return modes, len(prepared)
+
+    assert await store._transact(gets_thrice, write=False) == ("force_custom_plan", 1)
+
+
 async def test_a_relaxed_transaction_alone_commits_without_waiting_for_the_disk(store: TaskStore) -> None:
     """Inside a relaxed transaction the commit does not wait for the disk (PostgreSQL:
     synchronous_commit off; SQLite on a file: synchronous NORMAL); the setting does not leak into

@@ -53,6 +53,14 @@ TCP_USER_TIMEOUT_MS = 5_000  # unacknowledged data older than this kills the con
 # Run first in a relaxed transaction (see SqlTaskStore._transact): PostgreSQL then answers the
 # commit without waiting for the WAL flush, which takes milliseconds; a later durable commit flushes it too.
 RELAXED_COMMIT = "SET LOCAL synchronous_commit = off"
+# Server-side prepared statements spare the server parsing and analysing the store's statements on
+# every run, but only with a plan made for each run's values: a generic plan made while the tasks
+# table was new and small looked tasks up through a (state, ...) index instead of the primary key,
+# reading every task in that state on each claim and finish. So a connection prepares its statements
+# only once the server took CUSTOM_PLANS_ONLY (PostgreSQL 12+), after this many runs of one statement
+# text: the hot ones reach it at once, one-off statements never do.
+PREPARE_THRESHOLD = 2
+CUSTOM_PLANS_ONLY = "SET plan_cache_mode = force_custom_plan"
 # 40003 statement_completion_unknown: CockroachDB lost track of whether a commit happened.
 AMBIGUOUS_COMMIT_SQLSTATE = "40003"
 
@@ -86,10 +94,8 @@ def connection_settings(connect_timeout: float, statement_timeout: float) -> dic
         "autocommit": True,
         "connect_timeout": max(1, round(connect_timeout)),  # libpq takes whole seconds
         "application_name": "p2pnn",
-        # No server-side prepared statements. A generic plan made while the tasks table was new and
-        # small looked tasks up through a (state, ...) index instead of the primary key, reading
-        # every task in that state on each claim and finish; an unnamed statement is planned for
-        # its actual values, and takes the primary key.
+        # No server-side prepared statements unless the server plans each run for its values
+        # (PostgresTaskStore._configure turns them on where it does; see PREPARE_THRESHOLD).
         "prepare_threshold": None,
         "keepalives": 1,
         "keepalives_idle": KEEPALIVE_IDLE,
@@ -208,7 +214,8 @@ class PostgresTaskStore(SqlTaskStore):
 
     Resource handling: ``open`` starts a pool of up to ``pool_size``
     connections, creates ``schema`` if it is missing and migrates it; every
-    pooled connection has its ``search_path`` set to that schema. ``close``
+    pooled connection has its ``search_path`` set to that schema, and prepares the statements it
+    runs repeatedly where the server plans each run afresh (see PREPARE_THRESHOLD). ``close``
     closes the pool and its threads.
 
     Error handling: an unreachable database raises StoreError from ``open``
@@ -249,6 +256,11 @@ class PostgresTaskStore(SqlTaskStore):
         # JSON comes back as text, to be decoded by the code SQLite's rows share.
         conn.adapters.register_loader("jsonb", TextLoader)
         conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self._schema)))
+        try:
+            conn.execute(CUSTOM_PLANS_ONLY)
+        except psycopg.Error:
+            return  # a server without the setting: statements stay unprepared on this connection
+        conn.prepare_threshold = PREPARE_THRESHOLD
 
     async def open(self) -> None:
         if self._pool is not None:
