@@ -734,10 +734,55 @@ async def test_postgresql_prepares_repeated_statements_but_plans_each_run_for_it
         for t in tasks:
             db.one("SELECT state FROM tasks WHERE id = ?", (t.id,))
         modes = db.one("SHOW plan_cache_mode")[0]
-        prepared = db.rows("SELECT statement FROM pg_prepared_statements WHERE position('SELECT state FROM tasks' in statement) = 1")
+        prepared = db.rows(
+            "SELECT statement FROM pg_prepared_statements WHERE position('SELECT state FROM tasks' in statement) = 1"
+        )
         return modes, len(prepared)
 
     assert await store._transact(gets_thrice, write=False) == ("force_custom_plan", 1)
+
+
+async def test_postgresql_finds_a_groups_tasks_by_primary_key_whatever_the_statistics(store: TaskStore) -> None:
+    """Statistics gathered while every task was pending once made PostgreSQL look a group's tasks up
+    through a (state, ...) index, reading every entry that state ever had."""
+    from p2pnn.store import ClaimOp, FinishOp
+    from p2pnn.store._sql import POSTGRES, Db
+    from p2pnn.store.postgres import PostgresTaskStore
+
+    if not isinstance(store, PostgresTaskStore):
+        return
+    tasks, _ = await store.create([new() for _ in range(500)], now=T0)
+    await store._transact(lambda db: db.run("ANALYZE tasks"), write=True)  # every task pending, none running
+    await store.mark_queued([t.id for t in tasks], now=T0)
+    held = await store.apply([ClaimOp(t.id, "ki-1", LEASE) for t in tasks[:3]], now=T0)
+    group = [FinishOp(t.id, 1, State.SUCCEEDED, worker="ki-1") for t in held]
+    group += [ClaimOp(t.id, "ki-1", LEASE) for t in tasks[3:6]]
+    seen: list[tuple[str, tuple]] = []
+
+    class Recording(Db):
+        def rows(self, text, params=()):
+            seen.append((self.dialect.sql(text), tuple(params)))
+            return super().rows(text, params)
+
+    def plans(db: Db) -> list[str]:
+        return ["\n".join(r[0] for r in db.conn.execute("EXPLAIN " + text, params).fetchall()) for text, params in seen
+                if text.startswith("WITH")]
+
+    async def apply_recorded(ops):
+        return await store._transact(lambda db: store_apply(db, ops), write=True)
+
+    from p2pnn.store._sql import _apply_together, _counted
+
+    def store_apply(db: Db, ops):
+        rec = Recording(db.conn, POSTGRES)
+        return _counted(rec, lambda moves: _apply_together(rec, ops, [op.task_id for op in ops], T0, moves))
+
+    out = await apply_recorded(group)
+    assert out[:3] == [True] * 3 and all(isinstance(t, Task) for t in out[3:])
+    found = await store._transact(plans, write=False)
+    assert len(found) == 2  # the claims and the finishes
+    for plan in found:
+        assert "tasks_pkey" in plan and "tasks_by_state" not in plan, plan
 
 
 async def test_a_relaxed_transaction_alone_commits_without_waiting_for_the_disk(store: TaskStore) -> None:

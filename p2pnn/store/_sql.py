@@ -8,8 +8,12 @@ conditional update included, lives here so the two backends cannot drift apart.
 
 SQL is written with ``?`` placeholders and only the constructs SQLite,
 PostgreSQL and CockroachDB all accept: ``UPDATE ... RETURNING``,
-``INSERT ... ON CONFLICT``, row-value comparisons, ``CASE``, ``IN (...)`` lists
-rather than ``= ANY(array)`` (a text array does not compare with a UUID column).
+``WITH v (...) AS (VALUES ...) UPDATE ... FROM v`` (SQLite 3.33+; RETURNING
+already needs 3.35), ``INSERT ... ON CONFLICT``, row-value comparisons, ``CASE``,
+``IN (...)`` lists rather than ``= ANY(array)`` (a text array does not compare
+with a UUID column). One statement differs by dialect: a group's claims read
+each task's state under a ``FOR UPDATE`` lock in the same statement where rows
+are locked (``Dialect.locks_rows``), and in a statement of their own on SQLite.
 """
 
 from __future__ import annotations
@@ -1002,6 +1006,11 @@ def _apply_together(
 
 
 _CLAIMABLE = "('queued', 'pending')"  # a pending task's message was published too: see _claim
+# A task's state where a statement finds its rows by a list of ids: as an expression, which no index
+# covers, so that PostgreSQL takes the primary key. With statistics gathered while few tasks were in
+# that state, it scanned a (state, ...) index instead, reading every entry that state ever had (the
+# dead ones too): a thousand rows and more per claim or finish in a run of a few thousand tasks.
+_STATE_BY_ID = "(tasks.state || '')"
 
 
 def _claim_many(
@@ -1017,14 +1026,15 @@ def _claim_many(
     if db.dialect.locks_rows:
         columns = ", ".join(f"tasks.{c}" for c in TASK_COLUMNS.split(", "))
         rows = db.rows(
-            f"WITH old AS (SELECT id, state FROM tasks WHERE id IN {ids} AND state IN {_CLAIMABLE} "
+            f"WITH old AS (SELECT id, state FROM tasks WHERE id IN {ids} AND {_STATE_BY_ID} IN {_CLAIMABLE} "
             f"ORDER BY id FOR UPDATE) UPDATE tasks SET {CLAIM_ASSIGNMENTS} FROM old "
-            f"WHERE tasks.id = old.id AND tasks.state IN {_CLAIMABLE} RETURNING old.state, {columns}",
+            f"WHERE tasks.id = old.id AND {_STATE_BY_ID} IN {_CLAIMABLE} RETURNING old.state, {columns}",
             (*tids, *set_params),
         )
         found = [(row[0], row[1:]) for row in rows]
     else:
-        before = {str(r[0]): r[1] for r in db.rows(f"SELECT id, state FROM tasks WHERE id IN {ids} AND state IN {_CLAIMABLE}", tids)}
+        found_before = db.rows(f"SELECT id, state FROM tasks WHERE id IN {ids} AND state IN {_CLAIMABLE}", tids)
+        before = {str(r[0]): r[1] for r in found_before}
         if not before:
             return {}
         rows = db.rows(
@@ -1037,7 +1047,8 @@ def _claim_many(
     again = sorted(tid for tid, task in tasks.items() if task.attempts > 1)  # only those can have artifacts
     if again:
         names: dict[str, list[str]] = {}
-        for task_id, name in db.rows(f"SELECT task_id, name FROM artifacts WHERE task_id IN {_in_list(len(again))}", again):
+        rows = db.rows(f"SELECT task_id, name FROM artifacts WHERE task_id IN {_in_list(len(again))}", again)
+        for task_id, name in rows:
             names.setdefault(str(task_id), []).append(name)
         for tid in again:
             tasks[tid] = dataclasses.replace(tasks[tid], artifacts=sorted(names.get(tid, [])))
@@ -1046,7 +1057,9 @@ def _claim_many(
     return tasks
 
 
-def _finish_many(db: Db, finishes: list[tuple[str, FinishOp]], now: float, moves: list[tuple[str, str, str]]) -> set[str]:
+def _finish_many(
+    db: Db, finishes: list[tuple[str, FinishOp]], now: float, moves: list[tuple[str, str, str]]
+) -> set[str]:
     """Every ``finish`` of ``finishes`` (sorted by task id, each task once) in one statement, with
     each one's conditions; the ids of those that won."""
     d = db.dialect
@@ -1058,7 +1071,7 @@ def _finish_many(db: Db, finishes: list[tuple[str, FinishOp]], now: float, moves
         f"WITH v (id, attempt, worker, state, result, error) AS (VALUES {values}) "
         f"UPDATE tasks SET state = v.state, result = CAST(v.result AS {d.json_type}), error = v.error, "
         "finished_at = ?, updated_at = ?, lease_expires_at = NULL "
-        "FROM v WHERE tasks.id = v.id AND tasks.state = 'running' AND tasks.attempts = v.attempt "
+        f"FROM v WHERE tasks.id = v.id AND {_STATE_BY_ID} = 'running' AND tasks.attempts = v.attempt "
         "AND (v.worker IS NULL OR tasks.lease_owner = v.worker) "
         f"AND (v.state <> '{State.CANCELLED.value}' OR tasks.cancel_requested) "  # as _finish_condition
         "RETURNING tasks.id, tasks.kind, tasks.state",
