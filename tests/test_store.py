@@ -746,7 +746,7 @@ async def test_postgresql_finds_a_groups_tasks_by_primary_key_whatever_the_stati
     """Statistics gathered while every task was pending once made PostgreSQL look a group's tasks up
     through a (state, ...) index, reading every entry that state ever had."""
     from p2pnn.store import ClaimOp, FinishOp
-    from p2pnn.store._sql import POSTGRES, Db
+    from p2pnn.store._sql import POSTGRES, Db, _apply_together, _counted
     from p2pnn.store.postgres import PostgresTaskStore
 
     if not isinstance(store, PostgresTaskStore):
@@ -760,24 +760,21 @@ async def test_postgresql_finds_a_groups_tasks_by_primary_key_whatever_the_stati
     seen: list[tuple[str, tuple]] = []
 
     class Recording(Db):
+        """Keeps each query it runs, to be explained afterwards."""
+
         def rows(self, text, params=()):
             seen.append((self.dialect.sql(text), tuple(params)))
             return super().rows(text, params)
 
-    def plans(db: Db) -> list[str]:
-        return ["\n".join(r[0] for r in db.conn.execute("EXPLAIN " + text, params).fetchall()) for text, params in seen
-                if text.startswith("WITH")]
-
-    async def apply_recorded(ops):
-        return await store._transact(lambda db: store_apply(db, ops), write=True)
-
-    from p2pnn.store._sql import _apply_together, _counted
-
-    def store_apply(db: Db, ops):
+    def apply_recorded(db: Db):
         rec = Recording(db.conn, POSTGRES)
-        return _counted(rec, lambda moves: _apply_together(rec, ops, [op.task_id for op in ops], T0, moves))
+        return _counted(rec, lambda moves: _apply_together(rec, group, [op.task_id for op in group], T0, moves))
 
-    out = await apply_recorded(group)
+    def plans(db: Db) -> list[str]:
+        return ["\n".join(r[0] for r in db.conn.execute("EXPLAIN " + text, params).fetchall())
+                for text, params in seen if text.startswith("WITH")]
+
+    out = await store._transact(apply_recorded, write=True)
     assert out[:3] == [True] * 3 and all(isinstance(t, Task) for t in out[3:])
     found = await store._transact(plans, write=False)
     assert len(found) == 2  # the claims and the finishes
