@@ -126,28 +126,27 @@ class Db:
     def __init__(self, conn: Any, dialect: Dialect) -> None:
         self.conn = conn
         self.dialect = dialect
+        # One cursor for every statement: each is read to the end before the next runs, and a new
+        # psycopg cursor per statement (copying the connection's adapters) cost more than the reuse.
+        self._cursor: Any = None
+
+    def _execute(self, sql: str, params: Sequence[Any]) -> Any:
+        if self._cursor is None:
+            self._cursor = self.conn.cursor()
+        self._cursor.execute(self.dialect.sql(sql), tuple(params))
+        return self._cursor
 
     def run(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Execute a statement; returns the number of rows it changed."""
-        cur = self.conn.execute(self.dialect.sql(sql), tuple(params))
-        try:
-            return cur.rowcount
-        finally:
-            cur.close()
+        return self._execute(sql, params).rowcount
 
     def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        cur = self.conn.cursor()
-        try:
-            cur.executemany(self.dialect.sql(sql), [tuple(r) for r in rows])
-        finally:
-            cur.close()
+        if self._cursor is None:
+            self._cursor = self.conn.cursor()
+        self._cursor.executemany(self.dialect.sql(sql), [tuple(r) for r in rows])
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        cur = self.conn.execute(self.dialect.sql(sql), tuple(params))
-        try:
-            return list(cur.fetchall())
-        finally:
-            cur.close()
+        return list(self._execute(sql, params).fetchall())
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         found = self.rows(sql, params)
