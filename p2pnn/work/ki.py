@@ -78,16 +78,21 @@ class _Waiter:
 
 
 class _Lease:
-    """What ends a running attempt's lease keeper: most attempts end before their first renewal,
-    and the keeper then returns on its own instead of being cancelled (an exception through its
-    frames, for every task)."""
+    """One running attempt's lease, as the runner's one lease keeper sees it: renewed when ``due``
+    (trio time) comes. Most attempts end before their first renewal, so an attempt costs the
+    keeper nothing but an entry in a dict (no task, timer or cancel scope of its own)."""
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
+    __slots__ = ("task_id", "attempt", "due", "done", "renewing")
+
+    def __init__(self, task_id: str, attempt: int, due: float) -> None:
+        self.task_id = task_id
+        self.attempt = attempt
+        self.due = due
+        self.done = False
         self.renewing: trio.CancelScope | None = None
 
     def end(self) -> None:
-        self.done.set()
+        self.done = True
         if self.renewing is not None:  # a renewal in flight is not waited for
             self.renewing.cancel()
 
@@ -221,6 +226,8 @@ class KiRunner:
         self.on_change: Callable[[], None] = lambda: None
         self.on_finished: Callable[[str], None] = lambda task_id: None  # a task's terminal result was recorded here
         self._hand_changed = trio.Event()  # set whenever a delivery is taken or done
+        self._leases: dict[int, _Lease] = {}  # the running attempts' leases, by id(lease); see _keep_leases
+        self._lease_added = trio.Event()  # set when a lease is added to none
         self._short_unsettled = 0  # deliveries from the short queue taken and not yet acked or nacked
 
     @property
@@ -253,6 +260,7 @@ class KiRunner:
         prefetch = self.pool.slots + self.take_ahead
         async with self.bus.consume(self.queue, prefetch=prefetch) as inbox, trio.open_nursery() as nursery:
             await nursery.start(self._commits.run)
+            nursery.start_soon(self._keep_leases, nursery)
             if self.short_queue is not None:
                 nursery.start_soon(self._take_short, nursery, hand, slots)
             task_status.started()
@@ -412,10 +420,11 @@ class KiRunner:
                 if job is not None:
                     if task.kind == "sweep":
                         worker_free()  # a sweep's coordinator needs no worker: its slot takes the next task
-                    lease = _Lease()
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._keep_lease, task.id, attempt, lease)
+                    lease = self._hold_lease(task.id, attempt)
+                    try:
                         outcome = await self._run(task, attempt, job, group or {})
+                    finally:
+                        self._leases.pop(id(lease), None)
                         lease.end()
                     # At shutdown the pool may stop the worker before we see the cancellation:
                     # that outcome is the shutdown's, not the task's, so hand the task back instead.
@@ -627,37 +636,59 @@ class KiRunner:
         except StoreError as exc:  # progress is best-effort; the result is what must land
             log.warning("store.progress_failed", task_id=task_id, error=str(exc))
 
-    async def _keep_lease(self, task_id: str, attempt: int, lease: _Lease) -> None:
-        """Renew the lease until ``lease.end()``; stop the task when the lease is lost or a cancel was requested.
+    def _hold_lease(self, task_id: str, attempt: int) -> _Lease:
+        """Have the lease keeper renew this attempt's lease from a third of a lease on, until ``end()``."""
+        lease = _Lease(task_id, attempt, trio.current_time() + self.lease_seconds / RENEWALS_PER_LEASE)
+        if not self._leases:
+            self._lease_added.set()
+        self._leases[id(lease)] = lease
+        return lease
 
-        Each renewal runs under a deadline of a third of the lease, so a stalled
-        store cannot hold it past the point where the next one is due."""
+    async def _keep_leases(self, nursery: trio.Nursery) -> None:
+        """Renew each running attempt's lease every third of a lease, one renewal task per lease due.
+
+        Sleeps until the earliest lease is due (a new lease is never due before the ones already
+        held, which are older): with short tasks, whose leases end long before, it wakes about once
+        a renewal period, whatever the rate of tasks."""
         period = self.lease_seconds / RENEWALS_PER_LEASE
         while True:
-            with trio.move_on_after(period):
-                await lease.done.wait()
-            if lease.done.is_set():
-                return
-            held, task, answered = False, None, False
-            with trio.move_on_after(period) as lease.renewing:
-                try:
-                    held = await self.store.renew(
-                        task_id, worker=self.node_id, attempt=attempt, now=self._clock(), lease_seconds=self.lease_seconds
-                    )
-                    task = await self.store.get(task_id)
-                    answered = True
-                except StoreError as exc:
-                    log.warning("store.renew_failed", task_id=task_id, error=str(exc))
-            lease.renewing = None
-            if lease.done.is_set():
-                return
-            if not answered:  # the store failed or stalled: try again; the lease has two more periods
-                self.metrics.transient_faults.labels(component="store", operation="renew").inc()
+            if not self._leases:
+                self._lease_added = trio.Event()
+                await self._lease_added.wait()
                 continue
-            if not held or task is None or task.cancel_requested:
-                log.info("task.stopping", task_id=task_id, reason="cancel requested" if held else "lease lost")
-                self.pool.cancel(task_id)
-                return
+            await trio.sleep_until(min(lease.due for lease in self._leases.values()))
+            now = trio.current_time()
+            for lease in list(self._leases.values()):
+                if lease.due <= now:
+                    lease.due = now + period  # also the next try after a renewal that failed or stalled
+                    nursery.start_soon(self._renew, lease, period)
+
+    async def _renew(self, lease: _Lease, period: float) -> None:
+        """Renew one lease; stop the task when the lease is lost or a cancel was requested.
+
+        Runs under a deadline of a third of the lease, so a stalled store cannot hold it past the
+        point where the next renewal is due."""
+        task_id, attempt = lease.task_id, lease.attempt
+        held, task, answered = False, None, False
+        with trio.move_on_after(period) as lease.renewing:
+            try:
+                held = await self.store.renew(
+                    task_id, worker=self.node_id, attempt=attempt, now=self._clock(), lease_seconds=self.lease_seconds
+                )
+                task = await self.store.get(task_id)
+                answered = True
+            except StoreError as exc:
+                log.warning("store.renew_failed", task_id=task_id, error=str(exc))
+        lease.renewing = None
+        if lease.done:
+            return
+        if not answered:  # the store failed or stalled: tried again when next due; the lease has two more periods
+            self.metrics.transient_faults.labels(component="store", operation="renew").inc()
+            return
+        if not held or task is None or task.cancel_requested:
+            log.info("task.stopping", task_id=task_id, reason="cancel requested" if held else "lease lost")
+            self._leases.pop(id(lease), None)
+            self.pool.cancel(task_id)
 
     async def _record(self, task: Task, attempt: int, outcome: Outcome, seconds: float) -> None:
         """Write the attempt's outcome, conditional on this worker's attempt still holding the task.
