@@ -829,13 +829,19 @@ class KiAgent:
             self._changed, self._urgent = trio.Event(), trio.Event()
             await self.bus.broadcast(BEATS, self.beat())
             sent = trio.current_time()
-            with trio.move_on_after(self.beat_interval):
-                await self._changed.wait()
+            if not self._changed.is_set():
+                with trio.move_on_after(self.beat_interval):
+                    await self._changed.wait()
             # At most one beat per BEAT_MIN_GAP, counted from the last one sent: the first change
             # after a quiet spell (a lone task finished, whose waiter reads the beat) goes at once.
-            await trio.sleep_until(sent + BEAT_MIN_GAP)
-            with trio.move_on_at(sent + BEAT_BUSY_GAP):
-                await self._urgent.wait()
+            # One timed wait per beat, not two: under load the busy gap runs out (each timeout that
+            # fires costs the trio thread a Cancelled raised and caught), and the shorter pause is
+            # only taken when an urgent change came within it.
+            if not self._urgent.is_set():
+                with trio.move_on_at(sent + BEAT_BUSY_GAP):
+                    await self._urgent.wait()
+            if trio.current_time() < sent + BEAT_MIN_GAP:
+                await trio.sleep_until(sent + BEAT_MIN_GAP)
 
     async def _listen_for_cancels(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with self.bus.subscribe(CANCEL) as cancels:
