@@ -7,6 +7,8 @@ GroupCommit  a Ki's claims and results, committed together: whatever arrives
 KiRunner  takes deliveries while a worker slot is free, claims each task in
           the store (the lease, not the message, covers it from then on),
           acks, runs it in the KiPool, renews the lease, records the outcome.
+          One lease keeper per runner renews every running attempt's lease
+          when due (an attempt is an entry in a dict, not a task of its own).
 KiAgent   the Ki role on a swarm bus: runs the KiRunner on the Ki's own
           queue (and on the shared ``short`` queue, see KiRunner), beats its
           capacity (slots, tasks in hand, deliveries received per An,
