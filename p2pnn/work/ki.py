@@ -171,8 +171,9 @@ class KiRunner:
     forwards short tasks beyond its free slots) up to ``slots + take_ahead``
     deliveries are taken; a task known to be short is claimed as soon as it
     arrives, in the same commit as whatever else is waiting, and then waits in
-    hand for a slot, so a slot that frees starts its next task without a store
-    round trip first. Any other task waits for a slot before it is claimed, as
+    the pool's queue for a worker (holding no slot), so a worker that frees
+    starts its next task without a store round trip, or a hop through the
+    runner, first. Any other task waits for a slot before it is claimed, as
     without claim ahead. A short task waits at most for the short ones ahead
     of it; one claimed and still waiting when the runner stops is handed back.
 
@@ -386,7 +387,9 @@ class KiRunner:
             await inbox.ack(delivery)
             settled()
             if task is not None:
-                await self._execute(task, free_slot, group, None if has_slot else take_slot)
+                # One claimed ahead goes straight to the pool's queue, holding no slot: the worker that
+                # frees next starts it at once, without a round trip through this task first.
+                await self._execute(task, free_slot, group)
             else:  # taken elsewhere, cancelled or finished meanwhile: a duplicate message
                 self.metrics.stale_deliveries.inc()
         finally:
@@ -403,17 +406,14 @@ class KiRunner:
         task: Task,
         worker_free: Callable[[], None] = lambda: None,
         group: dict[str, Any] | None = None,
-        take_slot: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
-        so the next task can be taken while this one's outcome is being recorded. ``take_slot``
-        (a task claimed ahead) is awaited first; cancelled there, the attempt is handed back."""
+        so the next task can be taken while this one's outcome is being recorded. Cancelled while
+        it waits for a worker (a task claimed ahead) or runs, the attempt is handed back."""
         attempt = task.attempts
         self.running[task.id] = attempt
         recorded = False
         try:
-            if take_slot is not None:
-                await take_slot()
             self.metrics.dispatched.labels(kind=task.kind).inc()
             log.info("task.started", task_id=task.id, kind=task.kind, attempt=attempt)
             started = self._clock()
