@@ -196,6 +196,32 @@ async def test_ack_many_settles_a_batch_and_only_that_batch(amqp_url):
         nursery.cancel_scope.cancel()
 
 
+async def test_acks_of_one_turn_go_as_one_batch_and_settle_only_what_was_acked(amqp_url):
+    """Acks asked for together are coalesced into one multiple ack where they cover every unsettled
+    delivery up to the highest: one left unacked in their midst, and one nacked just after them,
+    must still come back."""
+    async with trio.open_nursery() as nursery:
+        bus = await _started(nursery, _bus(amqp_url))
+        await bus.publish([f"m{i}" for i in range(12)])
+        async with bus.consume("tasks", prefetch=12) as inbox:
+            got = [await inbox.receive() for _ in range(12)]
+            async with trio.open_nursery() as acks:  # all in one turn, before the pika thread drains
+                for delivery in got[:4] + got[5:10]:
+                    acks.start_soon(inbox.ack, delivery)
+                acks.start_soon(inbox.nack, got[10])
+            await inbox.ack(got[11])  # a batch of its own, after the nack
+        await bus.publish(["end"])
+        async with bus.consume("tasks", prefetch=12) as inbox:
+            again = []
+            with trio.fail_after(20):
+                while not again or again[-1] != "end":
+                    delivery = await inbox.receive()
+                    again.append(delivery.task_id)
+                    await inbox.ack(delivery)
+            assert sorted(again[:-1]) == ["m10", "m4"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_shared_queue_declared_with_older_arguments_is_used_not_refused_forever(amqp_url):
     import pika
 

@@ -575,9 +575,14 @@ class _Link:
 
 
 class _AmqpInbox(Inbox):
+    """Acks are coalesced: every ack asked for before the pika thread next drains its commands goes
+    in one ``ack_many`` (one ``multiple`` ack when they cover every unsettled delivery up to the
+    highest, as the claims of one group commit do), not one command and one frame each."""
+
     def __init__(self, link: _Link, receive: trio.MemoryReceiveChannel) -> None:
         self._link = link
         self._receive = receive
+        self._acks: list[_Tag] = []  # appended in trio, taken whole by the pika thread
 
     async def receive(self) -> Delivery:
         return await self._receive.receive()
@@ -589,8 +594,16 @@ class _AmqpInbox(Inbox):
             return None
 
     async def ack(self, delivery: Delivery) -> None:
-        self._link.submit(lambda: self._link.settle(delivery.tag, True))
+        acks = self._acks
+        acks.append(delivery.tag)
+        if len(acks) == 1:  # the first since the last flush: one flush takes it and all that follow
+            self._link.submit(self._flush_acks)
         await trio.lowlevel.checkpoint()
+
+    def _flush_acks(self) -> None:  # in the pika thread
+        # A fresh list first: an ack appended from here on starts (and submits) the next batch.
+        tags, self._acks = self._acks, []
+        self._link.ack_many(tags)
 
     async def nack(self, delivery: Delivery) -> None:
         self._link.submit(lambda: self._link.settle(delivery.tag, False))

@@ -7,6 +7,8 @@ GroupCommit  a Ki's claims and results, committed together: whatever arrives
 KiRunner  takes deliveries while a worker slot is free, claims each task in
           the store (the lease, not the message, covers it from then on),
           acks, runs it in the KiPool, renews the lease, records the outcome.
+          One lease keeper per runner renews every running attempt's lease
+          when due (an attempt is an entry in a dict, not a task of its own).
 KiAgent   the Ki role on a swarm bus: runs the KiRunner on the Ki's own
           queue (and on the shared ``short`` queue, see KiRunner), beats its
           capacity (slots, tasks in hand, deliveries received per An,
@@ -78,16 +80,21 @@ class _Waiter:
 
 
 class _Lease:
-    """What ends a running attempt's lease keeper: most attempts end before their first renewal,
-    and the keeper then returns on its own instead of being cancelled (an exception through its
-    frames, for every task)."""
+    """One running attempt's lease, as the runner's one lease keeper sees it: renewed when ``due``
+    (trio time) comes. Most attempts end before their first renewal, so an attempt costs the
+    keeper nothing but an entry in a dict (no task, timer or cancel scope of its own)."""
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
+    __slots__ = ("task_id", "attempt", "due", "done", "renewing")
+
+    def __init__(self, task_id: str, attempt: int, due: float) -> None:
+        self.task_id = task_id
+        self.attempt = attempt
+        self.due = due
+        self.done = False
         self.renewing: trio.CancelScope | None = None
 
     def end(self) -> None:
-        self.done.set()
+        self.done = True
         if self.renewing is not None:  # a renewal in flight is not waited for
             self.renewing.cancel()
 
@@ -164,8 +171,9 @@ class KiRunner:
     forwards short tasks beyond its free slots) up to ``slots + take_ahead``
     deliveries are taken; a task known to be short is claimed as soon as it
     arrives, in the same commit as whatever else is waiting, and then waits in
-    hand for a slot, so a slot that frees starts its next task without a store
-    round trip first. Any other task waits for a slot before it is claimed, as
+    the pool's queue for a worker (holding no slot), so a worker that frees
+    starts its next task without a store round trip, or a hop through the
+    runner, first. Any other task waits for a slot before it is claimed, as
     without claim ahead. A short task waits at most for the short ones ahead
     of it; one claimed and still waiting when the runner stops is handed back.
 
@@ -221,6 +229,8 @@ class KiRunner:
         self.on_change: Callable[[], None] = lambda: None
         self.on_finished: Callable[[str], None] = lambda task_id: None  # a task's terminal result was recorded here
         self._hand_changed = trio.Event()  # set whenever a delivery is taken or done
+        self._leases: dict[int, _Lease] = {}  # the running attempts' leases, by id(lease); see _keep_leases
+        self._lease_added = trio.Event()  # set when a lease is added to none
         self._short_unsettled = 0  # deliveries from the short queue taken and not yet acked or nacked
 
     @property
@@ -253,6 +263,7 @@ class KiRunner:
         prefetch = self.pool.slots + self.take_ahead
         async with self.bus.consume(self.queue, prefetch=prefetch) as inbox, trio.open_nursery() as nursery:
             await nursery.start(self._commits.run)
+            nursery.start_soon(self._keep_leases, nursery)
             if self.short_queue is not None:
                 nursery.start_soon(self._take_short, nursery, hand, slots)
             task_status.started()
@@ -376,7 +387,9 @@ class KiRunner:
             await inbox.ack(delivery)
             settled()
             if task is not None:
-                await self._execute(task, free_slot, group, None if has_slot else take_slot)
+                # One claimed ahead goes straight to the pool's queue, holding no slot: the worker that
+                # frees next starts it at once, without a round trip through this task first.
+                await self._execute(task, free_slot, group)
             else:  # taken elsewhere, cancelled or finished meanwhile: a duplicate message
                 self.metrics.stale_deliveries.inc()
         finally:
@@ -393,17 +406,14 @@ class KiRunner:
         task: Task,
         worker_free: Callable[[], None] = lambda: None,
         group: dict[str, Any] | None = None,
-        take_slot: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Run one claimed attempt; ``worker_free`` is called once its worker process is free again,
-        so the next task can be taken while this one's outcome is being recorded. ``take_slot``
-        (a task claimed ahead) is awaited first; cancelled there, the attempt is handed back."""
+        so the next task can be taken while this one's outcome is being recorded. Cancelled while
+        it waits for a worker (a task claimed ahead) or runs, the attempt is handed back."""
         attempt = task.attempts
         self.running[task.id] = attempt
         recorded = False
         try:
-            if take_slot is not None:
-                await take_slot()
             self.metrics.dispatched.labels(kind=task.kind).inc()
             log.info("task.started", task_id=task.id, kind=task.kind, attempt=attempt)
             started = self._clock()
@@ -412,10 +422,11 @@ class KiRunner:
                 if job is not None:
                     if task.kind == "sweep":
                         worker_free()  # a sweep's coordinator needs no worker: its slot takes the next task
-                    lease = _Lease()
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._keep_lease, task.id, attempt, lease)
+                    lease = self._hold_lease(task.id, attempt)
+                    try:
                         outcome = await self._run(task, attempt, job, group or {})
+                    finally:
+                        self._leases.pop(id(lease), None)
                         lease.end()
                     # At shutdown the pool may stop the worker before we see the cancellation:
                     # that outcome is the shutdown's, not the task's, so hand the task back instead.
@@ -627,37 +638,59 @@ class KiRunner:
         except StoreError as exc:  # progress is best-effort; the result is what must land
             log.warning("store.progress_failed", task_id=task_id, error=str(exc))
 
-    async def _keep_lease(self, task_id: str, attempt: int, lease: _Lease) -> None:
-        """Renew the lease until ``lease.end()``; stop the task when the lease is lost or a cancel was requested.
+    def _hold_lease(self, task_id: str, attempt: int) -> _Lease:
+        """Have the lease keeper renew this attempt's lease from a third of a lease on, until ``end()``."""
+        lease = _Lease(task_id, attempt, trio.current_time() + self.lease_seconds / RENEWALS_PER_LEASE)
+        if not self._leases:
+            self._lease_added.set()
+        self._leases[id(lease)] = lease
+        return lease
 
-        Each renewal runs under a deadline of a third of the lease, so a stalled
-        store cannot hold it past the point where the next one is due."""
+    async def _keep_leases(self, nursery: trio.Nursery) -> None:
+        """Renew each running attempt's lease every third of a lease, one renewal task per lease due.
+
+        Sleeps until the earliest lease is due (a new lease is never due before the ones already
+        held, which are older): with short tasks, whose leases end long before, it wakes about once
+        a renewal period, whatever the rate of tasks."""
         period = self.lease_seconds / RENEWALS_PER_LEASE
         while True:
-            with trio.move_on_after(period):
-                await lease.done.wait()
-            if lease.done.is_set():
-                return
-            held, task, answered = False, None, False
-            with trio.move_on_after(period) as lease.renewing:
-                try:
-                    held = await self.store.renew(
-                        task_id, worker=self.node_id, attempt=attempt, now=self._clock(), lease_seconds=self.lease_seconds
-                    )
-                    task = await self.store.get(task_id)
-                    answered = True
-                except StoreError as exc:
-                    log.warning("store.renew_failed", task_id=task_id, error=str(exc))
-            lease.renewing = None
-            if lease.done.is_set():
-                return
-            if not answered:  # the store failed or stalled: try again; the lease has two more periods
-                self.metrics.transient_faults.labels(component="store", operation="renew").inc()
+            if not self._leases:
+                self._lease_added = trio.Event()
+                await self._lease_added.wait()
                 continue
-            if not held or task is None or task.cancel_requested:
-                log.info("task.stopping", task_id=task_id, reason="cancel requested" if held else "lease lost")
-                self.pool.cancel(task_id)
-                return
+            await trio.sleep_until(min(lease.due for lease in self._leases.values()))
+            now = trio.current_time()
+            for lease in list(self._leases.values()):
+                if lease.due <= now:
+                    lease.due = now + period  # also the next try after a renewal that failed or stalled
+                    nursery.start_soon(self._renew, lease, period)
+
+    async def _renew(self, lease: _Lease, period: float) -> None:
+        """Renew one lease; stop the task when the lease is lost or a cancel was requested.
+
+        Runs under a deadline of a third of the lease, so a stalled store cannot hold it past the
+        point where the next renewal is due."""
+        task_id, attempt = lease.task_id, lease.attempt
+        held, task, answered = False, None, False
+        with trio.move_on_after(period) as lease.renewing:
+            try:
+                held = await self.store.renew(
+                    task_id, worker=self.node_id, attempt=attempt, now=self._clock(), lease_seconds=self.lease_seconds
+                )
+                task = await self.store.get(task_id)
+                answered = True
+            except StoreError as exc:
+                log.warning("store.renew_failed", task_id=task_id, error=str(exc))
+        lease.renewing = None
+        if lease.done:
+            return
+        if not answered:  # the store failed or stalled: tried again when next due; the lease has two more periods
+            self.metrics.transient_faults.labels(component="store", operation="renew").inc()
+            return
+        if not held or task is None or task.cancel_requested:
+            log.info("task.stopping", task_id=task_id, reason="cancel requested" if held else "lease lost")
+            self._leases.pop(id(lease), None)
+            self.pool.cancel(task_id)
 
     async def _record(self, task: Task, attempt: int, outcome: Outcome, seconds: float) -> None:
         """Write the attempt's outcome, conditional on this worker's attempt still holding the task.
@@ -798,13 +831,19 @@ class KiAgent:
             self._changed, self._urgent = trio.Event(), trio.Event()
             await self.bus.broadcast(BEATS, self.beat())
             sent = trio.current_time()
-            with trio.move_on_after(self.beat_interval):
-                await self._changed.wait()
+            if not self._changed.is_set():
+                with trio.move_on_after(self.beat_interval):
+                    await self._changed.wait()
             # At most one beat per BEAT_MIN_GAP, counted from the last one sent: the first change
             # after a quiet spell (a lone task finished, whose waiter reads the beat) goes at once.
-            await trio.sleep_until(sent + BEAT_MIN_GAP)
-            with trio.move_on_at(sent + BEAT_BUSY_GAP):
-                await self._urgent.wait()
+            # One timed wait per beat, not two: under load the busy gap runs out (each timeout that
+            # fires costs the trio thread a Cancelled raised and caught), and the shorter pause is
+            # only taken when an urgent change came within it.
+            if not self._urgent.is_set():
+                with trio.move_on_at(sent + BEAT_BUSY_GAP):
+                    await self._urgent.wait()
+            if trio.current_time() < sent + BEAT_MIN_GAP:
+                await trio.sleep_until(sent + BEAT_MIN_GAP)
 
     async def _listen_for_cancels(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with self.bus.subscribe(CANCEL) as cancels:
