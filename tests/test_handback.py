@@ -7,6 +7,8 @@ Real RabbitMQ (a vhost of the test's own), a real store and real worker processe
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -40,27 +42,44 @@ async def _until_state(store: TaskStore, task_id: str, state: State, timeout: fl
             await trio.sleep(0.05)
 
 
-@pytest.fixture
-async def ki(amqp_url: str, tmp_path: Path):
-    """A Ki role (one slot) on RabbitMQ and SQLite, hosted by a RoleHost, and the bus to watch it with."""
+@asynccontextmanager
+async def running_ki(
+    amqp_url: str, tmp_path: Path, *, prefix: str, slots: int, lease_seconds: float,
+    host: Callable[[KiRunner], Callable[..., Awaitable[None]]] = lambda runner: runner.run,
+) -> AsyncIterator[tuple[TaskStore, AmqpBus, KiRunner]]:
+    """A KiRunner on its own queue (RabbitMQ, SQLite, real worker processes), started by what
+    ``host(runner)`` returns (the runner itself unless a test hosts it otherwise); stopped after."""
     store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
     await store.open()
-    bus = AmqpBus(AmqpSettings(url=amqp_url, prefix="hb", ki_message_ttl=60))
-    pool = KiPool(slots=1, torch_threads=1, limits=Limits(), workdir=tmp_path / "work")
+    bus = AmqpBus(AmqpSettings(url=amqp_url, prefix=prefix, ki_message_ttl=60))
+    pool = KiPool(slots=slots, torch_threads=1, limits=Limits(), workdir=tmp_path / "work")
     runner = KiRunner(
-        node_id=NODE, store=store, bus=bus, pool=pool, metrics=Metrics(), lease_seconds=30, queue=ki_queue(NODE)
+        node_id=NODE, store=store, bus=bus, pool=pool, metrics=Metrics(), lease_seconds=lease_seconds,
+        queue=ki_queue(NODE),
     )
-    roles = RoleHost({"ki": runner.run})
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(bus.run)
             assert await bus.wait_connected(20), "no connection to RabbitMQ"
             await nursery.start(pool.run)
-            await nursery.start(roles.run)
-            yield store, bus, roles, runner
+            await nursery.start(host(runner))
+            yield store, bus, runner
             nursery.cancel_scope.cancel()
     finally:
         await store.close()
+
+
+@pytest.fixture
+async def ki(amqp_url: str, tmp_path: Path):
+    """A Ki role (one slot) on RabbitMQ and SQLite, hosted by a RoleHost, and the bus to watch it with."""
+    hosts: list[RoleHost] = []
+
+    def host(runner: KiRunner) -> Callable[..., Awaitable[None]]:
+        hosts.append(RoleHost({"ki": runner.run}))
+        return hosts[0].run
+
+    async with running_ki(amqp_url, tmp_path, prefix="hb", slots=1, lease_seconds=30, host=host) as (store, bus, runner):
+        yield store, bus, hosts[0], runner
 
 
 async def test_a_ki_whose_role_is_taken_away_publishes_its_running_task_again(ki):

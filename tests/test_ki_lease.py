@@ -14,37 +14,16 @@ import pytest
 import trio
 
 from p2pnn.bus import ki_queue
-from p2pnn.bus.amqp import AmqpBus, AmqpSettings
-from p2pnn.compute.pool import KiPool
-from p2pnn.metrics import Metrics
-from p2pnn.store import open_store
-from p2pnn.tasks import Limits, State
-from p2pnn.work import KiRunner
-from tests.test_handback import _queued_task, _until_state
+from p2pnn.tasks import State
+from tests.test_handback import NODE, _queued_task, _until_state, running_ki
 
-NODE = "ki-lease"
 LEASE = 1.5
 
 
 @pytest.fixture
 async def ki(amqp_url: str, tmp_path: Path):
-    store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
-    await store.open()
-    bus = AmqpBus(AmqpSettings(url=amqp_url, prefix="kl", ki_message_ttl=60))
-    pool = KiPool(slots=2, torch_threads=1, limits=Limits(), workdir=tmp_path / "work")
-    runner = KiRunner(
-        node_id=NODE, store=store, bus=bus, pool=pool, metrics=Metrics(), lease_seconds=LEASE, queue=ki_queue(NODE)
-    )
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(bus.run)
-            assert await bus.wait_connected(20), "no connection to RabbitMQ"
-            await nursery.start(pool.run)
-            await nursery.start(runner.run)
-            yield store, bus, runner
-            nursery.cancel_scope.cancel()
-    finally:
-        await store.close()
+    async with running_ki(amqp_url, tmp_path, prefix="kl", slots=2, lease_seconds=LEASE) as parts:
+        yield parts
 
 
 async def test_tasks_running_past_their_lease_keep_it_and_finish_in_one_attempt(ki):

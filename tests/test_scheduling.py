@@ -16,8 +16,10 @@ def _beat(node: str, slots: int, busy: int = 0, received: int = 0, gpu: bool = F
             "caps": {"gpu": gpu, "memory_mb": 1000}, "an": an}
 
 
-async def _an(nursery: trio.Nursery, bus: LocalBus) -> Dispatcher:
-    an = Dispatcher(node_id=AN, store=None, bus=bus, metrics=Metrics(), prefetch=50, beat_timeout=60, ki_message_ttl=60)
+async def _an(nursery: trio.Nursery, bus: LocalBus, **options) -> Dispatcher:
+    """A started An on ``bus`` that reads no store; ``options`` go to the Dispatcher."""
+    an = Dispatcher(node_id=AN, store=None, bus=bus, metrics=Metrics(), prefetch=50, beat_timeout=60, ki_message_ttl=60,
+                    **options)
     await nursery.start(an.run)
     return an
 
@@ -63,9 +65,7 @@ async def test_gpu_tasks_go_to_gpu_ki_and_ki_attached_elsewhere_get_nothing():
 async def test_credit_ahead_fills_free_slots_first_then_sends_ahead_by_slots_while_tasks_are_young():
     bus = LocalBus()
     async with trio.open_nursery() as nursery:
-        an = Dispatcher(node_id=AN, store=None, bus=bus, metrics=Metrics(), prefetch=50, beat_timeout=60,
-                        ki_message_ttl=60, forward_ahead=1.0, forward_ahead_age=5.0)
-        await nursery.start(an.run)
+        an = await _an(nursery, bus, forward_ahead=1.0, forward_ahead_age=5.0)
         for node, slots in (("k1", 1), ("k2", 2), ("k4", 4)):
             await bus.broadcast(BEATS, _beat(node, slots=slots))
         await _settle()
@@ -182,9 +182,7 @@ async def test_a_long_poll_wakes_when_a_beat_names_its_task_finished(tmp_path, m
 async def test_a_task_not_known_to_be_short_is_never_sent_ahead():
     bus = LocalBus()
     async with trio.open_nursery() as nursery:
-        an = Dispatcher(node_id=AN, store=None, bus=bus, metrics=Metrics(), prefetch=50, beat_timeout=60,
-                        ki_message_ttl=60, forward_ahead=1.0, forward_ahead_age=5.0)
-        await nursery.start(an.run)
+        an = await _an(nursery, bus, forward_ahead=1.0, forward_ahead_age=5.0)
         await bus.broadcast(BEATS, {**_beat("k1", slots=1, busy=1), "oldest": 0.1})
         await _settle()
         await bus.publish(["long"], headers={"long": {"needs": {"short": False}}})
@@ -330,9 +328,7 @@ async def test_a_wait_woken_before_it_began_reads_at_once(tmp_path, monkeypatch)
 async def test_with_direct_short_tasks_a_long_task_needs_a_slot_no_long_task_holds():
     bus = LocalBus()
     async with trio.open_nursery() as nursery:
-        an = Dispatcher(node_id=AN, store=None, bus=bus, metrics=Metrics(), prefetch=50, beat_timeout=60,
-                        ki_message_ttl=60, direct_short=True)
-        await nursery.start(an.run)
+        an = await _an(nursery, bus, direct_short=True)
         # "shorts": both slots busy with short tasks it took from the short queue, and four more in hand.
         await bus.broadcast(BEATS, {**_beat("shorts", slots=2, busy=6), "long": 0})
         # "longs": both slots held by long tasks.
