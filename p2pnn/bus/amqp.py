@@ -583,6 +583,9 @@ class _AmqpInbox(Inbox):
         self._link = link
         self._receive = receive
         self._acks: list[_Tag] = []  # appended in trio, taken whole by the pika thread
+        # Held for the append and for the swap: without it an ack appended to the list the pika
+        # thread has just taken would be neither sent nor start a batch of its own.
+        self._acks_lock = threading.Lock()
 
     async def receive(self) -> Delivery:
         return await self._receive.receive()
@@ -594,15 +597,17 @@ class _AmqpInbox(Inbox):
             return None
 
     async def ack(self, delivery: Delivery) -> None:
-        acks = self._acks
-        acks.append(delivery.tag)
-        if len(acks) == 1:  # the first since the last flush: one flush takes it and all that follow
+        with self._acks_lock:
+            self._acks.append(delivery.tag)
+            first = len(self._acks) == 1
+        if first:  # the first since the last flush: one flush takes it and all that follow
             self._link.submit(self._flush_acks)
         await trio.lowlevel.checkpoint()
 
     def _flush_acks(self) -> None:  # in the pika thread
         # A fresh list first: an ack appended from here on starts (and submits) the next batch.
-        tags, self._acks = self._acks, []
+        with self._acks_lock:
+            tags, self._acks = self._acks, []
         self._link.ack_many(tags)
 
     async def nack(self, delivery: Delivery) -> None:
