@@ -481,7 +481,8 @@ class _Link:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             log.warning("bus.malformed_message", queue=consumer.queue, body=body[:200].decode(errors="replace"))
             self._on_malformed("ki" if consumer.ki_queue else "tasks")
-            consumer.channel.basic_ack(method.delivery_tag)
+            # On the underlying channel, as every other ack: no blocking flush inside a delivery callback.
+            consumer.channel._impl.basic_ack(method.delivery_tag)
             return
         if method.redelivered:
             self._on_redelivery(consumer.queue)
