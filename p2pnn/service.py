@@ -33,6 +33,7 @@ from p2pnn.tasks import TERMINAL, Limits, SpecError, State, Task, check_against_
 
 log = logs.get(__name__)
 MAX_BATCH = 1000  # specs in one submission; keeps a single transaction and response bounded
+MAX_SPEC_IN_MESSAGE = 4096  # bytes of JSON: a short task's spec up to this size travels in its message
 # A waiter is woken at once when this node records the task's result, or when a Ki's beat names
 # it as finished (a swarm bus). The store is asked as well, in case no hint comes (a sweeper's
 # or another node's cancel, a lost beat): first often, then less, so a long wait costs about
@@ -47,8 +48,16 @@ class _Waiting:
 
 
 def _headers(tasks: list[Task]) -> dict[str, dict[str, Any]]:
-    """Each message carries what its task needs (GPU, memory), so an An places it without reading the store."""
-    return {t.id: {"needs": needs_of(t.spec)} for t in tasks}
+    """Each message carries what its task needs (GPU, memory), so an An places it without reading the
+    store; a short task's message carries its spec too (small ones only), so a Ki can run it before
+    any store round trip (see KiRunner)."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        needs = needs_of(t.spec)
+        out[t.id] = {"needs": needs}
+        if needs["short"] and len(json.dumps(t.spec)) <= MAX_SPEC_IN_MESSAGE:
+            out[t.id]["spec"] = t.spec
+    return out
 
 
 def _canonical_id(task_id: str) -> str | None:

@@ -721,6 +721,49 @@ async def test_apply_mixing_claims_and_finishes_keeps_counts_equal_to_the_tasks(
         ("running", "echo"): 1}
 
 
+async def test_apply_records_an_unclaimed_run_only_while_the_task_waits_and_only_for_its_spec(store: TaskStore) -> None:
+    """A short task run straight from its message: recorded as the next attempt, as a claim and a
+    finish would have left it, unless the task was cancelled, claimed or finished meanwhile, or the
+    message's spec is not the stored one."""
+    from p2pnn.store import ClaimOp, FinishOp, FinishUnclaimedOp
+
+    def ran(task: Task, *, spec: dict | None = None, state: State = State.SUCCEEDED) -> FinishUnclaimedOp:
+        return FinishUnclaimedOp(task.id, "ki-1", spec if spec is not None else task.spec, state, started_at=T0 + 0.5,
+                                 result={"payload": task.spec["payload"]} if state is State.SUCCEEDED else None,
+                                 error=None if state is State.SUCCEEDED else "boom")
+
+    tasks, _ = await store.create([new(payload=i) for i in range(7)], now=T0)
+    queued, pending, failing, cancelled, claimed, forged, done = tasks
+    await store.mark_queued([t.id for t in tasks if t is not pending], now=T0)
+    await store.request_cancel(cancelled.id, now=T0)
+    await store.claim(claimed.id, worker="ki-2", now=T0, lease_seconds=LEASE)
+    out = await store.apply([
+        ran(queued), ran(pending), ran(failing, state=State.FAILED), ran(cancelled), ran(claimed),
+        ran(forged, spec={**forged.spec, "payload": "forged"}),
+    ], now=T0 + 1)
+    assert out == [True, True, True, False, False, False]
+    for task, result in ((queued, {"payload": 0}), (pending, {"payload": 1})):
+        got = await store.get(task.id)
+        assert (got.state, got.result, got.attempts, got.lease_owner) == (State.SUCCEEDED, result, 1, "ki-1")
+        assert (got.started_at, got.finished_at, got.lease_expires_at) == (T0 + 0.5, T0 + 1, None)
+    assert (await store.get(failing.id)).state is State.FAILED and (await store.get(failing.id)).error == "boom"
+    assert (await store.get(cancelled.id)).state is State.CANCELLED
+    assert (await store.get(claimed.id)).lease_owner == "ki-2" and (await store.get(claimed.id)).state is State.RUNNING
+    assert (await store.get(forged.id)).state is State.QUEUED and (await store.get(forged.id)).attempts == 0
+    # With claims and finishes in the same group; then once more, where the first result has won.
+    (late,), _ = await store.create([new(kind="train")], now=T0)
+    mixed = [ran(done), ClaimOp(late.id, "ki-1", LEASE), ClaimOp(forged.id, "ki-1", LEASE),
+             FinishOp(claimed.id, 1, State.SUCCEEDED, result={}, worker="ki-2")]
+    first = await store.apply(mixed, now=T0 + 2)
+    assert first[0] is True and isinstance(first[1], Task) and isinstance(first[2], Task) and first[3] is True
+    assert await store.apply([ran(done), ran(queued)], now=T0 + 3) == [False, False]
+    twice = await store.apply([ran(forged), ran(late), ran(late)], now=T0 + 3)  # both running by now
+    assert twice == [False, False, False]
+    assert await store.counts() == await _counts_of_tasks(store) == {
+        ("succeeded", "echo"): 4, ("failed", "echo"): 1, ("cancelled", "echo"): 1, ("running", "echo"): 1,
+        ("running", "train"): 1}
+
+
 async def test_postgresql_prepares_repeated_statements_but_plans_each_run_for_its_values(store: TaskStore) -> None:
     """Prepared statements only with custom plans: a generic plan once read every task in a state
     through the (state, ...) index instead of taking the primary key."""

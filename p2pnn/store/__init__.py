@@ -23,6 +23,7 @@ from p2pnn.store.base import (
     ClaimOp,
     Fence,
     FinishOp,
+    FinishUnclaimedOp,
     IdempotencyConflict,
     Lease,
     NewTask,
@@ -37,8 +38,8 @@ from p2pnn.store.base import (
 BACKENDS = ("sqlite", "postgres")
 
 __all__ = [
-    "BACKENDS", "AmbiguousCommit", "Assignment", "ClaimOp", "Fence", "FinishOp", "IdempotencyConflict", "Lease", "NewTask",
-    "Page", "ProgressSeries", "StoreError", "StoreUnreachable", "TaskStore",
+    "BACKENDS", "AmbiguousCommit", "Assignment", "ClaimOp", "Fence", "FinishOp", "FinishUnclaimedOp", "IdempotencyConflict", "Lease",
+    "NewTask", "Page", "ProgressSeries", "StoreError", "StoreUnreachable", "TaskStore",
     "TermRecord", "open_store",
 ]
 

@@ -38,10 +38,12 @@ from p2pnn.store.base import (
     Assignment,
     ClaimOp,
     FinishOp,
+    FinishUnclaimedOp,
     Fence,
     IdempotencyConflict,
     Lease,
     NewTask,
+    Op,
     Page,
     ProgressSeries,
     StoreError,
@@ -466,12 +468,13 @@ class SqlTaskStore(TaskStore):
         return await self._transact(lambda db: _counted(db, lambda moves: _claim(db, tid, worker, now, lease_seconds, moves)),
                                     write=True)
 
-    async def apply(self, ops: Sequence[ClaimOp | FinishOp], *, now: float) -> list[Task | None | bool]:
-        """As TaskStore's: all the claims in one statement and all the finishes in another, each
-        locking its rows in task id order; a group naming one task twice runs step by step instead
-        (in task id order, then in the order given), so a later step sees what an earlier one did."""
+    async def apply(self, ops: Sequence[Op], *, now: float) -> list[Task | None | bool]:
+        """As TaskStore's: all the claims in one statement, all the unclaimed finishes in another
+        and all the finishes in a third, each locking its rows in task id order; a group naming one
+        task twice runs step by step instead (in task id order, then in the order given), so a later
+        step sees what an earlier one did."""
         for op in ops:
-            if isinstance(op, FinishOp) and not State(op.state).terminal:
+            if isinstance(op, (FinishOp, FinishUnclaimedOp)) and not State(op.state).terminal:
                 raise ValueError(f"finish needs a terminal state, got {State(op.state).value}")
         tids = [parse_id(op.task_id) for op in ops]
         named = [tid for tid in tids if tid is not None]
@@ -946,7 +949,7 @@ def _claim(db: Db, tid: str, worker: str, now: float, lease_seconds: float, move
 
 
 def _apply_stepwise(
-    db: Db, ops: Sequence[ClaimOp | FinishOp], tids: list[str | None], now: float, moves: list[tuple[str, str, str]]
+    db: Db, ops: Sequence[Op], tids: list[str | None], now: float, moves: list[tuple[str, str, str]]
 ) -> list[Task | None | bool]:
     """``apply`` one step at a time, in task id order (so two groups cannot deadlock)."""
     out: list[Task | None | bool] = [None] * len(ops)
@@ -954,6 +957,8 @@ def _apply_stepwise(
         op, tid = ops[i], tids[i]
         if isinstance(op, ClaimOp):
             out[i] = None if tid is None else _claim(db, tid, op.worker, now, op.lease_seconds, moves)
+        elif isinstance(op, FinishUnclaimedOp):
+            out[i] = tid is not None and tid in _finish_unclaimed(db, [(tid, op)], now, moves)
         else:
             out[i] = tid is not None and _transition(
                 db, tid, FINISH_ASSIGNMENTS, _finish_params(op.state, op.result, op.error, now), op.attempt,
@@ -963,24 +968,32 @@ def _apply_stepwise(
 
 
 def _apply_together(
-    db: Db, ops: Sequence[ClaimOp | FinishOp], tids: list[str | None], now: float, moves: list[tuple[str, str, str]]
+    db: Db, ops: Sequence[Op], tids: list[str | None], now: float, moves: list[tuple[str, str, str]]
 ) -> list[Task | None | bool]:
     """``apply`` of a group that names each task at most once: one claim statement (per worker and
-    lease length: one in practice), then one finish statement.
+    lease length: one in practice), one statement of unclaimed finishes, then one finish statement.
 
-    Lock order: each statement locks its rows in task id order. A claim locks only rows it sees
-    pending or queued and a finish only rows it sees running, and every group claims before it
-    finishes, so no two groups can each hold a row the other waits for."""
+    Lock order: each statement locks its rows in task id order. A claim or an unclaimed finish
+    locks only rows it sees pending or queued and a finish only rows it sees running, and every
+    group takes the waiting rows before the running ones, so no two groups can each hold a row the
+    other waits for. A group with both claims and unclaimed finishes first locks all their rows
+    in one id order (two statements, each in order, could interleave with another group's two)."""
     out: list[Task | None | bool] = [None if isinstance(op, ClaimOp) else False for op in ops]
     claims: dict[tuple[str, float], list[tuple[str, int]]] = {}
     finishes: list[tuple[str, int, FinishOp]] = []
+    unclaimed: list[tuple[str, int, FinishUnclaimedOp]] = []
     for i, (op, tid) in enumerate(zip(ops, tids)):
         if tid is None:
             continue
         if isinstance(op, ClaimOp):
             claims.setdefault((op.worker, float(op.lease_seconds)), []).append((tid, i))
+        elif isinstance(op, FinishUnclaimedOp):
+            unclaimed.append((tid, i, op))
         else:
             finishes.append((tid, i, op))
+    if unclaimed and claims and db.dialect.locks_rows:
+        waiting = sorted([tid for tid, _, _ in unclaimed] + [tid for group in claims.values() for tid, _ in group])
+        db.rows(f"SELECT id FROM tasks WHERE id IN {_in_list(len(waiting))} ORDER BY id FOR UPDATE", waiting)
     # One row alone takes the plain statement of claim or finish: PostgreSQL plans it for less than the join.
     for (worker, lease_seconds), group in claims.items():
         if len(group) == 1:
@@ -990,6 +1003,11 @@ def _apply_together(
         claimed = _claim_many(db, sorted(tid for tid, _ in group), worker, lease_seconds, now, moves)
         for tid, i in group:
             out[i] = claimed.get(tid)
+    if unclaimed:
+        unclaimed.sort(key=lambda u: u[0])
+        recorded = _finish_unclaimed(db, [(tid, op) for tid, _, op in unclaimed], now, moves)
+        for tid, i, _ in unclaimed:
+            out[i] = tid in recorded
     if len(finishes) == 1:
         ((tid, i, op),) = finishes
         out[i] = _transition(
@@ -1079,6 +1097,62 @@ def _finish_many(
     for _, kind, state in rows:
         moves.append((kind, State.RUNNING.value, state))
     return {str(r[0]) for r in rows}
+
+
+def _finish_unclaimed(
+    db: Db, items: list[tuple[str, FinishUnclaimedOp]], now: float, moves: list[tuple[str, str, str]]
+) -> set[str]:
+    """Every FinishUnclaimedOp of ``items`` (sorted by task id, each task once): the ids recorded.
+
+    The result is the task's next attempt, written as a claim and a finish would have left it.
+    PostgreSQL: one statement, which locks the rows still waiting in id order and reads the state
+    each had under the lock (for the counts); SQLite's transaction holds the write lock, so a read
+    and then one update per task see the same rows."""
+    d = db.dialect
+    if d.locks_rows:
+        values = ", ".join(
+            f"(CAST(? AS {d.uuid_type}), ?, ?, ?, ?, ?, CAST(? AS DOUBLE PRECISION))" for _ in items
+        )
+        params: list[Any] = []
+        for tid, op in items:
+            params += (tid, op.worker, dump_json(op.spec), State(op.state).value, dump_json(op.result), op.error,
+                       float(op.started_at))
+        tids = [tid for tid, _ in items]
+        rows = db.rows(
+            f"WITH v (id, worker, spec, state, result, error, started) AS (VALUES {values}), "
+            f"old AS (SELECT id, state FROM tasks WHERE id IN {_in_list(len(tids))} AND {_STATE_BY_ID} IN {_CLAIMABLE} "
+            "ORDER BY id FOR UPDATE) "
+            f"UPDATE tasks SET state = v.state, result = CAST(v.result AS {d.json_type}), error = v.error, "
+            "attempts = tasks.attempts + 1, lease_owner = v.worker, lease_expires_at = NULL, started_at = v.started, "
+            "finished_at = ?, updated_at = ?, progress = NULL FROM old, v "
+            f"WHERE tasks.id = old.id AND v.id = old.id AND {_STATE_BY_ID} IN {_CLAIMABLE} "
+            f"AND tasks.spec = CAST(v.spec AS {d.json_type}) "
+            "RETURNING old.state, tasks.id, tasks.kind, tasks.state",
+            (*params, *tids, now, now),
+        )
+        for old_state, _, kind, state in rows:
+            moves.append((kind, old_state, state))
+        return {str(r[1]) for r in rows}
+    ids = _in_list(len(items))
+    before = {
+        str(r[0]): r[1]
+        for r in db.rows(f"SELECT id, state FROM tasks WHERE id IN {ids} AND state IN {_CLAIMABLE}", [t for t, _ in items])
+    }
+    recorded: set[str] = set()
+    for tid, op in items:
+        if tid not in before:
+            continue
+        row = db.one(
+            "UPDATE tasks SET state = ?, result = ?, error = ?, attempts = attempts + 1, lease_owner = ?, "
+            "lease_expires_at = NULL, started_at = ?, finished_at = ?, updated_at = ?, progress = NULL "
+            f"WHERE id = ? AND state IN {_CLAIMABLE} AND spec = ? RETURNING kind, state",
+            (State(op.state).value, dump_json(op.result), op.error, op.worker, float(op.started_at), now, now, tid,
+             dump_json(op.spec)),
+        )
+        if row is not None:
+            moves.append((row[0], before[tid], row[1]))
+            recorded.add(tid)
+    return recorded
 
 
 def _transition(

@@ -76,6 +76,25 @@ class FinishOp:
 
 
 @dataclass(frozen=True)
+class FinishUnclaimedOp:
+    """The outcome of a run that no claim preceded, as one step of ``apply``: a short task run
+    straight from its message. It becomes the task's next attempt, only while the task still waits
+    to be claimed (``pending`` or ``queued``, so neither cancelled, claimed nor finished meanwhile)
+    and its stored spec is ``spec``: a message cannot make a result count for another spec."""
+
+    task_id: str
+    worker: str
+    spec: dict[str, Any]
+    state: State
+    started_at: float
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+Op = ClaimOp | FinishOp | FinishUnclaimedOp
+
+
+@dataclass(frozen=True)
 class Page:
     tasks: list[Task]
     next_cursor: str | None
@@ -275,12 +294,13 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def apply(self, ops: Sequence[ClaimOp | FinishOp], *, now: float) -> list[Task | None | bool]:
+    async def apply(self, ops: Sequence[Op], *, now: float) -> list[Task | None | bool]:
         """Several claims and finishes in one transaction (group commit: one commit for all).
 
         Each step does exactly what ``claim`` or ``finish`` alone would, conditions
-        included; the answers come back in the order of ``ops``. Error handling: a
-        backend failure fails them all (StoreError), nothing is applied.
+        included; a FinishUnclaimedOp answers True when its result was recorded. The
+        answers come back in the order of ``ops``. Error handling: a backend failure
+        fails them all (StoreError), nothing is applied.
         """
 
     @abc.abstractmethod

@@ -36,9 +36,10 @@ from p2pnn.bus import BEATS, CANCEL, TASKS, BusError, Delivery, Inbox, TaskBus
 from p2pnn.compute.pool import Job, KiPool, Outcome
 from p2pnn.membership.records import capabilities as machine_capabilities
 from p2pnn.metrics import Metrics
-from p2pnn.store import ClaimOp, FinishOp, StoreError, TaskStore
+from p2pnn.store import ClaimOp, FinishOp, FinishUnclaimedOp, StoreError, TaskStore
+from p2pnn.store.base import Op
 from p2pnn.store.base import MAX_ARTIFACT_BYTES
-from p2pnn.tasks import TERMINAL, State, Task
+from p2pnn.tasks import TERMINAL, State, Task, needs_of
 from p2pnn.work.trials import SweepRunner
 
 log = logs.get(__name__)
@@ -113,7 +114,7 @@ class GroupCommit:
     def __init__(self, store: TaskStore, clock: Callable[[], float]) -> None:
         self.store = store
         self._clock = clock
-        self._waiting: list[tuple[ClaimOp | FinishOp, _Waiter]] = []
+        self._waiting: list[tuple[Op, _Waiter]] = []
         self._wake = trio.Event()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -133,7 +134,7 @@ class GroupCommit:
                     waiter.value = result
                     waiter.done.set()
 
-    async def submit(self, op: ClaimOp | FinishOp) -> Any:
+    async def submit(self, op: Op) -> Any:
         """What ``store.apply`` answers for ``op``. Error handling: StoreError as the store raised it."""
         waiter = _Waiter()
         self._waiting.append((op, waiter))
@@ -142,6 +143,25 @@ class GroupCommit:
         if isinstance(waiter.value, StoreError):
             raise waiter.value
         return waiter.value
+
+
+async def _no_progress(progress: dict[str, Any]) -> None:
+    pass  # an echo reports none
+
+
+def _spec_to_run_unclaimed(delivery: Delivery, short: bool) -> dict[str, Any] | None:
+    """The spec a short task's message carries, when the task can run before it is claimed.
+
+    Only on a first delivery: one delivered again may have run already (its result recorded, the
+    ack lost with a connection), so it takes the claim path, which runs only what still waits.
+    The store records the outcome only if the spec is the task's own (see FinishUnclaimedOp)."""
+    spec = delivery.headers.get("spec")
+    if not short or delivery.redelivered or not isinstance(spec, dict):
+        return None
+    try:
+        return spec if needs_of(spec)["short"] else None
+    except (TypeError, ValueError):  # not a spec this node would have written
+        return None
 
 
 def _group_of(delivery: Delivery) -> dict[str, Any]:
@@ -374,6 +394,11 @@ class KiRunner:
                 return
             if not (short and (self.take_ahead or direct)):
                 await take_slot()  # claimed only once it can run
+            spec = _spec_to_run_unclaimed(delivery, short)
+            if spec is not None and await self._run_unclaimed(delivery.task_id, spec, free_slot):
+                await inbox.ack(delivery)
+                settled()
+                return
             try:
                 task = await self._claim(delivery.task_id)
             except StoreError as exc:
@@ -395,6 +420,45 @@ class KiRunner:
         finally:
             settled()
             free_slot()
+
+    async def _run_unclaimed(self, task_id: str, spec: dict[str, Any], worker_free: Callable[[], None]) -> bool:
+        """Run a short task from its message's spec, then record the outcome with no claim before it
+        (one store transaction, shared with whatever else is waiting); True when it was recorded.
+
+        False: the task changed meanwhile (cancelled, claimed elsewhere, finished), its stored spec
+        is not the message's, or the run ended with no result to record (a worker crash, a cancel):
+        the caller then takes the claim path, which runs the task again as a counted attempt only if
+        it still waits. Error handling: a store fault is retried as a result is (``_retrying``)."""
+        self.metrics.dispatched.labels(kind="echo").inc()
+        log.info("task.started", task_id=task_id, kind="echo", claimed=False)
+        started = self._clock()
+        self.running[task_id] = 0  # cancel_local stops it; the attempt is known once recorded
+        try:
+            outcome = await self.pool.execute(Job(task_id=task_id, attempt=0, spec=spec), _no_progress)
+        finally:
+            self.running.pop(task_id, None)
+        await trio.lowlevel.checkpoint_if_cancelled()  # at shutdown: the message goes back, nothing recorded
+        if outcome.status not in ("succeeded", "failed") or outcome.retryable:
+            log.info("task.unclaimed_run_ended", task_id=task_id, status=outcome.status, error=outcome.error)
+            return False
+        worker_free()  # the next task is taken while this one's outcome is recorded
+        state = State.SUCCEEDED if outcome.status == "succeeded" else State.FAILED
+        op = FinishUnclaimedOp(task_id, self.node_id, spec, state, started, result=outcome.result, error=outcome.error)
+        try:
+            won = await self._retrying("record", lambda: self._commits.submit(op))
+        except StoreError as exc:  # the claim path finds the store as it is by then
+            log.warning("task.store_failed", task_id=task_id, error=str(exc))
+            return False
+        seconds = self._clock() - started
+        if not won:
+            self.metrics.duplicates_dropped.inc()
+            log.info("task.result_dropped", task_id=task_id, status=outcome.status, claimed=False)
+            return False
+        self.on_finished(task_id)
+        self.metrics.task_duration.labels(kind="echo", state=state.value).observe(seconds)
+        log.info("task.finished", task_id=task_id, state=state.value, seconds=round(seconds, 3), error=outcome.error,
+                 claimed=False)
+        return True
 
     async def _claim(self, task_id: str) -> Task | None:
         # A message can arrive before the API has marked its task queued (publish, then mark):
