@@ -106,6 +106,8 @@ class TaskService:
 
         With ``wait`` (seconds), the tasks are returned once all are terminal, or
         as they are after ``wait`` seconds: a submit and a long poll in one call.
+        Their insert then does not wait for the disk: the answer does instead, and
+        only when no result covers the insert (see ``_make_told_durable``).
 
         Error handling: raises SpecError (path names the spec and field) before
         anything is stored; a failed publish is logged and left to the sweeper,
@@ -135,7 +137,8 @@ class TaskService:
         # ``queued`` and published after the commit, one transaction fewer than pending -> queued.
         in_process = self.bus.in_process
         tasks, created = await self.store.create(
-            new, now=self._clock(), idempotency_key=idempotency_key, request_hash=body_hash, queued=in_process
+            new, now=self._clock(), idempotency_key=idempotency_key, request_hash=body_hash, queued=in_process,
+            relaxed=wait > 0,
         )
         # Watched from before the publish, so a result recorded at once still wakes the wait.
         with self._watching([t.id for t in tasks] if wait > 0 else []) as watched:
@@ -148,7 +151,20 @@ class TaskService:
                     tasks = [dataclasses.replace(t, state=State.QUEUED) for t in tasks]
             if wait > 0:
                 tasks = await self._until_all_terminal(tasks, watched, wait)
+        if wait > 0 or not created:
+            await self._make_told_durable(tasks)
         return tasks, created
+
+    async def _make_told_durable(self, tasks: list[Task]) -> None:
+        """Before the caller hears of ``tasks`` (inserted together, perhaps by a relaxed commit:
+        a submit with ``wait``, or the first of a repeated idempotent submit), they are on disk.
+
+        A terminal task's result was recorded by a durable commit (only queueing and claims are
+        relaxed), which came after the insert and so made it durable too; else the store's
+        barrier does. Error handling: a store error propagates, so no one is told of tasks
+        that may yet be lost."""
+        if not any(t.state in TERMINAL for t in tasks):
+            await self.store.make_durable()
 
     async def publish(self, task_ids: list[str], *, tasks: list[Task] | None = None) -> bool:
         """Hand pending tasks to the bus, then mark them queued; False when the bus refused.

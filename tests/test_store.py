@@ -868,6 +868,44 @@ async def test_only_claims_alone_and_mark_queued_are_relaxed(store: TaskStore) -
     assert (await store.get(tasks[1].id)).state is State.SUCCEEDED
 
 
+async def test_make_durable_puts_every_earlier_relaxed_commit_on_disk(store: TaskStore) -> None:
+    """The barrier after a relaxed insert: on PostgreSQL the WAL is flushed past the insert when
+    it returns (repeated, since the WAL writer flushes on its own every 200 ms); on SQLite it
+    commits a page to the WAL with synchronous FULL, which syncs the log, the insert included."""
+    from p2pnn.store.postgres import PostgresTaskStore
+
+    if isinstance(store, PostgresTaskStore):
+        flushed_past = "SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn"
+        for _ in range(20):
+            await store.create([new()], now=T0, relaxed=True)
+            (inserted,) = (await store._transact(lambda db: db.rows("SELECT pg_current_wal_insert_lsn()"), write=False))[0]
+            await store.make_durable()
+            assert (await store._transact(lambda db: db.rows(flushed_past, (inserted,)), write=False))[0][0]
+        return
+
+    settings: list[int] = []
+    transact = store._transact
+
+    async def spy(fn, *, write, relaxed=False):
+        def inside(db):
+            settings.append(db.rows("PRAGMA synchronous")[0][0])
+            return fn(db)
+
+        return await transact(inside, write=write, relaxed=relaxed)
+
+    await store.create([new()], now=T0, relaxed=True)
+    side = sqlite3.connect(store._path, isolation_level=None)
+    try:
+        assert side.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0)  # an empty log
+        store._transact = spy  # type: ignore[method-assign]
+        await store.make_durable()
+        busy, frames, _ = side.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    finally:
+        side.close()
+    assert settings == [2]  # one transaction, FULL
+    assert busy == 0 and frames >= 1  # it wrote to the log, so its commit synced it
+
+
 async def test_sqlite_point_reads_see_every_commit_and_never_write(tmp_path: Path) -> None:
     """SQLite's get reads on the trio thread through a second, read-only connection: it sees each
     commit of the writer at once, and cannot change the database."""

@@ -292,13 +292,14 @@ class SqlTaskStore(TaskStore):
         else: mark_queued (a task left pending is published again by the sweeper) and a group of
         claims alone (a task whose claim rolled back is ``queued`` again; its message was acked, so
         the sweeper's ``queued_after`` rule, or an embedded node's next start, publishes it again,
-        and the attempt that ran meanwhile cannot record a result without its claim)."""
+        and the attempt that ran meanwhile cannot record a result without its claim); or one that
+        no one hears of before a later durable commit: a relaxed ``create``."""
 
     # --- creation and reading ---
 
     async def create(
         self, tasks: list[NewTask], *, now: float, idempotency_key: str | None = None, request_hash: str | None = None,
-        queued: bool = False,
+        queued: bool = False, relaxed: bool = False,
     ) -> tuple[list[Task], bool]:
         owners = {t.owner for t in tasks}
         if idempotency_key is not None and len(owners) > 1:
@@ -345,7 +346,7 @@ class SqlTaskStore(TaskStore):
             _count(db, collections.Counter((state.value, t.kind) for t in new))
             return new, True
 
-        return await self._transact(create, write=True)
+        return await self._transact(create, write=True, relaxed=relaxed)
 
     async def get(self, task_id: str) -> Task | None:
         tid = parse_id(task_id)

@@ -169,7 +169,7 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     async def create(
         self, tasks: list[NewTask], *, now: float, idempotency_key: str | None = None, request_hash: str | None = None,
-        queued: bool = False,
+        queued: bool = False, relaxed: bool = False,
     ) -> tuple[list[Task], bool]:
         """Insert tasks as ``pending`` in one transaction.
 
@@ -178,11 +178,28 @@ class TaskStore(abc.ABC):
         knowing (the in-process queue, which is rebuilt from the store at
         start), the caller publishes right after and skips ``mark_queued``.
 
+        With ``relaxed``, the commit need not wait for the disk, where the
+        database offers that: a crash of the database server or the machine
+        may lose the tasks. Only for a caller that tells no one of them until
+        either ``make_durable`` returned or a later durable commit recorded a
+        result for one of them (every terminal state is recorded durably, and
+        a durable commit makes every earlier commit durable too).
+
         With an idempotency key, a repeat (same owner, same key) returns the
         tasks created the first time and ``False``; a repeat whose
         ``request_hash`` differs raises IdempotencyConflict. Returns the tasks
         and whether they were created now.
         """
+
+    @abc.abstractmethod
+    async def make_durable(self) -> None:
+        """A durability barrier: once it returns, every transaction this store committed before
+        the call (a relaxed one too) is on disk, as far as the store's configuration makes any
+        commit durable. Costs one durable commit at most; returns at once where every commit
+        is durable anyway.
+
+        Error handling: raises StoreError when that cannot be assured (the database is
+        unreachable); nothing is then known to be durable."""
 
     @abc.abstractmethod
     async def get(self, task_id: str) -> Task | None:
