@@ -458,10 +458,10 @@ class KiPool:
         # Set before the first checkpoint, so a cancel from now on kills this worker.
         request.worker = worker
         jobdir = self._workdir / f"{_safe_name(job.task_id)}-{job.attempt}-{os.urandom(4).hex()}"
+        # The directory is made only where a file goes in (here, or by a train job's
+        # worker): an echo job then costs no filesystem work at all.
+        model_path = resume_path = None
         try:
-            # The directory is made only where a file goes in (here, or by a train job's
-            # worker): an echo job then costs no filesystem work at all.
-            model_path = resume_path = None
             if job.model_file is not None:
                 model_path = jobdir / "source.safetensors"
                 await trio.to_thread.run_sync(_write_file, model_path, job.model_file)
@@ -508,7 +508,10 @@ class KiPool:
             return Outcome("succeeded", result=reply.get("result"), artifacts=artifacts)
         finally:
             request.worker = None
-            if os.path.exists(jobdir):
+            # Only a file written here or a job that writes files (anything but an echo) can have
+            # made the directory: an echo's attempt costs no filesystem call at all.
+            wrote = model_path is not None or resume_path is not None or job.spec.get("kind") != "echo"
+            if wrote and os.path.exists(jobdir):
                 await trio.to_thread.run_sync(shutil.rmtree, jobdir, True)
 
     async def _converse(
