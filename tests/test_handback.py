@@ -46,16 +46,18 @@ async def _until_state(store: TaskStore, task_id: str, state: State, timeout: fl
 async def running_ki(
     amqp_url: str, tmp_path: Path, *, prefix: str, slots: int, lease_seconds: float,
     host: Callable[[KiRunner], Callable[..., Awaitable[None]]] = lambda runner: runner.run,
+    short_queue: str | None = None,
 ) -> AsyncIterator[tuple[TaskStore, AmqpBus, KiRunner]]:
-    """A KiRunner on its own queue (RabbitMQ, SQLite, real worker processes), started by what
-    ``host(runner)`` returns (the runner itself unless a test hosts it otherwise); stopped after."""
+    """A KiRunner on its own queue (and ``short_queue``, if given; RabbitMQ, SQLite, real worker
+    processes), started by what ``host(runner)`` returns (the runner itself unless a test hosts
+    it otherwise); stopped after."""
     store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
     await store.open()
     bus = AmqpBus(AmqpSettings(url=amqp_url, prefix=prefix, ki_message_ttl=60))
     pool = KiPool(slots=slots, torch_threads=1, limits=Limits(), workdir=tmp_path / "work")
     runner = KiRunner(
         node_id=NODE, store=store, bus=bus, pool=pool, metrics=Metrics(), lease_seconds=lease_seconds,
-        queue=ki_queue(NODE),
+        queue=ki_queue(NODE), short_queue=short_queue,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -1,6 +1,6 @@
-"""A short task whose message carries its spec runs before any claim: its outcome is recorded in one
-transaction, as its next attempt, only while the task still waits and only for the spec the store
-holds; anything else takes the claim path.
+"""A short task whose message from the API carries its spec runs before any claim: its outcome is
+recorded in one transaction, as its next attempt, only while the task still waits and only for the
+spec the store holds; anything else (a message an An forwarded among them) takes the claim path.
 
 Real RabbitMQ (a vhost of the test's own), a real store and real worker processes.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from p2pnn.bus import Delivery, ki_queue
+from p2pnn.bus import SHORT, Delivery, ki_queue
 from p2pnn.store import ClaimOp, FinishOp, FinishUnclaimedOp
 from p2pnn.tasks import State, needs_of
 from p2pnn.work.ki import _spec_to_run_unclaimed
@@ -22,7 +22,9 @@ from tests.test_handback import NODE, _queued_task, _until_state, running_ki
 
 @pytest.fixture
 async def ki(amqp_url: str, tmp_path: Path):
-    async with running_ki(amqp_url, tmp_path, prefix="ku", slots=2, lease_seconds=30) as (store, bus, runner):
+    async with running_ki(amqp_url, tmp_path, prefix="ku", slots=2, lease_seconds=30, short_queue=SHORT) as (
+        store, bus, runner
+    ):
         applied: list[tuple[Any, Any]] = []  # (op, answer) of every group the Ki committed
         apply = store.apply
 
@@ -43,7 +45,7 @@ async def test_a_short_task_carrying_its_spec_is_run_then_recorded_with_no_claim
     store, bus, runner, applied = ki
     task_id = await _queued_task(store, sleep=0.0, payload="p")
     spec = (await store.get(task_id)).spec
-    await bus.publish([task_id], queue=ki_queue(NODE), headers=_headers(task_id, spec))
+    await bus.publish([task_id], queue=SHORT, headers=_headers(task_id, spec))
     await _until_state(store, task_id, State.SUCCEEDED, 30)
     task = await store.get(task_id)
     assert (task.result, task.attempts, task.lease_owner) == ({"payload": "p"}, 1, NODE)
@@ -57,7 +59,7 @@ async def test_a_message_carrying_another_spec_cannot_change_the_result(ki):
     store, bus, runner, applied = ki
     task_id = await _queued_task(store, sleep=0.0, payload="stored")
     forged = {**(await store.get(task_id)).spec, "payload": "forged"}
-    await bus.publish([task_id], queue=ki_queue(NODE), headers=_headers(task_id, forged))
+    await bus.publish([task_id], queue=SHORT, headers=_headers(task_id, forged))
     await _until_state(store, task_id, State.SUCCEEDED, 30)
     task = await store.get(task_id)
     assert (task.result, task.attempts) == ({"payload": "stored"}, 1)
@@ -72,7 +74,7 @@ async def test_the_message_of_a_task_cancelled_meanwhile_records_nothing(ki):
     spec = (await store.get(task_id)).spec
     await store.request_cancel(task_id, now=1.0)
     stale = runner.metrics.stale_deliveries._value.get()
-    await bus.publish([task_id], queue=ki_queue(NODE), headers=_headers(task_id, spec))
+    await bus.publish([task_id], queue=SHORT, headers=_headers(task_id, spec))
     with trio.fail_after(30):
         while runner.metrics.stale_deliveries._value.get() == stale:
             await trio.sleep(0.05)
@@ -91,3 +93,16 @@ def test_only_a_first_delivery_of_a_short_spec_runs_unclaimed() -> None:
     assert _spec_to_run_unclaimed(first, short=False) is None
     for other in ({"kind": "echo", "sleep": 5.0}, {"kind": "train"}, {"kind": "echo", "sleep": "x"}, "spec"):
         assert _spec_to_run_unclaimed(Delivery("t", tag=3, headers={"spec": other}), short=True) is None
+
+
+async def test_a_message_an_an_forwarded_is_claimed_even_with_a_spec(ki):
+    """An An killed between its forward and its ack forwards the task again, as a new message: two
+    Ki running it before asking would both run it. So the Ki's own queue takes the claim path."""
+    store, bus, runner, applied = ki
+    task_id = await _queued_task(store, sleep=0.0, payload="forwarded")
+    spec = (await store.get(task_id)).spec
+    await bus.publish([task_id], queue=ki_queue(NODE), headers=_headers(task_id, spec))
+    await _until_state(store, task_id, State.SUCCEEDED, 30)
+    assert (await store.get(task_id)).result == {"payload": "forwarded"}
+    assert [(type(op), answer is not None) for op, answer in applied if op.task_id == task_id] == [
+        (ClaimOp, True), (FinishOp, True)]

@@ -110,13 +110,6 @@ def _clean_needs(raw: Any) -> dict[str, Any] | None:
     return needs
 
 
-def _forwarded(delivery: Delivery, headers: dict[str, Any]) -> dict[str, Any]:
-    """``headers`` for the Ki, with the spec a short task's message carries (see KiRunner)."""
-    if "spec" in delivery.headers:
-        headers["spec"] = delivery.headers["spec"]
-    return headers
-
-
 @dataclass
 class _Parked:
     delivery: Delivery
@@ -481,7 +474,7 @@ class Dispatcher:
         for ki, items in list(placed.items()):
             del placed[ki]
             ids = [d.task_id for d, _ in items]
-            headers = {d.task_id: _forwarded(d, {"an": self.node_id, "needs": needs}) for d, needs in items}
+            headers = {d.task_id: {"an": self.node_id, "needs": needs} for d, needs in items}
             try:
                 await self.bus.publish(ids, queue=ki_queue(ki), headers=headers)
             except BusError as exc:

@@ -211,7 +211,10 @@ class KiRunner:
     places it).
 
     Unclaimed short tasks: a first delivery of a short task whose message carries
-    its spec (see service._headers) is not claimed at all. It is run at once (on
+    its spec (see service._headers), taken from the short queue or from an
+    in-process queue (a message the API published, never one an An forwarded: an
+    An killed between its forward and its ack forwards the task again, as a new
+    message), is not claimed at all. It is run at once (on
     the pool's queue, like one claimed ahead), and its outcome is recorded as the
     task's next attempt in one conditional write (FinishUnclaimedOp: only while
     the task still waits, and only for the spec the store holds); the message is
@@ -408,7 +411,9 @@ class KiRunner:
                 return
             if not (short and (self.take_ahead or direct)):
                 await take_slot()  # claimed only once it can run
-            spec = _spec_to_run_unclaimed(delivery, short)
+            # Only a message straight from the API: an An's forward is a new message, which an An
+            # killed before its ack sends again, so two Ki could each run it first and ask after.
+            spec = _spec_to_run_unclaimed(delivery, short) if direct or self.bus.in_process else None
             if spec is not None and await self._run_unclaimed(delivery.task_id, spec, free_slot):
                 await inbox.ack(delivery)
                 settled()
