@@ -16,11 +16,13 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import trio
@@ -39,6 +41,12 @@ MAX_SPEC_IN_MESSAGE = 4096  # bytes of JSON: a short task's spec up to this size
 # or another node's cancel, a lost beat): first often, then less, so a long wait costs about
 # one query a second whatever the task's length.
 WAIT_POLL_SECONDS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+# A submit that waits for its tasks marks them queued only if they are still waiting this long after
+# their publish: a short task has been run and recorded by then (pending -> succeeded, no claim), and
+# an UPDATE of its row meanwhile would only hold up the Ki's commit of its result. Well below the
+# sweeper's least pending_after_seconds (0.1), so no sweep publishes such a task a second time.
+MARK_QUEUED_AFTER = 0.05
+FOLLOW_LINGER_SECONDS = 60.0  # feeds of finished tasks are read this long after the last wait here ended
 
 
 @dataclass
@@ -96,6 +104,8 @@ class TaskService:
         self.direct_short = direct_short
         self._clock = clock
         self._finished: dict[str, _Waiting] = {}  # task id -> its waiters, woken when this node finishes it
+        self._waiters_changed = trio.Event()  # set when the first waiter comes, and when the last one goes
+        self._idle_since = -math.inf  # trio time when the last waiter here left
 
     async def submit(
         self, raw_specs: list[Any], caller: Caller, *, idempotency_key: str | None = None, body_hash: str | None = None,
@@ -107,7 +117,8 @@ class TaskService:
         With ``wait`` (seconds), the tasks are returned once all are terminal, or
         as they are after ``wait`` seconds: a submit and a long poll in one call.
         Their insert then does not wait for the disk: the answer does instead, and
-        only when no result covers the insert (see ``_make_told_durable``).
+        only when no result covers the insert (see ``_make_told_durable``); and
+        they are marked queued only if still pending MARK_QUEUED_AFTER seconds on.
 
         Error handling: raises SpecError (path names the spec and field) before
         anything is stored; a failed publish is logged and left to the sweeper,
@@ -141,16 +152,24 @@ class TaskService:
             relaxed=wait > 0,
         )
         # Watched from before the publish, so a result recorded at once still wakes the wait.
+        published: set[str] = set()  # with ``wait``: published, not yet marked queued
         with self._watching([t.id for t in tasks] if wait > 0 else []) as watched:
             if created:
                 for task in tasks:
                     log.info("task.submitted", task_id=task.id, kind=task.kind, owner=task.owner)
                 if in_process:
                     await self.bus.publish([t.id for t in tasks], headers=_headers(tasks))
+                elif wait > 0:
+                    published = await self._publish_only([t.id for t in tasks], tasks=tasks)
                 elif await self.publish([t.id for t in tasks], tasks=tasks):
                     tasks = [dataclasses.replace(t, state=State.QUEUED) for t in tasks]
             if wait > 0:
-                tasks = await self._until_all_terminal(tasks, watched, wait)
+                tasks = await self._until_all_terminal(tasks, watched, min(wait, MARK_QUEUED_AFTER))
+                waiting = [t.id for t in tasks if t.state is State.PENDING and t.id in published]
+                if waiting:
+                    await self.store.mark_queued(waiting, now=self._clock())
+                if wait > MARK_QUEUED_AFTER:
+                    tasks = await self._until_all_terminal(tasks, watched, wait - MARK_QUEUED_AFTER)
         if wait > 0 or not created:
             await self._make_told_durable(tasks)
         return tasks, created
@@ -173,22 +192,28 @@ class TaskService:
         places it without reading the store; with ``direct_short``, those known to be short
         go to the ``short`` queue instead. Error handling: the tasks of a queue whose publish
         failed stay pending (the sweeper publishes them), the others are marked queued."""
+        published = await self._publish_only(task_ids, tasks=tasks)
+        if published:
+            await self.store.mark_queued(sorted(published), now=self._clock())
+        return len(published) == len(task_ids)
+
+    async def _publish_only(self, task_ids: list[str], *, tasks: list[Task] | None = None) -> set[str]:
+        """``publish`` without marking anything queued: the ids whose messages the broker confirmed.
+        Error handling: a queue whose publish failed is logged; its ids are left out."""
         headers = _headers(tasks or [])
         queues: dict[str, list[str]] = {}
         for task_id in task_ids:
             short = self.direct_short and headers.get(task_id, {}).get("needs", {}).get("short")
             queues.setdefault(SHORT if short else TASKS, []).append(task_id)
-        published: list[str] = []
+        published: set[str] = set()
         for queue, ids in queues.items():
             try:
                 await self.bus.publish(ids, queue=queue, headers=headers)
             except Exception as exc:  # the sweeper re-publishes whatever stayed pending
                 log.warning("bus.publish_failed", queue=queue, tasks=len(ids), error=str(exc))
                 continue
-            published += ids
-        if published:
-            await self.store.mark_queued(published, now=self._clock())
-        return len(published) == len(task_ids)
+            published.update(ids)
+        return published
 
     async def get(self, task_id: str) -> Task | None:
         return await self.store.get(task_id)
@@ -245,6 +270,8 @@ class TaskService:
     def _watching(self, keys: list[str]) -> Iterator[dict[str, _Waiting]]:
         """Register waiters for ``keys`` (canonical task ids) for the length of the ``with``."""
         watched = {}
+        if keys and not self._finished:
+            self._waiters_came_or_went()
         for key in keys:
             waiting = watched[key] = self._finished.setdefault(key, _Waiting())
             waiting.count += 1
@@ -255,6 +282,13 @@ class TaskService:
                 waiting.count -= 1
                 if waiting.count == 0:
                     del self._finished[key]
+                    if not self._finished:
+                        self._idle_since = trio.current_time()
+                        self._waiters_came_or_went()
+
+    def _waiters_came_or_went(self) -> None:
+        self._waiters_changed.set()
+        self._waiters_changed = trio.Event()
 
     def finished(self, task_id: str) -> None:
         """A hint that ``task_id`` reached a terminal state: wakes whoever waits for it here."""
@@ -262,16 +296,49 @@ class TaskService:
         if waiting is not None:
             waiting.event.set()
 
+    async def follow_store(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Wake long polls for the tasks whose results the store announces as their commits land, in
+        any process (TaskStore.follow_finished: PostgreSQL's NOTIFY, a tenth of a millisecond after
+        the commit, where a beat takes a broker hop); nothing where the store has no such feed."""
+
+        def hint(task_ids: list[str]) -> None:
+            if self._finished:
+                for task_id in task_ids:
+                    self.finished(task_id)
+
+        await self._while_waited_for(partial(self.store.follow_finished, hint), task_status=task_status)
+
     async def follow_beats(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Wake long polls for the tasks that Ki beats name as finished (a swarm bus: Ki on other nodes)."""
-        async with self.bus.subscribe(BEATS) as beats:
-            task_status.started()
-            while True:
-                beat = await beats.receive()
-                finished = beat.get("finished")
-                if isinstance(finished, list) and self._finished:
-                    for task_id in finished:
-                        self.finished(str(task_id))
+
+        async def read() -> None:
+            async with self.bus.subscribe(BEATS) as beats:
+                while True:
+                    finished = (await beats.receive()).get("finished")
+                    if isinstance(finished, list) and self._finished:
+                        for task_id in finished:
+                            self.finished(str(task_id))
+
+        await self._while_waited_for(read, task_status=task_status)
+
+    async def _while_waited_for(
+        self, follow: Callable[[], Awaitable[None]], *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run ``follow`` (a feed of finished tasks) while somebody waits here, and for
+        FOLLOW_LINGER_SECONDS after: every Ki's beats, and every result the store announces, would
+        otherwise cost each node (a Ki node among them, as it records results) a delivery and a
+        wake-up whether anyone waits or not. A wait that starts a feed may miss what came before
+        the feed was up; its store poll (WAIT_POLL_SECONDS) finds the result."""
+        task_status.started()
+        while True:
+            while not self._finished:
+                await self._waiters_changed.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow)
+                while self._finished or trio.current_time() < self._idle_since + FOLLOW_LINGER_SECONDS:
+                    with trio.move_on_at(math.inf if self._finished else self._idle_since + FOLLOW_LINGER_SECONDS):
+                        await self._waiters_changed.wait()
+                nursery.cancel_scope.cancel()
 
     async def cancel(self, task_id: str, caller: Caller) -> Task | None:
         """Cancel a task; an operator only its own. A task running here is stopped at once;

@@ -61,6 +61,7 @@ MAX_CURSOR_CHARS = 200  # longer cursors are refused unread; the ones this store
 UNREADABLE_JSON = {"unreadable": "stored JSON nested too deeply to read"}
 LEASE_EXPIRED_ERROR = "lease expired on the last attempt"  # the error a task gets when its final lease lapses
 COUNT_SHARDS = 8  # rows per (state, kind) in task_counts: concurrent transactions seldom pick the same one
+IDS_PER_NOTIFY = 200  # task ids in one NOTIFY payload: 200 x 37 bytes, under PostgreSQL's 8,000
 
 TASK_COLUMNS = (
     "id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, started_at, finished_at, "
@@ -282,6 +283,10 @@ class SqlTaskStore(TaskStore):
     malformed cursor) raises ValueError.
     """
 
+    # Where ``apply`` announces the tasks whose results it recorded (PostgreSQL's NOTIFY, delivered
+    # to listeners when the transaction commits; see follow_finished); None: announced nowhere.
+    _finished_channel: str | None = None
+
     @abc.abstractmethod
     async def _transact(self, fn: Callable[[Db], T], *, write: bool, relaxed: bool = False) -> T:
         """Run ``fn(db)`` in one transaction in a worker thread and return its result.
@@ -483,9 +488,17 @@ class SqlTaskStore(TaskStore):
         run = _apply_stepwise if stepwise else _apply_together
         # Claims alone commit without waiting for the disk (see _transact); a result always waits.
         relaxed = all(isinstance(op, ClaimOp) for op in ops)
-        return await self._transact(
-            lambda db: _counted(db, lambda moves: run(db, ops, tids, now, moves)), write=True, relaxed=relaxed
-        )
+        channel = None if relaxed else self._finished_channel
+
+        def work(db: Db) -> list[Task | None | bool]:
+            out = _counted(db, lambda moves: run(db, ops, tids, now, moves))
+            if channel is not None:
+                _announce(db, channel, [
+                    tid for op, tid, won in zip(ops, tids, out) if won is True and not isinstance(op, ClaimOp)
+                ])
+            return out
+
+        return await self._transact(work, write=True, relaxed=relaxed)
 
     async def _transition(
         self,
@@ -1173,6 +1186,14 @@ def _transition(
         then(db, tid)
     moves.append((row[1], State.RUNNING.value, row[0]))
     return row[0]
+
+
+def _announce(db: Db, channel: str, tids: list[str | None]) -> None:
+    """NOTIFY ``channel`` of ``tids`` (comma-separated, a bounded number to a message: PostgreSQL
+    takes payloads under 8,000 bytes), sent to its listeners when this transaction commits."""
+    ids = [tid for tid in tids if tid is not None]
+    for i in range(0, len(ids), IDS_PER_NOTIFY):
+        db.run("SELECT pg_notify(?, ?)", (channel, ",".join(ids[i:i + IDS_PER_NOTIFY])))
 
 
 def _counted(db: Db, fn: Callable[[list[tuple[str, str, str]]], T]) -> T:

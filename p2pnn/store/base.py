@@ -13,9 +13,11 @@ when a lease lapsed (``lease_seconds`` is a duration; ``now`` only stamps
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import trio
 
 from p2pnn.tasks import State, Task
 
@@ -200,6 +202,17 @@ class TaskStore(abc.ABC):
 
         Error handling: raises StoreError when that cannot be assured (the database is
         unreachable); nothing is then known to be durable."""
+
+    async def follow_finished(
+        self, on_finished: Callable[[list[str]], None], *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call ``on_finished`` (in trio) with the ids of the tasks whose results ``apply`` recorded,
+        in any process on this store, as their commits land; until cancelled. A hint for long polls,
+        which read the store for the truth: nothing depends on it arriving.
+
+        Where the store has no such feed (SQLite: one process; CockroachDB) this returns at once
+        after ``task_status.started()``, and the default does just that."""
+        task_status.started()
 
     @abc.abstractmethod
     async def get(self, task_id: str) -> Task | None:

@@ -7,12 +7,13 @@ a ``psycopg_pool.ConnectionPool``, and nothing outside this file knows it.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import trio
@@ -21,11 +22,13 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.string import TextLoader
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from p2pnn import logs
 from p2pnn.store import _schema
 from p2pnn.store._sql import POSTGRES, Db, SqlTaskStore
 from p2pnn.store.base import AmbiguousCommit, StoreError, StoreUnreachable
 
 T = TypeVar("T")
+log = logs.get(__name__)
 
 # 40001 serialization_failure: CockroachDB's "restart transaction" and PostgreSQL
 # SERIALIZABLE conflicts; 40P01 deadlock_detected. Both roll the whole
@@ -69,6 +72,10 @@ PREPARE_THRESHOLD = 2
 CUSTOM_PLANS_ONLY = "SET plan_cache_mode = force_custom_plan"
 # 40003 statement_completion_unknown: CockroachDB lost track of whether a commit happened.
 AMBIGUOUS_COMMIT_SQLSTATE = "40003"
+# follow_finished's listening connection: how often its thread looks up from waiting for a
+# notification to see whether it should stop, and how long it waits before connecting again.
+LISTEN_POLL_SECONDS = 0.5
+LISTEN_RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0)
 
 
 class _Attempt:
@@ -294,6 +301,7 @@ class PostgresTaskStore(SqlTaskStore):
             raise
         self._pool = pool
         self._relaxed_commit = await self._probe_relaxed_commit()
+        self._finished_channel = await self._probe_notify()
 
     async def _probe_relaxed_commit(self) -> str | None:
         """``SET LOCAL synchronous_commit = off`` where the server takes it (PostgreSQL), else None
@@ -304,6 +312,59 @@ class PostgresTaskStore(SqlTaskStore):
         except StoreError:
             return None
         return RELAXED_COMMIT
+
+    async def _probe_notify(self) -> str | None:
+        """The channel ``apply`` notifies of recorded results, where the server has NOTIFY
+        (PostgreSQL), else None (CockroachDB): one per schema, as the tasks are. A channel name is
+        an identifier (63 bytes at most), so it holds a digest of the schema name, not the name."""
+        channel = "p2pnn_finished_" + hashlib.sha256(self._schema.encode()).hexdigest()[:20]
+        try:
+            await self._transact(lambda db: db.run("SELECT pg_notify(?, '')", (channel,)), write=False)
+        except StoreError:
+            return None
+        return channel
+
+    async def follow_finished(
+        self, on_finished: Callable[[list[str]], None], *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """As TaskStore's, through LISTEN on a connection of its own (outside the pool), in a thread.
+
+        Resource handling: the thread notices cancellation within LISTEN_POLL_SECONDS, then closes
+        its connection. Error handling: a lost connection is logged and made again (backing off,
+        LISTEN_RETRY_SECONDS); results recorded meanwhile are not announced, and long polls find
+        them by reading the store."""
+        channel = self._finished_channel
+        task_status.started()
+        if channel is None:
+            return
+        token = trio.lowlevel.current_trio_token()
+        stop = threading.Event()
+        settings = connection_settings(self._connect_timeout, self._statement_timeout)
+
+        def listen() -> None:
+            failures = 0
+            while not stop.is_set():
+                try:
+                    with psycopg.connect(self._url, **settings) as conn:
+                        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                        failures = 0
+                        while not stop.is_set():
+                            for note in conn.notifies(timeout=LISTEN_POLL_SECONDS):
+                                ids = [tid for tid in note.payload.split(",") if tid]
+                                if ids:
+                                    token.run_sync_soon(on_finished, ids)
+                except psycopg.Error as exc:
+                    pause = LISTEN_RETRY_SECONDS[min(failures, len(LISTEN_RETRY_SECONDS) - 1)]
+                    failures += 1
+                    log.warning("store.listen_failed", error=str(exc), retry_in=pause)
+                    stop.wait(pause)
+                except trio.RunFinishedError:
+                    return
+
+        try:
+            await trio.to_thread.run_sync(listen, abandon_on_cancel=True)
+        finally:
+            stop.set()
 
     async def make_durable(self) -> None:
         if self._relaxed_commit is None:

@@ -389,7 +389,7 @@ class KiRunner:
             await slots.acquire()
             has_slot = True
 
-        def free_slot() -> None:
+        def free_slot(beat: bool = True) -> None:
             nonlocal freed
             if not freed:
                 freed = True
@@ -399,7 +399,8 @@ class KiRunner:
                 if has_slot:
                     slots.release()
                 hand.release()
-                self.on_change()
+                if beat:
+                    self.on_change()
                 self._changed()
 
         group = _group_of(delivery)
@@ -415,7 +416,10 @@ class KiRunner:
             # Only a message straight from the API: an An's forward is a new message, which an An
             # killed before its ack sends again, so two Ki could each run it first and ask after.
             spec = _spec_to_run_unclaimed(delivery, short) if direct or self.bus.in_process else None
-            if spec is not None and await self._run_unclaimed(delivery.task_id, spec, free_slot):
+            # The worker is freed before the outcome is recorded, the beat saying so only after: a
+            # beat sent then would go out just before the one naming the task finished, which a long
+            # poll waits for, and hold it back (BEAT_MIN_GAP) while both cost the broker a fan-out.
+            if spec is not None and await self._run_unclaimed(delivery.task_id, spec, lambda: free_slot(beat=False)):
                 await inbox.ack(delivery)
                 settled()
                 return
@@ -461,20 +465,23 @@ class KiRunner:
         if outcome.status not in ("succeeded", "failed") or outcome.retryable:
             log.info("task.unclaimed_run_ended", task_id=task_id, status=outcome.status, error=outcome.error)
             return False
-        worker_free()  # the next task is taken while this one's outcome is recorded
+        worker_free()  # the next task is taken while this one's outcome is recorded; beaten once it is
         state = State.SUCCEEDED if outcome.status == "succeeded" else State.FAILED
         op = FinishUnclaimedOp(task_id, self.node_id, spec, state, started, result=outcome.result, error=outcome.error)
         try:
             won = await self._retrying("record", lambda: self._commits.submit(op))
         except StoreError as exc:  # the claim path finds the store as it is by then
             log.warning("task.store_failed", task_id=task_id, error=str(exc))
+            self.on_change()
             return False
         seconds = self._clock() - started
         if not won:
             self.metrics.duplicates_dropped.inc()
             log.info("task.result_dropped", task_id=task_id, status=outcome.status, claimed=False)
+            self.on_change()
             return False
         self.on_finished(task_id)
+        self.on_change()
         self.metrics.task_duration.labels(kind="echo", state=state.value).observe(seconds)
         log.info("task.finished", task_id=task_id, state=state.value, seconds=round(seconds, 3), error=outcome.error,
                  claimed=False)

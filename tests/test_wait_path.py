@@ -1,0 +1,187 @@
+"""The path of a waited-for task: what hears of its result, and what is left out of its way.
+
+- PostgreSQL announces each result ``apply`` records (NOTIFY), to a listener in any process.
+- A submit with ``wait`` marks its task queued only if it still waits MARK_QUEUED_AFTER on.
+- A Ki that runs a short task unclaimed beats once its outcome is recorded: its first beat after
+  the run names the task finished (no beat in between to hold that one back).
+- A node reads the beats only while somebody waits on it, and for a while after.
+
+Real PostgreSQL and SQLite stores, real RabbitMQ (a vhost of the test's own), real worker processes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+import p2pnn.service as service_mod
+from p2pnn.bus import BEATS, SHORT
+from p2pnn.bus.amqp import AmqpBus, AmqpSettings
+from p2pnn.callers import ANONYMOUS_ADMIN
+from p2pnn.service import MARK_QUEUED_AFTER, TaskService
+from p2pnn.store import ClaimOp, FinishOp, FinishUnclaimedOp, NewTask, TaskStore, open_store
+from p2pnn.tasks import Limits, State
+from p2pnn.work.ki import KiAgent
+from tests.conftest import rabbitmqctl
+from tests.test_handback import running_ki
+
+
+async def _pending(store: TaskStore, n: int) -> list[str]:
+    tasks, _ = await store.create(
+        [NewTask("echo", {"kind": "echo", "payload": i}, "tester", 3) for i in range(n)], now=time.time()
+    )
+    return [t.id for t in tasks]
+
+
+@pytest.mark.postgres
+async def test_postgres_announces_the_results_apply_records_to_a_listener_elsewhere(postgres_url, pg_schema) -> None:
+    listening = open_store("postgres", url=postgres_url, schema=pg_schema)
+    recording = open_store("postgres", url=postgres_url, schema=pg_schema)
+    await listening.open()
+    await recording.open()
+    heard: list[str] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(listening.follow_finished, heard.extend)
+            a, b, c, d = await _pending(recording, 4)
+            spec_a = (await recording.get(a)).spec
+            (claimed_b,) = await recording.apply([ClaimOp(b, "ki", 30)], now=time.time())
+            assert claimed_b is not None
+            # Only results: the claim of c announces nothing, a finish refused (d is not running) neither.
+            answers = await recording.apply([
+                FinishUnclaimedOp(a, "ki", spec_a, State.SUCCEEDED, time.time(), result={"ok": 1}),
+                FinishOp(b, claimed_b.attempts, State.SUCCEEDED, result={"ok": 2}, worker="ki"),
+                ClaimOp(c, "ki", 30),
+                FinishOp(d, 1, State.SUCCEEDED, result={}, worker="ki"),
+            ], now=time.time())
+            assert answers[0] is True and answers[1] is True and answers[3] is False
+            with trio.fail_after(10):
+                while sorted(heard) != sorted([a, b]):
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)  # nothing more comes
+            assert sorted(heard) == sorted([a, b])
+            nursery.cancel_scope.cancel()
+    finally:
+        await listening.close()
+        await recording.close()
+
+
+async def test_sqlite_has_no_feed_and_says_so_by_returning(tmp_path: Path) -> None:
+    store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
+    await store.open()
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.follow_finished, lambda ids: None)
+    finally:
+        await store.close()
+
+
+def _spy_marks(store: TaskStore) -> list[list[str]]:
+    """Record the ids of every mark_queued call (each runs unchanged)."""
+    calls: list[list[str]] = []
+    mark_queued = store.mark_queued
+
+    async def spy(task_ids, *, now):
+        calls.append(list(task_ids))
+        return await mark_queued(task_ids, now=now)
+
+    store.mark_queued = spy  # type: ignore[method-assign]
+    return calls
+
+
+async def test_a_waited_short_task_run_at_once_is_never_marked_queued_and_the_next_beat_names_it(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    def agent(runner):
+        return KiAgent(runner=runner, bus=runner.bus, beat_interval=60).run
+
+    async with running_ki(amqp_url, tmp_path, prefix="wp", slots=1, lease_seconds=30, short_queue=SHORT, host=agent) as (
+        store, bus, runner
+    ):
+        marks = _spy_marks(store)
+        service = TaskService(store, bus, limits=Limits(), max_attempts=3, direct_short=True)
+        beats: list[dict] = []
+
+        async def read_beats(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            async with bus.subscribe(BEATS) as subscription:
+                task_status.started()
+                while True:
+                    beats.append(await subscription.receive())
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(read_beats)
+            await nursery.start(service.follow_beats)
+            await trio.sleep(0.5)  # the Ki's first beats, before the task
+            began = time.time()
+            (task,), created = await service.submit([{"kind": "echo", "payload": "w"}], ANONYMOUS_ADMIN, wait=20)
+            assert created and task.state is State.SUCCEEDED and task.result == {"payload": "w"}
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+        assert marks == []  # pending -> succeeded: no UPDATE of the row in the Ki's way
+        after = [b for b in beats if b["at"] >= began and b["node"] == runner.node_id]
+        assert after and after[0]["finished"] == [task.id], after
+
+
+async def test_a_waited_task_still_waiting_is_marked_queued_once_before_the_answer(amqp_url: str, tmp_path: Path) -> None:
+    store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
+    await store.open()
+    bus = AmqpBus(AmqpSettings(url=amqp_url, prefix="wq"))
+    marks = _spy_marks(store)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus.run)
+            assert await bus.wait_connected(20), "no connection to RabbitMQ"
+            service = TaskService(store, bus, limits=Limits(), max_attempts=3, direct_short=True)
+            began = trio.current_time()
+            (task,), _ = await service.submit([{"kind": "echo"}], ANONYMOUS_ADMIN, wait=0.3)  # no Ki runs it
+            assert trio.current_time() - began >= 0.3
+            assert task.state is State.QUEUED and (await store.get(task.id)).state is State.QUEUED
+            assert marks == [[task.id]]
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+    assert MARK_QUEUED_AFTER < 0.3
+
+
+def _bound_to_beats(vhost: str, prefix: str) -> int:
+    out = rabbitmqctl("list_bindings", "-p", vhost, "source_name", "destination_name", "--quiet").stdout
+    return sum(1 for line in out.splitlines() if line.split("\t")[0] == f"{prefix}.{BEATS}")
+
+
+async def test_a_node_reads_beats_only_while_somebody_waits_there_and_a_while_after(
+    amqp_vhost: str, amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_mod, "FOLLOW_LINGER_SECONDS", 1.0)
+    store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
+    await store.open()
+    bus = AmqpBus(AmqpSettings(url=amqp_url, prefix="wb"))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus.run)
+            assert await bus.wait_connected(20), "no connection to RabbitMQ"
+            service = TaskService(store, bus, limits=Limits(), max_attempts=3)
+            await nursery.start(service.follow_beats)
+            (task_id,) = await _pending(store, 1)
+            await trio.sleep(0.5)
+            assert await trio.to_thread.run_sync(_bound_to_beats, amqp_vhost, "wb") == 0
+            waiting = trio.Event()
+
+            async def wait() -> None:
+                waiting.set()
+                await service.wait(task_id, 8)
+
+            nursery.start_soon(wait)
+            await waiting.wait()
+            await trio.sleep(0.5)
+            assert await trio.to_thread.run_sync(_bound_to_beats, amqp_vhost, "wb") == 1
+            await service.cancel(task_id, ANONYMOUS_ADMIN)  # ends the wait: the task is terminal
+            with trio.fail_after(30):  # the linger (1 s), then the queue goes with the subscription
+                while await trio.to_thread.run_sync(_bound_to_beats, amqp_vhost, "wb"):
+                    await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
