@@ -77,7 +77,7 @@ _TERMINAL_AFTER_LOST_ATTEMPT = "(cancel_requested OR attempts >= max_attempts)"
 
 @dataclass(frozen=True)
 class Dialect:
-    """What differs between the SQL databases: placeholders, three column types, and the clock."""
+    """What differs between the SQL databases: placeholders, three column types, the clock, and one aggregate."""
 
     name: str
     placeholder: str
@@ -85,36 +85,40 @@ class Dialect:
     json_type: str
     blob_type: str
     now: str  # the database's own time, in Unix seconds, as an SQL expression
+    # An aggregate over a group's artifact names: their JSON array as text (NULL or "[]" for none),
+    # so that a task and its names come back in one row of one statement.
+    names_json: str
     # Whether concurrent transactions write (and so SELECT ... FOR UPDATE takes row locks): SQLite
     # has one writer at a time and no FOR UPDATE.
     locks_rows: bool = False
 
     def sql(self, text: str) -> str:
-        """``text`` with ``?`` placeholders in this dialect's style (no query here contains a literal ``?``)
-        and ``{now}`` replaced by the database's clock."""
-        text = text.replace("{now}", self.now)
-        return text if self.placeholder == "?" else _translate(text, self.placeholder)
+        """``text`` with ``?`` placeholders in this dialect's style (no query here contains a literal ``?``),
+        ``{now}`` replaced by the database's clock and ``{names_json}`` by its aggregate."""
+        return _render(text, self)
 
     def ddl(self, text: str) -> str:
         return text.format(uuid=self.uuid_type, json=self.json_type, blob=self.blob_type)
 
 
 @lru_cache(maxsize=256)  # the queries are a fixed set, plus IN lists of a few lengths
-def _translate(text: str, placeholder: str) -> str:
-    return text.replace("?", placeholder)
+def _render(text: str, dialect: Dialect) -> str:
+    text = text.replace("{now}", dialect.now).replace("{names_json}", dialect.names_json)
+    return text if dialect.placeholder == "?" else text.replace("?", dialect.placeholder)
 
 
 # SQLite: TEXT for ids and JSON because a type name without TEXT in it gives a
 # column NUMERIC affinity, which would try to turn strings into numbers.
 SQLITE = Dialect(
     "sqlite", "?", uuid_type="TEXT", json_type="TEXT", blob_type="BLOB",
-    now="((julianday('now') - 2440587.5) * 86400.0)",
+    now="((julianday('now') - 2440587.5) * 86400.0)", names_json="json_group_array(name)",
 )
 # now() is the transaction's start: one time for every row a statement touches. EXTRACT gives a
 # NUMERIC on PostgreSQL 14+ and a FLOAT on CockroachDB; the cast makes both a DOUBLE PRECISION.
 POSTGRES = Dialect(
     "postgres", "%s", uuid_type="UUID", json_type="JSONB", blob_type="BYTEA",
-    now="CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)", locks_rows=True,
+    now="CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)", names_json="CAST(json_agg(name) AS TEXT)",
+    locks_rows=True,
 )
 
 
@@ -295,6 +299,11 @@ class SqlTaskStore(TaskStore):
         and the attempt that ran meanwhile cannot record a result without its claim); or one that
         no one hears of before a later durable commit: a relaxed ``create``."""
 
+    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one statement that only reads. A backend where one statement is a
+        transaction of its own may run it without BEGIN and COMMIT (PostgreSQL does)."""
+        return await self._transact(lambda db: db.rows(sql, params), write=False)
+
     # --- creation and reading ---
 
     async def create(
@@ -352,7 +361,8 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return None
-        return await self._transact(lambda db: _get(db, tid), write=False)
+        rows = await self._query(GET_TASK, (tid,))
+        return _task_with_artifacts(rows[0]) if rows else None
 
     async def list(
         self,
@@ -390,26 +400,21 @@ class SqlTaskStore(TaskStore):
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         params.append(limit + 1)
 
-        rows = await self._transact(lambda db: db.rows(sql, params), write=False)
+        rows = await self._query(sql, params)
         tasks = [task_from_row(r) for r in rows[:limit]]
         next_cursor = encode_cursor(tasks[-1].created_at, tasks[-1].id) if len(rows) > limit else None
         return Page(tasks=tasks, next_cursor=next_cursor)
 
     async def ids_in_state(self, state: State, *, older_than: float, limit: int = 1000) -> list[str]:
-        rows = await self._transact(
-            lambda db: db.rows(
-                "SELECT id FROM tasks WHERE state = ? AND updated_at < ? ORDER BY updated_at, id LIMIT ?",
-                (State(state).value, older_than, limit),
-            ),
-            write=False,
+        rows = await self._query(
+            "SELECT id FROM tasks WHERE state = ? AND updated_at < ? ORDER BY updated_at, id LIMIT ?",
+            (State(state).value, older_than, limit),
         )
         return [str(r[0]) for r in rows]
 
     async def counts(self) -> dict[tuple[str, str], int]:
         # task_counts, not tasks: a few rows per (state, kind) whatever the number of tasks.
-        rows = await self._transact(
-            lambda db: db.rows("SELECT state, kind, SUM(n) FROM task_counts GROUP BY state, kind"), write=False
-        )
+        rows = await self._query("SELECT state, kind, SUM(n) FROM task_counts GROUP BY state, kind")
         return {(state, kind): int(n) for state, kind, n in rows if n}
 
     # --- transitions ---
@@ -453,12 +458,9 @@ class SqlTaskStore(TaskStore):
 
     async def _queued_where(self, condition: str, order: str, bound: float, limit: int) -> dict[str, float]:
         """Queued tasks matching ``condition`` (one ``?``, given ``bound``), oldest ``order`` first: id -> updated_at."""
-        rows = await self._transact(
-            lambda db: db.rows(
-                f"SELECT id, updated_at FROM tasks WHERE state = 'queued' AND {condition} ORDER BY {order}, id LIMIT ?",
-                (bound, limit),
-            ),
-            write=False,
+        rows = await self._query(
+            f"SELECT id, updated_at FROM tasks WHERE state = 'queued' AND {condition} ORDER BY {order}, id LIMIT ?",
+            (bound, limit),
         )
         return {str(r[0]): float(r[1]) for r in rows}
 
@@ -567,12 +569,9 @@ class SqlTaskStore(TaskStore):
         return await self._transact(read, write=False)
 
     async def changed_since(self, after: float, *, limit: int = 100) -> list[Task]:
-        rows = await self._transact(
-            lambda db: db.rows(
-                f"SELECT {TASK_COLUMNS} FROM tasks WHERE updated_at > ? ORDER BY updated_at, id LIMIT ?",
-                (after, max(1, min(limit, MAX_PAGE))),
-            ),
-            write=False,
+        rows = await self._query(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE updated_at > ? ORDER BY updated_at, id LIMIT ?",
+            (after, max(1, min(limit, MAX_PAGE))),
         )
         return [task_from_row(r) for r in rows]
 
@@ -782,18 +781,13 @@ class SqlTaskStore(TaskStore):
         return await self._transact(release, write=True)
 
     async def lease(self, swarm: str) -> Lease | None:
-        row = await self._transact(
-            lambda db: db.one("SELECT term, holder, expires_at FROM swarm_lease WHERE swarm = ?", (swarm,)), write=False
-        )
-        return None if row is None else Lease(swarm, int(row[0]), row[1], float(row[2]))
+        rows = await self._query("SELECT term, holder, expires_at FROM swarm_lease WHERE swarm = ?", (swarm,))
+        return Lease(swarm, int(rows[0][0]), rows[0][1], float(rows[0][2])) if rows else None
 
     async def terms(self, swarm: str) -> list[TermRecord]:
-        rows = await self._transact(
-            lambda db: db.rows(
-                "SELECT term, holder, acquired_at, expires_at, ended_at, end_reason FROM swarm_terms "
-                "WHERE swarm = ? ORDER BY term", (swarm,),
-            ),
-            write=False,
+        rows = await self._query(
+            "SELECT term, holder, acquired_at, expires_at, ended_at, end_reason FROM swarm_terms "
+            "WHERE swarm = ? ORDER BY term", (swarm,),
         )
         return [TermRecord(int(r[0]), r[1], float(r[2]), float(r[3]), _opt_float(r[4]), r[5]) for r in rows]
 
@@ -812,10 +806,7 @@ class SqlTaskStore(TaskStore):
         return await self._transact(record, write=True)
 
     async def roles(self, swarm: str) -> dict[str, tuple[Assignment, int]]:
-        rows = await self._transact(
-            lambda db: db.rows("SELECT node_id, roles, an_id, term FROM swarm_roles WHERE swarm = ?", (swarm,)),
-            write=False,
-        )
+        rows = await self._query("SELECT node_id, roles, an_id, term FROM swarm_roles WHERE swarm = ?", (swarm,))
         return {r[0]: (Assignment(tuple(x for x in r[1].split(",") if x), r[2]), int(r[3])) for r in rows}
 
     async def record_member(self, swarm: str, node_id: str, dht: tuple[str, int], *, now: float) -> None:
@@ -830,11 +821,8 @@ class SqlTaskStore(TaskStore):
         )
 
     async def members(self, swarm: str, *, since: float) -> dict[str, tuple[str, int]]:
-        rows = await self._transact(
-            lambda db: db.rows(
-                "SELECT node_id, dht_host, dht_port FROM swarm_members WHERE swarm = ? AND seen_at >= ?", (swarm, since)
-            ),
-            write=False,
+        rows = await self._query(
+            "SELECT node_id, dht_host, dht_port FROM swarm_members WHERE swarm = ? AND seen_at >= ?", (swarm, since)
         )
         return {str(r[0]): (str(r[1]), int(r[2])) for r in rows}
 
@@ -851,9 +839,7 @@ class SqlTaskStore(TaskStore):
         await self._transact(revoke, write=True)
 
     async def revoked_tokens(self, *, now: float) -> frozenset[str]:
-        rows = await self._transact(
-            lambda db: db.rows("SELECT jti FROM revoked_tokens WHERE expires_at >= ?", (now,)), write=False
-        )
+        rows = await self._query("SELECT jti FROM revoked_tokens WHERE expires_at >= ?", (now,))
         return frozenset(str(r[0]) for r in rows)
 
     # --- artifacts ---
@@ -878,10 +864,8 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return None
-        row = await self._transact(
-            lambda db: db.one("SELECT data FROM artifacts WHERE task_id = ? AND name = ?", (tid, name)), write=False
-        )
-        return None if row is None else bytes(row[0])
+        rows = await self._query("SELECT data FROM artifacts WHERE task_id = ? AND name = ?", (tid, name))
+        return bytes(rows[0][0]) if rows else None
 
 
 def _check_artifact(name: str, data: bytes) -> None:
@@ -1222,9 +1206,22 @@ def _updated_task(db: Db, tid: str, update: str, params: Sequence[Any]) -> Task 
     return None if row is None else task_from_row(row, _artifact_names(db, tid))
 
 
+# One task with its artifact names, in one statement: one round trip, and a snapshot of its own.
+GET_TASK = (
+    f"SELECT {TASK_COLUMNS}, (SELECT {{names_json}} FROM artifacts WHERE artifacts.task_id = tasks.id) "
+    "FROM tasks WHERE id = ?"
+)
+
+
+def _task_with_artifacts(row: Sequence[Any]) -> Task:
+    """A Task from a row selected as GET_TASK."""
+    names = row[-1]
+    return task_from_row(row[:-1], [] if names is None else json.loads(names))
+
+
 def _get(db: Db, tid: str) -> Task | None:
-    row = db.one(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (tid,))
-    return None if row is None else task_from_row(row, _artifact_names(db, tid))
+    row = db.one(GET_TASK, (tid,))
+    return None if row is None else _task_with_artifacts(row)
 
 
 def _repeat(db: Db, owner: str, key: str, request_hash: str | None) -> tuple[list[Task], bool]:

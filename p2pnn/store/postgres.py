@@ -10,9 +10,9 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import trio
@@ -50,6 +50,8 @@ KEEPALIVE_IDLE = 2  # seconds of silence before the first probe
 KEEPALIVE_INTERVAL = 1  # seconds between probes
 KEEPALIVE_COUNT = 3  # unanswered probes before the connection is dead
 TCP_USER_TIMEOUT_MS = 5_000  # unacknowledged data older than this kills the connection
+# What opens a transaction (run_transaction's ``begin``).
+BEGIN = "BEGIN"
 # Run first in a relaxed transaction (see SqlTaskStore._transact): PostgreSQL then answers the
 # commit without waiting for the WAL flush, which takes milliseconds; a later durable commit flushes it too.
 RELAXED_COMMIT = "SET LOCAL synchronous_commit = off"
@@ -117,7 +119,31 @@ class _Abandoned(Exception):
     """The trio side gave up before this attempt got a connection: do not run it at all."""
 
 
-async def _attempt(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T]) -> T:
+def _in_transaction(conn: psycopg.Connection, begin: str, fn: Callable[[psycopg.Connection], T]) -> T:
+    """``fn(conn)`` between ``begin`` and COMMIT, on a connection in autocommit mode.
+
+    As ``conn.transaction()`` does, but ``begin`` may be several statements, sent in one message
+    (the simple query protocol, hence no parameters).
+
+    Error handling: any exception, from ``begin``, ``fn`` or the interrupted thread, rolls the
+    transaction back and propagates; an error of the rollback itself is dropped, as the first
+    error is the one that tells what went wrong, and a connection left broken or inside a
+    transaction is discarded or rolled back by the pool when it comes back. A failed COMMIT
+    raises: the server has ended the transaction, committed or not (see AMBIGUOUS_COMMIT_SQLSTATE)."""
+    try:
+        conn.execute(begin, prepare=False)
+        out = fn(conn)
+    except BaseException:
+        try:
+            conn.rollback()  # also forgets statements prepared in the transaction, which the rollback undid
+        except psycopg.Error:
+            pass
+        raise
+    conn.commit()
+    return out
+
+
+async def _attempt(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T], begin: str | None) -> T:
     state = _Attempt()
 
     def work() -> T:
@@ -127,8 +153,9 @@ async def _attempt(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T]) 
                     raise _Abandoned
                 state.conn = conn
             try:
-                with conn.transaction():  # commits on return, rolls back on any exception
+                if begin is None:  # one statement, in autocommit mode: a transaction of its own
                     return fn(conn)
+                return _in_transaction(conn, begin, fn)
             finally:
                 with state.lock:
                     state.conn = None
@@ -161,8 +188,15 @@ async def run_transaction(
     max_attempts: int = TX_MAX_ATTEMPTS,
     retry_sqlstates: Iterable[str] = RETRYABLE_SQLSTATES,
     deadline: float | None = None,
+    begin: str | None = BEGIN,
 ) -> T:
     """Run ``fn(conn)`` in one transaction on a pooled connection in a worker thread; return its result.
+
+    ``begin``: the statements, without parameters, that open the transaction, sent together in
+    one round trip ("BEGIN; SET LOCAL ...", for one). None runs ``fn`` without BEGIN and COMMIT, saving both
+    round trips; only for an ``fn`` that runs a single statement, which the connection's autocommit
+    mode then makes a transaction of its own (several would each commit on their own, and a read
+    on CockroachDB would no longer see one snapshot).
 
     ``fn`` must be safe to run again from the start: a transaction that fails
     with a SQLSTATE in ``retry_sqlstates`` (by default serialization failure
@@ -183,9 +217,9 @@ async def run_transaction(
     for attempt in range(1, max_attempts + 1):
         try:
             if deadline is None:
-                return await _attempt(pool, fn)
+                return await _attempt(pool, fn, begin)
             with trio.fail_after(deadline):
-                return await _attempt(pool, fn)
+                return await _attempt(pool, fn, begin)
         except trio.TooSlowError:
             raise StoreUnreachable(f"the database did not answer within {deadline:g} s") from None
         except PoolTimeout as exc:
@@ -326,15 +360,20 @@ class PostgresTaskStore(SqlTaskStore):
     async def schema_version(self) -> int:
         return await self._transact(_schema.current_version, write=False)
 
-    async def _transact(self, fn: Callable[[Db], T], *, write: bool, relaxed: bool = False) -> T:
+    def _open_pool(self) -> ConnectionPool:
         if self._pool is None:
             raise StoreError("the PostgreSQL store is not open")
-        first = self._relaxed_commit if relaxed else None
+        return self._pool
 
-        def work(conn: psycopg.Connection) -> T:
-            db = Db(conn, POSTGRES)
-            if first is not None:
-                db.run(first)
-            return fn(db)
+    async def _transact(self, fn: Callable[[Db], T], *, write: bool, relaxed: bool = False) -> T:
+        pool = self._open_pool()
+        # A relaxed transaction sends its setting with BEGIN: no round trip of its own.
+        begin = f"{BEGIN}; {self._relaxed_commit}" if relaxed and self._relaxed_commit is not None else BEGIN
+        return await run_transaction(pool, lambda conn: fn(Db(conn, POSTGRES)), deadline=self.deadline, begin=begin)
 
-        return await run_transaction(self._pool, work, deadline=self.deadline)
+    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """As SqlTaskStore's, in one round trip: no BEGIN or COMMIT around the statement."""
+        pool = self._open_pool()
+        return await run_transaction(
+            pool, lambda conn: Db(conn, POSTGRES).rows(sql, params), deadline=self.deadline, begin=None
+        )
