@@ -3,17 +3,22 @@
 A backend supplies one thing: ``_transact(fn, write=...)``, which runs ``fn(db)``
 in a worker thread inside a database transaction (SQLite: ``BEGIN IMMEDIATE``
 for writes, one connection behind a trio lock; PostgreSQL/CockroachDB: a pooled
-connection, retried on serialization failures). Everything else, every
-conditional update included, lives here so the two backends cannot drift apart.
+connection, retried on serialization failures). It may also run a read of one
+statement (``_query``) more cheaply than as a ``_transact``: PostgreSQL sends it
+without BEGIN and COMMIT. Everything else, every conditional update included,
+lives here so the two backends cannot drift apart.
 
 SQL is written with ``?`` placeholders and only the constructs SQLite,
 PostgreSQL and CockroachDB all accept: ``UPDATE ... RETURNING``,
 ``WITH v (...) AS (VALUES ...) UPDATE ... FROM v`` (SQLite 3.33+; RETURNING
 already needs 3.35), ``INSERT ... ON CONFLICT``, row-value comparisons, ``CASE``,
 ``IN (...)`` lists rather than ``= ANY(array)`` (a text array does not compare
-with a UUID column). One statement differs by dialect: a group's claims read
+with a UUID column). A few statements differ by dialect: a group's claims read
 each task's state under a ``FOR UPDATE`` lock in the same statement where rows
-are locked (``Dialect.locks_rows``), and in a statement of their own on SQLite.
+are locked (``Dialect.locks_rows``), and in a statement of their own on SQLite;
+a create inserts its tasks in a WITH clause of the statement that counts them
+(``Dialect.writes_in_with``), where SQLite runs two; ``get`` gathers a task's
+artifact names with each database's JSON aggregate (``Dialect.names_json``).
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ MAX_CURSOR_CHARS = 200  # longer cursors are refused unread; the ones this store
 UNREADABLE_JSON = {"unreadable": "stored JSON nested too deeply to read"}
 LEASE_EXPIRED_ERROR = "lease expired on the last attempt"  # the error a task gets when its final lease lapses
 COUNT_SHARDS = 8  # rows per (state, kind) in task_counts: concurrent transactions seldom pick the same one
+# Tasks one statement inserts and counts together (see create): 12 parameters each, far below the
+# 65,535 one PostgreSQL statement takes; a larger batch is inserted row by row, then counted.
+MAX_INSERT_WITH_COUNT = 1000
 
 TASK_COLUMNS = (
     "id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, started_at, finished_at, "
@@ -91,6 +99,8 @@ class Dialect:
     # Whether concurrent transactions write (and so SELECT ... FOR UPDATE takes row locks): SQLite
     # has one writer at a time and no FOR UPDATE.
     locks_rows: bool = False
+    # Whether a WITH clause may hold an INSERT, run with the statement around it (SQLite's may not).
+    writes_in_with: bool = False
 
     def sql(self, text: str) -> str:
         """``text`` with ``?`` placeholders in this dialect's style (no query here contains a literal ``?``),
@@ -118,7 +128,7 @@ SQLITE = Dialect(
 POSTGRES = Dialect(
     "postgres", "%s", uuid_type="UUID", json_type="JSONB", blob_type="BYTEA",
     now="CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)", names_json="CAST(json_agg(name) AS TEXT)",
-    locks_rows=True,
+    locks_rows=True, writes_in_with=True,
 )
 
 
@@ -343,16 +353,22 @@ class SqlTaskStore(TaskStore):
                 )
                 if not claimed:
                     return _repeat(db, key_owner, idempotency_key, request_hash)
-            db.run_many(
-                "INSERT INTO tasks (id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, "
-                "idempotency_key, batch_index, parent_id, published_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (t.id, t.kind, dump_json(t.spec), state.value, t.owner, t.max_attempts, now, now, idempotency_key, i,
-                     None if t.parent is None else parse_id(t.parent), published_at)
-                    for i, t in enumerate(new)
-                ],
-            )
-            _count(db, collections.Counter((state.value, t.kind) for t in new))
+            rows = [
+                (t.id, t.kind, dump_json(t.spec), state.value, t.owner, t.max_attempts, now, now, idempotency_key, i,
+                 None if t.parent is None else parse_id(t.parent), published_at)
+                for i, t in enumerate(new)
+            ]
+            counts = collections.Counter((state.value, t.kind) for t in new)
+            if db.dialect.writes_in_with and 0 < len(rows) <= MAX_INSERT_WITH_COUNT:
+                # One statement, so one round trip: the insert runs in a WITH clause of the count's upsert.
+                upsert, upsert_params = _count_upsert(counts)
+                db.run(
+                    f"WITH inserted AS ({_INSERT_TASKS} {', '.join([_TASK_VALUES] * len(rows))}) {upsert}",
+                    [*(v for row in rows for v in row), *upsert_params],
+                )
+            else:
+                db.run_many(f"{_INSERT_TASKS} {_TASK_VALUES}", rows)
+                _count(db, counts)
             return new, True
 
         return await self._transact(create, write=True, relaxed=relaxed)
@@ -1173,11 +1189,17 @@ def _count(db: Db, deltas: collections.Counter[tuple[str, str]] | dict[tuple[str
     One shard row per transaction, chosen at random, and the rows in a fixed
     order: two transactions lock shard rows in the same order, so they may
     wait for each other but never deadlock."""
+    if any(deltas.values()):
+        db.run(*_count_upsert(deltas))
+
+
+def _count_upsert(
+    deltas: collections.Counter[tuple[str, str]] | dict[tuple[str, str], int],
+) -> tuple[str, list[Any]]:
+    """The statement of ``_count`` and its parameters, for ``deltas`` with at least one change."""
     changes = sorted((key, n) for key, n in deltas.items() if n)
-    if not changes:
-        return
     shard = random.randrange(COUNT_SHARDS)
-    db.run(
+    return (
         "INSERT INTO task_counts (state, kind, shard, n) VALUES "
         + ", ".join("(?, ?, ?, ?)" for _ in changes)
         + " ON CONFLICT (state, kind, shard) DO UPDATE SET n = task_counts.n + excluded.n",
@@ -1205,6 +1227,12 @@ def _updated_task(db: Db, tid: str, update: str, params: Sequence[Any]) -> Task 
     row = db.one(f"{update} RETURNING {TASK_COLUMNS}", params)
     return None if row is None else task_from_row(row, _artifact_names(db, tid))
 
+
+_INSERT_TASKS = (
+    "INSERT INTO tasks (id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, "
+    "idempotency_key, batch_index, parent_id, published_at) VALUES"
+)
+_TASK_VALUES = "(?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)"  # one task's row of _INSERT_TASKS
 
 # One task with its artifact names, in one statement: one round trip, and a snapshot of its own.
 GET_TASK = (

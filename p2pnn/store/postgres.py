@@ -125,11 +125,10 @@ def _in_transaction(conn: psycopg.Connection, begin: str, fn: Callable[[psycopg.
     As ``conn.transaction()`` does, but ``begin`` may be several statements, sent in one message
     (the simple query protocol, hence no parameters).
 
-    Error handling: any exception, from ``begin``, ``fn`` or the interrupted thread, rolls the
-    transaction back and propagates; an error of the rollback itself is dropped, as the first
-    error is the one that tells what went wrong, and a connection left broken or inside a
-    transaction is discarded or rolled back by the pool when it comes back. A failed COMMIT
-    raises: the server has ended the transaction, committed or not (see AMBIGUOUS_COMMIT_SQLSTATE)."""
+    Error handling: any exception from ``begin`` or ``fn`` rolls the transaction back and
+    propagates; an error of the rollback itself is dropped, as the first error is the one that
+    tells what went wrong (a connection left broken is discarded by the pool when it comes back).
+    A failed COMMIT raises, as it does from ``conn.transaction()``."""
     try:
         conn.execute(begin, prepare=False)
         out = fn(conn)
@@ -256,7 +255,8 @@ class PostgresTaskStore(SqlTaskStore):
     connections, creates ``schema`` if it is missing and migrates it; every
     pooled connection has its ``search_path`` set to that schema, and prepares the statements it
     runs repeatedly where the server plans each run afresh (see PREPARE_THRESHOLD). ``close``
-    closes the pool and its threads.
+    closes the pool and its threads. A read of one statement (``_query``) runs without BEGIN and
+    COMMIT, in one round trip: in autocommit mode a single statement is a transaction of its own.
 
     Error handling: an unreachable database raises StoreError from ``open``
     after ``connect_timeout``; every other driver error raises StoreError, and
