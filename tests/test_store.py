@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -929,17 +929,53 @@ async def test_creates_of_any_size_are_counted(store: TaskStore, monkeypatch: py
     assert await store.counts() == await _counts_of_tasks(store) == {("pending", "echo"): 4, ("pending", "train"): 2}
 
 
-async def test_postgresql_runs_a_one_statement_read_as_its_own_transaction(store: TaskStore) -> None:
-    """A read of one statement takes one round trip: no BEGIN before it (the transaction starts with
-    the statement, so now() is the statement's own start), and nothing left open after it."""
+async def _round_trips(store: TaskStore, trace_path: Path, call: Callable[[], Awaitable[object]]) -> int:
+    """How many times ``call`` waited for the server on the store's only pooled connection: libpq's
+    trace of what it sent, where each Query and each Sync message waits for the server's answer."""
+    with open(trace_path, "w") as trace:
+        with store._pool.connection() as conn:
+            conn.pgconn.trace(trace.fileno())
+            conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
+        try:
+            await call()
+        finally:
+            with store._pool.connection() as conn:
+                conn.pgconn.untrace()  # flushes the trace
+    sent = [line.split("\t")[2].strip() for line in trace_path.read_text().splitlines() if line.startswith("F\t")]
+    return sum(1 for message in sent if message in ("Query", "Sync"))
+
+
+@pytest.mark.postgres
+async def test_postgresql_common_calls_take_the_fewest_round_trips(
+    postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    """A read of one statement, and a lease renewal, go without BEGIN and COMMIT; a relaxed
+    transaction sends its setting with BEGIN; a create counts its tasks in the insert's statement."""
     from p2pnn.store.postgres import PostgresTaskStore
 
-    if not isinstance(store, PostgresTaskStore):
-        return
-    assert await store._query("SELECT now() = statement_timestamp()") == [(True,)]
-    in_block = "SELECT now() = statement_timestamp()"
-    assert await store._transact(lambda db: db.rows(in_block)[0][0], write=False) is False  # BEGIN came first
-    assert await store._query("SELECT pg_current_xact_id_if_assigned() IS NULL") == [(True,)]
+    store = PostgresTaskStore(postgres_url, schema=pg_schema, pool_size=1)
+    await store.open()
+    try:
+        task_id, attempt = await running(store)
+        pending = [t.id for t in (await store.create([new() for _ in range(4)], now=T0))[0]]
+        calls = {
+            "get": (lambda: store.get(task_id), 1),
+            "list": (lambda: store.list(limit=2), 1),
+            "renew": (lambda: store.renew(task_id, worker="ki-1", attempt=attempt, now=T0, lease_seconds=LEASE), 1),
+            # BEGIN with its setting, the insert counted, COMMIT
+            "relaxed create": (lambda: store.create([new()], now=T0, relaxed=True), 3),
+            "create": (lambda: store.create([new()], now=T0), 3),
+            # BEGIN with its setting, the update, its count, COMMIT
+            "mark_queued": (lambda: store.mark_queued([pending.pop()], now=T0), 4),
+        }
+        seen = {}
+        for name, (call, _) in calls.items():
+            for _ in range(3):  # past the run that prepares each statement
+                await call()
+            seen[name] = await _round_trips(store, tmp_path / "trace.txt", call)
+        assert seen == {name: trips for name, (_, trips) in calls.items()}
+    finally:
+        await store.close()
 
 
 @pytest.mark.postgres

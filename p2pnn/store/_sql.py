@@ -3,9 +3,9 @@
 A backend supplies one thing: ``_transact(fn, write=...)``, which runs ``fn(db)``
 in a worker thread inside a database transaction (SQLite: ``BEGIN IMMEDIATE``
 for writes, one connection behind a trio lock; PostgreSQL/CockroachDB: a pooled
-connection, retried on serialization failures). It may also run a read of one
-statement (``_query``) more cheaply than as a ``_transact``: PostgreSQL sends it
-without BEGIN and COMMIT. Everything else, every conditional update included,
+connection, retried on serialization failures). It may also run a transaction
+of one statement (``_statement``) more cheaply than ``_transact`` does:
+PostgreSQL sends it without BEGIN and COMMIT. Everything else, every conditional update included,
 lives here so the two backends cannot drift apart.
 
 SQL is written with ``?`` placeholders and only the constructs SQLite,
@@ -309,10 +309,11 @@ class SqlTaskStore(TaskStore):
         and the attempt that ran meanwhile cannot record a result without its claim); or one that
         no one hears of before a later durable commit: a relaxed ``create``."""
 
-    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """The rows of one statement that only reads. A backend where one statement is a
-        transaction of its own may run it without BEGIN and COMMIT (PostgreSQL does)."""
-        return await self._transact(lambda db: db.rows(sql, params), write=False)
+    async def _statement(self, sql: str, params: Sequence[Any] = (), *, write: bool = False) -> list[tuple[Any, ...]]:
+        """The rows of one statement (a write's from RETURNING), run as a transaction of its own;
+        ``write`` as ``_transact``'s. A backend where one statement is a transaction of its own
+        may run it without BEGIN and COMMIT (PostgreSQL does)."""
+        return await self._transact(lambda db: db.rows(sql, params), write=write)
 
     # --- creation and reading ---
 
@@ -377,7 +378,7 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return None
-        rows = await self._query(GET_TASK, (tid,))
+        rows = await self._statement(GET_TASK, (tid,))
         return _task_with_artifacts(rows[0]) if rows else None
 
     async def list(
@@ -416,13 +417,13 @@ class SqlTaskStore(TaskStore):
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         params.append(limit + 1)
 
-        rows = await self._query(sql, params)
+        rows = await self._statement(sql, params)
         tasks = [task_from_row(r) for r in rows[:limit]]
         next_cursor = encode_cursor(tasks[-1].created_at, tasks[-1].id) if len(rows) > limit else None
         return Page(tasks=tasks, next_cursor=next_cursor)
 
     async def ids_in_state(self, state: State, *, older_than: float, limit: int = 1000) -> list[str]:
-        rows = await self._query(
+        rows = await self._statement(
             "SELECT id FROM tasks WHERE state = ? AND updated_at < ? ORDER BY updated_at, id LIMIT ?",
             (State(state).value, older_than, limit),
         )
@@ -430,7 +431,7 @@ class SqlTaskStore(TaskStore):
 
     async def counts(self) -> dict[tuple[str, str], int]:
         # task_counts, not tasks: a few rows per (state, kind) whatever the number of tasks.
-        rows = await self._query("SELECT state, kind, SUM(n) FROM task_counts GROUP BY state, kind")
+        rows = await self._statement("SELECT state, kind, SUM(n) FROM task_counts GROUP BY state, kind")
         return {(state, kind): int(n) for state, kind, n in rows if n}
 
     # --- transitions ---
@@ -474,7 +475,7 @@ class SqlTaskStore(TaskStore):
 
     async def _queued_where(self, condition: str, order: str, bound: float, limit: int) -> dict[str, float]:
         """Queued tasks matching ``condition`` (one ``?``, given ``bound``), oldest ``order`` first: id -> updated_at."""
-        rows = await self._query(
+        rows = await self._statement(
             f"SELECT id, updated_at FROM tasks WHERE state = 'queued' AND {condition} ORDER BY {order}, id LIMIT ?",
             (bound, limit),
         )
@@ -530,10 +531,17 @@ class SqlTaskStore(TaskStore):
         )
 
     async def renew(self, task_id: str, *, worker: str, attempt: int, now: float, lease_seconds: float) -> bool:
-        changed = await self._transition(
-            task_id, "lease_expires_at = {now} + ?, updated_at = ?", (lease_seconds, now), attempt=attempt, worker=worker
+        tid = parse_id(task_id)
+        if tid is None:
+            return False
+        # One statement: a renewal leaves the task running, so task_counts has nothing to learn.
+        renewed = await self._statement(
+            "UPDATE tasks SET lease_expires_at = {now} + ?, updated_at = ? "
+            "WHERE id = ? AND state = 'running' AND attempts = ? AND lease_owner = ? RETURNING id",
+            (lease_seconds, now, tid, attempt, worker),
+            write=True,
         )
-        return changed is not None
+        return bool(renewed)
 
     async def progress(self, task_id: str, *, worker: str, attempt: int, progress: dict[str, Any], now: float) -> bool:
         tid = parse_id(task_id)
@@ -585,7 +593,7 @@ class SqlTaskStore(TaskStore):
         return await self._transact(read, write=False)
 
     async def changed_since(self, after: float, *, limit: int = 100) -> list[Task]:
-        rows = await self._query(
+        rows = await self._statement(
             f"SELECT {TASK_COLUMNS} FROM tasks WHERE updated_at > ? ORDER BY updated_at, id LIMIT ?",
             (after, max(1, min(limit, MAX_PAGE))),
         )
@@ -797,11 +805,11 @@ class SqlTaskStore(TaskStore):
         return await self._transact(release, write=True)
 
     async def lease(self, swarm: str) -> Lease | None:
-        rows = await self._query("SELECT term, holder, expires_at FROM swarm_lease WHERE swarm = ?", (swarm,))
+        rows = await self._statement("SELECT term, holder, expires_at FROM swarm_lease WHERE swarm = ?", (swarm,))
         return Lease(swarm, int(rows[0][0]), rows[0][1], float(rows[0][2])) if rows else None
 
     async def terms(self, swarm: str) -> list[TermRecord]:
-        rows = await self._query(
+        rows = await self._statement(
             "SELECT term, holder, acquired_at, expires_at, ended_at, end_reason FROM swarm_terms "
             "WHERE swarm = ? ORDER BY term", (swarm,),
         )
@@ -822,7 +830,7 @@ class SqlTaskStore(TaskStore):
         return await self._transact(record, write=True)
 
     async def roles(self, swarm: str) -> dict[str, tuple[Assignment, int]]:
-        rows = await self._query("SELECT node_id, roles, an_id, term FROM swarm_roles WHERE swarm = ?", (swarm,))
+        rows = await self._statement("SELECT node_id, roles, an_id, term FROM swarm_roles WHERE swarm = ?", (swarm,))
         return {r[0]: (Assignment(tuple(x for x in r[1].split(",") if x), r[2]), int(r[3])) for r in rows}
 
     async def record_member(self, swarm: str, node_id: str, dht: tuple[str, int], *, now: float) -> None:
@@ -837,7 +845,7 @@ class SqlTaskStore(TaskStore):
         )
 
     async def members(self, swarm: str, *, since: float) -> dict[str, tuple[str, int]]:
-        rows = await self._query(
+        rows = await self._statement(
             "SELECT node_id, dht_host, dht_port FROM swarm_members WHERE swarm = ? AND seen_at >= ?", (swarm, since)
         )
         return {str(r[0]): (str(r[1]), int(r[2])) for r in rows}
@@ -855,7 +863,7 @@ class SqlTaskStore(TaskStore):
         await self._transact(revoke, write=True)
 
     async def revoked_tokens(self, *, now: float) -> frozenset[str]:
-        rows = await self._query("SELECT jti FROM revoked_tokens WHERE expires_at >= ?", (now,))
+        rows = await self._statement("SELECT jti FROM revoked_tokens WHERE expires_at >= ?", (now,))
         return frozenset(str(r[0]) for r in rows)
 
     # --- artifacts ---
@@ -880,7 +888,7 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return None
-        rows = await self._query("SELECT data FROM artifacts WHERE task_id = ? AND name = ?", (tid, name))
+        rows = await self._statement("SELECT data FROM artifacts WHERE task_id = ? AND name = ?", (tid, name))
         return bytes(rows[0][0]) if rows else None
 
 

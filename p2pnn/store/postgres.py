@@ -255,8 +255,8 @@ class PostgresTaskStore(SqlTaskStore):
     connections, creates ``schema`` if it is missing and migrates it; every
     pooled connection has its ``search_path`` set to that schema, and prepares the statements it
     runs repeatedly where the server plans each run afresh (see PREPARE_THRESHOLD). ``close``
-    closes the pool and its threads. A read of one statement (``_query``) runs without BEGIN and
-    COMMIT, in one round trip: in autocommit mode a single statement is a transaction of its own.
+    closes the pool and its threads. A transaction of one statement (``_statement``) runs without
+    BEGIN and COMMIT, in one round trip: in autocommit mode a single statement is a transaction of its own.
 
     Error handling: an unreachable database raises StoreError from ``open``
     after ``connect_timeout``; every other driver error raises StoreError, and
@@ -371,7 +371,7 @@ class PostgresTaskStore(SqlTaskStore):
         begin = f"{BEGIN}; {self._relaxed_commit}" if relaxed and self._relaxed_commit is not None else BEGIN
         return await run_transaction(pool, lambda conn: fn(Db(conn, POSTGRES)), deadline=self.deadline, begin=begin)
 
-    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    async def _statement(self, sql: str, params: Sequence[Any] = (), *, write: bool = False) -> list[tuple[Any, ...]]:
         """As SqlTaskStore's, in one round trip: no BEGIN or COMMIT around the statement."""
         pool = self._open_pool()
         return await run_transaction(
