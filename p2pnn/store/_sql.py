@@ -5,8 +5,8 @@ in a worker thread inside a database transaction (SQLite: ``BEGIN IMMEDIATE``
 for writes, one connection behind a trio lock; PostgreSQL/CockroachDB: a pooled
 connection, retried on serialization failures). It may also run a transaction
 of one statement (``_statement``) more cheaply than ``_transact`` does:
-PostgreSQL sends it without BEGIN and COMMIT. Everything else, every conditional update included,
-lives here so the two backends cannot drift apart.
+PostgreSQL sends it without BEGIN and COMMIT. Everything else, every
+conditional update included, lives here so the two backends cannot drift apart.
 
 SQL is written with ``?`` placeholders and only the constructs SQLite,
 PostgreSQL and CockroachDB all accept: ``UPDATE ... RETURNING``,
@@ -111,7 +111,7 @@ class Dialect:
         return text.format(uuid=self.uuid_type, json=self.json_type, blob=self.blob_type)
 
 
-@lru_cache(maxsize=256)  # the queries are a fixed set, plus IN lists of a few lengths
+@lru_cache(maxsize=256)  # the queries are a fixed set, plus IN and VALUES lists of a few lengths
 def _render(text: str, dialect: Dialect) -> str:
     text = text.replace("{now}", dialect.now).replace("{names_json}", dialect.names_json)
     return text if dialect.placeholder == "?" else text.replace("?", dialect.placeholder)

@@ -134,7 +134,7 @@ def _in_transaction(conn: psycopg.Connection, begin: str, fn: Callable[[psycopg.
         out = fn(conn)
     except BaseException:
         try:
-            conn.rollback()  # also forgets statements prepared in the transaction, which the rollback undid
+            conn.rollback()
         except psycopg.Error:
             pass
         raise
@@ -192,10 +192,10 @@ async def run_transaction(
     """Run ``fn(conn)`` in one transaction on a pooled connection in a worker thread; return its result.
 
     ``begin``: the statements, without parameters, that open the transaction, sent together in
-    one round trip ("BEGIN; SET LOCAL ...", for one). None runs ``fn`` without BEGIN and COMMIT, saving both
-    round trips; only for an ``fn`` that runs a single statement, which the connection's autocommit
-    mode then makes a transaction of its own (several would each commit on their own, and a read
-    on CockroachDB would no longer see one snapshot).
+    one round trip ("BEGIN; SET LOCAL ...", for one). None runs ``fn`` without BEGIN and COMMIT,
+    saving both round trips; only for an ``fn`` that runs a single statement, which the
+    connection's autocommit mode then makes a transaction of its own (several would each commit
+    on their own, and a read on CockroachDB would no longer see one snapshot).
 
     ``fn`` must be safe to run again from the start: a transaction that fails
     with a SQLSTATE in ``retry_sqlstates`` (by default serialization failure
