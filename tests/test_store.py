@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -396,6 +396,27 @@ async def test_artifacts_round_trip_byte_for_byte(store: TaskStore) -> None:
     assert await store.get_artifact(task.id, "Metrics.json") == b'{"a":1}'
     assert await store.get_artifact(task.id, "missing") is None
     assert (await store.get(task.id)).artifacts == ["Metrics.json", "model.safetensors"]
+
+
+async def test_get_returns_each_tasks_own_artifact_names_none_one_or_several(store: TaskStore) -> None:
+    """get reads a task and its artifact names together (one statement on PostgreSQL): each task
+    has its own names, sorted, whatever characters they hold."""
+    tasks, _ = await store.create([new(), new(), new()], now=T0)
+    await store.put_artifact(tasks[1].id, "only", b"x", now=T0)
+    names = ["z", "Model weights.pt", 'quote" and, comma', "ünïcode ✓", "back\\slash", "[]", "null"]
+    for name in names:
+        await store.put_artifact(tasks[2].id, name, b"y", now=T0)
+    assert [(await store.get(t.id)).artifacts for t in tasks] == [[], ["only"], sorted(names)]
+    memory = open_store("sqlite", sqlite_path=":memory:")  # no second connection: get goes the threaded way
+    await memory.open()
+    try:
+        (task,), _ = await memory.create([new()], now=T0)
+        assert (await memory.get(task.id)).artifacts == []
+        await memory.put_artifact(task.id, "b", b"x", now=T0)
+        await memory.put_artifact(task.id, "a", b"x", now=T0)
+        assert (await memory.get(task.id)).artifacts == ["a", "b"]
+    finally:
+        await memory.close()
 
 
 async def test_an_artifact_needs_an_existing_task(store: TaskStore) -> None:
@@ -844,6 +865,133 @@ async def test_a_relaxed_transaction_alone_commits_without_waiting_for_the_disk(
 
     assert [await read(False), await read(True), await read(False), await read(True)] == [strict, loose, strict, loose]
     assert await read(False) == strict
+
+
+async def test_a_transaction_that_raises_rolls_back_and_leaves_its_connection_usable(
+    make_store: Callable[[], TaskStore]
+) -> None:
+    """Relaxed or not, an error inside a transaction (raised by the code, or by a failing statement)
+    undoes its writes, and the connection (PostgreSQL: the pool's only one) goes on serving the
+    next transactions, with nothing of the failed one's setting left."""
+    from p2pnn.store.postgres import PostgresTaskStore
+
+    store = make_store()
+    postgres = isinstance(store, PostgresTaskStore)
+    if postgres:
+        store._pool_size = 1  # every transaction below meets the same connection
+    await store.open()
+    try:
+        (task,), _ = await store.create([new()], now=T0)
+
+        def mark_then(fail: Callable[[object], None]):
+            def fn(db):
+                db.run("UPDATE tasks SET owner = 'mallory' WHERE id = ?", (task.id,))
+                fail(db)
+
+            return fn
+
+        def bad_statement(db) -> None:
+            db.run("SELECT no_such_column FROM tasks")
+
+        def refusal(db) -> None:
+            raise IdempotencyConflict("refused by the code")
+
+        for relaxed in (True, False):
+            with pytest.raises(StoreError):
+                await store._transact(mark_then(bad_statement), write=True, relaxed=relaxed)
+            with pytest.raises(IdempotencyConflict):
+                await store._transact(mark_then(refusal), write=True, relaxed=relaxed)
+            assert (await store.get(task.id)).owner == "alice"
+        assert await store.mark_queued([task.id], now=T0) == 1  # a relaxed transaction after them commits
+        assert (await store.get(task.id)).state is State.QUEUED
+        assert await store.counts() == {("queued", "echo"): 1}
+        if postgres:
+            setting = await store._transact(lambda db: db.rows("SHOW synchronous_commit")[0][0], write=True)
+            assert setting == "on"
+    finally:
+        await store.close()
+
+
+async def test_creates_of_any_size_are_counted(store: TaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch is inserted and counted in one statement on PostgreSQL, up to MAX_INSERT_WITH_COUNT
+    tasks, and row by row beyond (here lowered to 2): every way gives the same tasks and counts."""
+    from p2pnn.store import _sql
+
+    monkeypatch.setattr(_sql, "MAX_INSERT_WITH_COUNT", 2)
+    made = []
+    for size, kind in ((1, "echo"), (2, "train"), (3, "echo")):
+        tasks, _ = await store.create([new(kind=kind) for _ in range(size)], now=T0, relaxed=size == 2)
+        made += tasks
+    assert await store.create([], now=T0) == ([], True)
+    assert [await store.get(t.id) for t in made] == made
+    assert await store.counts() == await _counts_of_tasks(store) == {("pending", "echo"): 4, ("pending", "train"): 2}
+
+
+async def _round_trips(store: TaskStore, trace_path: Path, call: Callable[[], Awaitable[object]]) -> int:
+    """How many times ``call`` waited for the server on the store's only pooled connection: libpq's
+    trace of what it sent, where each Query and each Sync message waits for the server's answer."""
+    with open(trace_path, "w") as trace:
+        with store._pool.connection() as conn:
+            conn.pgconn.trace(trace.fileno())
+            conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
+        try:
+            await call()
+        finally:
+            with store._pool.connection() as conn:
+                conn.pgconn.untrace()  # flushes the trace
+    sent = [line.split("\t")[2].strip() for line in trace_path.read_text().splitlines() if line.startswith("F\t")]
+    return sum(1 for message in sent if message in ("Query", "Sync"))
+
+
+@pytest.mark.postgres
+async def test_postgresql_common_calls_take_the_fewest_round_trips(
+    postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    """A read of one statement, and a lease renewal, go without BEGIN and COMMIT; a relaxed
+    transaction sends its setting with BEGIN; a create counts its tasks in the insert's statement."""
+    from p2pnn.store.postgres import PostgresTaskStore
+
+    store = PostgresTaskStore(postgres_url, schema=pg_schema, pool_size=1)
+    await store.open()
+    try:
+        task_id, attempt = await running(store)
+        pending = [t.id for t in (await store.create([new() for _ in range(4)], now=T0))[0]]
+        calls = {
+            "get": (lambda: store.get(task_id), 1),
+            "list": (lambda: store.list(limit=2), 1),
+            "renew": (lambda: store.renew(task_id, worker="ki-1", attempt=attempt, now=T0, lease_seconds=LEASE), 1),
+            # BEGIN with its setting, the insert counted, COMMIT
+            "relaxed create": (lambda: store.create([new()], now=T0, relaxed=True), 3),
+            "create": (lambda: store.create([new()], now=T0), 3),
+            # BEGIN with its setting, the update, its count, COMMIT
+            "mark_queued": (lambda: store.mark_queued([pending.pop()], now=T0), 4),
+        }
+        seen = {}
+        for name, (call, _) in calls.items():
+            for _ in range(3):  # past the run that prepares each statement
+                await call()
+            seen[name] = await _round_trips(store, tmp_path / "trace.txt", call)
+        assert seen == {name: trips for name, (_, trips) in calls.items()}
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_a_transaction_opened_by_several_statements_is_retried_on_serialization_failure(
+    postgres_url: str, pg_schema: str, counter_pool: ConnectionPool
+) -> None:
+    table = sql.Identifier(pg_schema, "counter")
+    increment, calls = _conflicting_increment(postgres_url, table, lambda call: call == 1)
+
+    def relaxed_increment(conn: psycopg.Connection) -> tuple[int, str]:
+        return increment(conn), conn.execute("SHOW synchronous_commit").fetchone()[0]
+
+    seen = await run_transaction(counter_pool, relaxed_increment, begin="BEGIN; SET LOCAL synchronous_commit = off")
+    assert (len(calls), seen) == (2, (100, "off"))  # the first try hit 40001 and rolled back; the retry committed
+    with counter_pool.connection() as conn:
+        assert conn.execute(sql.SQL("SELECT v FROM {}").format(table)).fetchone() == (101,)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
 
 
 async def test_only_claims_alone_and_mark_queued_are_relaxed(store: TaskStore) -> None:

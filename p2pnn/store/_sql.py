@@ -3,7 +3,9 @@
 A backend supplies one thing: ``_transact(fn, write=...)``, which runs ``fn(db)``
 in a worker thread inside a database transaction (SQLite: ``BEGIN IMMEDIATE``
 for writes, one connection behind a trio lock; PostgreSQL/CockroachDB: a pooled
-connection, retried on serialization failures). Everything else, every
+connection, retried on serialization failures). It may also run a transaction
+of one statement (``_statement``) more cheaply than ``_transact`` does:
+PostgreSQL sends it without BEGIN and COMMIT. Everything else, every
 conditional update included, lives here so the two backends cannot drift apart.
 
 SQL is written with ``?`` placeholders and only the constructs SQLite,
@@ -11,9 +13,12 @@ PostgreSQL and CockroachDB all accept: ``UPDATE ... RETURNING``,
 ``WITH v (...) AS (VALUES ...) UPDATE ... FROM v`` (SQLite 3.33+; RETURNING
 already needs 3.35), ``INSERT ... ON CONFLICT``, row-value comparisons, ``CASE``,
 ``IN (...)`` lists rather than ``= ANY(array)`` (a text array does not compare
-with a UUID column). One statement differs by dialect: a group's claims read
+with a UUID column). A few statements differ by dialect: a group's claims read
 each task's state under a ``FOR UPDATE`` lock in the same statement where rows
-are locked (``Dialect.locks_rows``), and in a statement of their own on SQLite.
+are locked (``Dialect.locks_rows``), and in a statement of their own on SQLite;
+a create inserts its tasks in a WITH clause of the statement that counts them
+(``Dialect.writes_in_with``), where SQLite runs two; ``get`` gathers a task's
+artifact names with each database's JSON aggregate (``Dialect.names_json``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ UNREADABLE_JSON = {"unreadable": "stored JSON nested too deeply to read"}
 LEASE_EXPIRED_ERROR = "lease expired on the last attempt"  # the error a task gets when its final lease lapses
 COUNT_SHARDS = 8  # rows per (state, kind) in task_counts: concurrent transactions seldom pick the same one
 IDS_PER_NOTIFY = 200  # task ids in one NOTIFY payload: 200 x 37 bytes, under PostgreSQL's 8,000
+# Tasks one statement inserts and counts together (see create): 12 parameters each, far below the
+# 65,535 one PostgreSQL statement takes; a larger batch is inserted row by row, then counted.
+MAX_INSERT_WITH_COUNT = 1000
 
 TASK_COLUMNS = (
     "id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, started_at, finished_at, "
@@ -78,7 +86,7 @@ _TERMINAL_AFTER_LOST_ATTEMPT = "(cancel_requested OR attempts >= max_attempts)"
 
 @dataclass(frozen=True)
 class Dialect:
-    """What differs between the SQL databases: placeholders, three column types, and the clock."""
+    """What differs between the SQL databases: placeholders, three column types, the clock, and one aggregate."""
 
     name: str
     placeholder: str
@@ -86,36 +94,42 @@ class Dialect:
     json_type: str
     blob_type: str
     now: str  # the database's own time, in Unix seconds, as an SQL expression
+    # An aggregate over a group's artifact names: their JSON array as text (NULL or "[]" for none),
+    # so that a task and its names come back in one row of one statement.
+    names_json: str
     # Whether concurrent transactions write (and so SELECT ... FOR UPDATE takes row locks): SQLite
     # has one writer at a time and no FOR UPDATE.
     locks_rows: bool = False
+    # Whether a WITH clause may hold an INSERT, run with the statement around it (SQLite's may not).
+    writes_in_with: bool = False
 
     def sql(self, text: str) -> str:
-        """``text`` with ``?`` placeholders in this dialect's style (no query here contains a literal ``?``)
-        and ``{now}`` replaced by the database's clock."""
-        text = text.replace("{now}", self.now)
-        return text if self.placeholder == "?" else _translate(text, self.placeholder)
+        """``text`` with ``?`` placeholders in this dialect's style (no query here contains a literal ``?``),
+        ``{now}`` replaced by the database's clock and ``{names_json}`` by its aggregate."""
+        return _render(text, self)
 
     def ddl(self, text: str) -> str:
         return text.format(uuid=self.uuid_type, json=self.json_type, blob=self.blob_type)
 
 
-@lru_cache(maxsize=256)  # the queries are a fixed set, plus IN lists of a few lengths
-def _translate(text: str, placeholder: str) -> str:
-    return text.replace("?", placeholder)
+@lru_cache(maxsize=256)  # the queries are a fixed set, plus IN and VALUES lists of a few lengths
+def _render(text: str, dialect: Dialect) -> str:
+    text = text.replace("{now}", dialect.now).replace("{names_json}", dialect.names_json)
+    return text if dialect.placeholder == "?" else text.replace("?", dialect.placeholder)
 
 
 # SQLite: TEXT for ids and JSON because a type name without TEXT in it gives a
 # column NUMERIC affinity, which would try to turn strings into numbers.
 SQLITE = Dialect(
     "sqlite", "?", uuid_type="TEXT", json_type="TEXT", blob_type="BLOB",
-    now="((julianday('now') - 2440587.5) * 86400.0)",
+    now="((julianday('now') - 2440587.5) * 86400.0)", names_json="json_group_array(name)",
 )
 # now() is the transaction's start: one time for every row a statement touches. EXTRACT gives a
 # NUMERIC on PostgreSQL 14+ and a FLOAT on CockroachDB; the cast makes both a DOUBLE PRECISION.
 POSTGRES = Dialect(
     "postgres", "%s", uuid_type="UUID", json_type="JSONB", blob_type="BYTEA",
-    now="CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)", locks_rows=True,
+    now="CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)", names_json="CAST(json_agg(name) AS TEXT)",
+    locks_rows=True, writes_in_with=True,
 )
 
 
@@ -300,6 +314,12 @@ class SqlTaskStore(TaskStore):
         and the attempt that ran meanwhile cannot record a result without its claim); or one that
         no one hears of before a later durable commit: a relaxed ``create``."""
 
+    async def _statement(self, sql: str, params: Sequence[Any] = (), *, write: bool = False) -> list[tuple[Any, ...]]:
+        """The rows of one statement (a write's from RETURNING), run as a transaction of its own;
+        ``write`` as ``_transact``'s. A backend where one statement is a transaction of its own
+        may run it without BEGIN and COMMIT (PostgreSQL does)."""
+        return await self._transact(lambda db: db.rows(sql, params), write=write)
+
     # --- creation and reading ---
 
     async def create(
@@ -339,16 +359,22 @@ class SqlTaskStore(TaskStore):
                 )
                 if not claimed:
                     return _repeat(db, key_owner, idempotency_key, request_hash)
-            db.run_many(
-                "INSERT INTO tasks (id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, "
-                "idempotency_key, batch_index, parent_id, published_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (t.id, t.kind, dump_json(t.spec), state.value, t.owner, t.max_attempts, now, now, idempotency_key, i,
-                     None if t.parent is None else parse_id(t.parent), published_at)
-                    for i, t in enumerate(new)
-                ],
-            )
-            _count(db, collections.Counter((state.value, t.kind) for t in new))
+            rows = [
+                (t.id, t.kind, dump_json(t.spec), state.value, t.owner, t.max_attempts, now, now, idempotency_key, i,
+                 None if t.parent is None else parse_id(t.parent), published_at)
+                for i, t in enumerate(new)
+            ]
+            counts = collections.Counter((state.value, t.kind) for t in new)
+            if db.dialect.writes_in_with and 0 < len(rows) <= MAX_INSERT_WITH_COUNT:
+                # One statement, so one round trip: the insert runs in a WITH clause of the count's upsert.
+                upsert, upsert_params = _count_upsert(counts)
+                db.run(
+                    f"WITH inserted AS ({_INSERT_TASKS} {', '.join([_TASK_VALUES] * len(rows))}) {upsert}",
+                    [*(v for row in rows for v in row), *upsert_params],
+                )
+            else:
+                db.run_many(f"{_INSERT_TASKS} {_TASK_VALUES}", rows)
+                _count(db, counts)
             return new, True
 
         return await self._transact(create, write=True, relaxed=relaxed)
@@ -357,7 +383,8 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return None
-        return await self._transact(lambda db: _get(db, tid), write=False)
+        rows = await self._statement(GET_TASK, (tid,))
+        return _task_with_artifacts(rows[0]) if rows else None
 
     async def list(
         self,
@@ -395,26 +422,21 @@ class SqlTaskStore(TaskStore):
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         params.append(limit + 1)
 
-        rows = await self._transact(lambda db: db.rows(sql, params), write=False)
+        rows = await self._statement(sql, params)
         tasks = [task_from_row(r) for r in rows[:limit]]
         next_cursor = encode_cursor(tasks[-1].created_at, tasks[-1].id) if len(rows) > limit else None
         return Page(tasks=tasks, next_cursor=next_cursor)
 
     async def ids_in_state(self, state: State, *, older_than: float, limit: int = 1000) -> list[str]:
-        rows = await self._transact(
-            lambda db: db.rows(
-                "SELECT id FROM tasks WHERE state = ? AND updated_at < ? ORDER BY updated_at, id LIMIT ?",
-                (State(state).value, older_than, limit),
-            ),
-            write=False,
+        rows = await self._statement(
+            "SELECT id FROM tasks WHERE state = ? AND updated_at < ? ORDER BY updated_at, id LIMIT ?",
+            (State(state).value, older_than, limit),
         )
         return [str(r[0]) for r in rows]
 
     async def counts(self) -> dict[tuple[str, str], int]:
         # task_counts, not tasks: a few rows per (state, kind) whatever the number of tasks.
-        rows = await self._transact(
-            lambda db: db.rows("SELECT state, kind, SUM(n) FROM task_counts GROUP BY state, kind"), write=False
-        )
+        rows = await self._statement("SELECT state, kind, SUM(n) FROM task_counts GROUP BY state, kind")
         return {(state, kind): int(n) for state, kind, n in rows if n}
 
     # --- transitions ---
@@ -458,12 +480,9 @@ class SqlTaskStore(TaskStore):
 
     async def _queued_where(self, condition: str, order: str, bound: float, limit: int) -> dict[str, float]:
         """Queued tasks matching ``condition`` (one ``?``, given ``bound``), oldest ``order`` first: id -> updated_at."""
-        rows = await self._transact(
-            lambda db: db.rows(
-                f"SELECT id, updated_at FROM tasks WHERE state = 'queued' AND {condition} ORDER BY {order}, id LIMIT ?",
-                (bound, limit),
-            ),
-            write=False,
+        rows = await self._statement(
+            f"SELECT id, updated_at FROM tasks WHERE state = 'queued' AND {condition} ORDER BY {order}, id LIMIT ?",
+            (bound, limit),
         )
         return {str(r[0]): float(r[1]) for r in rows}
 
@@ -525,10 +544,17 @@ class SqlTaskStore(TaskStore):
         )
 
     async def renew(self, task_id: str, *, worker: str, attempt: int, now: float, lease_seconds: float) -> bool:
-        changed = await self._transition(
-            task_id, "lease_expires_at = {now} + ?, updated_at = ?", (lease_seconds, now), attempt=attempt, worker=worker
+        tid = parse_id(task_id)
+        if tid is None:
+            return False
+        # One statement: a renewal leaves the task running, so task_counts has nothing to learn.
+        renewed = await self._statement(
+            "UPDATE tasks SET lease_expires_at = {now} + ?, updated_at = ? "
+            "WHERE id = ? AND state = 'running' AND attempts = ? AND lease_owner = ? RETURNING id",
+            (lease_seconds, now, tid, attempt, worker),
+            write=True,
         )
-        return changed is not None
+        return bool(renewed)
 
     async def progress(self, task_id: str, *, worker: str, attempt: int, progress: dict[str, Any], now: float) -> bool:
         tid = parse_id(task_id)
@@ -580,12 +606,9 @@ class SqlTaskStore(TaskStore):
         return await self._transact(read, write=False)
 
     async def changed_since(self, after: float, *, limit: int = 100) -> list[Task]:
-        rows = await self._transact(
-            lambda db: db.rows(
-                f"SELECT {TASK_COLUMNS} FROM tasks WHERE updated_at > ? ORDER BY updated_at, id LIMIT ?",
-                (after, max(1, min(limit, MAX_PAGE))),
-            ),
-            write=False,
+        rows = await self._statement(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE updated_at > ? ORDER BY updated_at, id LIMIT ?",
+            (after, max(1, min(limit, MAX_PAGE))),
         )
         return [task_from_row(r) for r in rows]
 
@@ -795,18 +818,13 @@ class SqlTaskStore(TaskStore):
         return await self._transact(release, write=True)
 
     async def lease(self, swarm: str) -> Lease | None:
-        row = await self._transact(
-            lambda db: db.one("SELECT term, holder, expires_at FROM swarm_lease WHERE swarm = ?", (swarm,)), write=False
-        )
-        return None if row is None else Lease(swarm, int(row[0]), row[1], float(row[2]))
+        rows = await self._statement("SELECT term, holder, expires_at FROM swarm_lease WHERE swarm = ?", (swarm,))
+        return Lease(swarm, int(rows[0][0]), rows[0][1], float(rows[0][2])) if rows else None
 
     async def terms(self, swarm: str) -> list[TermRecord]:
-        rows = await self._transact(
-            lambda db: db.rows(
-                "SELECT term, holder, acquired_at, expires_at, ended_at, end_reason FROM swarm_terms "
-                "WHERE swarm = ? ORDER BY term", (swarm,),
-            ),
-            write=False,
+        rows = await self._statement(
+            "SELECT term, holder, acquired_at, expires_at, ended_at, end_reason FROM swarm_terms "
+            "WHERE swarm = ? ORDER BY term", (swarm,),
         )
         return [TermRecord(int(r[0]), r[1], float(r[2]), float(r[3]), _opt_float(r[4]), r[5]) for r in rows]
 
@@ -825,10 +843,7 @@ class SqlTaskStore(TaskStore):
         return await self._transact(record, write=True)
 
     async def roles(self, swarm: str) -> dict[str, tuple[Assignment, int]]:
-        rows = await self._transact(
-            lambda db: db.rows("SELECT node_id, roles, an_id, term FROM swarm_roles WHERE swarm = ?", (swarm,)),
-            write=False,
-        )
+        rows = await self._statement("SELECT node_id, roles, an_id, term FROM swarm_roles WHERE swarm = ?", (swarm,))
         return {r[0]: (Assignment(tuple(x for x in r[1].split(",") if x), r[2]), int(r[3])) for r in rows}
 
     async def record_member(self, swarm: str, node_id: str, dht: tuple[str, int], *, now: float) -> None:
@@ -843,11 +858,8 @@ class SqlTaskStore(TaskStore):
         )
 
     async def members(self, swarm: str, *, since: float) -> dict[str, tuple[str, int]]:
-        rows = await self._transact(
-            lambda db: db.rows(
-                "SELECT node_id, dht_host, dht_port FROM swarm_members WHERE swarm = ? AND seen_at >= ?", (swarm, since)
-            ),
-            write=False,
+        rows = await self._statement(
+            "SELECT node_id, dht_host, dht_port FROM swarm_members WHERE swarm = ? AND seen_at >= ?", (swarm, since)
         )
         return {str(r[0]): (str(r[1]), int(r[2])) for r in rows}
 
@@ -864,9 +876,7 @@ class SqlTaskStore(TaskStore):
         await self._transact(revoke, write=True)
 
     async def revoked_tokens(self, *, now: float) -> frozenset[str]:
-        rows = await self._transact(
-            lambda db: db.rows("SELECT jti FROM revoked_tokens WHERE expires_at >= ?", (now,)), write=False
-        )
+        rows = await self._statement("SELECT jti FROM revoked_tokens WHERE expires_at >= ?", (now,))
         return frozenset(str(r[0]) for r in rows)
 
     # --- artifacts ---
@@ -891,10 +901,8 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return None
-        row = await self._transact(
-            lambda db: db.one("SELECT data FROM artifacts WHERE task_id = ? AND name = ?", (tid, name)), write=False
-        )
-        return None if row is None else bytes(row[0])
+        rows = await self._statement("SELECT data FROM artifacts WHERE task_id = ? AND name = ?", (tid, name))
+        return bytes(rows[0][0]) if rows else None
 
 
 def _check_artifact(name: str, data: bytes) -> None:
@@ -1210,11 +1218,17 @@ def _count(db: Db, deltas: collections.Counter[tuple[str, str]] | dict[tuple[str
     One shard row per transaction, chosen at random, and the rows in a fixed
     order: two transactions lock shard rows in the same order, so they may
     wait for each other but never deadlock."""
+    if any(deltas.values()):
+        db.run(*_count_upsert(deltas))
+
+
+def _count_upsert(
+    deltas: collections.Counter[tuple[str, str]] | dict[tuple[str, str], int],
+) -> tuple[str, list[Any]]:
+    """The statement of ``_count`` and its parameters, for ``deltas`` with at least one change."""
     changes = sorted((key, n) for key, n in deltas.items() if n)
-    if not changes:
-        return
     shard = random.randrange(COUNT_SHARDS)
-    db.run(
+    return (
         "INSERT INTO task_counts (state, kind, shard, n) VALUES "
         + ", ".join("(?, ?, ?, ?)" for _ in changes)
         + " ON CONFLICT (state, kind, shard) DO UPDATE SET n = task_counts.n + excluded.n",
@@ -1243,9 +1257,28 @@ def _updated_task(db: Db, tid: str, update: str, params: Sequence[Any]) -> Task 
     return None if row is None else task_from_row(row, _artifact_names(db, tid))
 
 
+_INSERT_TASKS = (
+    "INSERT INTO tasks (id, kind, spec, state, owner, attempts, max_attempts, created_at, updated_at, "
+    "idempotency_key, batch_index, parent_id, published_at) VALUES"
+)
+_TASK_VALUES = "(?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)"  # one task's row of _INSERT_TASKS
+
+# One task with its artifact names, in one statement: one round trip, and a snapshot of its own.
+GET_TASK = (
+    f"SELECT {TASK_COLUMNS}, (SELECT {{names_json}} FROM artifacts WHERE artifacts.task_id = tasks.id) "
+    "FROM tasks WHERE id = ?"
+)
+
+
+def _task_with_artifacts(row: Sequence[Any]) -> Task:
+    """A Task from a row selected as GET_TASK."""
+    names = row[-1]
+    return task_from_row(row[:-1], [] if names is None else json.loads(names))
+
+
 def _get(db: Db, tid: str) -> Task | None:
-    row = db.one(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (tid,))
-    return None if row is None else task_from_row(row, _artifact_names(db, tid))
+    row = db.one(GET_TASK, (tid,))
+    return None if row is None else _task_with_artifacts(row)
 
 
 def _repeat(db: Db, owner: str, key: str, request_hash: str | None) -> tuple[list[Task], bool]:

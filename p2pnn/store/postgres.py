@@ -11,7 +11,7 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -53,6 +53,8 @@ KEEPALIVE_IDLE = 2  # seconds of silence before the first probe
 KEEPALIVE_INTERVAL = 1  # seconds between probes
 KEEPALIVE_COUNT = 3  # unanswered probes before the connection is dead
 TCP_USER_TIMEOUT_MS = 5_000  # unacknowledged data older than this kills the connection
+# What opens a transaction (run_transaction's ``begin``).
+BEGIN = "BEGIN"
 # Run first in a relaxed transaction (see SqlTaskStore._transact): PostgreSQL then answers the
 # commit without waiting for the WAL flush, which takes milliseconds; a later durable commit flushes it too.
 RELAXED_COMMIT = "SET LOCAL synchronous_commit = off"
@@ -124,7 +126,30 @@ class _Abandoned(Exception):
     """The trio side gave up before this attempt got a connection: do not run it at all."""
 
 
-async def _attempt(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T]) -> T:
+def _in_transaction(conn: psycopg.Connection, begin: str, fn: Callable[[psycopg.Connection], T]) -> T:
+    """``fn(conn)`` between ``begin`` and COMMIT, on a connection in autocommit mode.
+
+    As ``conn.transaction()`` does, but ``begin`` may be several statements, sent in one message
+    (the simple query protocol, hence no parameters).
+
+    Error handling: any exception from ``begin`` or ``fn`` rolls the transaction back and
+    propagates; an error of the rollback itself is dropped, as the first error is the one that
+    tells what went wrong (a connection left broken is discarded by the pool when it comes back).
+    A failed COMMIT raises, as it does from ``conn.transaction()``."""
+    try:
+        conn.execute(begin, prepare=False)
+        out = fn(conn)
+    except BaseException:
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            pass
+        raise
+    conn.commit()
+    return out
+
+
+async def _attempt(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T], begin: str | None) -> T:
     state = _Attempt()
 
     def work() -> T:
@@ -134,8 +159,9 @@ async def _attempt(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T]) 
                     raise _Abandoned
                 state.conn = conn
             try:
-                with conn.transaction():  # commits on return, rolls back on any exception
+                if begin is None:  # one statement, in autocommit mode: a transaction of its own
                     return fn(conn)
+                return _in_transaction(conn, begin, fn)
             finally:
                 with state.lock:
                     state.conn = None
@@ -168,8 +194,15 @@ async def run_transaction(
     max_attempts: int = TX_MAX_ATTEMPTS,
     retry_sqlstates: Iterable[str] = RETRYABLE_SQLSTATES,
     deadline: float | None = None,
+    begin: str | None = BEGIN,
 ) -> T:
     """Run ``fn(conn)`` in one transaction on a pooled connection in a worker thread; return its result.
+
+    ``begin``: the statements, without parameters, that open the transaction, sent together in
+    one round trip ("BEGIN; SET LOCAL ...", for one). None runs ``fn`` without BEGIN and COMMIT,
+    saving both round trips; only for an ``fn`` that runs a single statement, which the
+    connection's autocommit mode then makes a transaction of its own (several would each commit
+    on their own, and a read on CockroachDB would no longer see one snapshot).
 
     ``fn`` must be safe to run again from the start: a transaction that fails
     with a SQLSTATE in ``retry_sqlstates`` (by default serialization failure
@@ -190,9 +223,9 @@ async def run_transaction(
     for attempt in range(1, max_attempts + 1):
         try:
             if deadline is None:
-                return await _attempt(pool, fn)
+                return await _attempt(pool, fn, begin)
             with trio.fail_after(deadline):
-                return await _attempt(pool, fn)
+                return await _attempt(pool, fn, begin)
         except trio.TooSlowError:
             raise StoreUnreachable(f"the database did not answer within {deadline:g} s") from None
         except PoolTimeout as exc:
@@ -229,7 +262,8 @@ class PostgresTaskStore(SqlTaskStore):
     connections, creates ``schema`` if it is missing and migrates it; every
     pooled connection has its ``search_path`` set to that schema, and prepares the statements it
     runs repeatedly where the server plans each run afresh (see PREPARE_THRESHOLD). ``close``
-    closes the pool and its threads.
+    closes the pool and its threads. A transaction of one statement (``_statement``) runs without
+    BEGIN and COMMIT, in one round trip: in autocommit mode a single statement is a transaction of its own.
 
     Error handling: an unreachable database raises StoreError from ``open``
     after ``connect_timeout``; every other driver error raises StoreError, and
@@ -319,7 +353,7 @@ class PostgresTaskStore(SqlTaskStore):
         an identifier (63 bytes at most), so it holds a digest of the schema name, not the name."""
         channel = "p2pnn_finished_" + hashlib.sha256(self._schema.encode()).hexdigest()[:20]
         try:
-            await self._transact(lambda db: db.run("SELECT pg_notify(?, '')", (channel,)), write=False)
+            await self._statement("SELECT pg_notify(?, '')", (channel,))
         except StoreError:
             return None
         return channel
@@ -387,15 +421,20 @@ class PostgresTaskStore(SqlTaskStore):
     async def schema_version(self) -> int:
         return await self._transact(_schema.current_version, write=False)
 
-    async def _transact(self, fn: Callable[[Db], T], *, write: bool, relaxed: bool = False) -> T:
+    def _open_pool(self) -> ConnectionPool:
         if self._pool is None:
             raise StoreError("the PostgreSQL store is not open")
-        first = self._relaxed_commit if relaxed else None
+        return self._pool
 
-        def work(conn: psycopg.Connection) -> T:
-            db = Db(conn, POSTGRES)
-            if first is not None:
-                db.run(first)
-            return fn(db)
+    async def _transact(self, fn: Callable[[Db], T], *, write: bool, relaxed: bool = False) -> T:
+        pool = self._open_pool()
+        # A relaxed transaction sends its setting with BEGIN: no round trip of its own.
+        begin = f"{BEGIN}; {self._relaxed_commit}" if relaxed and self._relaxed_commit is not None else BEGIN
+        return await run_transaction(pool, lambda conn: fn(Db(conn, POSTGRES)), deadline=self.deadline, begin=begin)
 
-        return await run_transaction(self._pool, work, deadline=self.deadline)
+    async def _statement(self, sql: str, params: Sequence[Any] = (), *, write: bool = False) -> list[tuple[Any, ...]]:
+        """As SqlTaskStore's, in one round trip: no BEGIN or COMMIT around the statement."""
+        pool = self._open_pool()
+        return await run_transaction(
+            pool, lambda conn: Db(conn, POSTGRES).rows(sql, params), deadline=self.deadline, begin=None
+        )
