@@ -99,6 +99,8 @@ class BusConfig:
     heartbeat_seconds: int = field(default=30, metadata=_key(lo=0, hi=3600))
     blocked_timeout_seconds: float = field(default=60.0, metadata=_key(lo=1, hi=3600))
     queue_type: str = field(default="auto", metadata=_key(choices=("auto", "quorum", "classic")))
+    short_queue_type: str = field(default="classic", metadata=_key(
+        choices=("auto", "quorum", "classic"), doc="the short queue's type: classic hands a task on before its disk write"))
     ki_message_ttl_seconds: float = field(default=30.0, metadata=_key(lo=1, hi=86400))
     ki_queue_expires_seconds: float = field(default=3600.0, metadata=_key(lo=60, hi=30 * 86400))
     delivery_limit: int = field(default=20, metadata=_key(lo=1, hi=1000))

@@ -125,7 +125,8 @@ def bus_of(config: Config, metrics: Metrics, node_id: str) -> TaskBus:
         url = f"{scheme}://{quote(b.user, safe='')}:{quote(password, safe='')}@{b.host}:{b.port}/{quote(b.vhost, safe='')}"
     settings = AmqpSettings(
         url=url, prefix=b.prefix, heartbeat=b.heartbeat_seconds, blocked_timeout=b.blocked_timeout_seconds,
-        tls_ca_file=b.tls_ca_file, queue_type=b.queue_type, ki_message_ttl=b.ki_message_ttl_seconds,
+        tls_ca_file=b.tls_ca_file, queue_type=b.queue_type, short_queue_type=b.short_queue_type,
+        ki_message_ttl=b.ki_message_ttl_seconds,
         ki_queue_expires=b.ki_queue_expires_seconds, delivery_limit=b.delivery_limit,
         connect_name=f"p2pnn-node {node_id[:12]}",
     )

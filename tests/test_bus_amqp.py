@@ -276,3 +276,20 @@ async def test_what_waits_in_a_stopped_kis_queue_goes_to_the_shared_queue_at_onc
                     await shared.ack(delivery)
         assert sorted(got) == ids
         nursery.cancel_scope.cancel()
+
+
+def _queue_types(vhost: str) -> dict[str, str]:
+    out = rabbitmqctl("list_queues", "-p", vhost, "name", "type", "--quiet", "--no-table-headers").stdout
+    return dict(line.split("\t")[:2] for line in out.splitlines() if "\t" in line)
+
+
+@pytest.mark.parametrize("short_type, expected", [(None, "classic"), ("quorum", "quorum"), ("auto", "quorum")])
+async def test_the_short_queue_is_classic_unless_configured_and_the_shared_one_quorum(
+    amqp_url, amqp_vhost, short_type, expected
+):
+    settings = {} if short_type is None else {"short_queue_type": short_type}
+    async with trio.open_nursery() as nursery:
+        await _started(nursery, _bus(amqp_url, **settings))
+        types = await trio.to_thread.run_sync(_queue_types, amqp_vhost)
+        assert (types["t.tasks"], types["t.short"]) == ("quorum", expected), types
+        nursery.cancel_scope.cancel()
