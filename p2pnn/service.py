@@ -20,11 +20,12 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
+import outcome
 import trio
 
 from p2pnn import logs
@@ -55,16 +56,16 @@ class _Waiting:
     count: int = 0
 
 
-def _headers(tasks: list[Task]) -> dict[str, dict[str, Any]]:
-    """Each message carries what its task needs (GPU, memory), so an An places it without reading the
-    store; a short task's message carries its spec too (small ones only), so a Ki can run it before
-    any store round trip (see KiRunner)."""
+def _headers(tasks: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each message (of a task id and its spec) carries what its task needs (GPU, memory), so an An
+    places it without reading the store; a short task's message carries its spec too (small ones
+    only), so a Ki can run it before any store round trip (see KiRunner)."""
     out: dict[str, dict[str, Any]] = {}
-    for t in tasks:
-        needs = needs_of(t.spec)
-        out[t.id] = {"needs": needs}
-        if needs["short"] and len(json.dumps(t.spec)) <= MAX_SPEC_IN_MESSAGE:
-            out[t.id]["spec"] = t.spec
+    for task_id, spec in tasks:
+        needs = needs_of(spec)
+        out[task_id] = {"needs": needs}
+        if needs["short"] and len(json.dumps(spec)) <= MAX_SPEC_IN_MESSAGE:
+            out[task_id]["spec"] = spec
     return out
 
 
@@ -140,27 +141,48 @@ class TaskService:
                     raise SpecError(f"spec[{i}]{exc.path[4:]}", exc.message) from None
                 raise
             specs.append(spec)
+        # Ids are chosen here, before the insert, unless an idempotency key may name an earlier
+        # request's tasks instead.
+        ahead = idempotency_key is None
+        ids = [str(uuid.uuid4()) for _ in specs] if ahead else []
         new = [
-            NewTask(kind=s["kind"], spec=s, owner=caller.sub, max_attempts=s.get("max_attempts", self.max_attempts))
-            for s in specs
+            NewTask(kind=s["kind"], spec=s, owner=caller.sub, max_attempts=s.get("max_attempts", self.max_attempts),
+                    id=ids[i] if ahead else None)
+            for i, s in enumerate(specs)
         ]
         # A queue in this process cannot lose a message without the process: the tasks are stored
         # ``queued`` and published after the commit, one transaction fewer than pending -> queued.
         in_process = self.bus.in_process
-        tasks, created = await self.store.create(
-            new, now=self._clock(), idempotency_key=idempotency_key, request_hash=body_hash, queued=in_process,
-            relaxed=wait > 0,
-        )
-        # Watched from before the publish, so a result recorded at once still wakes the wait.
+        # With ``wait``, the tasks a Ki runs from their message alone (short ones, whose message carries
+        # the spec, straight to a Ki) are published while they are inserted, not after: their run does
+        # not wait for the insert. A Ki that has a result before the insert committed finds no task and
+        # tries again shortly (KiRunner); an insert that fails leaves a message that records nothing.
+        early: dict[str, dict[str, Any]] = {}
+        if wait > 0 and ahead and (in_process or self.direct_short):
+            early = {tid: h for tid, h in _headers(list(zip(ids, specs))).items() if "spec" in h}
         published: set[str] = set()  # with ``wait``: published, not yet marked queued
-        with self._watching([t.id for t in tasks] if wait > 0 else []) as watched:
+        with ExitStack() as watches:
+            # Watched from before the publish, so a result recorded at once still wakes the wait.
+            watched = watches.enter_context(self._watching(ids)) if wait > 0 else {}
+            async with trio.open_nursery() as nursery:
+                if early:
+                    nursery.start_soon(self._publish_early, early, published)
+                # Captured, so that a store error leaves the nursery as itself, not in an ExceptionGroup.
+                inserted = await outcome.acapture(partial(
+                    self.store.create, new, now=self._clock(), idempotency_key=idempotency_key,
+                    request_hash=body_hash, queued=in_process, relaxed=wait > 0,
+                ))
+            tasks, created = inserted.unwrap()
+            if wait > 0 and not ahead:
+                watched = watches.enter_context(self._watching([t.id for t in tasks]))
             if created:
                 for task in tasks:
                     log.info("task.submitted", task_id=task.id, kind=task.kind, owner=task.owner)
+                rest = [t for t in tasks if t.id not in early]
                 if in_process:
-                    await self.bus.publish([t.id for t in tasks], headers=_headers(tasks))
+                    await self.bus.publish([t.id for t in rest], headers=_headers([(t.id, t.spec) for t in rest]))
                 elif wait > 0:
-                    published = await self._publish_only([t.id for t in tasks], tasks=tasks)
+                    published |= await self._publish_only([t.id for t in rest], tasks=rest)
                 elif await self.publish([t.id for t in tasks], tasks=tasks):
                     tasks = [dataclasses.replace(t, state=State.QUEUED) for t in tasks]
             if wait > 0:
@@ -197,10 +219,26 @@ class TaskService:
             await self.store.mark_queued(sorted(published), now=self._clock())
         return len(published) == len(task_ids)
 
+    async def _publish_early(self, headers: dict[str, dict[str, Any]], published: set[str]) -> None:
+        """Publish the tasks of ``headers`` (short, their spec in the message) before their insert
+        has committed, adding to ``published`` those the broker confirmed (all, on the in-process
+        queue). Error handling: a failed publish is logged; the sweeper publishes the task again."""
+        ids = list(headers)
+        if self.bus.in_process:
+            await self.bus.publish(ids, headers=headers)
+            published.update(ids)
+            return
+        try:
+            await self.bus.publish(ids, queue=SHORT, headers=headers)
+        except Exception as exc:  # the sweeper re-publishes whatever stayed pending
+            log.warning("bus.publish_failed", queue=SHORT, tasks=len(ids), error=str(exc))
+            return
+        published.update(ids)
+
     async def _publish_only(self, task_ids: list[str], *, tasks: list[Task] | None = None) -> set[str]:
         """``publish`` without marking anything queued: the ids whose messages the broker confirmed.
         Error handling: a queue whose publish failed is logged; its ids are left out."""
-        headers = _headers(tasks or [])
+        headers = _headers([(t.id, t.spec) for t in tasks or []])
         queues: dict[str, list[str]] = {}
         for task_id in task_ids:
             short = self.direct_short and headers.get(task_id, {}).get("needs", {}).get("short")

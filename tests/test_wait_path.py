@@ -22,7 +22,7 @@ from p2pnn.bus import BEATS, SHORT
 from p2pnn.bus.amqp import AmqpBus, AmqpSettings
 from p2pnn.callers import ANONYMOUS_ADMIN
 from p2pnn.service import MARK_QUEUED_AFTER, TaskService
-from p2pnn.store import ClaimOp, FinishOp, FinishUnclaimedOp, NewTask, TaskStore, open_store
+from p2pnn.store import ClaimOp, FinishOp, FinishUnclaimedOp, NewTask, StoreError, TaskStore, open_store
 from p2pnn.tasks import Limits, State
 from p2pnn.work.ki import KiAgent
 from tests.conftest import rabbitmqctl
@@ -185,3 +185,70 @@ async def test_a_node_reads_beats_only_while_somebody_waits_there_and_a_while_af
             nursery.cancel_scope.cancel()
     finally:
         await store.close()
+
+
+def _recording_applies(store: TaskStore) -> list[tuple[object, object]]:
+    """Record (op, answer) of every op the store applies (each group runs unchanged)."""
+    applied: list[tuple[object, object]] = []
+    apply = store.apply
+
+    async def recording(ops, *, now):
+        answers = await apply(ops, now=now)
+        applied.extend(zip(ops, answers))
+        return answers
+
+    store.apply = recording  # type: ignore[method-assign]
+    return applied
+
+
+async def test_a_short_task_run_before_its_insert_committed_is_recorded_once_it_has(amqp_url: str, tmp_path: Path) -> None:
+    """A submit that waits publishes a short task while inserting it: here the insert is held back
+    until the Ki has run the task and found it missing, so the Ki records it when it lands."""
+    async with running_ki(amqp_url, tmp_path, prefix="wr", slots=1, lease_seconds=30, short_queue=SHORT) as (
+        store, bus, runner
+    ):
+        applied = _recording_applies(store)
+        create = store.create
+
+        async def slow_create(*args, **kwargs):
+            with trio.fail_after(20):
+                while not applied:  # the Ki ran the task and tried to record it: nothing stored yet
+                    await trio.sleep(0.01)
+            return await create(*args, **kwargs)
+
+        store.create = slow_create  # type: ignore[method-assign]
+        service = TaskService(store, bus, limits=Limits(), max_attempts=3, direct_short=True)
+        (task,), created = await service.submit([{"kind": "echo", "payload": "late"}], ANONYMOUS_ADMIN, wait=20)
+        assert created and task.state is State.SUCCEEDED and task.result == {"payload": "late"}
+        assert task.attempts == 1
+        answers = [answer for op, answer in applied if op.task_id == task.id]
+        assert answers[0] is False and answers[-1] is True and len(answers) >= 2
+        assert all(isinstance(op, FinishUnclaimedOp) for op, _ in applied)
+
+
+async def test_a_short_task_whose_insert_failed_records_nothing_and_frees_its_ki(amqp_url: str, tmp_path: Path) -> None:
+    async with running_ki(amqp_url, tmp_path, prefix="wf", slots=1, lease_seconds=30, short_queue=SHORT) as (
+        store, bus, runner
+    ):
+        applied = _recording_applies(store)
+        create = store.create
+        failing = True
+
+        async def failing_create(*args, **kwargs):
+            if failing:
+                await trio.sleep(0.2)  # the message is out meanwhile
+                raise StoreError("the database went away")
+            return await create(*args, **kwargs)
+
+        store.create = failing_create  # type: ignore[method-assign]
+        service = TaskService(store, bus, limits=Limits(), max_attempts=3, direct_short=True)
+        with pytest.raises(StoreError):
+            await service.submit([{"kind": "echo", "payload": "lost"}], ANONYMOUS_ADMIN, wait=20)
+        with trio.fail_after(20):  # the Ki tries to record it, then gives up
+            while not applied:
+                await trio.sleep(0.01)
+        failing = False
+        (task,), _ = await service.submit([{"kind": "echo", "payload": "next"}], ANONYMOUS_ADMIN, wait=20)
+        assert task.state is State.SUCCEEDED  # the one slot was freed
+        assert [t.id for t in (await store.list()).tasks] == [task.id]  # the failed insert stored nothing
+        assert not any(answer is True for op, answer in applied if op.task_id != task.id)

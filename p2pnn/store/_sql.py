@@ -332,7 +332,7 @@ class SqlTaskStore(TaskStore):
         state = State.QUEUED if queued else State.PENDING
         new = [
             Task(
-                id=str(uuid.uuid4()),
+                id=t.id or str(uuid.uuid4()),
                 kind=t.kind,
                 spec=load_json(dump_json(t.spec)),
                 state=state,

@@ -54,6 +54,9 @@ class NewTask:
     max_attempts: int
     # The sweep this task is a trial of.
     parent: str | None = None
+    # The task's id, when the caller chose it (a UUID, so that it can name the task before the insert
+    # commits: see TaskService.submit); None: the store makes one.
+    id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,9 @@ STORE_RETRY_SECONDS = 1.0  # pause after a claim failed on an unreachable store
 STORE_RETRY_FIRST = 0.25  # first pause before a store write of an outcome is tried again; doubles
 STORE_RETRY_MAX = 4.0  # longest pause between two tries
 HANDBACK_SECONDS = 8.0  # how long handing one task back (release, publish, confirm) may take
+# Pauses before recording again the outcome of a task that is not stored yet (see _run_unclaimed):
+# a submit's insert takes milliseconds, one that failed never lands; two seconds in all.
+UNSTORED_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 BEAT_MIN_GAP = 0.002  # beats on change: at most one per this many seconds (the first after a quiet spell at once)
 # While tasks are in hand, a change that leaves the An's picture good enough (a short task taken,
 # one finished with others still running) waits up to this long for the next beat: the An's
@@ -470,6 +473,15 @@ class KiRunner:
         op = FinishUnclaimedOp(task_id, self.node_id, spec, state, started, result=outcome.result, error=outcome.error)
         try:
             won = await self._retrying("record", lambda: self._commits.submit(op))
+            # A submit that waits publishes a short task while it inserts it (TaskService.submit), so
+            # an outcome may be ready before the insert committed: the task is then not stored at all.
+            # Recorded once it is; a task still missing after the pauses was never stored (its insert
+            # failed), and the claim path finds nothing to run either.
+            for pause in UNSTORED_PAUSES:
+                if won or await self.store.get(task_id) is not None:
+                    break
+                await trio.sleep(pause)
+                won = await self._retrying("record", lambda: self._commits.submit(op))
         except StoreError as exc:  # the claim path finds the store as it is by then
             log.warning("task.store_failed", task_id=task_id, error=str(exc))
             self.on_change()
