@@ -785,6 +785,48 @@ async def test_apply_records_an_unclaimed_run_only_while_the_task_waits_and_only
         ("running", "train"): 1}
 
 
+async def test_unclaimed_finishes_alone_keep_counts_equal_to_the_tasks(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Groups of unclaimed finishes alone, with results recorded and refused, over kinds that sort
+    differently by code point and by a language's rules: the counts are the tasks table's after
+    each, on PostgreSQL both in the one statement that counts them (up to IDS_PER_NOTIFY tasks,
+    here lowered to 6) and in a transaction beyond."""
+    from p2pnn.store import FinishUnclaimedOp, _sql
+
+    monkeypatch.setattr(_sql, "IDS_PER_NOTIFY", 6)
+
+    def ran(task: Task, *, spec: dict | None = None, state: State = State.SUCCEEDED) -> FinishUnclaimedOp:
+        return FinishUnclaimedOp(task.id, "ki-1", task.spec if spec is None else spec, state, started_at=T0,
+                                 result={"ok": True} if state is State.SUCCEEDED else None)
+
+    kinds = ["echo", "train", "a_c", "ab", "Zed"]
+    for size in (2, 3, 4):  # with three refused: one statement, one at the limit, a transaction beyond
+        tasks, _ = await store.create([new(kind=kinds[i % len(kinds)]) for i in range(size + 3)], now=T0)
+        await store.mark_queued([t.id for t in tasks[::2]], now=T0)  # queued ones and pending ones
+        gone, taken, forged = tasks[size:]
+        await store.request_cancel(gone.id, now=T0)
+        assert await store.claim(taken.id, worker="ki-2", now=T0, lease_seconds=LEASE) is not None
+        group = [ran(t, state=State.FAILED if i % 2 else State.SUCCEEDED) for i, t in enumerate(tasks[:size])]
+        group += [ran(gone), ran(taken), ran(forged, spec={"forged": True})]
+        assert await store.apply(group, now=T0 + 1) == [True] * size + [False] * 3
+        assert await store.counts() == await _counts_of_tasks(store)
+        # Nothing recorded: every task is done, claimed or gone by now, or its id names none.
+        again = group + [FinishUnclaimedOp("not-a-uuid", "ki-1", {}, State.SUCCEEDED, T0)]
+        assert await store.apply(again, now=T0 + 2) == [False] * (size + 4)
+        assert await store.counts() == await _counts_of_tasks(store)
+        failed = await store.get(tasks[1].id)
+        assert (failed.state, failed.attempts, failed.lease_owner, failed.finished_at) == (
+            State.FAILED, 1, "ki-1", T0 + 1)
+        assert (await store.get(forged.id)).attempts == 0
+    assert await store.counts() == {
+        ("succeeded", "echo"): 3, ("succeeded", "a_c"): 2, ("failed", "train"): 3, ("failed", "ab"): 1,
+        ("cancelled", "a_c"): 1, ("cancelled", "ab"): 1, ("cancelled", "Zed"): 1,
+        ("running", "ab"): 1, ("running", "Zed"): 1, ("running", "echo"): 1,
+        ("queued", "Zed"): 1, ("queued", "train"): 1, ("pending", "echo"): 1,
+    }
+
+
 async def test_postgresql_prepares_repeated_statements_but_plans_each_run_for_its_values(store: TaskStore) -> None:
     """Prepared statements only with custom plans: a generic plan once read every task in a state
     through the (state, ...) index instead of taking the primary key."""
@@ -948,14 +990,32 @@ async def test_postgresql_common_calls_take_the_fewest_round_trips(
     postgres_url: str, pg_schema: str, tmp_path: Path
 ) -> None:
     """A read of one statement, and a lease renewal, go without BEGIN and COMMIT; a relaxed
-    transaction sends its setting with BEGIN; a create counts its tasks in the insert's statement."""
+    transaction sends its setting with BEGIN; a create counts its tasks in the insert's statement;
+    a group of unclaimed finishes is recorded, counted and announced in one statement, without
+    BEGIN and COMMIT, whether it records results or none."""
+    from p2pnn.store import FinishUnclaimedOp
     from p2pnn.store.postgres import PostgresTaskStore
 
     store = PostgresTaskStore(postgres_url, schema=pg_schema, pool_size=1)
     await store.open()
     try:
+        assert store._finished_channel is not None  # the statement notifies too
         task_id, attempt = await running(store)
         pending = [t.id for t in (await store.create([new() for _ in range(4)], now=T0))[0]]
+        waiting = (await store.create([new(kind=("echo", "train")[i % 2]) for i in range(12)], now=T0))[0]
+        await store.mark_queued([t.id for t in waiting[::3]], now=T0)
+
+        def ran(task: Task) -> FinishUnclaimedOp:
+            return FinishUnclaimedOp(task.id, "ki-1", task.spec, State.SUCCEEDED, started_at=T0, result={})
+
+        async def record_three() -> None:
+            assert await store.apply([ran(waiting.pop()) for _ in range(3)], now=T0) == [True] * 3
+
+        taken = await store.get(task_id)
+
+        async def refuse_one() -> None:  # the task is running: a run of it without a claim does not count
+            assert await store.apply([ran(taken)], now=T0) == [False]
+
         calls = {
             "get": (lambda: store.get(task_id), 1),
             "list": (lambda: store.list(limit=2), 1),
@@ -965,6 +1025,9 @@ async def test_postgresql_common_calls_take_the_fewest_round_trips(
             "create": (lambda: store.create([new()], now=T0), 3),
             # BEGIN with its setting, the update, its count, COMMIT
             "mark_queued": (lambda: store.mark_queued([pending.pop()], now=T0), 4),
+            # the finishes, their counts and their notification: one statement
+            "unclaimed finishes": (record_three, 1),
+            "unclaimed finish refused": (refuse_one, 1),
         }
         seen = {}
         for name, (call, _) in calls.items():
@@ -972,6 +1035,7 @@ async def test_postgresql_common_calls_take_the_fewest_round_trips(
                 await call()
             seen[name] = await _round_trips(store, tmp_path / "trace.txt", call)
         assert seen == {name: trips for name, (_, trips) in calls.items()}
+        assert await store.counts() == await _counts_of_tasks(store)
     finally:
         await store.close()
 

@@ -46,7 +46,7 @@ async def test_postgres_announces_the_results_apply_records_to_a_listener_elsewh
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(listening.follow_finished, heard.extend)
-            a, b, c, d = await _pending(recording, 4)
+            a, b, c, d, e, f, g = await _pending(recording, 7)
             spec_a = (await recording.get(a)).spec
             (claimed_b,) = await recording.apply([ClaimOp(b, "ki", 30)], now=time.time())
             assert claimed_b is not None
@@ -63,6 +63,22 @@ async def test_postgres_announces_the_results_apply_records_to_a_listener_elsewh
                     await trio.sleep(0.01)
             await trio.sleep(0.2)  # nothing more comes
             assert sorted(heard) == sorted([a, b])
+            # A group of unclaimed finishes alone (one statement on PostgreSQL): the recorded ones,
+            # not f, whose message's spec is not its own; then a group that records nothing.
+            specs = {tid: (await recording.get(tid)).spec for tid in (e, g)}
+            forged = FinishUnclaimedOp(f, "ki", {"forged": True}, State.SUCCEEDED, time.time(), result={})
+            answers = await recording.apply([
+                FinishUnclaimedOp(e, "ki", specs[e], State.SUCCEEDED, time.time(), result={"ok": 3}),
+                forged,
+                FinishUnclaimedOp(g, "ki", specs[g], State.FAILED, time.time(), error="boom"),
+            ], now=time.time())
+            assert answers == [True, False, True]
+            assert await recording.apply([forged], now=time.time()) == [False]
+            with trio.fail_after(10):
+                while sorted(heard) != sorted([a, b, e, g]):
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            assert sorted(heard) == sorted([a, b, e, g])
             nursery.cancel_scope.cancel()
     finally:
         await listening.close()

@@ -17,8 +17,10 @@ with a UUID column). A few statements differ by dialect: a group's claims read
 each task's state under a ``FOR UPDATE`` lock in the same statement where rows
 are locked (``Dialect.locks_rows``), and in a statement of their own on SQLite;
 a create inserts its tasks in a WITH clause of the statement that counts them
-(``Dialect.writes_in_with``), where SQLite runs two; ``get`` gathers a task's
-artifact names with each database's JSON aggregate (``Dialect.names_json``).
+(``Dialect.writes_in_with``), where SQLite runs two, and a group of unclaimed
+finishes records its results in a WITH clause of the statement that counts them
+and announces them, where SQLite runs a transaction of several; ``get`` gathers
+a task's artifact names with each database's JSON aggregate (``Dialect.names_json``).
 """
 
 from __future__ import annotations
@@ -300,6 +302,9 @@ class SqlTaskStore(TaskStore):
     # Where ``apply`` announces the tasks whose results it recorded (PostgreSQL's NOTIFY, delivered
     # to listeners when the transaction commits; see follow_finished); None: announced nowhere.
     _finished_channel: str | None = None
+    # The SQL the backend speaks, for what ``apply`` decides before it opens a transaction (SQLITE's
+    # flags: none of the shortcuts a WITH clause that writes or row locks make possible).
+    _dialect: Dialect = SQLITE
 
     @abc.abstractmethod
     async def _transact(self, fn: Callable[[Db], T], *, write: bool, relaxed: bool = False) -> T:
@@ -497,7 +502,9 @@ class SqlTaskStore(TaskStore):
         """As TaskStore's: all the claims in one statement, all the unclaimed finishes in another
         and all the finishes in a third, each locking its rows in task id order; a group naming one
         task twice runs step by step instead (in task id order, then in the order given), so a later
-        step sees what an earlier one did."""
+        step sees what an earlier one did. A group of unclaimed finishes alone (each task once, at
+        most IDS_PER_NOTIFY) is one statement where a WITH clause may write and rows are locked
+        (PostgreSQL): records, counts and notification together, without BEGIN and COMMIT."""
         for op in ops:
             if isinstance(op, (FinishOp, FinishUnclaimedOp)) and not State(op.state).terminal:
                 raise ValueError(f"finish needs a terminal state, got {State(op.state).value}")
@@ -508,6 +515,15 @@ class SqlTaskStore(TaskStore):
         # Claims alone commit without waiting for the disk (see _transact); a result always waits.
         relaxed = all(isinstance(op, ClaimOp) for op in ops)
         channel = None if relaxed else self._finished_channel
+        if not stepwise and all(isinstance(op, FinishUnclaimedOp) for op in ops):
+            items = sorted(((tid, op) for tid, op in zip(tids, ops) if tid is not None), key=lambda item: item[0])
+            d = self._dialect
+            # Every short task's result comes this way: one round trip, where the database can write
+            # the counts and send the notification from the statement that records the results.
+            if d.writes_in_with and d.locks_rows and 0 < len(items) <= IDS_PER_NOTIFY:
+                rows = await self._statement(*_finish_unclaimed_counted(d, items, now, channel), write=True)
+                recorded = set(rows[0][0].split(",")) if rows else set()
+                return [tid is not None and tid in recorded for tid in tids]
 
         def work(db: Db) -> list[Task | None | bool]:
             out = _counted(db, lambda moves: run(db, ops, tids, now, moves))
@@ -1132,26 +1148,8 @@ def _finish_unclaimed(
     and then one update per task see the same rows."""
     d = db.dialect
     if d.locks_rows:
-        values = ", ".join(
-            f"(CAST(? AS {d.uuid_type}), ?, ?, ?, ?, ?, CAST(? AS DOUBLE PRECISION))" for _ in items
-        )
-        params: list[Any] = []
-        for tid, op in items:
-            params += (tid, op.worker, dump_json(op.spec), State(op.state).value, dump_json(op.result), op.error,
-                       float(op.started_at))
-        tids = [tid for tid, _ in items]
-        rows = db.rows(
-            f"WITH v (id, worker, spec, state, result, error, started) AS (VALUES {values}), "
-            f"old AS (SELECT id, state FROM tasks WHERE id IN {_in_list(len(tids))} AND {_STATE_BY_ID} IN {_CLAIMABLE} "
-            "ORDER BY id FOR UPDATE) "
-            f"UPDATE tasks SET state = v.state, result = CAST(v.result AS {d.json_type}), error = v.error, "
-            "attempts = tasks.attempts + 1, lease_owner = v.worker, lease_expires_at = NULL, started_at = v.started, "
-            "finished_at = ?, updated_at = ?, progress = NULL FROM old, v "
-            f"WHERE tasks.id = old.id AND v.id = old.id AND {_STATE_BY_ID} IN {_CLAIMABLE} "
-            f"AND tasks.spec = CAST(v.spec AS {d.json_type}) "
-            "RETURNING old.state, tasks.id, tasks.kind, tasks.state",
-            (*params, *tids, now, now),
-        )
+        with_list, update, params = _locked_unclaimed_update(d, items, now)
+        rows = db.rows(f"WITH {with_list} {update}", params)
         for old_state, _, kind, state in rows:
             moves.append((kind, old_state, state))
         return {str(r[1]) for r in rows}
@@ -1175,6 +1173,71 @@ def _finish_unclaimed(
             moves.append((row[0], before[tid], row[1]))
             recorded.add(tid)
     return recorded
+
+
+def _locked_unclaimed_update(
+    d: Dialect, items: list[tuple[str, FinishUnclaimedOp]], now: float
+) -> tuple[str, str, list[Any]]:
+    """``_finish_unclaimed``'s statement where rows are locked, in two parts, for a statement to
+    put together: its WITH list (no WITH keyword) and its UPDATE, then the parameters of both, in
+    that order. The UPDATE locks the rows of ``items`` (sorted by task id, each task once) still
+    waiting, in id order, and returns (old state, id, kind, new state) for each task recorded."""
+    values = ", ".join(f"(CAST(? AS {d.uuid_type}), ?, ?, ?, ?, ?, CAST(? AS DOUBLE PRECISION))" for _ in items)
+    params: list[Any] = []
+    for tid, op in items:
+        params += (tid, op.worker, dump_json(op.spec), State(op.state).value, dump_json(op.result), op.error,
+                   float(op.started_at))
+    tids = [tid for tid, _ in items]
+    return (
+        f"v (id, worker, spec, state, result, error, started) AS (VALUES {values}), "
+        f"old AS (SELECT id, state FROM tasks WHERE id IN {_in_list(len(tids))} AND {_STATE_BY_ID} IN {_CLAIMABLE} "
+        "ORDER BY id FOR UPDATE)",
+        f"UPDATE tasks SET state = v.state, result = CAST(v.result AS {d.json_type}), error = v.error, "
+        "attempts = tasks.attempts + 1, lease_owner = v.worker, lease_expires_at = NULL, started_at = v.started, "
+        "finished_at = ?, updated_at = ?, progress = NULL FROM old, v "
+        f"WHERE tasks.id = old.id AND v.id = old.id AND {_STATE_BY_ID} IN {_CLAIMABLE} "
+        f"AND tasks.spec = CAST(v.spec AS {d.json_type}) "
+        "RETURNING old.state, tasks.id, tasks.kind, tasks.state",
+        [*params, *tids, now, now],
+    )
+
+
+def _finish_unclaimed_counted(
+    d: Dialect, items: list[tuple[str, FinishUnclaimedOp]], now: float, channel: str | None
+) -> tuple[str, list[Any]]:
+    """One statement that does all ``apply`` does for a group of unclaimed finishes alone, where a
+    WITH clause may write and rows are locked: records ``items`` (sorted by task id, each task
+    once) as ``_finish_unclaimed`` does, adds their moves to task_counts as ``_count_moves`` does,
+    and NOTIFYs ``channel`` (unless None) of the recorded ids as ``_announce`` does: one
+    notification, so at most IDS_PER_NOTIFY items. Its parameters come with it.
+
+    The statement returns one row, the recorded ids joined by commas, or no row when none was
+    recorded (and then no notification goes out).
+
+    The counts: each recorded task takes one from its (old state, kind) and adds one to its
+    (new state, kind), summed per (state, kind) (an upsert may not meet one row twice in a
+    statement) and left out where the sum is nought; one shard row per statement chosen at
+    random, written in (state, kind) order by code point as ``_count`` writes them (COLLATE "C":
+    the database's own collation may order kinds otherwise; CockroachDB takes it from 22.2 on, and
+    compares strings by their bytes anyway), so that this statement and a transaction counting in
+    ``_count`` lock shard rows in the same order."""
+    with_list, update, params = _locked_unclaimed_update(d, items, now)
+    sql = (
+        f"WITH {with_list}, done (before, id, kind, after) AS ({update}), "
+        "moves (state, kind, n) AS (SELECT before, kind, -1 FROM done UNION ALL SELECT after, kind, 1 FROM done), "
+        # A WITH clause that writes runs whether or not the statement reads it.
+        "counted AS (INSERT INTO task_counts (state, kind, shard, n) "
+        "SELECT state, kind, CAST(? AS INTEGER), SUM(n) FROM moves GROUP BY state, kind HAVING SUM(n) <> 0 "
+        'ORDER BY state COLLATE "C", kind COLLATE "C" '
+        "ON CONFLICT (state, kind, shard) DO UPDATE SET n = task_counts.n + excluded.n) "
+        # The WHERE comes before the SELECT list: nothing recorded, no row, no notification.
+        "SELECT ids" + (", pg_notify(?, ids)" if channel is not None else "") + " FROM "
+        "(SELECT string_agg(CAST(id AS TEXT), ',' ORDER BY id) FROM done) AS recorded (ids) WHERE ids IS NOT NULL"
+    )
+    params.append(random.randrange(COUNT_SHARDS))
+    if channel is not None:
+        params.append(channel)
+    return sql, params
 
 
 def _transition(

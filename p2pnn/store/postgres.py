@@ -273,6 +273,8 @@ class PostgresTaskStore(SqlTaskStore):
     Serialization failures are retried (see run_transaction).
     """
 
+    _dialect = POSTGRES
+
     def __init__(
         self,
         url: str,
