@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from p2pnn import config as config_mod
 from p2pnn.api.auth import Authenticator
+from p2pnn.client import Client, ClientError
 from p2pnn.node import READY_FILE
 
 READY_TIMEOUT = 60.0  # a cold start imports the stack and spawns the worker processes
@@ -157,10 +156,12 @@ class LocalSwarm:
         return {n: p for n, p in self.nodes.items() if p.proc.poll() is None}
 
     def get(self, name: str, path: str) -> Any:
+        """The JSON answer of GET ``path`` on node ``name``, as a viewer. Error handling: ClientError (p2pnn.client)."""
         node = self.nodes[name]
         cfg = config_mod.load(env={}).replace("node", data_dir=str(self.root / name))
         tok = Authenticator.from_config(cfg).mint("launcher", "viewer", 600)
-        return httpx.get(node.url + path, headers={"Authorization": f"Bearer {tok}"}, timeout=5).json()
+        with Client(node.url, tok, timeout=5) as client:
+            return client._call("GET", path)
 
     def views(self) -> dict[str, dict[str, Any]]:
         """Each running node's /cluster, with its list of member ids added under ``members``."""
@@ -169,7 +170,7 @@ class LocalSwarm:
             try:
                 cluster = self.get(name, "/api/v1/cluster")
                 cluster["members"] = sorted(n["id"] for n in self.get(name, "/api/v1/nodes")["nodes"])
-            except httpx.HTTPError:
+            except ClientError:
                 continue
             out[name] = cluster
         return out

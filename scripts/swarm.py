@@ -26,13 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from p2pnn import config as config_mod  # noqa: E402
 from p2pnn.api.auth import Authenticator  # noqa: E402
+from p2pnn.client import Client, ClientError  # noqa: E402
 from p2pnn.launcher import start_node  # noqa: E402
 from p2pnn.node import READY_FILE  # noqa: E402
 
@@ -114,8 +113,9 @@ def status() -> None:
         token = Authenticator.from_config(cfg).mint("swarm-script", "viewer", 60)
         url = json.loads((STATE / name / READY_FILE).read_text())["api"]
         try:
-            cluster = httpx.get(f"{url}/api/v1/cluster", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
-        except httpx.HTTPError as exc:
+            with Client(url, token, timeout=5) as client:
+                cluster = client.cluster()
+        except ClientError as exc:
             print(f"{name}: pid {pid}, api {url}: {exc}")
             continue
         mine = cluster["roles"].get(cluster["node_id"], {})

@@ -1,8 +1,9 @@
 """The client side of p2pnn: a library for a node's REST API, and the ``p2pnn`` command.
 
 - ``Client`` (``_sync.py``): blocking, for scripts and notebooks.
-- ``AsyncClient`` (``_async.py``): the same methods under asyncio or trio (httpx + anyio).
+- ``AsyncClient`` (``_async.py``): the same methods under asyncio or trio (httpcore + anyio).
 - ``_calls.py``: what each call sends and how its answer reads, shared by both.
+- ``_http.py``: the transport under both: httpcore's connection pools, and the requests they are given.
 - ``_errors.py``: ``ClientError`` and its subclasses, one per answer a caller handles differently.
 - ``_settings.py``: node URL and token from arguments, ``P2PNN_URL`` / ``P2PNN_TOKEN``, or a config file.
 - ``_sse.py``: the Server-Sent Events parser ``wait`` follows a task with.

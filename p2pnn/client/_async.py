@@ -1,4 +1,4 @@
-"""AsyncClient: the node's REST API from asyncio or trio (httpx + anyio)."""
+"""AsyncClient: the node's REST API from asyncio or trio (httpcore + anyio)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import httpx
+import httpcore
 
 from p2pnn.client import _calls
 from p2pnn.client._calls import Call
 from p2pnn.client._errors import ClientError, ConnectError, TaskTimeout
-from p2pnn.client._settings import http_options
-from p2pnn.client._sse import EventParser
+from p2pnn.client._http import EVENT_STREAM_HEADERS, STREAM_BROKEN, TRANSPORT_ERRORS
+from p2pnn.client._settings import endpoint
+from p2pnn.client._sse import EventParser, LineSplitter
 
 WAIT_ALL_POLL_SECONDS = 0.05  # pause after a non-terminal answer (a node without ?wait answers at once)
 LONG_POLL_SECONDS = 20.0  # one GET ?wait= of wait_all; the node allows up to 60, and the read timeout is widened to match
@@ -36,9 +37,9 @@ class AsyncClient:
     """
 
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
-        self.url, options = http_options(url, token, timeout)
-        self._timeout = timeout
-        self._http = httpx.AsyncClient(**options)
+        self._node = endpoint(url, token, timeout)
+        self.url = self._node.url
+        self._http = httpcore.AsyncConnectionPool(**self._node.pool_options())
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -51,11 +52,8 @@ class AsyncClient:
 
     async def _send(self, call: Call) -> Any:
         try:
-            resp = await self._http.request(
-                call.method, call.path, params=call.params, json=call.json, headers=call.headers,
-                timeout=self._timeout + call.wait if call.wait else httpx.USE_CLIENT_DEFAULT,
-            )
-        except httpx.TransportError as exc:
+            resp = await self._http.request(**self._node.request(call))
+        except TRANSPORT_ERRORS as exc:
             raise ConnectError(f"{self.url}: {exc or type(exc).__name__}") from exc
         return _calls.parse(resp, call)
 
@@ -156,27 +154,29 @@ class AsyncClient:
         return done
 
     async def _follow(self, task_id: str, changed: _calls.ChangeFilter) -> dict[str, Any]:
-        timeout = httpx.Timeout(self._timeout, read=_calls.STREAM_READ_TIMEOUT)
+        node = self._node
+        url = node.target(_calls.task_events_path(task_id))
+        headers = node.headers + EVENT_STREAM_HEADERS
+        extensions = {"timeout": node.timeouts(read=_calls.STREAM_READ_TIMEOUT)}
         while True:
             try:
-                async with self._http.stream(
-                    "GET", _calls.task_events_path(task_id), headers={"Accept": "text/event-stream"}, timeout=timeout
-                ) as resp:
-                    if resp.status_code >= 400:
+                async with self._http.stream("GET", url, headers=headers, extensions=extensions) as resp:
+                    if resp.status >= 400:
                         await resp.aread()
                         raise _calls.error_of(resp)
-                    parser = EventParser()
-                    async for line in resp.aiter_lines():
-                        event = parser.feed(line)
-                        if event is None or event.name != "task":
-                            continue
-                        task = json.loads(event.data)
-                        changed(task)
-                        if _calls.is_terminal(task):
-                            return task
-            except (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError):
+                    lines, parser = LineSplitter(), EventParser()
+                    async for chunk in resp.aiter_stream():
+                        for line in lines.feed(chunk):
+                            event = parser.feed(line)
+                            if event is None or event.name != "task":
+                                continue
+                            task = json.loads(event.data)
+                            changed(task)
+                            if _calls.is_terminal(task):
+                                return task
+            except STREAM_BROKEN:
                 pass  # the stream broke; open it again
-            except httpx.TransportError as exc:
+            except TRANSPORT_ERRORS as exc:
                 raise ConnectError(f"{self.url}: {exc or type(exc).__name__}") from exc
             await anyio.sleep(_calls.RECONNECT_SECONDS)
 

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import httpcore
 
-from p2pnn.client._errors import api_error
+from p2pnn.client._errors import ApiError, api_error
 from p2pnn.tasks import TERMINAL, State
 
 # How long a stream may stay silent before the client reconnects: the node sends a
@@ -80,24 +80,28 @@ def _idempotency(key: str | None) -> dict[str, str]:
     return {"Idempotency-Key": key} if key else {}
 
 
-def error_of(resp: httpx.Response) -> Exception:
+def error_of(resp: httpcore.Response) -> ApiError:
+    """The ApiError for an error answer: its JSON body, else its text."""
     try:
-        body: Any = resp.json()
+        body: Any = json.loads(resp.content)
     except ValueError:
-        body = resp.text
-    return api_error(resp.status_code, body)
+        body = resp.content.decode("utf-8", "replace")
+    return api_error(resp.status, body)
 
 
-def parse(resp: httpx.Response, call: Call) -> Any:
+def parse(resp: httpcore.Response, call: Call) -> Any:
     """The answer of ``call``. Error handling: an error status raises the matching ApiError subclass."""
-    if resp.status_code >= 400:
+    if resp.status >= 400:
         raise error_of(resp)
-    if call.raw:
+    if call.raw or not _content_type(resp).startswith(b"application/json"):
         return resp.content
-    if not resp.headers.get("content-type", "").startswith("application/json"):
-        return resp.content
-    data = resp.json()
+    data = json.loads(resp.content)
     return data[call.pick] if call.pick else data
+
+
+def _content_type(resp: httpcore.Response) -> bytes:
+    # httpcore keeps the names as the server spelled them.
+    return next((v for k, v in resp.headers if k.lower() == b"content-type"), b"")
 
 
 def is_terminal(task: dict[str, Any]) -> bool:

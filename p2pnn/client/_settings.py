@@ -13,9 +13,9 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from p2pnn.client._errors import ClientError
+from p2pnn.client._http import Endpoint
 
 DEFAULT_URL = "http://127.0.0.1:3030"  # a node on this machine with the default api.port
 CONFIG_ENV = "P2PNN_CLIENT_CONFIG"
@@ -83,10 +83,10 @@ def _read(path: Path, *, required: bool) -> dict[str, str]:
     return data
 
 
-def http_options(url: str | None, token: str | None, timeout: float) -> tuple[str, dict[str, Any]]:
-    """The node's URL and what either client gives httpx: the base URL, the token's header, the timeout.
+def endpoint(url: str | None, token: str | None, timeout: float) -> Endpoint:
+    """The node either client talks to: its URL, the token's header and the timeout.
 
-    With no ``url``, both come from ``resolve()`` (environment, then the file)."""
+    With no ``url``, both come from ``resolve()`` (environment, then the file).
+    Error handling: ClientError for a URL that cannot be split (``Endpoint``)."""
     settings = resolve() if url is None else Settings(url.rstrip("/"), token)
-    headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
-    return settings.url, {"base_url": settings.url, "headers": headers, "timeout": timeout}
+    return Endpoint(settings.url, settings.token, timeout)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
+import re
 from dataclasses import dataclass
+
+_LINE_END = re.compile(r"\r\n|\r|\n")  # the three line endings the spec allows
 
 
 @dataclass(frozen=True)
@@ -43,3 +47,24 @@ class EventParser:
         elif field == "id":
             self._id = value
         return None
+
+
+class LineSplitter:
+    """Feed the stream's bytes as they arrive; ``feed`` returns the lines they complete, without their endings.
+
+    A line may end in CR LF, LF or CR; a CR that ends a chunk is held back, as
+    the LF that would make it one ending may start the next chunk. UTF-8 (the
+    spec's only encoding) may also split across chunks. An unfinished last line
+    is never returned: the spec drops an event the stream did not complete.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._rest = ""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        text = self._rest + self._decoder.decode(chunk)
+        held = "\r" if text.endswith("\r") else ""
+        lines = _LINE_END.split(text[:-1] if held else text)
+        self._rest = lines.pop() + held
+        return lines

@@ -9,13 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import httpcore
 
 from p2pnn.client import _calls
 from p2pnn.client._calls import Call
 from p2pnn.client._errors import ClientError, ConnectError, TaskTimeout
-from p2pnn.client._settings import http_options
-from p2pnn.client._sse import EventParser
+from p2pnn.client._http import EVENT_STREAM_HEADERS, STREAM_BROKEN, TRANSPORT_ERRORS
+from p2pnn.client._settings import endpoint
+from p2pnn.client._sse import EventParser, LineSplitter
 
 OnUpdate = Callable[[dict[str, Any]], Any]
 
@@ -35,9 +36,9 @@ class Client:
     """
 
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
-        self.url, options = http_options(url, token, timeout)
-        self._timeout = timeout
-        self._http = httpx.Client(**options)
+        self._node = endpoint(url, token, timeout)
+        self.url = self._node.url
+        self._http = httpcore.ConnectionPool(**self._node.pool_options())
 
     def __enter__(self) -> "Client":
         return self
@@ -50,13 +51,14 @@ class Client:
 
     def _send(self, call: Call) -> Any:
         try:
-            resp = self._http.request(
-                call.method, call.path, params=call.params, json=call.json, headers=call.headers,
-                timeout=self._timeout + call.wait if call.wait else httpx.USE_CLIENT_DEFAULT,
-            )
-        except httpx.TransportError as exc:
+            resp = self._http.request(**self._node.request(call))
+        except TRANSPORT_ERRORS as exc:
             raise ConnectError(f"{self.url}: {exc or type(exc).__name__}") from exc
         return _calls.parse(resp, call)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Any route, for what has no method of its own; errors as for the methods."""
+        return self._send(Call(method, path, **kwargs))
 
     # --- tasks ---
 
@@ -124,28 +126,30 @@ class Client:
         return self._poll(task_id, changed, deadline)
 
     def _follow(self, task_id: str, changed: _calls.ChangeFilter, deadline: _Deadline) -> dict[str, Any]:
+        node = self._node
+        url = node.target(_calls.task_events_path(task_id))
+        headers = node.headers + EVENT_STREAM_HEADERS
         while True:
             # A blocking read cannot be cancelled: bound each read by the time left instead.
-            timeout = httpx.Timeout(self._timeout, read=min(deadline.left(), _calls.STREAM_READ_TIMEOUT))
+            extensions = {"timeout": node.timeouts(read=min(deadline.left(), _calls.STREAM_READ_TIMEOUT))}
             try:
-                with self._http.stream(
-                    "GET", _calls.task_events_path(task_id), headers={"Accept": "text/event-stream"}, timeout=timeout
-                ) as resp:
-                    if resp.status_code >= 400:
+                with self._http.stream("GET", url, headers=headers, extensions=extensions) as resp:
+                    if resp.status >= 400:
                         resp.read()
                         raise _calls.error_of(resp)
-                    parser = EventParser()
-                    for line in resp.iter_lines():
-                        event = parser.feed(line)
-                        if event is not None and event.name == "task":
-                            task = json.loads(event.data)
-                            changed(task)
-                            if _calls.is_terminal(task):
-                                return task
+                    lines, parser = LineSplitter(), EventParser()
+                    for chunk in resp.iter_stream():
+                        for line in lines.feed(chunk):
+                            event = parser.feed(line)
+                            if event is not None and event.name == "task":
+                                task = json.loads(event.data)
+                                changed(task)
+                                if _calls.is_terminal(task):
+                                    return task
                         deadline.left()
-            except (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError):
+            except STREAM_BROKEN:
                 pass  # the stream broke or stayed silent; open it again (or time out above)
-            except httpx.TransportError as exc:
+            except TRANSPORT_ERRORS as exc:
                 raise ConnectError(f"{self.url}: {exc or type(exc).__name__}") from exc
             time.sleep(min(_calls.RECONNECT_SECONDS, deadline.left()))
 

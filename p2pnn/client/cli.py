@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import httpx
-
 from p2pnn import __version__
 from p2pnn.client._errors import ApiError, ClientError, ConnectError, TaskTimeout
 from p2pnn.client._settings import CONFIG_ENV, DEFAULT_URL, TOKEN_ENV, URL_ENV, resolve
@@ -568,9 +566,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientError as exc:  # configuration: the URL, the config file
         print(f"p2pnn: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except httpx.HTTPError as exc:
-        print(f"p2pnn: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     except KeyboardInterrupt:
         print("p2pnn: interrupted (a submitted task keeps running)", file=sys.stderr)
         return EXIT_INTERRUPTED
