@@ -54,6 +54,7 @@ FOLLOW_LINGER_SECONDS = 60.0  # feeds of finished tasks are read this long after
 class _Waiting:
     event: trio.Event = field(default_factory=trio.Event)
     count: int = 0
+    task: Task | None = None  # the task as the store announced it recorded (terminal), if it did
 
 
 def _headers(tasks: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -299,6 +300,8 @@ class TaskService:
                 with trio.move_on_after(pause):
                     await waiting.event.wait()
             read_since_woken = waiting.event.is_set()
+            if waiting.task is not None:
+                return waiting.task
             task = await self.store.get(key)
             if task is None or task.state in TERMINAL:
                 return task
@@ -328,10 +331,13 @@ class TaskService:
         self._waiters_changed.set()
         self._waiters_changed = trio.Event()
 
-    def finished(self, task_id: str) -> None:
-        """A hint that ``task_id`` reached a terminal state: wakes whoever waits for it here."""
+    def finished(self, task_id: str, task: Task | None = None) -> None:
+        """A hint that ``task_id`` reached a terminal state: wakes whoever waits for it here. With
+        ``task`` (terminal, as the store announced it committed), they answer with it unread."""
         waiting = self._finished.get(task_id)
         if waiting is not None:
+            if task is not None and task.state in TERMINAL:
+                waiting.task = task
             waiting.event.set()
 
     async def follow_store(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -339,10 +345,10 @@ class TaskService:
         any process (TaskStore.follow_finished: PostgreSQL's NOTIFY, a tenth of a millisecond after
         the commit, where a beat takes a broker hop); nothing where the store has no such feed."""
 
-        def hint(task_ids: list[str]) -> None:
+        def hint(finished: list[tuple[str, Task | None]]) -> None:
             if self._finished:
-                for task_id in task_ids:
-                    self.finished(task_id)
+                for task_id, task in finished:
+                    self.finished(task_id, task)
 
         await self._while_waited_for(partial(self.store.follow_finished, hint), task_status=task_status)
 

@@ -42,7 +42,11 @@ async def test_postgres_announces_the_results_apply_records_to_a_listener_elsewh
     recording = open_store("postgres", url=postgres_url, schema=pg_schema)
     await listening.open()
     await recording.open()
-    heard: list[str] = []
+    heard: list[tuple[str, object]] = []  # (id, the task as announced, or None)
+
+    def ids() -> list[str]:
+        return sorted(tid for tid, _ in heard)
+
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(listening.follow_finished, heard.extend)
@@ -59,10 +63,10 @@ async def test_postgres_announces_the_results_apply_records_to_a_listener_elsewh
             ], now=time.time())
             assert answers[0] is True and answers[1] is True and answers[3] is False
             with trio.fail_after(10):
-                while sorted(heard) != sorted([a, b]):
+                while ids() != sorted([a, b]):
                     await trio.sleep(0.01)
             await trio.sleep(0.2)  # nothing more comes
-            assert sorted(heard) == sorted([a, b])
+            assert ids() == sorted([a, b])
             # A group of unclaimed finishes alone (one statement on PostgreSQL): the recorded ones,
             # not f, whose message's spec is not its own; then a group that records nothing.
             specs = {tid: (await recording.get(tid)).spec for tid in (e, g)}
@@ -75,10 +79,25 @@ async def test_postgres_announces_the_results_apply_records_to_a_listener_elsewh
             assert answers == [True, False, True]
             assert await recording.apply([forged], now=time.time()) == [False]
             with trio.fail_after(10):
-                while sorted(heard) != sorted([a, b, e, g]):
+                while ids() != sorted([a, b, e, g]):
                     await trio.sleep(0.01)
             await trio.sleep(0.2)
-            assert sorted(heard) == sorted([a, b, e, g])
+            assert ids() == sorted([a, b, e, g])
+            # A result recorded unclaimed is announced with the task as a read gives it (the long poll
+            # answers from it); others with their id alone, and the task is read.
+            announced = dict(heard)
+            for tid in (e, g):
+                assert announced[tid] == await recording.get(tid)
+            assert announced[b] is None
+            # A task too long for a notification's payload is announced by its id.
+            (h,) = await _pending(recording, 1)
+            spec_h = (await recording.get(h)).spec
+            big = FinishUnclaimedOp(h, "ki", spec_h, State.SUCCEEDED, time.time(), result={"big": "x" * 8000})
+            assert await recording.apply([big], now=time.time()) == [True]
+            with trio.fail_after(10):
+                while h not in dict(heard):
+                    await trio.sleep(0.01)
+            assert dict(heard)[h] is None
             nursery.cancel_scope.cancel()
     finally:
         await listening.close()

@@ -78,6 +78,15 @@ TASK_COLUMNS = (
     "lease_owner, lease_expires_at, cancel_requested, progress, result, error, idempotency_key, parent_id"
 )
 
+# A task row as one JSON array of TASK_COLUMNS (ids and JSON columns as text, as the driver reads them
+# here), which task_from_row takes: what a notification of a recorded result carries (see follow_finished).
+TASK_ROW_JSON = "json_build_array(" + ", ".join(
+    f"CAST(tasks.{c} AS TEXT)" if c in ("id", "spec", "progress", "result", "parent_id") else f"tasks.{c}"
+    for c in TASK_COLUMNS.split(", ")
+) + ")"
+# A notification's payload is under 8,000 bytes: a task row longer than this goes as its id alone.
+MAX_ROW_NOTIFY_BYTES = 7900
+
 # What an attempt that ended without a result leads to: a requested cancel wins,
 # then the attempt budget decides between another try and giving up.
 _STATE_AFTER_LOST_ATTEMPT = (
@@ -522,7 +531,7 @@ class SqlTaskStore(TaskStore):
             # the counts and send the notification from the statement that records the results.
             if d.writes_in_with and d.locks_rows and 0 < len(items) <= IDS_PER_NOTIFY:
                 rows = await self._statement(*_finish_unclaimed_counted(d, items, now, channel), write=True)
-                recorded = set(rows[0][0].split(",")) if rows else set()
+                recorded = {row[0] for row in rows}
                 return [tid is not None and tid in recorded for tid in tids]
 
         def work(db: Db) -> list[Task | None | bool]:
@@ -1176,12 +1185,13 @@ def _finish_unclaimed(
 
 
 def _locked_unclaimed_update(
-    d: Dialect, items: list[tuple[str, FinishUnclaimedOp]], now: float
+    d: Dialect, items: list[tuple[str, FinishUnclaimedOp]], now: float, *, with_row: bool = False
 ) -> tuple[str, str, list[Any]]:
     """``_finish_unclaimed``'s statement where rows are locked, in two parts, for a statement to
     put together: its WITH list (no WITH keyword) and its UPDATE, then the parameters of both, in
     that order. The UPDATE locks the rows of ``items`` (sorted by task id, each task once) still
-    waiting, in id order, and returns (old state, id, kind, new state) for each task recorded."""
+    waiting, in id order, and returns (old state, id, kind, new state) for each task recorded,
+    and with ``with_row`` the task as recorded too (TASK_ROW_JSON)."""
     values = ", ".join(f"(CAST(? AS {d.uuid_type}), ?, ?, ?, ?, ?, CAST(? AS DOUBLE PRECISION))" for _ in items)
     params: list[Any] = []
     for tid, op in items:
@@ -1197,7 +1207,7 @@ def _locked_unclaimed_update(
         "finished_at = ?, updated_at = ?, progress = NULL FROM old, v "
         f"WHERE tasks.id = old.id AND v.id = old.id AND {_STATE_BY_ID} IN {_CLAIMABLE} "
         f"AND tasks.spec = CAST(v.spec AS {d.json_type}) "
-        "RETURNING old.state, tasks.id, tasks.kind, tasks.state",
+        "RETURNING old.state, tasks.id, tasks.kind, tasks.state" + (f", {TASK_ROW_JSON}" if with_row else ""),
         [*params, *tids, now, now],
     )
 
@@ -1208,11 +1218,12 @@ def _finish_unclaimed_counted(
     """One statement that does all ``apply`` does for a group of unclaimed finishes alone, where a
     WITH clause may write and rows are locked: records ``items`` (sorted by task id, each task
     once) as ``_finish_unclaimed`` does, adds their moves to task_counts as ``_count_moves`` does,
-    and NOTIFYs ``channel`` (unless None) of the recorded ids as ``_announce`` does: one
-    notification, so at most IDS_PER_NOTIFY items. Its parameters come with it.
+    and NOTIFYs ``channel`` (unless None) of each task recorded: one notification per task, which
+    carries the task as recorded (TASK_ROW_JSON; its id alone when that is MAX_ROW_NOTIFY_BYTES
+    or longer). Its parameters come with it.
 
-    The statement returns one row, the recorded ids joined by commas, or no row when none was
-    recorded (and then no notification goes out).
+    The statement returns a row per task recorded, its id; none when none was (and then no
+    notification goes out).
 
     The counts: each recorded task takes one from its (old state, kind) and adds one to its
     (new state, kind), summed per (state, kind) (an upsert may not meet one row twice in a
@@ -1221,18 +1232,22 @@ def _finish_unclaimed_counted(
     the database's own collation may order kinds otherwise; CockroachDB takes it from 22.2 on, and
     compares strings by their bytes anyway), so that this statement and a transaction counting in
     ``_count`` lock shard rows in the same order."""
-    with_list, update, params = _locked_unclaimed_update(d, items, now)
+    with_list, update, params = _locked_unclaimed_update(d, items, now, with_row=channel is not None)
+    done = "done (before, id, kind, after, task)" if channel is not None else "done (before, id, kind, after)"
     sql = (
-        f"WITH {with_list}, done (before, id, kind, after) AS ({update}), "
+        f"WITH {with_list}, {done} AS ({update}), "
         "moves (state, kind, n) AS (SELECT before, kind, -1 FROM done UNION ALL SELECT after, kind, 1 FROM done), "
         # A WITH clause that writes runs whether or not the statement reads it.
         "counted AS (INSERT INTO task_counts (state, kind, shard, n) "
         "SELECT state, kind, CAST(? AS INTEGER), SUM(n) FROM moves GROUP BY state, kind HAVING SUM(n) <> 0 "
         'ORDER BY state COLLATE "C", kind COLLATE "C" '
         "ON CONFLICT (state, kind, shard) DO UPDATE SET n = task_counts.n + excluded.n) "
-        # The WHERE comes before the SELECT list: nothing recorded, no row, no notification.
-        "SELECT ids" + (", pg_notify(?, ids)" if channel is not None else "") + " FROM "
-        "(SELECT string_agg(CAST(id AS TEXT), ',' ORDER BY id) FROM done) AS recorded (ids) WHERE ids IS NOT NULL"
+        # A row per task recorded, and for each a notification that carries the task as recorded
+        # (its id alone when too long): a long poll answers from it, with no read of its own.
+        "SELECT CAST(id AS TEXT)" + (
+            f", pg_notify(?, CASE WHEN octet_length(CAST(task AS TEXT)) < {MAX_ROW_NOTIFY_BYTES} "
+            "THEN CAST(task AS TEXT) ELSE CAST(id AS TEXT) END)" if channel is not None else ""
+        ) + " FROM done ORDER BY id"
     )
     params.append(random.randrange(COUNT_SHARDS))
     if channel is not None:

@@ -207,11 +207,13 @@ class TaskStore(abc.ABC):
         unreachable); nothing is then known to be durable."""
 
     async def follow_finished(
-        self, on_finished: Callable[[list[str]], None], *, task_status: Any = trio.TASK_STATUS_IGNORED
+        self, on_finished: Callable[[list[tuple[str, Task | None]]], None], *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Call ``on_finished`` (in trio) with the ids of the tasks whose results ``apply`` recorded,
-        in any process on this store, as their commits land; until cancelled. A hint for long polls,
-        which read the store for the truth: nothing depends on it arriving.
+        """Call ``on_finished`` (in trio) with the tasks whose results ``apply`` recorded, in any
+        process on this store, as their commits land; until cancelled: (id, the task as committed)
+        for each, the task None where the store sent only its id. A hint for long polls: nothing
+        depends on it arriving, and a task it carries is what a read right after the commit gives.
 
         Where the store has no such feed (SQLite: one process; CockroachDB) this returns at once
         after ``task_status.started()``, and the default does just that."""

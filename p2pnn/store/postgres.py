@@ -8,6 +8,7 @@ a ``psycopg_pool.ConnectionPool``, and nothing outside this file knows it.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import threading
 import time
@@ -24,8 +25,9 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from p2pnn import logs
 from p2pnn.store import _schema
-from p2pnn.store._sql import POSTGRES, Db, SqlTaskStore
+from p2pnn.store._sql import POSTGRES, Db, SqlTaskStore, task_from_row
 from p2pnn.store.base import AmbiguousCommit, StoreError, StoreUnreachable
+from p2pnn.tasks import Task
 
 T = TypeVar("T")
 log = logs.get(__name__)
@@ -245,6 +247,19 @@ async def run_transaction(
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
+def _finished_in(payload: str) -> list[tuple[str, Task | None]]:
+    """The tasks a notification of recorded results names: a task row (TASK_ROW_JSON), read as the
+    store reads one, or task ids joined by commas (the task to be read). Error handling: a payload
+    that is neither (nothing of this store sends one) names nothing."""
+    if payload.startswith("["):
+        try:
+            task = task_from_row(json.loads(payload))
+        except (ValueError, TypeError, KeyError):
+            return []
+        return [(task.id, task)]
+    return [(tid, None) for tid in payload.split(",") if tid]
+
+
 def describe_url(url: str) -> str:
     """The database address without its password, for error messages and logs."""
     try:
@@ -361,7 +376,8 @@ class PostgresTaskStore(SqlTaskStore):
         return channel
 
     async def follow_finished(
-        self, on_finished: Callable[[list[str]], None], *, task_status: Any = trio.TASK_STATUS_IGNORED
+        self, on_finished: Callable[[list[tuple[str, Task | None]]], None], *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """As TaskStore's, through LISTEN on a connection of its own (outside the pool), in a thread.
 
@@ -386,9 +402,9 @@ class PostgresTaskStore(SqlTaskStore):
                         failures = 0
                         while not stop.is_set():
                             for note in conn.notifies(timeout=LISTEN_POLL_SECONDS):
-                                ids = [tid for tid in note.payload.split(",") if tid]
-                                if ids:
-                                    token.run_sync_soon(on_finished, ids)
+                                finished = _finished_in(note.payload)
+                                if finished:
+                                    token.run_sync_soon(on_finished, finished)
                 except psycopg.Error as exc:
                     pause = LISTEN_RETRY_SECONDS[min(failures, len(LISTEN_RETRY_SECONDS) - 1)]
                     failures += 1
