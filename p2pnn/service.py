@@ -225,16 +225,8 @@ class TaskService:
         has committed, adding to ``published`` those the broker confirmed (all, on the in-process
         queue). Error handling: a failed publish is logged; the sweeper publishes the task again."""
         ids = list(headers)
-        if self.bus.in_process:
-            await self.bus.publish(ids, headers=headers)
+        if await self._publish_to(TASKS if self.bus.in_process else SHORT, ids, headers):
             published.update(ids)
-            return
-        try:
-            await self.bus.publish(ids, queue=SHORT, headers=headers)
-        except Exception as exc:  # the sweeper re-publishes whatever stayed pending
-            log.warning("bus.publish_failed", queue=SHORT, tasks=len(ids), error=str(exc))
-            return
-        published.update(ids)
 
     async def _publish_only(self, task_ids: list[str], *, tasks: list[Task] | None = None) -> set[str]:
         """``publish`` without marking anything queued: the ids whose messages the broker confirmed.
@@ -246,13 +238,19 @@ class TaskService:
             queues.setdefault(SHORT if short else TASKS, []).append(task_id)
         published: set[str] = set()
         for queue, ids in queues.items():
-            try:
-                await self.bus.publish(ids, queue=queue, headers=headers)
-            except Exception as exc:  # the sweeper re-publishes whatever stayed pending
-                log.warning("bus.publish_failed", queue=queue, tasks=len(ids), error=str(exc))
-                continue
-            published.update(ids)
+            if await self._publish_to(queue, ids, headers):
+                published.update(ids)
         return published
+
+    async def _publish_to(self, queue: str, ids: list[str], headers: dict[str, dict[str, Any]]) -> bool:
+        """One publish of ``ids`` to ``queue``; False when the bus refused it (logged): those tasks
+        stay pending, and the sweeper publishes them again."""
+        try:
+            await self.bus.publish(ids, queue=queue, headers=headers)
+        except Exception as exc:  # the sweeper re-publishes whatever stayed pending
+            log.warning("bus.publish_failed", queue=queue, tasks=len(ids), error=str(exc))
+            return False
+        return True
 
     async def get(self, task_id: str) -> Task | None:
         return await self.store.get(task_id)

@@ -192,13 +192,13 @@ def test_a_bad_node_url_is_a_client_error_not_a_crash():
 def test_proxy_comes_from_the_environment_unless_no_proxy_names_the_node(monkeypatch):
     for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    assert _proxy("http", "10.0.0.5:3030") is None
+    assert _proxy("http", "node.test:3030") is None
     monkeypatch.setenv("HTTP_PROXY", "user:pw@proxy.lan:3128")
-    proxy = _proxy("http", "10.0.0.5:3030")
+    proxy = _proxy("http", "node.test:3030")
     assert (proxy.url.scheme, proxy.url.host, proxy.url.port, proxy.auth) == (b"http", b"proxy.lan", 3128, (b"user", b"pw"))
-    assert _proxy("https", "10.0.0.5:3030") is None
-    monkeypatch.setenv("NO_PROXY", "localhost,10.0.0.5")
-    assert _proxy("http", "10.0.0.5:3030") is None
+    assert _proxy("https", "node.test:3030") is None
+    monkeypatch.setenv("NO_PROXY", "localhost,node.test")
+    assert _proxy("http", "node.test:3030") is None
 
 
 @pytest.mark.parametrize("split", [lambda b: [b], lambda b: [b[i : i + 1] for i in range(len(b))]])
