@@ -236,21 +236,36 @@ def _recording_applies(store: TaskStore) -> list[tuple[object, object]]:
     return applied
 
 
-async def test_a_short_task_run_before_its_insert_committed_is_recorded_once_it_has(amqp_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lands", ["later", "between"])
+async def test_a_short_task_run_before_its_insert_committed_is_recorded_once_it_has(
+    amqp_url: str, tmp_path: Path, lands: str
+) -> None:
     """A submit that waits publishes a short task while inserting it: here the insert is held back
-    until the Ki has run the task and found it missing, so the Ki records it when it lands."""
+    until the Ki has run the task and found it missing, so the Ki records it when it lands: later,
+    or between that refusal and the Ki's look for the task (which then finds it still waiting)."""
     async with running_ki(amqp_url, tmp_path, prefix="wr", slots=1, lease_seconds=30, short_queue=SHORT) as (
         store, bus, runner
     ):
         applied = _recording_applies(store)
-        create = store.create
+        create, apply = store.create, store.apply
+        refused, inserted = trio.Event(), trio.Event()
+
+        async def refusal_then_insert(ops, *, now):
+            answers = await apply(ops, now=now)
+            if not refused.is_set():
+                refused.set()
+                if lands == "between":
+                    await inserted.wait()
+            return answers
 
         async def slow_create(*args, **kwargs):
             with trio.fail_after(20):
-                while not applied:  # the Ki ran the task and tried to record it: nothing stored yet
-                    await trio.sleep(0.01)
-            return await create(*args, **kwargs)
+                await refused.wait()  # the Ki ran the task and tried to record it: nothing stored yet
+            out = await create(*args, **kwargs)
+            inserted.set()
+            return out
 
+        store.apply = refusal_then_insert  # type: ignore[method-assign]
         store.create = slow_create  # type: ignore[method-assign]
         service = TaskService(store, bus, limits=Limits(), max_attempts=3, direct_short=True)
         (task,), created = await service.submit([{"kind": "echo", "payload": "late"}], ANONYMOUS_ADMIN, wait=20)
