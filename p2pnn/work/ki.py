@@ -475,15 +475,15 @@ class KiRunner:
             won = await self._retrying("record", lambda: self._commits.submit(op))
             # A submit that waits publishes a short task while it inserts it (TaskService.submit), so
             # an outcome may be ready before the insert committed: the task is then not stored at all.
-            # Recorded once it is (a task found still waiting was stored since the refusal: once more);
-            # a task still missing after the pauses was never stored (its insert failed), and the
-            # claim path finds nothing to run either.
+            # Recorded once it is (a task found still waiting, with this spec, was stored since the
+            # refusal: once more); a task still missing after the pauses was never stored (its insert
+            # failed), and the claim path finds nothing to run either.
             for pause in UNSTORED_PAUSES:
                 if won:
                     break
                 stored = await self.store.get(task_id)
                 if stored is not None:
-                    if stored.state in (State.PENDING, State.QUEUED):
+                    if stored.state in (State.PENDING, State.QUEUED) and stored.spec == spec:
                         won = await self._retrying("record", lambda: self._commits.submit(op))
                     break
                 await trio.sleep(pause)
