@@ -1,4 +1,4 @@
-"""AsyncClient: the node's REST API from asyncio or trio (httpcore + anyio)."""
+"""AsyncClient: the node's REST API from asyncio or trio (anyio)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import httpcore
-
 from p2pnn.client import _calls
 from p2pnn.client._calls import Call
 from p2pnn.client._errors import ClientError, ConnectError, TaskTimeout
 from p2pnn.client._http import EVENT_STREAM_HEADERS, STREAM_BROKEN, TRANSPORT_ERRORS
+from p2pnn.client._wire import AsyncPool
 from p2pnn.client._settings import endpoint
 from p2pnn.client._sse import EventParser, LineSplitter
 
@@ -39,7 +38,7 @@ class AsyncClient:
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
         self._node = endpoint(url, token, timeout)
         self.url = self._node.url
-        self._http = httpcore.AsyncConnectionPool(**self._node.pool_options())
+        self._http = AsyncPool(self._node.route())
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -157,10 +156,10 @@ class AsyncClient:
         node = self._node
         url = node.target(_calls.task_events_path(task_id))
         headers = node.headers + EVENT_STREAM_HEADERS
-        extensions = {"timeout": node.timeouts(read=_calls.STREAM_READ_TIMEOUT)}
+        timeouts = node.timeouts(read=_calls.STREAM_READ_TIMEOUT)
         while True:
             try:
-                async with self._http.stream("GET", url, headers=headers, extensions=extensions) as resp:
+                async with self._http.stream("GET", url, headers, timeouts) as resp:
                     if resp.status >= 400:
                         await resp.aread()
                         raise _calls.error_of(resp)

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpcore
-
 from p2pnn.client._errors import ApiError, api_error
+from p2pnn.client._wire import Response
 from p2pnn.tasks import TERMINAL, State
 
 # How long a stream may stay silent before the client reconnects: the node sends a
@@ -80,7 +79,7 @@ def _idempotency(key: str | None) -> dict[str, str]:
     return {"Idempotency-Key": key} if key else {}
 
 
-def error_of(resp: httpcore.Response) -> ApiError:
+def error_of(resp: Response) -> ApiError:
     """The ApiError for an error answer: its JSON body, else its text."""
     try:
         body: Any = json.loads(resp.content)
@@ -89,7 +88,7 @@ def error_of(resp: httpcore.Response) -> ApiError:
     return api_error(resp.status, body)
 
 
-def parse(resp: httpcore.Response, call: Call) -> Any:
+def parse(resp: Response, call: Call) -> Any:
     """The answer of ``call``. Error handling: an error status raises the matching ApiError subclass."""
     if resp.status >= 400:
         raise error_of(resp)
@@ -99,8 +98,8 @@ def parse(resp: httpcore.Response, call: Call) -> Any:
     return data[call.pick] if call.pick else data
 
 
-def _content_type(resp: httpcore.Response) -> bytes:
-    # httpcore keeps the names as the server spelled them.
+def _content_type(resp: Response) -> bytes:
+    # h11 gives the names in lower case.
     return next((v for k, v in resp.headers if k.lower() == b"content-type"), b"")
 
 

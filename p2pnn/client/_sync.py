@@ -9,12 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpcore
-
 from p2pnn.client import _calls
 from p2pnn.client._calls import Call
 from p2pnn.client._errors import ClientError, ConnectError, TaskTimeout
 from p2pnn.client._http import EVENT_STREAM_HEADERS, STREAM_BROKEN, TRANSPORT_ERRORS
+from p2pnn.client._wire import SyncPool
 from p2pnn.client._settings import endpoint
 from p2pnn.client._sse import EventParser, LineSplitter
 
@@ -38,7 +37,7 @@ class Client:
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
         self._node = endpoint(url, token, timeout)
         self.url = self._node.url
-        self._http = httpcore.ConnectionPool(**self._node.pool_options())
+        self._http = SyncPool(self._node.route())
 
     def __enter__(self) -> "Client":
         return self
@@ -131,9 +130,9 @@ class Client:
         headers = node.headers + EVENT_STREAM_HEADERS
         while True:
             # A blocking read cannot be cancelled: bound each read by the time left instead.
-            extensions = {"timeout": node.timeouts(read=min(deadline.left(), _calls.STREAM_READ_TIMEOUT))}
+            timeouts = node.timeouts(read=min(deadline.left(), _calls.STREAM_READ_TIMEOUT))
             try:
-                with self._http.stream("GET", url, headers=headers, extensions=extensions) as resp:
+                with self._http.stream("GET", url, headers, timeouts) as resp:
                     if resp.status >= 400:
                         resp.read()
                         raise _calls.error_of(resp)
