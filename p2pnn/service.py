@@ -106,7 +106,7 @@ class TaskService:
         self.direct_short = direct_short
         self._clock = clock
         self._finished: dict[str, _Waiting] = {}  # task id -> its waiters, woken when this node finishes it
-        self._waiters_changed = trio.Event()  # set when the first waiter comes, and when the last one goes
+        self._waiter_came = trio.Event()  # set when the first waiter comes after none
         self._idle_since = -math.inf  # trio time when the last waiter here left
 
     async def submit(
@@ -309,8 +309,9 @@ class TaskService:
     def _watching(self, keys: list[str]) -> Iterator[dict[str, _Waiting]]:
         """Register waiters for ``keys`` (canonical task ids) for the length of the ``with``."""
         watched = {}
-        if keys and not self._finished:
-            self._waiters_came_or_went()
+        if keys and not self._finished:  # the first waiter after a quiet spell: feeds that stopped start again
+            self._waiter_came.set()
+            self._waiter_came = trio.Event()
         for key in keys:
             waiting = watched[key] = self._finished.setdefault(key, _Waiting())
             waiting.count += 1
@@ -323,11 +324,6 @@ class TaskService:
                     del self._finished[key]
                     if not self._finished:
                         self._idle_since = trio.current_time()
-                        self._waiters_came_or_went()
-
-    def _waiters_came_or_went(self) -> None:
-        self._waiters_changed.set()
-        self._waiters_changed = trio.Event()
 
     def finished(self, task_id: str, task: Task | None = None) -> None:
         """A hint that ``task_id`` reached a terminal state: wakes whoever waits for it here. With
@@ -370,16 +366,23 @@ class TaskService:
         FOLLOW_LINGER_SECONDS after: every Ki's beats, and every result the store announces, would
         otherwise cost each node (a Ki node among them, as it records results) a delivery and a
         wake-up whether anyone waits or not. A wait that starts a feed may miss what came before
-        the feed was up; its store poll (WAIT_POLL_SECONDS) finds the result."""
+        the feed was up; its store poll (WAIT_POLL_SECONDS) finds the result.
+
+        While the feed runs, this looks at the waiters once per FOLLOW_LINGER_SECONDS, not as each
+        wait ends: a node answering one wait after another would otherwise wake it twice a request."""
         task_status.started()
         while True:
             while not self._finished:
-                await self._waiters_changed.wait()
+                await self._waiter_came.wait()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(follow)
-                while self._finished or trio.current_time() < self._idle_since + FOLLOW_LINGER_SECONDS:
-                    with trio.move_on_at(math.inf if self._finished else self._idle_since + FOLLOW_LINGER_SECONDS):
-                        await self._waiters_changed.wait()
+                while True:
+                    if self._finished:
+                        await trio.sleep(FOLLOW_LINGER_SECONDS)
+                    elif trio.current_time() < (until := self._idle_since + FOLLOW_LINGER_SECONDS):
+                        await trio.sleep_until(until)
+                    else:
+                        break
                 nursery.cancel_scope.cancel()
 
     async def cancel(self, task_id: str, caller: Caller) -> Task | None:

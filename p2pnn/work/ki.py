@@ -116,9 +116,10 @@ class GroupCommit:
     with the same StoreError; refusals (None / False) are per request.
     """
 
-    def __init__(self, store: TaskStore, clock: Callable[[], float]) -> None:
+    def __init__(self, store: TaskStore, clock: Callable[[], float], in_hand: Callable[[], int] = lambda: MAX_GROUP) -> None:
         self.store = store
         self._clock = clock
+        self._in_hand = in_hand  # deliveries that may yet send a claim or a result here
         self._waiting: list[tuple[Op, _Waiter]] = []
         self._wake = trio.Event()
 
@@ -127,8 +128,9 @@ class GroupCommit:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            for _ in range(GATHER_TURNS):
-                await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._in_hand() > len(self._waiting):  # a Ki with one task in hand commits it at once
+                for _ in range(GATHER_TURNS):
+                    await trio.lowlevel.cancel_shielded_checkpoint()
             while self._waiting:
                 group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
                 try:
@@ -255,7 +257,7 @@ class KiRunner:
         self.metrics = metrics
         self.lease_seconds = lease_seconds
         self._clock = clock
-        self._commits = GroupCommit(store, clock)
+        self._commits = GroupCommit(store, clock, lambda: self.in_hand)
         self.running: dict[str, int] = {}  # task id -> attempt
         self.in_hand = 0
         self._in_hand_since: dict[int, float] = {}  # one entry per delivery in hand: when it was taken
@@ -296,7 +298,7 @@ class KiRunner:
         slots = trio.Semaphore(self.pool.slots)  # tasks running (or about to)
         hand = trio.Semaphore(self.pool.slots + self.take_ahead)  # deliveries taken and not yet done
         # A committer per run too: a request left by a stopped run is not applied by the next one.
-        self._commits = GroupCommit(self.store, self._clock)
+        self._commits = GroupCommit(self.store, self._clock, lambda: self.in_hand)
         prefetch = self.pool.slots + self.take_ahead
         async with self.bus.consume(self.queue, prefetch=prefetch) as inbox, trio.open_nursery() as nursery:
             await nursery.start(self._commits.run)

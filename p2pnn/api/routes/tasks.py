@@ -101,7 +101,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         # With ?wait=S the answer comes once the tasks are terminal (or after S seconds): submit and long poll in one.
         wait = wait_seconds() if "wait" in request.args else 0.0
         tasks, created = await service.submit(
-            specs, who, idempotency_key=key, body_hash=request_hash(body), wait=wait
+            specs, who, idempotency_key=key, body_hash=None if key is None else request_hash(body), wait=wait
         )
         status = 201 if created else 200
         if isinstance(body, list):
