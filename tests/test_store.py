@@ -487,6 +487,76 @@ async def test_a_sqlite_database_newer_than_the_code_is_refused(tmp_path: Path) 
         await open_store("sqlite", sqlite_path=path).open()
 
 
+async def test_a_relaxed_sqlite_write_runs_on_the_event_loop_and_never_waits_there_for_a_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone, it runs without a worker thread; with another process holding the write lock it goes
+    the threaded way, waiting there (busy timeout) while the event loop runs on."""
+    path = tmp_path / "tasks.sqlite3"
+    store = open_store("sqlite", sqlite_path=path)
+    await store.open()
+    threads = 0
+    to_thread = trio.to_thread.run_sync
+
+    async def counted(*args, **kwargs):
+        nonlocal threads
+        threads += 1
+        return await to_thread(*args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    other = sqlite3.connect(path, isolation_level=None)  # another process's connection, as far as SQLite knows
+    try:
+        (first,), _ = await store.create([new(payload=1)], now=T0, relaxed=True)
+        assert threads == 0
+        other.execute("BEGIN IMMEDIATE")
+        gaps: list[float] = []
+        async with trio.open_nursery() as nursery:
+            async def tick() -> None:
+                last = trio.current_time()
+                while True:
+                    await trio.sleep(0.01)
+                    gaps.append(trio.current_time() - last)
+                    last = trio.current_time()
+
+            async def release() -> None:
+                await trio.sleep(0.5)
+                other.execute("COMMIT")
+
+            nursery.start_soon(tick)
+            nursery.start_soon(release)
+            await trio.sleep(0.05)  # ticking
+            started = time.monotonic()
+            (second,), _ = await store.create([new(payload=2)], now=T0, relaxed=True)
+            waited = time.monotonic() - started
+            nursery.cancel_scope.cancel()
+        assert threads == 1 and 0.3 < waited < 3 and len(gaps) > 20 and max(gaps) < 0.2, (threads, waited, max(gaps))
+        assert [(await store.get(t.id)).spec["payload"] for t in (first, second)] == [1, 2]
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_the_sqlite_log_is_checkpointed_every_so_many_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """wal_autocheckpoint is off (a checkpoint must not run on the event loop): the store's own
+    checkpoints keep the log from growing with every write, relaxed or not."""
+    from p2pnn.store import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 10)
+    path = tmp_path / "tasks.sqlite3"
+    store = open_store("sqlite", sqlite_path=path)
+    await store.open()
+    wal = Path(f"{path}-wal")
+    try:
+        sizes = []
+        for i in range(300):
+            await store.create([new(payload="x" * 2000)], now=T0, relaxed=i % 2 == 0)
+            if i in (49, 299):
+                sizes.append(wal.stat().st_size)
+        assert sizes[1] <= sizes[0] * 1.5, sizes  # without checkpoints: six times as large
+    finally:
+        await store.close()
+
+
 @pytest.mark.postgres
 async def test_a_postgres_database_newer_than_the_code_is_refused(postgres_url: str, pg_schema: str) -> None:
     first = open_store("postgres", url=postgres_url, schema=pg_schema)

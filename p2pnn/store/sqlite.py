@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,6 +19,9 @@ from p2pnn.tasks import Task
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5000  # another process (a CLI, a second node on the same file) may hold the write lock that long
+# Write transactions between two WAL checkpoints, which run in a worker thread after a commit there:
+# never on the trio thread, where a transaction that does not wait for the disk may run.
+CHECKPOINT_EVERY = 200
 
 
 # full: every commit reaches the disk (survives power loss); normal: in WAL mode, commits
@@ -46,6 +50,15 @@ class SqliteTaskStore(SqlTaskStore):
     less than the two thread hand-offs it saves. Should that read ever find
     the database busy (WAL recovery after a crash), it goes the threaded way.
 
+    A write whose commit need not wait for the disk (``relaxed``: a submit that
+    waits for its tasks inserts them so) runs on the trio thread when nothing
+    else holds the connection: a few hundred microseconds, where a worker
+    thread's hand-offs and its contention with the event loop for the GIL cost
+    more and delayed the result that waited for it. It never waits there for
+    another process's write lock (busy timeout 0: it goes the threaded way), and
+    never checkpoints there: checkpoints run after every CHECKPOINT_EVERY writes,
+    in the worker thread of a write (``wal_autocheckpoint`` is off).
+
     Error handling: sqlite3 errors become StoreError.
     """
 
@@ -57,6 +70,7 @@ class SqliteTaskStore(SqlTaskStore):
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None  # point reads on the trio thread (not for ":memory:")
         self._lock = trio.Lock()
+        self._writes = 0  # write transactions since the last checkpoint
 
     async def open(self) -> None:
         if self._conn is not None:
@@ -74,6 +88,7 @@ class SqliteTaskStore(SqlTaskStore):
                 conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
+                conn.execute("PRAGMA wal_autocheckpoint=0")  # see the class: checkpoints run in a thread
             except BaseException:
                 conn.close()
                 raise
@@ -145,33 +160,55 @@ class SqliteTaskStore(SqlTaskStore):
         await self._transact(touch, write=True)
 
     async def _transact(self, fn: Callable[[Db], T], *, write: bool, relaxed: bool = False) -> T:
-        async with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise StoreError("the SQLite store is not open")
-            db = Db(conn, SQLITE)
-            # In WAL mode a NORMAL commit does not sync the log; the next FULL one syncs it, this
-            # commit included. SQLite takes the setting only outside a transaction.
-            relax = relaxed and write and self._synchronous == "full"
+        # In WAL mode a NORMAL commit does not sync the log; the next FULL one syncs it, this
+        # commit included. SQLite takes the setting only outside a transaction.
+        relax = relaxed and write and self._synchronous == "full"
+        try:
+            if relax and not self._lock.locked() and self._writes < CHECKPOINT_EVERY:
+                done, out = self._run(fn, write=True, relax=True, wait=False)  # see the class
+                if done:
+                    await trio.lowlevel.checkpoint()
+                    return out
+            async with self._lock:
+                _, out = await trio.to_thread.run_sync(partial(self._run, fn, write=write, relax=relax, wait=True))
+                return out
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite ({self._path}): {exc}") from exc
 
-            def run() -> T:
-                if relax:
-                    conn.execute("PRAGMA synchronous=NORMAL")
-                try:
-                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                    try:
-                        out = fn(db)
-                        conn.execute("COMMIT")
-                        return out
-                    except BaseException:
-                        if conn.in_transaction:  # a failed COMMIT leaves the transaction open
-                            conn.execute("ROLLBACK")
-                        raise
-                finally:
-                    if relax:
-                        conn.execute("PRAGMA synchronous=FULL")
-
+    def _run(self, fn: Callable[[Db], T], *, write: bool, relax: bool, wait: bool) -> tuple[bool, T | None]:
+        """``fn(db)`` in a transaction: (True, what it returned). Without ``wait``, (False, None) when
+        another process holds the write lock: nothing was done. With it, a write also checkpoints
+        the log every CHECKPOINT_EVERY writes."""
+        conn = self._conn
+        if conn is None:
+            raise StoreError("the SQLite store is not open")
+        settings = ["PRAGMA synchronous=NORMAL"] if relax else []
+        if not wait:
+            settings.append("PRAGMA busy_timeout=0")
+        for setting in settings:
+            conn.execute(setting)
+        try:
             try:
-                return await trio.to_thread.run_sync(run)
-            except sqlite3.Error as exc:
-                raise StoreError(f"SQLite ({self._path}): {exc}") from exc
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            except sqlite3.OperationalError as exc:
+                if wait or exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise
+                return False, None
+            try:
+                out = fn(Db(conn, SQLITE))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # a failed COMMIT leaves the transaction open
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            if relax:
+                conn.execute("PRAGMA synchronous=FULL")
+            if not wait:
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        if write:
+            self._writes += 1
+            if wait and self._writes >= CHECKPOINT_EVERY:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self._writes = 0
+        return True, out
