@@ -6,6 +6,7 @@ app.py) and becomes a 4xx with ``{"error": ..., "detail": ...}``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass
@@ -13,11 +14,15 @@ from typing import Any, Awaitable, Callable
 
 from quart import Response, g, request
 
-from p2pnn.api.auth import Authenticator, require
+from p2pnn import logs
+from p2pnn.api.auth import Authenticator, AuthError, require
 from p2pnn.callers import ANONYMOUS_ADMIN, Caller
 from p2pnn.metrics import Metrics
 from p2pnn.service import TaskService
-from p2pnn.tasks import Task
+from p2pnn.store import IdempotencyConflict, StoreError
+from p2pnn.tasks import SpecError, Task
+
+log = logs.get(__name__)
 
 # Arrays and objects nested deeper than this in a request body are refused (400). Real specs
 # nest four or five levels; the parser and the encoder recurse once or twice per level.
@@ -28,6 +33,9 @@ MAX_INT_DIGITS = 4300
 # Nesting shown in an answer; deeper parts of a stored value are replaced by TOO_DEEP.
 MAX_RENDER_DEPTH = 100
 TOO_DEEP = "<nested too deeply to show>"
+# Host names an --insecure node answers to. A web page that rebinds its own name to
+# 127.0.0.1 still sends that name, so checking Host stops it driving an unauthenticated API.
+LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
 _STRUCTURE = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
 
 
@@ -44,14 +52,27 @@ class ApiContext:
 
     def caller(self, role: str) -> Caller:
         """The authenticated caller of the current request. Error handling: AuthError (401/403)."""
-        who = ANONYMOUS_ADMIN if self.authenticator is None else self.authenticator.verify(request.headers.get("Authorization"))
+        return self.authorized(request.headers.get("Authorization"), role)
+
+    def authorized(self, authorization: str | None, role: str) -> Caller:
+        """The caller an Authorization header names, if it holds ``role``. Error handling: AuthError (401/403)."""
+        who = ANONYMOUS_ADMIN if self.authenticator is None else self.authenticator.verify(authorization)
         require(who, role)
         return who
+
+    def check_host(self, host: str | None) -> None:
+        """An --insecure node answers only to a loopback Host. Error handling: ApiError 403."""
+        if self.authenticator is None and not is_loopback_host(host):
+            raise ApiError(403, "host not allowed", "an --insecure node answers only to localhost, 127.0.0.1 or [::1]")
 
     async def json_body(self) -> Any:
         """The current request's body as JSON. Error handling: ApiError 400 or 413."""
         raw = await request.get_data()
         g.body_read = True
+        return self.json_of(raw)
+
+    def json_of(self, raw: bytes) -> Any:
+        """A request body as JSON. Error handling: ApiError 413 past max_body_bytes, 400 (empty, malformed)."""
         if len(raw) > self.max_body_bytes:
             raise ApiError(413, "body too large", f"at most {self.max_body_bytes} bytes")
         if not raw:
@@ -147,6 +168,56 @@ def json_text(body: Any) -> str:
         return json.dumps(body)
     except RecursionError:
         return json.dumps(clamp_depth(body))
+
+
+def error_answer(exc: Exception, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """The answer to an error a handler of ``path`` raised: (status, JSON body, extra headers).
+    What a client can cause is a 4xx; a store that does not answer a 503; anything else a 500, logged."""
+    if isinstance(exc, ApiError):
+        # The rest of a refused body may still be on the wire: this connection cannot carry
+        # another request, so say so and let the server close it.
+        return exc.status, {"error": exc.error, "detail": exc.detail}, {"Connection": "close"} if exc.status == 413 else {}
+    if isinstance(exc, AuthError):
+        body = {"error": "unauthorized" if exc.status == 401 else "forbidden", "detail": exc.message}
+        return exc.status, body, {"WWW-Authenticate": 'Bearer realm="p2pnn"'} if exc.status == 401 else {}
+    if isinstance(exc, SpecError):
+        return 400, {"error": "invalid spec", "detail": str(exc), "field": exc.path}, {}
+    if isinstance(exc, IdempotencyConflict):
+        return 409, {"error": "idempotency key reused", "detail": str(exc)}, {}
+    if isinstance(exc, StoreError):
+        log.error("store.unavailable", error=str(exc))
+        return 503, {"error": "store unavailable", "detail": "the task store did not answer; try again"}, {}
+    log.error("api.unexpected_error", error=repr(exc), path=path)
+    return 500, {"error": "internal error", "detail": "the node hit an unexpected error; see its log"}, {}
+
+
+def is_loopback_host(header: str | None) -> bool:
+    """Whether a Host header names this machine's loopback: a name or address, with or without a port.
+
+    No header at all passes: every browser sends one, so its absence is no rebinding page.
+    """
+    if header is None:
+        return True
+    host = header.strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        end = host.find("]")
+        if end < 0 or (host[end + 1:] and not _is_port(host[end + 1:])):
+            return False
+        host = host[1:end]
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+        if not _is_port(":" + port):
+            return False
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_port(text: str) -> bool:
+    return text.startswith(":") and text[1:].isdigit() and 0 < int(text[1:]) < 65536
 
 
 def json_response(body: Any, status: int = 200) -> Response:

@@ -7,6 +7,7 @@ from typing import Any
 from quart import Blueprint, Response, request
 
 from p2pnn.api.http import ApiContext, ApiError, json_response
+from p2pnn.callers import Caller
 from p2pnn.service import Forbidden, request_hash
 from p2pnn.tasks import State
 
@@ -41,15 +42,48 @@ def page_args() -> dict[str, Any]:
     return out
 
 
-def wait_seconds() -> float:
-    """The ``wait`` argument of the current request (a long poll). Error handling: ApiError 400."""
+def wait_seconds(value: str) -> float:
+    """A ``wait`` argument (a long poll) in seconds. Error handling: ApiError 400."""
     try:
-        wait = float(request.args["wait"])
+        wait = float(value)
     except ValueError:
         wait = -1.0
     if not 0 <= wait <= MAX_WAIT_SECONDS:  # also refuses nan
         raise ApiError(400, "invalid wait", f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}")
     return wait
+
+
+# What the two calls of a task's round trip answer: shared by their Quart routes below and by the
+# hot routes (api/hot.py), which answer them without Quart.
+
+
+async def submit_answer(ctx: ApiContext, who: Caller, body: Any, key: str | None, wait: str | None) -> tuple[int, Any]:
+    """POST /api/v1/tasks: (status, JSON body). ``body`` is the parsed request body; ``key`` the
+    Idempotency-Key header; ``wait`` the ``wait`` argument (with it the answer comes once the tasks
+    are terminal, or after that many seconds: a submit and a long poll in one).
+    Error handling: ApiError 400 for a bad key or wait; what TaskService.submit raises."""
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise ApiError(400, "invalid Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    specs = body if isinstance(body, list) else [body]
+    seconds = 0.0 if wait is None else wait_seconds(wait)
+    tasks, created = await ctx.service.submit(
+        specs, who, idempotency_key=key, body_hash=None if key is None else request_hash(body), wait=seconds
+    )
+    status = 201 if created else 200
+    if isinstance(body, list):
+        return status, {"tasks": [t.to_json() for t in tasks]}
+    return status, tasks[0].to_json()
+
+
+async def task_answer(ctx: ApiContext, task_id: str, wait: str | None) -> Any:
+    """GET /api/v1/tasks/{id}: the task; with ``wait`` (seconds) a long poll, answered once the task is
+    terminal or with the task as it is after that long. Error handling: ApiError 404, 400 for a bad wait."""
+    if wait is None:
+        return (await ctx.task_or_404(task_id)).to_json()
+    task = await ctx.service.wait(task_id, wait_seconds(wait))
+    if task is None:
+        raise ApiError(404, "no such task", task_id)
+    return task.to_json()
 
 
 def blueprint(ctx: ApiContext) -> Blueprint:
@@ -94,19 +128,8 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     async def submit() -> Response:
         who = ctx.caller("operator")
         body = await ctx.json_body()
-        key = request.headers.get("Idempotency-Key")
-        if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-            raise ApiError(400, "invalid Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-        specs = body if isinstance(body, list) else [body]
-        # With ?wait=S the answer comes once the tasks are terminal (or after S seconds): submit and long poll in one.
-        wait = wait_seconds() if "wait" in request.args else 0.0
-        tasks, created = await service.submit(
-            specs, who, idempotency_key=key, body_hash=None if key is None else request_hash(body), wait=wait
-        )
-        status = 201 if created else 200
-        if isinstance(body, list):
-            return json_response({"tasks": [t.to_json() for t in tasks]}, status)
-        return json_response(tasks[0].to_json(), status)
+        status, answer = await submit_answer(ctx, who, body, request.headers.get("Idempotency-Key"), request.args.get("wait"))
+        return json_response(answer, status)
 
     @bp.get("/api/v1/tasks")
     async def list_tasks() -> Response:
@@ -116,13 +139,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     @bp.get("/api/v1/tasks/<task_id>")
     async def get_task(task_id: str) -> Response:
         ctx.caller("viewer")
-        if "wait" not in request.args:
-            return json_response((await ctx.task_or_404(task_id)).to_json())
-        # Long poll: answer once the task is terminal, or with the task as it is after ``wait`` seconds.
-        task = await service.wait(task_id, wait_seconds())
-        if task is None:
-            raise ApiError(404, "no such task", task_id)
-        return json_response(task.to_json())
+        return json_response(await task_answer(ctx, task_id, request.args.get("wait")))
 
     @bp.delete("/api/v1/tasks/<task_id>")
     async def cancel(task_id: str) -> Response:
