@@ -25,7 +25,6 @@ import urllib.parse
 from functools import partial
 from typing import Any, Awaitable, Callable
 
-import outcome
 import trio
 
 from p2pnn.api.http import ApiContext, ApiError, error_answer, json_text
@@ -121,22 +120,27 @@ class _Call:
         poll or a submit that waits would otherwise hold its waiter until the wait is over)."""
         if self.arg("wait") is None or not self._body_read:
             return await answer()
-        gone = False
+        waited = trio.CancelScope()
+        watching = trio.CancelScope()
 
-        async def watch(scope: trio.CancelScope) -> None:
-            nonlocal gone
-            while (await self._receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            scope.cancel()
+        async def watch() -> None:
+            # A task of its own that nobody joins: the answer goes out as soon as it is ready,
+            # not one scheduler pass later, once this task has seen its cancel.
+            with watching:
+                try:
+                    while (await self._receive())["type"] != "http.disconnect":
+                        pass
+                except Exception:  # the server closed the request's channel: nobody to watch
+                    return
+                waited.cancel()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch, nursery.cancel_scope)
-            result = await outcome.acapture(answer)  # here, in this task; its error leaves as itself, not in a group
-            nursery.cancel_scope.cancel()
-        if gone and isinstance(result, outcome.Error) and isinstance(result.error, trio.Cancelled):
-            raise _Gone()
-        return result.unwrap()
+        trio.lowlevel.spawn_system_task(watch)
+        try:
+            with waited:
+                return await answer()
+            raise _Gone()  # cancelled by ``watch``: the client went away
+        finally:
+            watching.cancel()
 
     async def answer(self, handler: Callable[[_Call], Awaitable[tuple[int, Any]]]) -> None:
         headers: dict[str, str] = {}
