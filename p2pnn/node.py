@@ -334,10 +334,8 @@ async def run_node(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORE
                     # from configuration it holds its configured one; in a swarm it waits for the principal.
                     await roles.assume(initial_roles)
                     # Results recorded by Ki on other nodes wake long polls here: the store announces them
-                    # where it can, and Ki name them in their beats in any case.
-                    nursery.start_soon(service.follow_store)
-                    if fanout:
-                        await nursery.start(service.follow_beats)
+                    # where it can, and Ki name them in their beats.
+                    await nursery.start(service.follow)
                     if fanout and cred is None and config.sweeper.standby:
                         # Roles from configuration: nobody replaces a dead principal, so every node sweeps a little.
                         standby = Sweeper(

@@ -334,6 +334,17 @@ class TaskService:
                 waiting.task = task
             waiting.event.set()
 
+    async def follow(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Every feed of finished tasks that long polls here need: the store's announcements and,
+        where the store makes none (SQLite, CockroachDB) and Ki on other nodes record results, their
+        beats. With announcements the beats would only wake a long poll already woken, at the cost
+        of a delivery of every beat to this node while it answers."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.follow_store)
+            if not self.bus.in_process and not self.store.announces_finished:
+                await nursery.start(self.follow_beats)
+            task_status.started()
+
     async def follow_store(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Wake long polls for the tasks whose results the store announces as their commits land, in
         any process (TaskStore.follow_finished: PostgreSQL's NOTIFY, a tenth of a millisecond after

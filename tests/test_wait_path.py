@@ -23,6 +23,7 @@ from p2pnn.bus.amqp import AmqpBus, AmqpSettings
 from p2pnn.callers import ANONYMOUS_ADMIN
 from p2pnn.service import MARK_QUEUED_AFTER, TaskService
 from p2pnn.store import ClaimOp, FinishOp, FinishUnclaimedOp, NewTask, StoreError, TaskStore, open_store
+from p2pnn.store.postgres import PostgresTaskStore
 from p2pnn.tasks import Limits, State
 from p2pnn.work.ki import KiAgent
 from tests.conftest import rabbitmqctl
@@ -217,6 +218,33 @@ async def test_a_node_reads_beats_only_while_somebody_waits_there_and_a_while_af
             with trio.fail_after(30):  # the linger (1 s), then the queue goes with the subscription
                 while await trio.to_thread.run_sync(_bound_to_beats, amqp_vhost, "wb"):
                     await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+
+
+async def test_a_node_whose_store_announces_results_reads_no_beats_for_its_long_polls(
+    amqp_vhost: str, amqp_url: str, make_store
+) -> None:
+    """PostgreSQL announces each result as it commits: beats would only wake a long poll already
+    woken. SQLite announces nothing to other processes: there the beats are what wakes it."""
+    store = make_store()
+    await store.open()
+    bus = AmqpBus(AmqpSettings(url=amqp_url, prefix="wa"))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus.run)
+            assert await bus.wait_connected(20), "no connection to RabbitMQ"
+            service = TaskService(store, bus, limits=Limits(), max_attempts=3)
+            await nursery.start(service.follow)
+            (task_id,) = await _pending(store, 1)
+            nursery.start_soon(service.wait, task_id, 30)
+            with trio.fail_after(10):  # the store's feed is up, and the beats' if any
+                while await trio.to_thread.run_sync(_bound_to_beats, amqp_vhost, "wa") == 0 and not store.announces_finished:
+                    await trio.sleep(0.1)
+            await trio.sleep(0.5)
+            bound = await trio.to_thread.run_sync(_bound_to_beats, amqp_vhost, "wa")
+            assert (store.announces_finished, bound) == ((True, 0) if isinstance(store, PostgresTaskStore) else (False, 1))
             nursery.cancel_scope.cancel()
     finally:
         await store.close()

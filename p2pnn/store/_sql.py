@@ -311,6 +311,10 @@ class SqlTaskStore(TaskStore):
     # Where ``apply`` announces the tasks whose results it recorded (PostgreSQL's NOTIFY, delivered
     # to listeners when the transaction commits; see follow_finished); None: announced nowhere.
     _finished_channel: str | None = None
+
+    @property
+    def announces_finished(self) -> bool:
+        return self._finished_channel is not None
     # The SQL the backend speaks, for what ``apply`` decides before it opens a transaction (SQLITE's
     # flags: none of the shortcuts a WITH clause that writes or row locks make possible).
     _dialect: Dialect = SQLITE

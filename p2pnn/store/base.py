@@ -206,6 +206,11 @@ class TaskStore(abc.ABC):
         Error handling: raises StoreError when that cannot be assured (the database is
         unreachable); nothing is then known to be durable."""
 
+    @property
+    def announces_finished(self) -> bool:
+        """Whether ``follow_finished`` delivers anything on this store (known once it is open)."""
+        return False
+
     async def follow_finished(
         self, on_finished: Callable[[list[tuple[str, Task | None]]], None], *,
         task_status: Any = trio.TASK_STATUS_IGNORED,
