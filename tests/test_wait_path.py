@@ -105,13 +105,30 @@ async def test_postgres_announces_the_results_apply_records_to_a_listener_elsewh
         await recording.close()
 
 
-async def test_sqlite_has_no_feed_and_says_so_by_returning(tmp_path: Path) -> None:
+async def test_sqlite_announces_the_results_this_process_records_at_once_with_their_tasks(tmp_path: Path) -> None:
+    """An embedded node's long poll answers from the announcement, with no read of its own."""
     store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
     await store.open()
+    heard: list[tuple[str, object]] = []
     try:
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store.follow_finished, lambda ids: None)
+        a, b, c, d = await _pending(store, 4)
+        spec_a, spec_d = (await store.get(a)).spec, (await store.get(d)).spec
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.follow_finished, heard.extend)
+            (claimed_b,) = await store.apply([ClaimOp(b, "ki", 30)], now=time.time())
+            assert claimed_b is not None and heard == []  # a claim is no result
+            answers = await store.apply([
+                FinishUnclaimedOp(a, "ki", spec_a, State.SUCCEEDED, time.time(), result={"ok": 1}),
+                FinishOp(b, claimed_b.attempts, State.FAILED, error="boom", worker="ki"),
+                FinishOp(c, 1, State.SUCCEEDED, result={}, worker="ki"),  # not running: refused
+            ], now=time.time())
+            assert answers == [True, True, False]
+            assert heard == [(a, await store.get(a)), (b, await store.get(b))]  # once committed, each as committed
+            assert not store.announces_finished  # what other processes record on the file is not announced
+            nursery.cancel_scope.cancel()
+        assert await store.apply([FinishUnclaimedOp(d, "ki", spec_d, State.SUCCEEDED, time.time(), result={})],
+                                 now=time.time()) == [True]
+        assert [tid for tid, _ in heard] == [a, b]  # nobody listens any more: nothing read or heard
     finally:
         await store.close()
 

@@ -311,6 +311,10 @@ class SqlTaskStore(TaskStore):
     # Where ``apply`` announces the tasks whose results it recorded (PostgreSQL's NOTIFY, delivered
     # to listeners when the transaction commits; see follow_finished); None: announced nowhere.
     _finished_channel: str | None = None
+    # Who hears, in this process, of the results ``apply`` recorded here, each with its task as
+    # committed (SqliteTaskStore.follow_finished); they are read inside the transaction only while
+    # someone listens. PostgreSQL announces to every process through NOTIFY instead.
+    _listeners: tuple[Callable[[list[tuple[str, Task | None]]], None], ...] = ()
 
     @property
     def announces_finished(self) -> bool:
@@ -538,15 +542,20 @@ class SqlTaskStore(TaskStore):
                 recorded = {row[0] for row in rows}
                 return [tid is not None and tid in recorded for tid in tids]
 
-        def work(db: Db) -> list[Task | None | bool]:
-            out = _counted(db, lambda moves: run(db, ops, tids, now, moves))
-            if channel is not None:
-                _announce(db, channel, [
-                    tid for op, tid, won in zip(ops, tids, out) if won is True and not isinstance(op, ClaimOp)
-                ])
-            return out
+        listeners = () if relaxed else self._listeners
 
-        return await self._transact(work, write=True, relaxed=relaxed)
+        def work(db: Db) -> tuple[list[Task | None | bool], list[tuple[str, Task | None]]]:
+            out = _counted(db, lambda moves: run(db, ops, tids, now, moves))
+            recorded = [tid for op, tid, won in zip(ops, tids, out) if won is True and not isinstance(op, ClaimOp)]
+            if channel is not None:
+                _announce(db, channel, recorded)
+            return out, [(tid, _get(db, tid)) for tid in recorded if tid is not None] if listeners else []
+
+        out, finished = await self._transact(work, write=True, relaxed=relaxed)
+        if finished:
+            for listener in listeners:
+                listener(finished)
+        return out
 
     async def _transition(
         self,

@@ -220,8 +220,9 @@ class TaskStore(abc.ABC):
         for each, the task None where the store sent only its id. A hint for long polls: nothing
         depends on it arriving, and a task it carries is what a read right after the commit gives.
 
-        Where the store has no such feed (SQLite: one process; CockroachDB) this returns at once
-        after ``task_status.started()``, and the default does just that."""
+        SQLite announces the results recorded by this process only (``announces_finished`` False).
+        Where the store has no such feed (CockroachDB) this returns at once after
+        ``task_status.started()``, and the default does just that."""
         task_status.started()
 
     @abc.abstractmethod

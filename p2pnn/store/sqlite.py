@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -132,6 +132,21 @@ class SqliteTaskStore(SqlTaskStore):
             raise StoreError(f"SQLite ({self._path}): {exc}") from exc
         await trio.lowlevel.checkpoint()
         return task
+
+    async def follow_finished(
+        self, on_finished: Callable[[list[tuple[str, Task | None]]], None], *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """As TaskStore's, for the results recorded by this process (one process holds the file
+        as a rule): ``apply`` reads each task recorded inside its transaction while this runs, and
+        calls ``on_finished`` once it committed. Results recorded by another process on the same
+        file are not announced (``announces_finished`` stays False)."""
+        self._listeners = (*self._listeners, on_finished)
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self._listeners = tuple(listener for listener in self._listeners if listener is not on_finished)
 
     async def close(self) -> None:
         async with self._lock:
