@@ -46,8 +46,9 @@ def hot_routes(ctx: ApiContext, app: ASGIApp) -> ASGIApp:
             if method == "POST" and path == TASKS:
                 await _Call(ctx, scope, receive, send, TASKS).answer(_submit)
                 return
-            if method == "GET" and path.startswith(TASKS + "/") and "/" not in path[len(TASKS) + 1:] and path[len(TASKS) + 1:]:
-                await _Call(ctx, scope, receive, send, TASK_RULE).answer(_get)
+            task_id = path[len(TASKS) + 1:] if path.startswith(TASKS + "/") else ""
+            if method == "GET" and task_id and "/" not in task_id:  # as Quart's <task_id> matches
+                await _Call(ctx, scope, receive, send, TASK_RULE).answer(partial(_get, task_id=task_id))
                 return
         await app(scope, receive, send)
 
@@ -60,9 +61,8 @@ async def _submit(call: _Call) -> tuple[int, Any]:
     return await call.waiting(partial(submit_answer, call.ctx, who, body, call.header(b"idempotency-key"), call.arg("wait")))
 
 
-async def _get(call: _Call) -> tuple[int, Any]:
+async def _get(call: _Call, *, task_id: str) -> tuple[int, Any]:
     call.ctx.authorized(call.header(b"authorization"), "viewer")
-    task_id = call.scope["path"][len(TASKS) + 1:]
     return 200, await call.waiting(partial(task_answer, call.ctx, task_id, call.arg("wait")))
 
 
