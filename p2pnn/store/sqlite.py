@@ -32,9 +32,10 @@ SYNCHRONOUS_MODES = ("full", "normal")
 class SqliteTaskStore(SqlTaskStore):
     """Tasks in one SQLite file, reached through one connection.
 
-    Every call runs in a worker thread while holding a trio lock, so the
-    connection is never used by two threads at once; SQLite serialises writers
-    anyway, so a second connection would buy nothing in one process. Writes
+    Every call but a relaxed write (below) runs in a worker thread while holding
+    a trio lock, so the connection is never used by two threads at once;
+    SQLite serialises writers anyway, so a second connection would buy nothing
+    in one process. Writes
     run in ``BEGIN IMMEDIATE`` transactions: the write lock is taken up front,
     so two processes on the same file wait (``busy_timeout``) instead of
     failing half-way with SQLITE_BUSY on lock upgrade.
