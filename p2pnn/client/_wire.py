@@ -144,15 +144,21 @@ class _Idle(Generic[C]):
     def take(self) -> Iterator[tuple[C, bool]]:
         """Idle connections, newest first: (connection, whether it may carry a request). The caller
         closes those that may not, and stops at the first that may."""
-        while self.connections:
-            conn, since = self.connections.pop()
+        while True:
+            try:
+                conn, since = self.connections.pop()  # atomic: a blocking client may be shared by threads
+            except IndexError:
+                return
             yield conn, time.monotonic() - since < IDLE_SECONDS
 
     def give(self, conn: C) -> C | None:
         """Keep ``conn``; the connection that no longer fits (to be closed), if any."""
         self.connections.append((conn, time.monotonic()))
         if len(self.connections) > MAX_IDLE:
-            return self.connections.pop(0)[0]
+            try:
+                return self.connections.pop(0)[0]
+            except IndexError:  # taken meanwhile by another thread
+                return None
         return None
 
 
