@@ -298,8 +298,9 @@ async def test_a_stopping_ki_says_so_and_an_an_forwards_it_nothing_more(tmp_path
 
 
 async def test_a_lone_finish_is_beaten_at_once_and_a_burst_is_coalesced(tmp_path, autojump_clock):
-    """The beat that names a finished task is what wakes a waiting client: after a quiet spell it
-    goes out at the instant of the finish; finishes that follow within BEAT_MIN_GAP share one beat."""
+    """On a store that does not announce results, the beat that names a finished task is what wakes
+    a waiting client: after a quiet spell it goes out at the instant of the finish; finishes that
+    follow within BEAT_MIN_GAP share one beat."""
     from p2pnn.bus import BEATS, LocalBus
     from p2pnn.work import KiAgent
     from p2pnn.work.ki import BEAT_MIN_GAP
@@ -321,4 +322,43 @@ async def test_a_lone_finish_is_beaten_at_once_and_a_burst_is_coalesced(tmp_path
         beat = await inbox.receive()
         assert beat["finished"] == ["t2", "t3"]
         assert trio.current_time() == pytest.approx(finished_at + BEAT_MIN_GAP)
+        nursery.cancel_scope.cancel()
+
+
+async def test_where_the_store_announces_results_a_short_task_rides_on_the_next_beat(tmp_path, autojump_clock):
+    """Where the store announces results (PostgreSQL's NOTIFY), no long poll waits for a beat: the
+    finish of a short task that no beat showed in hand goes out BEAT_BUSY_GAP later, with whatever
+    changed meanwhile, not at the moment the waiting client's answer is on its way. A Ki whose last
+    beat showed it full still beats at once when it runs dry: an An may hold work back for it."""
+    import types
+
+    from p2pnn.bus import BEATS, LocalBus
+    from p2pnn.work import KiAgent
+    from p2pnn.work.ki import BEAT_BUSY_GAP
+
+    bus = LocalBus()
+    pool = KiPool(slots=2, torch_threads=1, limits=Limits(), workdir=tmp_path / "work")
+    announcing = types.SimpleNamespace(announces_finished=True)  # the agent reads nothing else of it
+    runner = KiRunner(node_id=NODE, store=announcing, bus=bus, pool=pool, metrics=Metrics(), lease_seconds=30)  # type: ignore[arg-type]
+    agent = KiAgent(runner=runner, bus=bus, beat_interval=60.0)
+    async with bus.subscribe(BEATS) as inbox, trio.open_nursery() as nursery:
+        nursery.start_soon(agent._beat_loop)  # the beats alone: no task is run
+        assert (await inbox.receive())["busy"] == 0
+        await trio.sleep(5.0)  # quiet
+        finished_at = trio.current_time()
+        runner.on_finished("t1")  # a short task, taken and finished unseen
+        beat = await inbox.receive()
+        assert beat["finished"] == ["t1"] and beat["busy"] == 0
+        assert trio.current_time() == pytest.approx(finished_at + BEAT_BUSY_GAP)
+
+        await trio.sleep(5.0)
+        runner.in_hand = 2  # both slots taken
+        runner.on_change()
+        assert (await inbox.receive())["busy"] == 2
+        await trio.sleep(5.0)
+        runner.in_hand = 0
+        finished_at = trio.current_time()
+        runner.on_finished("t2")
+        beat = await inbox.receive()
+        assert beat["finished"] == ["t2"] and beat["busy"] == 0 and trio.current_time() == finished_at
         nursery.cancel_scope.cancel()

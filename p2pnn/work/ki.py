@@ -62,11 +62,14 @@ HANDBACK_SECONDS = 8.0  # how long handing one task back (release, publish, conf
 # Pauses before recording again the outcome of a task that is not stored yet (see _run_unclaimed):
 # a submit's insert takes milliseconds, one that failed never lands; two seconds in all.
 UNSTORED_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
-BEAT_MIN_GAP = 0.002  # beats on change: at most one per this many seconds (the first after a quiet spell at once)
-# While tasks are in hand, a change that leaves the An's picture good enough (a short task taken,
-# one finished with others still running) waits up to this long for the next beat: the An's
-# credit ahead covers the gap, and each beat costs a publish and a delivery to every subscriber.
-# A Ki that runs dry, or takes a task not known to be short, beats at once.
+BEAT_MIN_GAP = 0.002  # beats on change: at most one per this many seconds
+# A change that leaves the An's picture good enough (a short task taken or finished, one finished
+# with others still running) waits up to this long for the next beat, which then carries every
+# change made meanwhile: the An's credit ahead covers the gap, and each beat costs a publish and a
+# delivery to every subscriber, at the moment a waiting client's answer is on its way. A beat goes
+# at once (after BEAT_MIN_GAP) for what someone waits on: a Ki that ran dry where its last beat said
+# it was full or held a long task, a task taken that is not known to be short, or a finished task
+# whose waiters learn of it from the beats (a store that does not announce results).
 BEAT_BUSY_GAP = 0.010
 FAREWELL_SECONDS = 1.0  # how long a stopping Ki tries to send its last beat
 FINISHED_PER_BEAT = 256  # task ids a beat names as finished; beyond that, waiters learn it from the store
@@ -881,6 +884,7 @@ class KiAgent:
         self._changed = trio.Event()
         self._urgent = trio.Event()  # a change that should not wait out BEAT_BUSY_GAP
         self._long_beaten = 0  # long_in_hand as of the last beat
+        self._busy_beaten = 0  # busy as of the last beat
         self._finished: collections.deque[str] = collections.deque(maxlen=FINISHED_PER_BEAT)
         runner.on_change = self._on_change
         local = runner.on_finished
@@ -910,12 +914,24 @@ class KiAgent:
     def _on_change(self) -> None:
         self._changed.set()
         r = self.runner
-        if r.in_hand + r.group_ranks == 0 or r.long_in_hand > self._long_beaten:
+        idle = r.in_hand + r.group_ranks == 0
+        if (
+            r.long_in_hand > self._long_beaten  # an An must not count on those slots
+            # An An may hold work back for this Ki: its last beat showed it full, or a long task.
+            or (idle and (self._busy_beaten >= r.pool.slots or self._long_beaten > 0))
+            or (self._finished and not self._results_announced())  # waiters read the beats
+        ):
             self._urgent.set()
+
+    def _results_announced(self) -> bool:
+        """Whether every node's long polls hear of a result from the store (PostgreSQL's NOTIFY), not from beats."""
+        store = self.runner.store
+        return store is not None and store.announces_finished
 
     def beat(self) -> dict[str, Any]:
         r = self.runner
         self._long_beaten = r.long_in_hand
+        self._busy_beaten = r.in_hand + r.group_ranks
         # ``long`` counts a group's extra ranks too: slots an An cannot count on soon.
         return {
             "node": r.node_id, "boot": self.boot, "slots": r.pool.slots, "busy": r.in_hand + r.group_ranks,
@@ -945,13 +961,14 @@ class KiAgent:
             if not self._changed.is_set():
                 with trio.move_on_after(self.beat_interval):
                     await self._changed.wait()
-            # At most one beat per BEAT_MIN_GAP, counted from the last one sent: the first change
-            # after a quiet spell (a lone task finished, whose waiter reads the beat) goes at once.
-            # One timed wait per beat, not two: under load the busy gap runs out (each timeout that
-            # fires costs the trio thread a Cancelled raised and caught), and the shorter pause is
-            # only taken when an urgent change came within it.
+            # A change that is not urgent waits BEAT_BUSY_GAP from when it came (under load: from
+            # the last beat, as the next change comes at once), so that the changes of a lone short
+            # task, taken and finished, share one beat or ride on the next. At most one beat per
+            # BEAT_MIN_GAP, counted from the last one sent. One timed wait per beat, not two: under
+            # load the busy gap runs out (each timeout that fires costs the trio thread a Cancelled
+            # raised and caught), and the shorter pause is only taken when an urgent change came.
             if not self._urgent.is_set():
-                with trio.move_on_at(sent + BEAT_BUSY_GAP):
+                with trio.move_on_after(BEAT_BUSY_GAP):
                     await self._urgent.wait()
             if trio.current_time() < sent + BEAT_MIN_GAP:
                 await trio.sleep_until(sent + BEAT_MIN_GAP)
