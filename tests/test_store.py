@@ -683,13 +683,146 @@ async def test_a_dead_pooled_connection_costs_one_failed_transaction(postgres_ur
             for pid in pids:
                 conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
         failures = 0
+
+        async def read() -> str:  # on the pool (a task read by id takes the lane: see the next test)
+            return (await store._transact(lambda db: db.one("SELECT CAST(id AS TEXT) FROM tasks"), write=False))[0]
+
         for _ in range(len(pids) + 2):
             try:
-                assert (await store.get(task.id)).id == task.id
+                assert await read() == task.id
             except StoreError:
                 failures += 1
         assert failures == 1  # the first error makes the pool check (and drop) every idle connection
+        assert await read() == task.id
+    finally:
+        await store.close()
+
+
+async def _lane_pid(store: TaskStore) -> int:
+    return (await store._statement("SELECT pg_backend_pid()", keyed=True))[0][0]
+
+
+@pytest.mark.postgres
+async def test_a_lost_lane_costs_no_statement_and_is_made_again(postgres_url: str, pg_schema: str) -> None:
+    """A keyed statement whose lane connection the server dropped runs on the pool instead; the lane
+    is made again once LANE_RETRY_SECONDS passed, and keyed statements take it again."""
+    from p2pnn.store.postgres import LANE_RETRY_SECONDS
+
+    store = open_store("postgres", url=postgres_url, schema=pg_schema)
+    await store.open()
+    try:
+        (task,), _ = await store.create([new()], now=T0)
+        before = await _lane_pid(store)
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (before,))
+        assert (await store.get(task.id)).id == task.id  # no error: on the pool
+        assert store._lane is None
+        with trio.fail_after(LANE_RETRY_SECONDS + 10):
+            while store._lane is None:
+                assert (await store.get(task.id)).id == task.id
+                await trio.sleep(0.05)
+        after = await _lane_pid(store)
+        assert after != before
+        pooled = (await store._statement("SELECT pg_backend_pid()"))[0][0]
+        assert pooled != after  # a statement not keyed never takes the lane
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_keyed_statements_that_find_the_lane_busy_take_the_pool(postgres_url: str, pg_schema: str) -> None:
+    store = open_store("postgres", url=postgres_url, schema=pg_schema)
+    await store.open()
+    try:
+        tasks, _ = await store.create([new(payload=i) for i in range(20)], now=T0)
+        found: dict[str, Task] = {}
+
+        async def get(task_id: str) -> None:
+            found[task_id] = await store.get(task_id)
+
+        async with trio.open_nursery() as nursery:
+            for t in tasks:
+                nursery.start_soon(get, t.id)
+        assert {tid: t.spec["payload"] for tid, t in found.items()} == {t.id: t.spec["payload"] for t in tasks}
+        assert store._lane is not None and not store._lane.busy and not store._lane.broken
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_a_lane_statement_cancelled_midway_ends_on_the_server_too(postgres_url: str, pg_schema: str) -> None:
+    """What the server made of an interrupted statement is unknown: the lane's connection is closed,
+    which ends the statement there, and the next keyed statement runs as usual."""
+    store = open_store("postgres", url=postgres_url, schema=pg_schema)
+    await store.open()
+    try:
+        (task,), _ = await store.create([new()], now=T0)
+        marker = f"lane-{pg_schema}"
+        with trio.move_on_after(0.5) as waited:
+            await store._statement(f"SELECT pg_sleep(30), '{marker}'", keyed=True)
+        assert waited.cancelled_caught and store._lane is None
+
+        def sleeping() -> int:
+            with psycopg.connect(postgres_url, autocommit=True) as conn:
+                return conn.execute(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE state = 'active' AND position(%s in query) > 0 "
+                    "AND pid <> pg_backend_pid()", (marker,)
+                ).fetchone()[0]
+
+        with trio.fail_after(10):
+            while await trio.to_thread.run_sync(sleeping):
+                await trio.sleep(0.1)
         assert (await store.get(task.id)).id == task.id
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_the_lane_plans_its_statements_once_and_takes_the_primary_key(postgres_url: str, pg_schema: str) -> None:
+    """The lane's one plan per statement is made for any values: it must take the primary key even
+    where the statistics say every task is pending (the failure PREPARE_THRESHOLD's comment records)."""
+    from psycopg import ClientCursor
+
+    from p2pnn.store import FinishUnclaimedOp
+    from p2pnn.store._sql import GET_TASK, POSTGRES, _finish_unclaimed_counted
+    from p2pnn.store.postgres import LANE_PLANS, _numbered
+
+    store = open_store("postgres", url=postgres_url, schema=pg_schema)
+    await store.open()
+    try:
+        tasks, _ = await store.create([new(payload=i) for i in range(500)], now=T0)
+        await store._transact(lambda db: db.run("ANALYZE tasks"), write=True)  # every task pending
+        await store.mark_queued([t.id for t in tasks[:250]], now=T0)
+        for t in tasks[:6]:
+            op = FinishUnclaimedOp(t.id, "ki-1", t.spec, State.SUCCEEDED, started_at=T0, result={})
+            assert await store.apply([op], now=T0) == [True]
+            assert (await store.get(t.id)).state is State.SUCCEEDED
+        plans = await store._statement(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements WHERE name LIKE 'p2pnn_lane_%'",
+            keyed=True,
+        )
+        runs = {text: (generic, custom) for text, generic, custom in plans}
+        # Planned for any values, never for each run.
+        assert runs[_numbered(GET_TASK).decode()] == (6, 0)
+        assert [n for text, n in runs.items() if text.startswith("WITH")] == [(6, 0)]
+
+        t = tasks[300]
+        op = FinishUnclaimedOp(t.id, "ki-1", t.spec, State.SUCCEEDED, started_at=T0, result={})
+        statements = [(GET_TASK, (t.id,)), _finish_unclaimed_counted(POSTGRES, [(t.id, op)], T0, "p2pnn_plan_test")]
+
+        def generic_plans() -> list[str]:
+            with psycopg.connect(postgres_url, autocommit=True, cursor_factory=ClientCursor) as conn:
+                conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(pg_schema)))
+                conn.execute(LANE_PLANS)
+                out = []
+                for i, (text, params) in enumerate(statements):
+                    conn.execute(f"PREPARE lane_{i} AS {_numbered(text).decode()}")
+                    args = ", ".join(["%s"] * len(params))
+                    out.append("\n".join(r[0] for r in conn.execute(f"EXPLAIN EXECUTE lane_{i}({args})", params)))
+                return out
+
+        for plan in await trio.to_thread.run_sync(generic_plans):
+            assert "tasks_pkey" in plan and "tasks_by_state" not in plan, plan
     finally:
         await store.close()
 
@@ -1039,20 +1172,32 @@ async def test_creates_of_any_size_are_counted(store: TaskStore, monkeypatch: py
     assert await store.counts() == await _counts_of_tasks(store) == {("pending", "echo"): 4, ("pending", "train"): 2}
 
 
-async def _round_trips(store: TaskStore, trace_path: Path, call: Callable[[], Awaitable[object]]) -> int:
-    """How many times ``call`` waited for the server on the store's only pooled connection: libpq's
-    trace of what it sent, where each Query and each Sync message waits for the server's answer."""
-    with open(trace_path, "w") as trace:
+async def _round_trips(store: TaskStore, trace_path: Path, call: Callable[[], Awaitable[object]]) -> tuple[int, int]:
+    """How many times ``call`` waited for the server on the store's only pooled connection, and on
+    its lane's: libpq's trace of what each sent, where each Query and each Sync message waits for
+    the server's answer."""
+    lane = store._lane.conn.pgconn if store._lane is not None else None
+    lane_path = trace_path.with_suffix(".lane")
+    with open(trace_path, "w") as trace, open(lane_path, "w") as lane_trace:
         with store._pool.connection() as conn:
             conn.pgconn.trace(trace.fileno())
             conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
+        if lane is not None:
+            lane.trace(lane_trace.fileno())
+            lane.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
         try:
             await call()
         finally:
             with store._pool.connection() as conn:
                 conn.pgconn.untrace()  # flushes the trace
-    sent = [line.split("\t")[2].strip() for line in trace_path.read_text().splitlines() if line.startswith("F\t")]
-    return sum(1 for message in sent if message in ("Query", "Sync"))
+            if lane is not None:
+                lane.untrace()
+
+    def waits(path: Path) -> int:
+        sent = [line.split("\t")[2].strip() for line in path.read_text().splitlines() if line.startswith("F\t")]
+        return sum(1 for message in sent if message in ("Query", "Sync"))
+
+    return waits(trace_path), waits(lane_path)
 
 
 @pytest.mark.postgres
@@ -1086,18 +1231,19 @@ async def test_postgresql_common_calls_take_the_fewest_round_trips(
         async def refuse_one() -> None:  # the task is running: a run of it without a claim does not count
             assert await store.apply([ran(taken)], now=T0) == [False]
 
+        # Round trips on the pool's connection and on the lane's (a statement that finds tasks by id).
         calls = {
-            "get": (lambda: store.get(task_id), 1),
-            "list": (lambda: store.list(limit=2), 1),
-            "renew": (lambda: store.renew(task_id, worker="ki-1", attempt=attempt, now=T0, lease_seconds=LEASE), 1),
+            "get": (lambda: store.get(task_id), (0, 1)),
+            "list": (lambda: store.list(limit=2), (1, 0)),
+            "renew": (lambda: store.renew(task_id, worker="ki-1", attempt=attempt, now=T0, lease_seconds=LEASE), (1, 0)),
             # BEGIN with its setting, the insert counted, COMMIT
-            "relaxed create": (lambda: store.create([new()], now=T0, relaxed=True), 3),
-            "create": (lambda: store.create([new()], now=T0), 3),
+            "relaxed create": (lambda: store.create([new()], now=T0, relaxed=True), (3, 0)),
+            "create": (lambda: store.create([new()], now=T0), (3, 0)),
             # BEGIN with its setting, the update, its count, COMMIT
-            "mark_queued": (lambda: store.mark_queued([pending.pop()], now=T0), 4),
+            "mark_queued": (lambda: store.mark_queued([pending.pop()], now=T0), (4, 0)),
             # the finishes, their counts and their notification: one statement
-            "unclaimed finishes": (record_three, 1),
-            "unclaimed finish refused": (refuse_one, 1),
+            "unclaimed finishes": (record_three, (0, 1)),
+            "unclaimed finish refused": (refuse_one, (0, 1)),
         }
         seen = {}
         for name, (call, _) in calls.items():

@@ -105,6 +105,51 @@ async def test_postgres_announces_the_results_apply_records_to_a_listener_elsewh
         await recording.close()
 
 
+@pytest.mark.postgres
+async def test_a_listener_whose_connection_was_dropped_listens_again(postgres_url, pg_schema) -> None:
+    """The listening connection is read from the trio thread; when the server drops it, the store
+    connects again (after LISTEN_RETRY_SECONDS[0]) and announces the results recorded from then on."""
+    import psycopg
+
+    store = open_store("postgres", url=postgres_url, schema=pg_schema)
+    await store.open()
+    heard: list[tuple[str, object]] = []
+
+    def listener_pids() -> list[int]:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            return [pid for (pid,) in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE query = %s", (f'LISTEN "{store._finished_channel}"',)
+            )]
+
+    async def record(tid: str) -> None:
+        spec = (await store.get(tid)).spec
+        assert await store.apply([FinishUnclaimedOp(tid, "ki", spec, State.SUCCEEDED, time.time(), result={})],
+                                 now=time.time()) == [True]
+        with trio.fail_after(10):
+            while tid not in dict(heard):
+                await trio.sleep(0.01)
+
+    try:
+        a, b = await _pending(store, 2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.follow_finished, heard.extend)
+            await record(a)
+            (pid,) = await trio.to_thread.run_sync(listener_pids)
+            with psycopg.connect(postgres_url, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            with trio.fail_after(10):
+                while (now := await trio.to_thread.run_sync(listener_pids)) in ([], [pid]):
+                    await trio.sleep(0.05)
+            assert len(now) == 1 and now != [pid]
+            await record(b)
+            nursery.cancel_scope.cancel()
+        with trio.fail_after(10):  # cancelled: its connection is closed
+            while await trio.to_thread.run_sync(listener_pids):
+                await trio.sleep(0.05)
+    finally:
+        await store.close()
+
+
 async def test_sqlite_announces_the_results_this_process_records_at_once_with_their_tasks(tmp_path: Path) -> None:
     """An embedded node's long poll answers from the announcement, with no read of its own."""
     store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")

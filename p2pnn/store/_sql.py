@@ -336,10 +336,15 @@ class SqlTaskStore(TaskStore):
         and the attempt that ran meanwhile cannot record a result without its claim); or one that
         no one hears of before a later durable commit: a relaxed ``create``."""
 
-    async def _statement(self, sql: str, params: Sequence[Any] = (), *, write: bool = False) -> list[tuple[Any, ...]]:
+    async def _statement(
+        self, sql: str, params: Sequence[Any] = (), *, write: bool = False, keyed: bool = False
+    ) -> list[tuple[Any, ...]]:
         """The rows of one statement (a write's from RETURNING), run as a transaction of its own;
         ``write`` as ``_transact``'s. A backend where one statement is a transaction of its own
-        may run it without BEGIN and COMMIT (PostgreSQL does)."""
+        may run it without BEGIN and COMMIT (PostgreSQL does). ``keyed``: the statement finds its
+        task rows by id alone (any state condition on _STATE_BY_ID, which no index serves), so one
+        plan made for any values takes the primary key, and the backend may plan it once for all
+        runs (PostgreSQL's lane does); it must be safe to run again, as any transaction is."""
         return await self._transact(lambda db: db.rows(sql, params), write=write)
 
     # --- creation and reading ---
@@ -405,7 +410,7 @@ class SqlTaskStore(TaskStore):
         tid = parse_id(task_id)
         if tid is None:
             return None
-        rows = await self._statement(GET_TASK, (tid,))
+        rows = await self._statement(GET_TASK, (tid,), keyed=True)
         return _task_with_artifacts(rows[0]) if rows else None
 
     async def list(
@@ -538,7 +543,7 @@ class SqlTaskStore(TaskStore):
             # Every short task's result comes this way: one round trip, where the database can write
             # the counts and send the notification from the statement that records the results.
             if d.writes_in_with and d.locks_rows and 0 < len(items) <= IDS_PER_NOTIFY:
-                rows = await self._statement(*_finish_unclaimed_counted(d, items, now, channel), write=True)
+                rows = await self._statement(*_finish_unclaimed_counted(d, items, now, channel), write=True, keyed=True)
                 recorded = {row[0] for row in rows}
                 return [tid is not None and tid in recorded for tid in tids]
 
