@@ -1,8 +1,8 @@
 """TaskService.submit with ``wait``: the insert does not wait for the disk, the answer does.
 
 Run against SQLite and PostgreSQL (the ``store`` fixture), on the in-process bus with no Ki
-unless a test plays one. Which transactions were relaxed is seen by a spy around the store's
-``_transact``, which runs each transaction unchanged; that the barrier itself reaches the disk
+unless a test plays one. Which inserts were relaxed is seen by a spy around the store's ``create``, which
+runs each unchanged; that the barrier itself reaches the disk
 is the store's test (test_store.py).
 """
 
@@ -29,19 +29,18 @@ class Seen:
     def __init__(self, store: TaskStore) -> None:
         self.events: list[object] = []
         self.barrier_at: list[float] = []
-        transact, make_durable = store._transact, store.make_durable
+        create, make_durable = store.create, store.make_durable
 
-        async def spy_transact(fn, *, write, relaxed=False):
-            if fn.__name__ == "create":
-                self.events.append(("create", relaxed))
-            return await transact(fn, write=write, relaxed=relaxed)
+        async def spy_create(tasks, **kwargs):
+            self.events.append(("create", kwargs.get("relaxed", False)))
+            return await create(tasks, **kwargs)
 
         async def spy_make_durable() -> None:
             self.events.append("barrier")
             self.barrier_at.append(time.monotonic())
             await make_durable()
 
-        store._transact = spy_transact  # type: ignore[method-assign]
+        store.create = spy_create  # type: ignore[method-assign]
         store.make_durable = spy_make_durable  # type: ignore[method-assign]
 
 

@@ -716,9 +716,9 @@ async def test_a_lost_lane_costs_no_statement_and_is_made_again(postgres_url: st
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute("SELECT pg_terminate_backend(%s)", (before,))
         assert (await store.get(task.id)).id == task.id  # no error: on the pool
-        assert store._lane is None
+        assert store._lanes[False].lane is None
         with trio.fail_after(LANE_RETRY_SECONDS + 10):
-            while store._lane is None:
+            while store._lanes[False].lane is None:
                 assert (await store.get(task.id)).id == task.id
                 await trio.sleep(0.05)
         after = await _lane_pid(store)
@@ -744,7 +744,7 @@ async def test_keyed_statements_that_find_the_lane_busy_take_the_pool(postgres_u
             for t in tasks:
                 nursery.start_soon(get, t.id)
         assert {tid: t.spec["payload"] for tid, t in found.items()} == {t.id: t.spec["payload"] for t in tasks}
-        assert store._lane is not None and not store._lane.busy and not store._lane.broken
+        assert store._lanes[False].lane is not None and not store._lanes[False].lane.busy
     finally:
         await store.close()
 
@@ -760,7 +760,7 @@ async def test_a_lane_statement_cancelled_midway_ends_on_the_server_too(postgres
         marker = f"lane-{pg_schema}"
         with trio.move_on_after(0.5) as waited:
             await store._statement(f"SELECT pg_sleep(30), '{marker}'", keyed=True)
-        assert waited.cancelled_caught and store._lane is None
+        assert waited.cancelled_caught and store._lanes[False].lane is None
 
         def sleeping() -> int:
             with psycopg.connect(postgres_url, autocommit=True) as conn:
@@ -804,7 +804,7 @@ async def test_the_lane_plans_its_statements_once_and_takes_the_primary_key(post
         runs = {text: (generic, custom) for text, generic, custom in plans}
         # Planned for any values, never for each run.
         assert runs[_numbered(GET_TASK).decode()] == (6, 0)
-        assert [n for text, n in runs.items() if text.startswith("WITH")] == [(6, 0)]
+        assert [n for text, n in runs.items() if text.startswith("WITH v ")] == [(6, 0)]  # the finishes
 
         t = tasks[300]
         op = FinishUnclaimedOp(t.id, "ki-1", t.spec, State.SUCCEEDED, started_at=T0, result={})
@@ -1172,32 +1172,33 @@ async def test_creates_of_any_size_are_counted(store: TaskStore, monkeypatch: py
     assert await store.counts() == await _counts_of_tasks(store) == {("pending", "echo"): 4, ("pending", "train"): 2}
 
 
-async def _round_trips(store: TaskStore, trace_path: Path, call: Callable[[], Awaitable[object]]) -> tuple[int, int]:
-    """How many times ``call`` waited for the server on the store's only pooled connection, and on
-    its lane's: libpq's trace of what each sent, where each Query and each Sync message waits for
-    the server's answer."""
-    lane = store._lane.conn.pgconn if store._lane is not None else None
-    lane_path = trace_path.with_suffix(".lane")
-    with open(trace_path, "w") as trace, open(lane_path, "w") as lane_trace:
-        with store._pool.connection() as conn:
-            conn.pgconn.trace(trace.fileno())
-            conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
-        if lane is not None:
-            lane.trace(lane_trace.fileno())
-            lane.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
+async def _round_trips(store: TaskStore, trace_path: Path, call: Callable[[], Awaitable[object]]) -> tuple[int, ...]:
+    """How many times ``call`` waited for the server on the store's only pooled connection, on its
+    lane's and on its relaxed lane's: libpq's trace of what each sent, where each Query and each
+    Sync message waits for the server's answer."""
+    with store._pool.connection() as conn:
+        pooled = conn.pgconn
+    conns = [pooled] + [store._lanes[relaxed].lane.conn.pgconn for relaxed in (False, True)]
+    paths = [trace_path.with_suffix(f".{i}") for i in range(len(conns))]
+    files = [open(path, "w") for path in paths]
+    try:
+        for pgconn, file in zip(conns, files):
+            pgconn.trace(file.fileno())
+            pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
         try:
             await call()
         finally:
-            with store._pool.connection() as conn:
-                conn.pgconn.untrace()  # flushes the trace
-            if lane is not None:
-                lane.untrace()
+            for pgconn in conns:
+                pgconn.untrace()  # flushes the trace
+    finally:
+        for file in files:
+            file.close()
 
     def waits(path: Path) -> int:
         sent = [line.split("\t")[2].strip() for line in path.read_text().splitlines() if line.startswith("F\t")]
         return sum(1 for message in sent if message in ("Query", "Sync"))
 
-    return waits(trace_path), waits(lane_path)
+    return tuple(waits(path) for path in paths)
 
 
 @pytest.mark.postgres
@@ -1231,19 +1232,20 @@ async def test_postgresql_common_calls_take_the_fewest_round_trips(
         async def refuse_one() -> None:  # the task is running: a run of it without a claim does not count
             assert await store.apply([ran(taken)], now=T0) == [False]
 
-        # Round trips on the pool's connection and on the lane's (a statement that finds tasks by id).
+        # Round trips on the pool's connection, the lane's and the relaxed lane's (statements that
+        # find tasks by id, or insert them).
         calls = {
-            "get": (lambda: store.get(task_id), (0, 1)),
-            "list": (lambda: store.list(limit=2), (1, 0)),
-            "renew": (lambda: store.renew(task_id, worker="ki-1", attempt=attempt, now=T0, lease_seconds=LEASE), (1, 0)),
-            # BEGIN with its setting, the insert counted, COMMIT
-            "relaxed create": (lambda: store.create([new()], now=T0, relaxed=True), (3, 0)),
-            "create": (lambda: store.create([new()], now=T0), (3, 0)),
+            "get": (lambda: store.get(task_id), (0, 1, 0)),
+            "list": (lambda: store.list(limit=2), (1, 0, 0)),
+            "renew": (lambda: store.renew(task_id, worker="ki-1", attempt=attempt, now=T0, lease_seconds=LEASE), (1, 0, 0)),
+            # the insert counted, one statement: no BEGIN or COMMIT
+            "relaxed create": (lambda: store.create([new()], now=T0, relaxed=True), (0, 0, 1)),
+            "create": (lambda: store.create([new()], now=T0), (0, 1, 0)),
             # BEGIN with its setting, the update, its count, COMMIT
-            "mark_queued": (lambda: store.mark_queued([pending.pop()], now=T0), (4, 0)),
+            "mark_queued": (lambda: store.mark_queued([pending.pop()], now=T0), (4, 0, 0)),
             # the finishes, their counts and their notification: one statement
-            "unclaimed finishes": (record_three, (0, 1)),
-            "unclaimed finish refused": (refuse_one, (0, 1)),
+            "unclaimed finishes": (record_three, (0, 1, 0)),
+            "unclaimed finish refused": (refuse_one, (0, 1, 0)),
         }
         seen = {}
         for name, (call, _) in calls.items():

@@ -37,6 +37,23 @@ async def _pending(store: TaskStore, n: int) -> list[str]:
     return [t.id for t in tasks]
 
 
+def _listener_pids(url: str, store: TaskStore) -> list[int]:
+    """The server processes of ``store``'s connections that listen for results."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [pid for (pid,) in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE query = %s", (f'LISTEN "{store._finished_channel}"',)
+        )]
+
+
+async def _until_listening(url: str, store: TaskStore) -> None:
+    """follow_finished has started at once; it hears results once its connection listens."""
+    with trio.fail_after(10):
+        while not await trio.to_thread.run_sync(_listener_pids, url, store):
+            await trio.sleep(0.02)
+
+
 @pytest.mark.postgres
 async def test_postgres_announces_the_results_apply_records_to_a_listener_elsewhere(postgres_url, pg_schema) -> None:
     listening = open_store("postgres", url=postgres_url, schema=pg_schema)
@@ -51,6 +68,7 @@ async def test_postgres_announces_the_results_apply_records_to_a_listener_elsewh
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(listening.follow_finished, heard.extend)
+            await _until_listening(postgres_url, listening)
             a, b, c, d, e, f, g = await _pending(recording, 7)
             spec_a = (await recording.get(a)).spec
             (claimed_b,) = await recording.apply([ClaimOp(b, "ki", 30)], now=time.time())
@@ -116,10 +134,7 @@ async def test_a_listener_whose_connection_was_dropped_listens_again(postgres_ur
     heard: list[tuple[str, object]] = []
 
     def listener_pids() -> list[int]:
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            return [pid for (pid,) in conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE query = %s", (f'LISTEN "{store._finished_channel}"',)
-            )]
+        return _listener_pids(postgres_url, store)
 
     async def record(tid: str) -> None:
         spec = (await store.get(tid)).spec
@@ -133,6 +148,7 @@ async def test_a_listener_whose_connection_was_dropped_listens_again(postgres_ur
         a, b = await _pending(store, 2)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.follow_finished, heard.extend)
+            await _until_listening(postgres_url, store)
             await record(a)
             (pid,) = await trio.to_thread.run_sync(listener_pids)
             with psycopg.connect(postgres_url, autocommit=True) as conn:

@@ -174,7 +174,9 @@ class Db:
         self._cursor.executemany(self.dialect.sql(sql), [tuple(r) for r in rows])
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return list(self._execute(sql, params).fetchall())
+        """The rows the statement returned; none for one that returns no rows (an INSERT without RETURNING)."""
+        cursor = self._execute(sql, params)
+        return list(cursor.fetchall()) if cursor.description is not None else []
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         found = self.rows(sql, params)
@@ -337,15 +339,16 @@ class SqlTaskStore(TaskStore):
         no one hears of before a later durable commit: a relaxed ``create``."""
 
     async def _statement(
-        self, sql: str, params: Sequence[Any] = (), *, write: bool = False, keyed: bool = False
+        self, sql: str, params: Sequence[Any] = (), *, write: bool = False, keyed: bool = False, relaxed: bool = False
     ) -> list[tuple[Any, ...]]:
         """The rows of one statement (a write's from RETURNING), run as a transaction of its own;
-        ``write`` as ``_transact``'s. A backend where one statement is a transaction of its own
-        may run it without BEGIN and COMMIT (PostgreSQL does). ``keyed``: the statement finds its
-        task rows by id alone (any state condition on _STATE_BY_ID, which no index serves), so one
-        plan made for any values takes the primary key, and the backend may plan it once for all
-        runs (PostgreSQL's lane does); it must be safe to run again, as any transaction is."""
-        return await self._transact(lambda db: db.rows(sql, params), write=write)
+        ``write`` and ``relaxed`` as ``_transact``'s. A backend where one statement is a transaction
+        of its own may run it without BEGIN and COMMIT (PostgreSQL does). ``keyed``: the statement
+        finds its task rows by id alone (any state condition on _STATE_BY_ID, which no index serves)
+        or inserts them, so one plan made for any values takes the primary key, and the backend may
+        plan it once for all runs (PostgreSQL's lanes do); it must be safe to run again, as any
+        transaction is."""
+        return await self._transact(lambda db: db.rows(sql, params), write=write, relaxed=relaxed)
 
     # --- creation and reading ---
 
@@ -375,6 +378,20 @@ class SqlTaskStore(TaskStore):
         ]
         key_owner = next(iter(owners), "")
         published_at = float(now) if queued else None
+        rows = [
+            (t.id, t.kind, dump_json(t.spec), state.value, t.owner, t.max_attempts, now, now, idempotency_key, i,
+             None if t.parent is None else parse_id(t.parent), published_at)
+            for i, t in enumerate(new)
+        ]
+        counts = collections.Counter((state.value, t.kind) for t in new)
+        if self._dialect.writes_in_with and 0 < len(rows) <= MAX_INSERT_WITH_COUNT:
+            # One statement, so one round trip: the insert runs in a WITH clause of the count's upsert.
+            upsert, upsert_params = _count_upsert(counts)
+            insert = f"WITH inserted AS ({_INSERT_TASKS} {', '.join([_TASK_VALUES] * len(rows))}) {upsert}"
+            insert_params = [*(v for row in rows for v in row), *upsert_params]
+            if idempotency_key is None:  # nothing to read first: the statement is the transaction
+                await self._statement(insert, insert_params, write=True, keyed=True, relaxed=relaxed)
+                return new, True
 
         def create(db: Db) -> tuple[list[Task], bool]:
             if idempotency_key is not None:
@@ -386,19 +403,8 @@ class SqlTaskStore(TaskStore):
                 )
                 if not claimed:
                     return _repeat(db, key_owner, idempotency_key, request_hash)
-            rows = [
-                (t.id, t.kind, dump_json(t.spec), state.value, t.owner, t.max_attempts, now, now, idempotency_key, i,
-                 None if t.parent is None else parse_id(t.parent), published_at)
-                for i, t in enumerate(new)
-            ]
-            counts = collections.Counter((state.value, t.kind) for t in new)
             if db.dialect.writes_in_with and 0 < len(rows) <= MAX_INSERT_WITH_COUNT:
-                # One statement, so one round trip: the insert runs in a WITH clause of the count's upsert.
-                upsert, upsert_params = _count_upsert(counts)
-                db.run(
-                    f"WITH inserted AS ({_INSERT_TASKS} {', '.join([_TASK_VALUES] * len(rows))}) {upsert}",
-                    [*(v for row in rows for v in row), *upsert_params],
-                )
+                db.run(insert, insert_params)
             else:
                 db.run_many(f"{_INSERT_TASKS} {_TASK_VALUES}", rows)
                 _count(db, counts)

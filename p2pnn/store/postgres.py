@@ -67,6 +67,7 @@ BEGIN = "BEGIN"
 # Run first in a relaxed transaction (see SqlTaskStore._transact): PostgreSQL then answers the
 # commit without waiting for the WAL flush, which takes milliseconds; a later durable commit flushes it too.
 RELAXED_COMMIT = "SET LOCAL synchronous_commit = off"
+RELAXED_SESSION = "SET synchronous_commit = off"  # the same for every commit of a connection: the relaxed lane's
 # make_durable's one statement. A durable commit waits for the WAL flush up to its own commit
 # record, so past every commit before it; but PostgreSQL commits a transaction that wrote no WAL
 # without that wait, even one given a transaction id (SELECT pg_current_xact_id() alone is no
@@ -313,7 +314,7 @@ class _Lane:
 
     Resource handling: a statement interrupted (cancelled, timed out) or whose connection failed
     closes the connection, as what the server made of it is unknown; the store then makes another
-    (PostgresTaskStore._lane_failed). Error handling: an error the server answered raises as psycopg
+    (_LaneSlot.failed). Error handling: an error the server answered raises as psycopg
     raises it and the lane stays usable; any other leaves it ``broken``."""
 
     def __init__(self, conn: psycopg.Connection) -> None:
@@ -367,6 +368,77 @@ class _Lane:
         result = await _answer(self.conn)
         adapt.set_pgresult(result)
         return adapt.load_rows(0, result.ntuples, tuple) if result.ntuples else []
+
+
+class _LaneSlot:
+    """Where a store keeps one lane: the lane while it works, and when to make it again once lost.
+
+    Resource handling: ``close`` closes the lane (once its statement ends, if one runs) and any
+    connection made for it later. Error handling: a lane that cannot be made is logged and tried
+    again after LANE_RETRY_SECONDS; its statements take the pool meanwhile."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection | None]) -> None:
+        self._connect = connect  # blocking: in a worker thread; None where the server takes no lane
+        self.lane: _Lane | None = None
+        self._due = math.inf  # trio time from which a lost lane is made again; inf: never
+        self._opening = False
+        self._closed = False
+
+    async def open(self) -> None:
+        try:
+            conn = await trio.to_thread.run_sync(self._connect)
+        except psycopg.Error as exc:  # the pool's connections worked: a passing fault, made good later
+            self._lost(exc)
+            return
+        if conn is not None:
+            self.lane, self._due = _Lane(conn), trio.current_time()
+
+    def free(self) -> _Lane | None:
+        """The lane if it is there and idle. A lane lost is made again meanwhile, once it is due."""
+        if self.lane is None:
+            self._reopen()
+        return None if self.lane is None or self.lane.busy else self.lane
+
+    def failed(self, lane: _Lane) -> None:
+        if self.lane is lane:
+            self.lane, self._due = None, trio.current_time() + LANE_RETRY_SECONDS
+
+    def close(self) -> None:
+        self._closed = True
+        lane, self.lane = self.lane, None
+        if lane is not None:
+            lane.retire()
+
+    def _lost(self, exc: Exception) -> None:
+        log.warning("store.lane_failed", error=str(exc), retry_in=LANE_RETRY_SECONDS)
+        self._due = trio.current_time() + LANE_RETRY_SECONDS
+
+    def _reopen(self) -> None:
+        if self._opening or self._closed or trio.current_time() < self._due:
+            return
+        self._opening = True
+        token = trio.lowlevel.current_trio_token()
+
+        def opened(result: outcome.Outcome) -> None:  # in trio
+            self._opening = False
+            if isinstance(result, outcome.Error):
+                self._lost(result.error)
+            elif self._closed or self.lane is not None:
+                if result.value is not None:
+                    result.value.close()
+            elif result.value is None:
+                self._due = math.inf  # the server takes no lane
+            else:
+                self.lane = _Lane(result.value)
+
+        def deliver(result: outcome.Outcome) -> None:  # in the worker thread
+            try:
+                token.run_sync_soon(opened, result)
+            except trio.RunFinishedError:
+                if isinstance(result, outcome.Value) and result.value is not None:
+                    result.value.close()
+
+        trio.lowlevel.start_thread_soon(self._connect, deliver)
 
 
 def _finished_in(payload: str) -> list[tuple[str, Task | None]]:
@@ -432,9 +504,7 @@ class PostgresTaskStore(SqlTaskStore):
         self._statement_timeout = statement_timeout
         self._pool: ConnectionPool | None = None
         self._relaxed_commit: str | None = None  # what makes a transaction relaxed; None: the server has no such setting
-        self._lane: _Lane | None = None
-        self._lane_due = math.inf  # trio time from which a lost lane is made again; inf: never (no lane on this server)
-        self._lane_opening = False
+        self._lanes: dict[bool, _LaneSlot] = {}  # relaxed or not -> its lane (see _statement)
 
     @property
     def deadline(self) -> float:
@@ -478,59 +548,27 @@ class PostgresTaskStore(SqlTaskStore):
         self._pool = pool
         self._relaxed_commit = await self._probe_relaxed_commit()
         self._finished_channel = await self._probe_notify()
-        try:
-            conn = await trio.to_thread.run_sync(self._lane_connection)
-        except psycopg.Error as exc:  # the pool's connections worked: a passing fault, made good later
-            log.warning("store.lane_failed", error=str(exc), retry_in=LANE_RETRY_SECONDS)
-            self._lane_due = trio.current_time() + LANE_RETRY_SECONDS
-        else:
-            if conn is not None:
-                self._lane, self._lane_due = _Lane(conn), trio.current_time()
+        self._lanes = {False: _LaneSlot(self._lane_connection)}
+        if self._relaxed_commit is not None:
+            self._lanes[True] = _LaneSlot(partial(self._lane_connection, relaxed=True))
+        for slot in self._lanes.values():
+            await slot.open()
 
-    def _lane_connection(self) -> psycopg.Connection | None:
-        """A new connection for the lane (in a worker thread), or None where the server cannot plan a
+    def _lane_connection(self, relaxed: bool = False) -> psycopg.Connection | None:
+        """A new connection for a lane (in a worker thread), or None where the server cannot plan a
         statement once for all runs (CockroachDB has no plan_cache_mode): keyed statements then take
-        the pool. Error handling: a failure to connect raises psycopg.Error."""
+        the pool. ``relaxed``: every commit there is relaxed (see SqlTaskStore._transact). Error
+        handling: a failure to connect raises psycopg.Error."""
         conn = psycopg.connect(self._url, **connection_settings(self._connect_timeout, self._statement_timeout))
         try:
             self._configure(conn)
             conn.execute(LANE_PLANS)
+            if relaxed:
+                conn.execute(RELAXED_SESSION)
         except psycopg.Error:
             conn.close()
             return None
         return conn
-
-    def _lane_failed(self, lane: _Lane) -> None:
-        if self._lane is lane:
-            self._lane, self._lane_due = None, trio.current_time() + LANE_RETRY_SECONDS
-
-    def _reopen_lane(self) -> None:
-        """Make the lane again, in a worker thread, if it is due; keyed statements take the pool meanwhile."""
-        if self._lane_opening or trio.current_time() < self._lane_due:
-            return
-        self._lane_opening = True
-        token = trio.lowlevel.current_trio_token()
-
-        def opened(result: outcome.Outcome) -> None:  # in trio
-            self._lane_opening = False
-            if self._pool is None or self._lane is not None:  # closed meanwhile
-                if isinstance(result, outcome.Value) and result.value is not None:
-                    result.value.close()
-            elif isinstance(result, outcome.Error):
-                self._lane_due = trio.current_time() + LANE_RETRY_SECONDS
-            elif result.value is None:
-                self._lane_due = math.inf  # the server cannot plan once: no lane
-            else:
-                self._lane = _Lane(result.value)
-
-        def deliver(result: outcome.Outcome) -> None:  # in the worker thread
-            try:
-                token.run_sync_soon(opened, result)
-            except trio.RunFinishedError:
-                if isinstance(result, outcome.Value) and result.value is not None:
-                    result.value.close()
-
-        trio.lowlevel.start_thread_soon(self._lane_connection, deliver)
 
     async def _probe_relaxed_commit(self) -> str | None:
         """``SET LOCAL synchronous_commit = off`` where the server takes it (PostgreSQL), else None
@@ -615,9 +653,9 @@ class PostgresTaskStore(SqlTaskStore):
         return _schema.migrate(Db(conn, POSTGRES), now=time.time())
 
     async def close(self) -> None:
-        lane, self._lane, self._lane_due = self._lane, None, math.inf
-        if lane is not None:
-            lane.retire()
+        lanes, self._lanes = self._lanes, {}
+        for slot in lanes.values():
+            slot.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await trio.to_thread.run_sync(pool.close)
@@ -637,14 +675,16 @@ class PostgresTaskStore(SqlTaskStore):
         return await run_transaction(pool, lambda conn: fn(Db(conn, POSTGRES)), deadline=self.deadline, begin=begin)
 
     async def _statement(
-        self, sql: str, params: Sequence[Any] = (), *, write: bool = False, keyed: bool = False
+        self, sql: str, params: Sequence[Any] = (), *, write: bool = False, keyed: bool = False, relaxed: bool = False
     ) -> list[tuple[Any, ...]]:
         """As SqlTaskStore's, in one round trip: no BEGIN or COMMIT around the statement. A ``keyed``
-        one runs on the lane when the lane is free, else (and when the lane fails: the pool checks
-        its own connections, and the statement is safe to run again) on the pool."""
+        one runs on a lane (the relaxed one for a relaxed write) when that lane is free, else (and
+        when the lane fails: the pool checks its own connections, and the statement is safe to run
+        again) on the pool, a relaxed write in a transaction that sends its setting with BEGIN."""
         pool = self._open_pool()
-        lane = self._lane if keyed else None
-        if lane is not None and not lane.busy:
+        slot = self._lanes.get(relaxed) if keyed else None
+        lane = slot.free() if slot is not None else None
+        if lane is not None:
             try:
                 with trio.fail_after(self.deadline):
                     return await lane.rows(sql, params)
@@ -657,9 +697,9 @@ class PostgresTaskStore(SqlTaskStore):
                 # alive (only the lane's was cut); if not, its error is the one to tell.
             finally:
                 if lane.broken:
-                    self._lane_failed(lane)
-        elif keyed and self._lane is None:
-            self._reopen_lane()
+                    slot.failed(lane)
+        if relaxed:
+            return await self._transact(lambda db: db.rows(sql, params), write=write, relaxed=True)
         return await run_transaction(
             pool, lambda conn: Db(conn, POSTGRES).rows(sql, params), deadline=self.deadline, begin=None
         )
