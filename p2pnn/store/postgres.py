@@ -91,7 +91,9 @@ LISTEN_RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0)
 # the primary key whatever the statistics (the failure PREPARE_THRESHOLD's comment records).
 LANE_PLANS = "SET plan_cache_mode = force_generic_plan"
 LANE_PREPARED_MAX = 64  # statements prepared on the lane's connection; any more are sent unprepared
-LANE_RETRY_SECONDS = 1.0  # after the lane's connection failed, keyed statements take the pool this long
+# After a lane's connection failed, keyed statements take the pool this long before it is made
+# again; each attempt to make it that fails doubles the pause, up to LANE_RETRY_MAX.
+LANE_RETRY_SECONDS, LANE_RETRY_MAX = 1.0, 8.0
 
 
 class _Attempt:
@@ -375,12 +377,14 @@ class _LaneSlot:
 
     Resource handling: ``close`` closes the lane (once its statement ends, if one runs) and any
     connection made for it later. Error handling: a lane that cannot be made is logged and tried
-    again after LANE_RETRY_SECONDS; its statements take the pool meanwhile."""
+    again after LANE_RETRY_SECONDS, doubling up to LANE_RETRY_MAX while it keeps failing (a
+    database down); its statements take the pool meanwhile."""
 
     def __init__(self, connect: Callable[[], psycopg.Connection | None]) -> None:
         self._connect = connect  # blocking: in a worker thread; None where the server takes no lane
         self.lane: _Lane | None = None
         self._due = math.inf  # trio time from which a lost lane is made again; inf: never
+        self._pause = LANE_RETRY_SECONDS  # before the next attempt to make it, once one failed
         self._opening = False
         self._closed = False
 
@@ -410,8 +414,9 @@ class _LaneSlot:
             lane.retire()
 
     def _lost(self, exc: Exception) -> None:
-        log.warning("store.lane_failed", error=str(exc), retry_in=LANE_RETRY_SECONDS)
-        self._due = trio.current_time() + LANE_RETRY_SECONDS
+        log.warning("store.lane_failed", error=str(exc), retry_in=self._pause)
+        self._due = trio.current_time() + self._pause
+        self._pause = min(self._pause * 2, LANE_RETRY_MAX)
 
     def _reopen(self) -> None:
         if self._opening or self._closed or trio.current_time() < self._due:
@@ -429,7 +434,7 @@ class _LaneSlot:
             elif result.value is None:
                 self._due = math.inf  # the server takes no lane
             else:
-                self.lane = _Lane(result.value)
+                self.lane, self._pause = _Lane(result.value), LANE_RETRY_SECONDS
 
         def deliver(result: outcome.Outcome) -> None:  # in the worker thread
             try:
