@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -698,87 +698,90 @@ async def test_a_dead_pooled_connection_costs_one_failed_transaction(postgres_ur
         await store.close()
 
 
+@pytest.fixture
+async def pg_store(postgres_url: str, pg_schema: str) -> AsyncIterator[TaskStore]:
+    """An opened PostgreSQL store on a schema of its own; closed afterwards."""
+    store = open_store("postgres", url=postgres_url, schema=pg_schema)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 async def _lane_pid(store: TaskStore) -> int:
     return (await store._statement("SELECT pg_backend_pid()", keyed=True))[0][0]
 
 
 @pytest.mark.postgres
-async def test_a_lost_lane_costs_no_statement_and_is_made_again(postgres_url: str, pg_schema: str) -> None:
+async def test_a_lost_lane_costs_no_statement_and_is_made_again(pg_store: TaskStore, postgres_url: str) -> None:
     """A keyed statement whose lane connection the server dropped runs on the pool instead; the lane
     is made again once LANE_RETRY_SECONDS passed, and keyed statements take it again."""
     from p2pnn.store.postgres import LANE_RETRY_SECONDS
 
-    store = open_store("postgres", url=postgres_url, schema=pg_schema)
-    await store.open()
-    try:
-        (task,), _ = await store.create([new()], now=T0)
-        before = await _lane_pid(store)
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(%s)", (before,))
-        assert (await store.get(task.id)).id == task.id  # no error: on the pool
-        assert store._lanes[False].lane is None
-        with trio.fail_after(LANE_RETRY_SECONDS + 10):
-            while store._lanes[False].lane is None:
-                assert (await store.get(task.id)).id == task.id
-                await trio.sleep(0.05)
-        after = await _lane_pid(store)
-        assert after != before
-        pooled = (await store._statement("SELECT pg_backend_pid()"))[0][0]
-        assert pooled != after  # a statement not keyed never takes the lane
-    finally:
-        await store.close()
+    store = pg_store
+    (task,), _ = await store.create([new()], now=T0)
+    before = await _lane_pid(store)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (before,))
+    assert (await store.get(task.id)).id == task.id  # no error: on the pool
+    assert store._lanes[False].lane is None
+    with trio.fail_after(LANE_RETRY_SECONDS + 10):
+        while store._lanes[False].lane is None:
+            assert (await store.get(task.id)).id == task.id
+            await trio.sleep(0.05)
+    after = await _lane_pid(store)
+    assert after != before
+    pooled = (await store._statement("SELECT pg_backend_pid()"))[0][0]
+    assert pooled != after  # a statement not keyed never takes the lane
 
 
 @pytest.mark.postgres
-async def test_keyed_statements_that_find_the_lane_busy_take_the_pool(postgres_url: str, pg_schema: str) -> None:
-    store = open_store("postgres", url=postgres_url, schema=pg_schema)
-    await store.open()
-    try:
-        tasks, _ = await store.create([new(payload=i) for i in range(20)], now=T0)
-        found: dict[str, Task] = {}
+async def test_keyed_statements_that_find_the_lane_busy_take_the_pool(pg_store: TaskStore) -> None:
+    store = pg_store
+    tasks, _ = await store.create([new(payload=i) for i in range(20)], now=T0)
+    found: dict[str, Task] = {}
 
-        async def get(task_id: str) -> None:
-            found[task_id] = await store.get(task_id)
+    async def get(task_id: str) -> None:
+        found[task_id] = await store.get(task_id)
 
-        async with trio.open_nursery() as nursery:
-            for t in tasks:
-                nursery.start_soon(get, t.id)
-        assert {tid: t.spec["payload"] for tid, t in found.items()} == {t.id: t.spec["payload"] for t in tasks}
-        assert store._lanes[False].lane is not None and not store._lanes[False].lane.busy
-    finally:
-        await store.close()
+    async with trio.open_nursery() as nursery:
+        for t in tasks:
+            nursery.start_soon(get, t.id)
+    assert {tid: t.spec["payload"] for tid, t in found.items()} == {t.id: t.spec["payload"] for t in tasks}
+    assert store._lanes[False].lane is not None and not store._lanes[False].lane.busy
 
 
 @pytest.mark.postgres
-async def test_a_lane_statement_cancelled_midway_ends_on_the_server_too(postgres_url: str, pg_schema: str) -> None:
+async def test_a_lane_statement_cancelled_midway_ends_on_the_server_too(
+    pg_store: TaskStore, postgres_url: str, pg_schema: str
+) -> None:
     """What the server made of an interrupted statement is unknown: the lane's connection is closed,
     which ends the statement there, and the next keyed statement runs as usual."""
-    store = open_store("postgres", url=postgres_url, schema=pg_schema)
-    await store.open()
-    try:
-        (task,), _ = await store.create([new()], now=T0)
-        marker = f"lane-{pg_schema}"
-        with trio.move_on_after(0.5) as waited:
-            await store._statement(f"SELECT pg_sleep(30), '{marker}'", keyed=True)
-        assert waited.cancelled_caught and store._lanes[False].lane is None
+    store = pg_store
+    (task,), _ = await store.create([new()], now=T0)
+    marker = f"lane-{pg_schema}"
+    with trio.move_on_after(0.5) as waited:
+        await store._statement(f"SELECT pg_sleep(30), '{marker}'", keyed=True)
+    assert waited.cancelled_caught and store._lanes[False].lane is None
 
-        def sleeping() -> int:
-            with psycopg.connect(postgres_url, autocommit=True) as conn:
-                return conn.execute(
-                    "SELECT COUNT(*) FROM pg_stat_activity WHERE state = 'active' AND position(%s in query) > 0 "
-                    "AND pid <> pg_backend_pid()", (marker,)
-                ).fetchone()[0]
+    def sleeping() -> int:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            return conn.execute(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE state = 'active' AND position(%s in query) > 0 "
+                "AND pid <> pg_backend_pid()", (marker,)
+            ).fetchone()[0]
 
-        with trio.fail_after(10):
-            while await trio.to_thread.run_sync(sleeping):
-                await trio.sleep(0.1)
-        assert (await store.get(task.id)).id == task.id
-    finally:
-        await store.close()
+    with trio.fail_after(10):
+        while await trio.to_thread.run_sync(sleeping):
+            await trio.sleep(0.1)
+    assert (await store.get(task.id)).id == task.id
 
 
 @pytest.mark.postgres
-async def test_the_lane_plans_its_statements_once_and_takes_the_primary_key(postgres_url: str, pg_schema: str) -> None:
+async def test_the_lane_plans_its_statements_once_and_takes_the_primary_key(
+    pg_store: TaskStore, postgres_url: str, pg_schema: str
+) -> None:
     """The lane's one plan per statement is made for any values: it must take the primary key even
     where the statistics say every task is pending (the failure PREPARE_THRESHOLD's comment records)."""
     from psycopg import ClientCursor
@@ -787,44 +790,40 @@ async def test_the_lane_plans_its_statements_once_and_takes_the_primary_key(post
     from p2pnn.store._sql import GET_TASK, POSTGRES, _finish_unclaimed_counted
     from p2pnn.store.postgres import LANE_PLANS, _numbered
 
-    store = open_store("postgres", url=postgres_url, schema=pg_schema)
-    await store.open()
-    try:
-        tasks, _ = await store.create([new(payload=i) for i in range(500)], now=T0)
-        await store._transact(lambda db: db.run("ANALYZE tasks"), write=True)  # every task pending
-        await store.mark_queued([t.id for t in tasks[:250]], now=T0)
-        for t in tasks[:6]:
-            op = FinishUnclaimedOp(t.id, "ki-1", t.spec, State.SUCCEEDED, started_at=T0, result={})
-            assert await store.apply([op], now=T0) == [True]
-            assert (await store.get(t.id)).state is State.SUCCEEDED
-        plans = await store._statement(
-            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements WHERE name LIKE 'p2pnn_lane_%'",
-            keyed=True,
-        )
-        runs = {text: (generic, custom) for text, generic, custom in plans}
-        # Planned for any values, never for each run.
-        assert runs[_numbered(GET_TASK).decode()] == (6, 0)
-        assert [n for text, n in runs.items() if text.startswith("WITH v ")] == [(6, 0)]  # the finishes
-
-        t = tasks[300]
+    store = pg_store
+    tasks, _ = await store.create([new(payload=i) for i in range(500)], now=T0)
+    await store._transact(lambda db: db.run("ANALYZE tasks"), write=True)  # every task pending
+    await store.mark_queued([t.id for t in tasks[:250]], now=T0)
+    for t in tasks[:6]:
         op = FinishUnclaimedOp(t.id, "ki-1", t.spec, State.SUCCEEDED, started_at=T0, result={})
-        statements = [(GET_TASK, (t.id,)), _finish_unclaimed_counted(POSTGRES, [(t.id, op)], T0, "p2pnn_plan_test")]
+        assert await store.apply([op], now=T0) == [True]
+        assert (await store.get(t.id)).state is State.SUCCEEDED
+    plans = await store._statement(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements WHERE name LIKE 'p2pnn_lane_%'",
+        keyed=True,
+    )
+    runs = {text: (generic, custom) for text, generic, custom in plans}
+    # Planned for any values, never for each run.
+    assert runs[_numbered(GET_TASK).decode()] == (6, 0)
+    assert [n for text, n in runs.items() if text.startswith("WITH v ")] == [(6, 0)]  # the finishes
 
-        def generic_plans() -> list[str]:
-            with psycopg.connect(postgres_url, autocommit=True, cursor_factory=ClientCursor) as conn:
-                conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(pg_schema)))
-                conn.execute(LANE_PLANS)
-                out = []
-                for i, (text, params) in enumerate(statements):
-                    conn.execute(f"PREPARE lane_{i} AS {_numbered(text).decode()}")
-                    args = ", ".join(["%s"] * len(params))
-                    out.append("\n".join(r[0] for r in conn.execute(f"EXPLAIN EXECUTE lane_{i}({args})", params)))
-                return out
+    t = tasks[300]
+    op = FinishUnclaimedOp(t.id, "ki-1", t.spec, State.SUCCEEDED, started_at=T0, result={})
+    statements = [(GET_TASK, (t.id,)), _finish_unclaimed_counted(POSTGRES, [(t.id, op)], T0, "p2pnn_plan_test")]
 
-        for plan in await trio.to_thread.run_sync(generic_plans):
-            assert "tasks_pkey" in plan and "tasks_by_state" not in plan, plan
-    finally:
-        await store.close()
+    def generic_plans() -> list[str]:
+        with psycopg.connect(postgres_url, autocommit=True, cursor_factory=ClientCursor) as conn:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(pg_schema)))
+            conn.execute(LANE_PLANS)
+            out = []
+            for i, (text, params) in enumerate(statements):
+                conn.execute(f"PREPARE lane_{i} AS {_numbered(text).decode()}")
+                args = ", ".join(["%s"] * len(params))
+                out.append("\n".join(r[0] for r in conn.execute(f"EXPLAIN EXECUTE lane_{i}({args})", params)))
+            return out
+
+    for plan in await trio.to_thread.run_sync(generic_plans):
+        assert "tasks_pkey" in plan and "tasks_by_state" not in plan, plan
 
 
 async def _remember_pid(store: TaskStore, pids: set[int]) -> None:

@@ -384,7 +384,8 @@ class SqlTaskStore(TaskStore):
             for i, t in enumerate(new)
         ]
         counts = collections.Counter((state.value, t.kind) for t in new)
-        if self._dialect.writes_in_with and 0 < len(rows) <= MAX_INSERT_WITH_COUNT:
+        one_statement = self._dialect.writes_in_with and 0 < len(rows) <= MAX_INSERT_WITH_COUNT
+        if one_statement:
             # One statement, so one round trip: the insert runs in a WITH clause of the count's upsert.
             upsert, upsert_params = _count_upsert(counts)
             insert = f"WITH inserted AS ({_INSERT_TASKS} {', '.join([_TASK_VALUES] * len(rows))}) {upsert}"
@@ -403,7 +404,7 @@ class SqlTaskStore(TaskStore):
                 )
                 if not claimed:
                     return _repeat(db, key_owner, idempotency_key, request_hash)
-            if db.dialect.writes_in_with and 0 < len(rows) <= MAX_INSERT_WITH_COUNT:
+            if one_statement:
                 db.run(insert, insert_params)
             else:
                 db.run_many(f"{_INSERT_TASKS} {_TASK_VALUES}", rows)
