@@ -12,6 +12,8 @@ Real PostgreSQL and SQLite stores, real RabbitMQ (a vhost of the test's own), re
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -266,18 +268,28 @@ def _bound_to_beats(vhost: str, prefix: str) -> int:
     return sum(1 for line in out.splitlines() if line.split("\t")[0] == f"{prefix}.{BEATS}")
 
 
+@asynccontextmanager
+async def _service_on_rabbitmq(
+    store: TaskStore, amqp_url: str, prefix: str
+) -> AsyncIterator[tuple[trio.Nursery, TaskService]]:
+    """A TaskService on ``store`` and a connected RabbitMQ bus (queue names under ``prefix``), in a
+    nursery the caller may start more in; leaving it cancels them all."""
+    bus = AmqpBus(AmqpSettings(url=amqp_url, prefix=prefix))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        assert await bus.wait_connected(20), "no connection to RabbitMQ"
+        yield nursery, TaskService(store, bus, limits=Limits(), max_attempts=3)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_node_reads_beats_only_while_somebody_waits_there_and_a_while_after(
     amqp_vhost: str, amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(service_mod, "FOLLOW_LINGER_SECONDS", 1.0)
     store = open_store("sqlite", sqlite_path=tmp_path / "s.sqlite3")
     await store.open()
-    bus = AmqpBus(AmqpSettings(url=amqp_url, prefix="wb"))
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(bus.run)
-            assert await bus.wait_connected(20), "no connection to RabbitMQ"
-            service = TaskService(store, bus, limits=Limits(), max_attempts=3)
+        async with _service_on_rabbitmq(store, amqp_url, "wb") as (nursery, service):
             await nursery.start(service.follow_beats)
             (task_id,) = await _pending(store, 1)
             await trio.sleep(0.5)
@@ -308,12 +320,8 @@ async def test_a_node_whose_store_announces_results_reads_no_beats_for_its_long_
     woken. SQLite announces nothing to other processes: there the beats are what wakes it."""
     store = make_store()
     await store.open()
-    bus = AmqpBus(AmqpSettings(url=amqp_url, prefix="wa"))
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(bus.run)
-            assert await bus.wait_connected(20), "no connection to RabbitMQ"
-            service = TaskService(store, bus, limits=Limits(), max_attempts=3)
+        async with _service_on_rabbitmq(store, amqp_url, "wa") as (nursery, service):
             await nursery.start(service.follow)
             (task_id,) = await _pending(store, 1)
             nursery.start_soon(service.wait, task_id, 30)
